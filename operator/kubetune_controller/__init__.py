@@ -1,0 +1,1 @@
+"""kubetune's Kubernetes operator: the only code that talks to the Kubernetes API."""

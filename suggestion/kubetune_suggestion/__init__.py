@@ -1,0 +1,1 @@
+"""kubetune's suggestion side: the pure engine, the service, the store and the local runner."""

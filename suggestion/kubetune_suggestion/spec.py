@@ -1,0 +1,172 @@
+"""The Experiment spec users write: one pydantic model shared by every component.
+
+This is the single source of truth for the ``Experiment`` contract: the
+operator reads CR bodies with it, the service validates registrations with it,
+``kubetune run`` reads manifests with it, and the CRD schema is generated from
+it. Field names are the manifest's camelCase names.
+
+:func:`parse_experiment` turns any problem into a :class:`SpecError` naming
+the field (``spec.parameters[2].min``) and the problem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kubetune_suggestion.engine.history import Direction
+from kubetune_suggestion.engine.space import SearchSpace, SpaceError
+
+API_GROUP = "kubetune.io"
+API_VERSION = "v1alpha1"
+
+
+class SpecError(ValueError):
+    """An Experiment spec that kubetune rejects.
+
+    Attributes:
+        field: The path of the offending field, e.g. ``spec.parameters[0].min``.
+        problem: What is wrong with it, in words.
+    """
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class Strategy(StrEnum):
+    """Which reported value of the objective metric is the trial's result."""
+
+    LAST = "last"
+    MIN = "min"
+    MAX = "max"
+
+
+class Objective(_Model):
+    """What to optimise."""
+
+    metric: str = Field(min_length=1, max_length=128, description="Name of the reported metric to optimise.")
+    direction: Direction = Field(description="minimize or maximize.")
+    target: float | None = Field(default=None, description="Reaching this value ends the experiment.")
+    strategy: Strategy = Field(default=Strategy.LAST, description="Which reported value is the trial's result.")
+    additionalMetrics: list[str] = Field(default_factory=list, description="Other metrics to record.")
+
+
+class Parameter(_Model):
+    """One search-space parameter (see :mod:`kubetune_suggestion.engine.space`)."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+    type: Literal["float", "int", "categorical"]
+    min: float | None = None
+    max: float | None = None
+    log: bool = False
+    step: float | None = None
+    values: list[str | int | float | bool] | None = None
+    when: dict[str, str | int | float | bool | list[str | int | float | bool]] | None = None
+
+
+class Algorithm(_Model):
+    """The sampler and its settings."""
+
+    name: Literal["random", "grid", "sobol", "tpe", "cmaes"] = "tpe"
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    settings: dict[str, Any] = Field(default_factory=dict, description="Sampler-specific options.")
+
+
+class EarlyStopping(_Model):
+    """The early-stopping rule and its resource units (the reported ``step``)."""
+
+    name: Literal["none", "asha", "median", "hyperband"] = "none"
+    minResource: int = Field(default=1, ge=1)
+    maxResource: int | None = Field(default=None, ge=1)
+    reductionFactor: int = Field(default=3, ge=2)
+    warmupSteps: int = Field(default=0, ge=0, description="median: steps before a trial can be stopped.")
+    minTrials: int = Field(default=5, ge=1, description="median: trials needed at a step before comparing.")
+    brackets: int | None = Field(default=None, ge=1, description="hyperband: number of brackets.")
+
+    @model_validator(mode="after")
+    def _resources(self) -> EarlyStopping:
+        if self.name in ("asha", "hyperband") and self.maxResource is None:
+            raise ValueError(f"{self.name} needs maxResource (the last step a trial reports)")
+        if self.maxResource is not None and self.maxResource <= self.minResource:
+            raise ValueError(
+                f"maxResource ({self.maxResource}) must be greater than minResource ({self.minResource})"
+            )
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """The options dict the engine's rules take."""
+        return self.model_dump(exclude={"name"}, exclude_none=True)
+
+
+class ExperimentSpec(_Model):
+    """The ``spec`` of an Experiment."""
+
+    objective: Objective
+    parameters: list[Parameter] = Field(min_length=1)
+    algorithm: Algorithm = Field(default_factory=Algorithm)
+    earlyStopping: EarlyStopping = Field(default_factory=EarlyStopping)
+    maxTrials: int = Field(default=10, ge=1, le=100_000)
+    parallelism: int = Field(default=1, ge=1, le=10_000)
+    maxFailedTrials: int | None = Field(default=None, ge=0)
+    suspend: bool = False
+    template: dict[str, Any] = Field(description="A Pod template; ${params.NAME} is substituted.")
+
+    @model_validator(mode="after")
+    def _space(self) -> ExperimentSpec:
+        space = self.search_space()
+        if self.algorithm.name == "grid":
+            space.check_grid()
+        containers = (self.template.get("spec") or {}).get("containers")
+        if not isinstance(containers, list) or not containers:
+            raise SpaceError("template.spec.containers", "the Pod template needs at least one container")
+        return self
+
+    def search_space(self) -> SearchSpace:
+        """The validated engine search space."""
+        return SearchSpace.from_spec(
+            [p.model_dump(exclude_none=True, exclude_defaults=True) | {"name": p.name, "type": p.type}
+             for p in self.parameters]
+        )
+
+
+def parse_experiment(spec: Mapping[str, Any], prefix: str = "spec") -> ExperimentSpec:
+    """Validate a spec mapping.
+
+    Raises:
+        SpecError: Naming the first offending field under ``prefix``.
+    """
+    try:
+        return ExperimentSpec.model_validate(dict(spec))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        ctx = err.get("ctx") or {}
+        inner = ctx.get("error")
+        if isinstance(inner, SpaceError):
+            raise SpecError(f"{prefix}.{inner.field}", inner.problem) from None
+        loc = _format_loc(err["loc"])
+        raise SpecError(f"{prefix}.{loc}" if loc else prefix, _message(err)) from None
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and not part.startswith(("function-", "literal[", "str", "int", "float", "bool", "list[")):
+            out += f".{part}" if out else part
+    return out
+
+
+def _message(err: Mapping[str, Any]) -> str:
+    msg = str(err.get("msg", "invalid"))
+    # pydantic prefixes messages from our validators with "Value error, ".
+    return msg.removeprefix("Value error, ")
