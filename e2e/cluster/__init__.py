@@ -1,0 +1,26 @@
+"""A local Kubernetes control plane from the pinned upstream binaries.
+
+Use ``python -m e2e.cluster up|down|status|env`` or :class:`Cluster`.
+"""
+
+from e2e.cluster.cluster import (
+    K8S_VERSION,
+    Cluster,
+    ClusterError,
+    NodeSpec,
+    bin_dir,
+    missing_binaries,
+    parse_nodes,
+    state_dir,
+)
+
+__all__ = [
+    "K8S_VERSION",
+    "Cluster",
+    "ClusterError",
+    "NodeSpec",
+    "bin_dir",
+    "missing_binaries",
+    "parse_nodes",
+    "state_dir",
+]

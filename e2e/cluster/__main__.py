@@ -1,0 +1,49 @@
+"""Command line: ``python -m e2e.cluster up|down|status|env``.
+
+``up`` prints progress on stderr and, on stdout, the shell lines to use the
+cluster, so ``eval "$(python -m e2e.cluster up)"`` works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from e2e.cluster.cluster import Cluster, ClusterError
+
+
+def _env_lines(cluster: Cluster) -> str:
+    return f"export KUBECONFIG={cluster.kubeconfig}\nexport PATH={cluster.bin}:$PATH\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m e2e.cluster", description=__doc__)
+    parser.add_argument("command", choices=["up", "down", "status", "env"])
+    parser.add_argument("--timeout", type=float, default=180.0, help="seconds for up")
+    args = parser.parse_args(argv)
+    cluster = Cluster()
+    if args.command == "up":
+        t0 = time.monotonic()
+        try:
+            cluster.up(timeout=args.timeout)
+        except (ClusterError, FileNotFoundError) as exc:
+            print(f"e2e.cluster up failed: {exc}", file=sys.stderr)
+            return 1
+        print(f"# control plane up in {time.monotonic() - t0:.1f}s", file=sys.stderr)
+        sys.stdout.write(_env_lines(cluster))
+    elif args.command == "down":
+        cluster.down()
+    elif args.command == "status":
+        status = cluster.status()
+        print(json.dumps(status, indent=2))
+        return 0 if status["up"] else 3
+    else:
+        sys.stdout.write(_env_lines(cluster))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
