@@ -53,11 +53,19 @@ class Strategy(StrEnum):
 class Objective(_Model):
     """What to optimise."""
 
-    metric: str = Field(min_length=1, max_length=128, description="Name of the reported metric to optimise.")
+    metric: str = Field(
+        min_length=1, max_length=128, description="Name of the reported metric to optimise."
+    )
     direction: Direction = Field(description="minimize or maximize.")
-    target: float | None = Field(default=None, description="Reaching this value ends the experiment.")
-    strategy: Strategy = Field(default=Strategy.LAST, description="Which reported value is the trial's result.")
-    additionalMetrics: list[str] = Field(default_factory=list, description="Other metrics to record.")
+    target: float | None = Field(
+        default=None, description="Reaching this value ends the experiment."
+    )
+    strategy: Strategy = Field(
+        default=Strategy.LAST, description="Which reported value is the trial's result."
+    )
+    additionalMetrics: list[str] = Field(
+        default_factory=list, description="Other metrics to record."
+    )
 
 
 class Parameter(_Model):
@@ -88,8 +96,12 @@ class EarlyStopping(_Model):
     minResource: int = Field(default=1, ge=1)
     maxResource: int | None = Field(default=None, ge=1)
     reductionFactor: int = Field(default=3, ge=2)
-    warmupSteps: int = Field(default=0, ge=0, description="median: steps before a trial can be stopped.")
-    minTrials: int = Field(default=5, ge=1, description="median: trials needed at a step before comparing.")
+    warmupSteps: int = Field(
+        default=0, ge=0, description="median: steps before a trial can be stopped."
+    )
+    minTrials: int = Field(
+        default=5, ge=1, description="median: trials needed at a step before comparing."
+    )
     brackets: int | None = Field(default=None, ge=1, description="hyperband: number of brackets.")
 
     @model_validator(mode="after")
@@ -98,7 +110,8 @@ class EarlyStopping(_Model):
             raise ValueError(f"{self.name} needs maxResource (the last step a trial reports)")
         if self.maxResource is not None and self.maxResource <= self.minResource:
             raise ValueError(
-                f"maxResource ({self.maxResource}) must be greater than minResource ({self.minResource})"
+                f"maxResource ({self.maxResource}) must be greater than "
+                f"minResource ({self.minResource})"
             )
         return self
 
@@ -127,14 +140,19 @@ class ExperimentSpec(_Model):
             space.check_grid()
         containers = (self.template.get("spec") or {}).get("containers")
         if not isinstance(containers, list) or not containers:
-            raise SpaceError("template.spec.containers", "the Pod template needs at least one container")
+            raise SpaceError(
+                "template.spec.containers", "the Pod template needs at least one container"
+            )
         return self
 
     def search_space(self) -> SearchSpace:
         """The validated engine search space."""
         return SearchSpace.from_spec(
-            [p.model_dump(exclude_none=True, exclude_defaults=True) | {"name": p.name, "type": p.type}
-             for p in self.parameters]
+            [
+                p.model_dump(exclude_none=True, exclude_defaults=True)
+                | {"name": p.name, "type": p.type}
+                for p in self.parameters
+            ]
         )
 
 
@@ -161,7 +179,9 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif isinstance(part, str) and not part.startswith(("function-", "literal[", "str", "int", "float", "bool", "list[")):
+        elif isinstance(part, str) and not part.startswith(
+            ("function-", "literal[", "str", "int", "float", "bool", "list[")
+        ):
             out += f".{part}" if out else part
     return out
 

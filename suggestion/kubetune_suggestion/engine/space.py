@@ -94,7 +94,7 @@ class FloatParam:
     def grid(self) -> list[float]:
         """Every value on the step grid; the space rejects grids without ``step``."""
         assert self.step is not None
-        n = int(math.floor((self.high - self.low) / self.step + 1e-9))
+        n = math.floor((self.high - self.low) / self.step + 1e-9)
         return [round(self.low + k * self.step, 12) for k in range(n + 1)]
 
     def contains(self, value: Any) -> bool:
@@ -127,13 +127,15 @@ class IntParam:
         return (self.high - self.low) // self.step + 1
 
     def to_unit(self, value: int) -> float:
-        """Map a value to ``[0, 1]``; each integer owns an equal-width cell (log cells when ``log``)."""
+        """Map a value to ``[0, 1]``; each integer owns an equal cell (log-scaled if ``log``)."""
         # Widening the range by half a step on each side gives the end values
         # the same share of the unit interval as the inner ones.
         lo, hi = self.low - 0.5 * self.step, self.high + 0.5 * self.step
         if self.log:
             lo, hi = max(lo, 0.5), hi
-            return min(1.0, max(0.0, (math.log(value) - math.log(lo)) / (math.log(hi) - math.log(lo))))
+            return min(
+                1.0, max(0.0, (math.log(value) - math.log(lo)) / (math.log(hi) - math.log(lo)))
+            )
         return min(1.0, max(0.0, (value - lo) / (hi - lo)))
 
     def from_unit(self, u: float) -> int:
@@ -199,8 +201,10 @@ Param: TypeAlias = FloatParam | IntParam | CategoricalParam
 
 def _same_value(a: Any, b: Any) -> bool:
     # ``True == 1`` in Python; a categorical [true, 1] must keep them apart.
-    return type(a) is type(b) and a == b or (
-        not isinstance(a, bool | str) and not isinstance(b, bool | str) and a == b
+    return (
+        (type(a) is type(b)
+        and a == b)
+        or (not isinstance(a, bool | str) and not isinstance(b, bool | str) and a == b)
     )
 
 
@@ -323,7 +327,9 @@ def _number(item: Mapping[str, Any], key: str, where: str, name: str) -> float:
     if value is None:
         raise SpaceError(f"{where}.{key}", f'parameter "{name}" needs `{key}`')
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise SpaceError(f"{where}.{key}", f'parameter "{name}": `{key}` must be a finite number, got {value!r}')
+        raise SpaceError(
+            f"{where}.{key}", f'parameter "{name}": `{key}` must be a finite number, got {value!r}'
+        )
     return float(value)
 
 
@@ -337,14 +343,19 @@ def _parse_param(i: int, item: Mapping[str, Any]) -> tuple[Param, dict[str, Any]
     kind = item.get("type")
     if kind not in _KEYS:
         raise SpaceError(
-            f"{where}.type", f'parameter "{name}": type must be one of float, int, categorical, got {kind!r}'
+            f"{where}.type",
+            f'parameter "{name}": type must be one of float, int, categorical, got {kind!r}',
         )
     unknown = sorted(set(item) - _KEYS[kind])
     if unknown:
-        raise SpaceError(f"{where}.{unknown[0]}", f'parameter "{name}": unknown field for a {kind} parameter')
+        raise SpaceError(
+            f"{where}.{unknown[0]}", f'parameter "{name}": unknown field for a {kind} parameter'
+        )
     when_raw = item.get("when") or {}
     if not isinstance(when_raw, Mapping):
-        raise SpaceError(f"{where}.when", f'parameter "{name}": `when` must map a parameter name to a value')
+        raise SpaceError(
+            f"{where}.when", f'parameter "{name}": `when` must map a parameter name to a value'
+        )
     log = item.get("log", False)
     if not isinstance(log, bool):
         raise SpaceError(f"{where}.log", f'parameter "{name}": `log` must be true or false')
@@ -352,38 +363,58 @@ def _parse_param(i: int, item: Mapping[str, Any]) -> tuple[Param, dict[str, Any]
     if kind == "categorical":
         values = item.get("values")
         if not isinstance(values, list) or not values:
-            raise SpaceError(f"{where}.values", f'parameter "{name}": `values` must be a non-empty list')
+            raise SpaceError(
+                f"{where}.values", f'parameter "{name}": `values` must be a non-empty list'
+            )
         for j, v in enumerate(values):
-            if not isinstance(v, str | int | float) or (isinstance(v, float) and not math.isfinite(v)):
+            if not isinstance(v, str | int | float) or (
+                isinstance(v, float) and not math.isfinite(v)
+            ):
                 raise SpaceError(
-                    f"{where}.values[{j}]", f'parameter "{name}": values must be strings, numbers or booleans'
+                    f"{where}.values[{j}]",
+                    f'parameter "{name}": values must be strings, numbers or booleans',
                 )
             if any(_same_value(v, w) for w in values[:j]):
-                raise SpaceError(f"{where}.values[{j}]", f'parameter "{name}": duplicate value {v!r}')
+                raise SpaceError(
+                    f"{where}.values[{j}]", f'parameter "{name}": duplicate value {v!r}'
+                )
         param = CategoricalParam(name=name, choices=tuple(values))
     else:
         low = _number(item, "min", where, name)
         high = _number(item, "max", where, name)
         if low >= high:
-            raise SpaceError(f"{where}.min", f'parameter "{name}": min ({low:g}) must be less than max ({high:g})')
+            raise SpaceError(
+                f"{where}.min",
+                f'parameter "{name}": min ({low:g}) must be less than max ({high:g})',
+            )
         if log and low <= 0:
             raise SpaceError(
-                f"{where}.min", f'parameter "{name}": a log-scale parameter needs min > 0, got {low:g}'
+                f"{where}.min",
+                f'parameter "{name}": a log-scale parameter needs min > 0, got {low:g}',
             )
         step_raw = item.get("step")
         step: float | None = None
         if step_raw is not None:
             step = _number(item, "step", where, name)
             if step <= 0:
-                raise SpaceError(f"{where}.step", f'parameter "{name}": step must be positive, got {step:g}')
+                raise SpaceError(
+                    f"{where}.step", f'parameter "{name}": step must be positive, got {step:g}'
+                )
             if step > high - low:
-                raise SpaceError(f"{where}.step", f'parameter "{name}": step ({step:g}) is larger than max - min')
+                raise SpaceError(
+                    f"{where}.step", f'parameter "{name}": step ({step:g}) is larger than max - min'
+                )
             if log:
-                raise SpaceError(f"{where}.step", f'parameter "{name}": `step` and `log` cannot be combined')
+                raise SpaceError(
+                    f"{where}.step", f'parameter "{name}": `step` and `log` cannot be combined'
+                )
         if kind == "int":
             for key, v in (("min", low), ("max", high), ("step", step)):
                 if v is not None and v != int(v):
-                    raise SpaceError(f"{where}.{key}", f'parameter "{name}": an int parameter needs whole numbers')
+                    raise SpaceError(
+                        f"{where}.{key}",
+                        f'parameter "{name}": an int parameter needs whole numbers',
+                    )
             param = IntParam(name=name, low=int(low), high=int(high), log=log, step=int(step or 1))
         else:
             param = FloatParam(name=name, low=low, high=high, log=log, step=step)
@@ -402,7 +433,8 @@ def _parse_space(items: Sequence[Mapping[str, Any]]) -> SearchSpace:
         if param.name in index:
             raise SpaceError(
                 f"parameters[{i}].name",
-                f'duplicate parameter name "{param.name}" (first declared at parameters[{index[param.name]}])',
+                f'duplicate parameter name "{param.name}" '
+                f"(first declared at parameters[{index[param.name]}])",
             )
         index[param.name] = i
         parsed.append((param, when))
@@ -414,12 +446,16 @@ def _parse_space(items: Sequence[Mapping[str, Any]]) -> SearchSpace:
         for parent, raw in when.items():
             field_name = f"parameters[{i}].when.{parent}"
             if parent not in by_name:
-                raise SpaceError(field_name, f'parameter "{param.name}" depends on unknown parameter "{parent}"')
+                raise SpaceError(
+                    field_name, f'parameter "{param.name}" depends on unknown parameter "{parent}"'
+                )
             if parent == param.name:
                 raise SpaceError(field_name, f'parameter "{param.name}" cannot depend on itself')
             values = tuple(raw) if isinstance(raw, list) else (raw,)
             if not values:
-                raise SpaceError(field_name, f'parameter "{param.name}": `when` needs at least one value')
+                raise SpaceError(
+                    field_name, f'parameter "{param.name}": `when` needs at least one value'
+                )
             target = by_name[parent]
             for v in values:
                 if not target.contains(v):
@@ -430,7 +466,8 @@ def _parse_space(items: Sequence[Mapping[str, Any]]) -> SearchSpace:
                     )
                     raise SpaceError(
                         field_name,
-                        f'parameter "{param.name}": {v!r} is not a value of "{parent}" (must be {allowed})',
+                        f'parameter "{param.name}": {v!r} is not a value of "{parent}" '
+                        f"(must be {allowed})",
                     )
             conditions.append(Condition(parent=parent, values=values))
         resolved[param.name] = _with_when(param, tuple(conditions))

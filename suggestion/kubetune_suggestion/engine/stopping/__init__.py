@@ -7,11 +7,18 @@ from typing import Any
 
 from kubetune_suggestion.engine.history import Direction
 from kubetune_suggestion.engine.space import SpaceError
+from kubetune_suggestion.engine.stopping.asha import ASHARule
 from kubetune_suggestion.engine.stopping.base import CONTINUE, StopDecision, StoppingRule
+from kubetune_suggestion.engine.stopping.hyperband import HyperbandRule
+from kubetune_suggestion.engine.stopping.median import MedianRule
 
 __all__ = ["CONTINUE", "RULES", "StopDecision", "StoppingRule", "make_rule"]
 
-RULES: dict[str, type[StoppingRule]] = {}
+RULES: dict[str, type[StoppingRule]] = {
+    ASHARule.name: ASHARule,
+    MedianRule.name: MedianRule,
+    HyperbandRule.name: HyperbandRule,
+}
 
 
 def make_rule(
@@ -27,6 +34,7 @@ def make_rule(
     cls = RULES.get(name)
     if cls is None:
         raise SpaceError(
-            "earlyStopping.name", f"unknown early-stopping rule {name!r}; choose one of {['none', *sorted(RULES)]}"
+            "earlyStopping.name",
+            f"unknown early-stopping rule {name!r}; choose one of {['none', *sorted(RULES)]}",
         )
     return cls(Direction(direction), options)

@@ -1,0 +1,375 @@
+"""Early stopping on simulated learning curves: kubetune's rules next to Optuna's pruners.
+
+Run: ``python bench/early_stopping.py`` (under a minute on one core; ``--help``
+for the knobs). It prints one table per scenario.
+
+What is simulated. A population of ``--trials`` configurations, each with a
+validation-loss curve over ``maxResource`` steps. A configuration has a
+learning-rate-like position ``x`` in [0, 1] and an architecture quality ``q``:
+
+- its asymptote is ``floor + a * (x - x_best)**2 + b * q`` (too small and too
+  large learning rates end worse, a better architecture ends lower);
+- it approaches it as ``exp(-t / tau)`` with ``tau`` shrinking as ``x`` grows,
+  so large learning rates start fast and plateau high while moderate ones start
+  slowly and end low: the curves cross;
+- every report adds Gaussian noise (fixed per configuration and step, so every
+  method sees the very same observations), and steps take a per-configuration
+  time (bigger models are slower), so reports arrive out of order.
+
+Eight workers run the trials in order of their number, driven by an event
+clock; after every report the method decides whether the trial stops, and a
+freed worker starts the next configuration. Every method sees the same
+population and the same noise for a given seed.
+
+What is measured, per method and averaged over seeds:
+
+- steps: the total number of training steps spent, and its ratio to no stopping;
+- final best: the noise-free final loss of the configuration the experiment
+  would pick (the best observed final value among trials that reached
+  ``maxResource``); gap: how far that is above no stopping's pick, in percent
+  (mean over seeds, and the worst seed).
+
+Scenarios. ``typical``: crossings happen within the first few steps, as when
+learning rates differ by a few times. ``late-crossing``: slow starters overtake
+only after a third of the budget, the case that defeats an early first rung and
+that Hyperband's later brackets hedge against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import optuna
+from kubetune_suggestion.engine.history import Direction, TrialRecord, TrialState
+from kubetune_suggestion.engine.stopping import StoppingRule, make_rule
+from scipy.stats import spearmanr
+
+MIN_RESOURCE = 1
+MAX_RESOURCE = 27
+REDUCTION_FACTOR = 3
+WORKERS = 8
+CORRELATION_STEPS = (1, 3, 9)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A family of learning curves."""
+
+    name: str
+    # Asymptote: floor + spread_lr * (x - x_best)**2 + spread_quality * q.
+    floor: float
+    spread_lr: float
+    spread_quality: float
+    x_best: float
+    # tau = tau_fast * (tau_slow / tau_fast) ** (1 - x), in steps.
+    tau_fast: float
+    tau_slow: float
+    noise: float
+    start: float = 2.3  # ln(10): an untrained 10-class classifier
+
+
+SCENARIOS = {
+    "typical": Scenario(
+        "typical", floor=0.25, spread_lr=0.6, spread_quality=0.3, x_best=0.5,
+        tau_fast=0.25, tau_slow=2.0, noise=0.005,
+    ),
+    "late-crossing": Scenario(
+        "late-crossing", floor=0.25, spread_lr=0.3, spread_quality=0.10, x_best=0.35,
+        tau_fast=0.8, tau_slow=10.0, noise=0.005,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Population:
+    """Observed curves (trials x steps), their noise-free finals, and step durations."""
+
+    observed: np.ndarray
+    final: np.ndarray
+    duration: np.ndarray
+
+
+def population(scenario: Scenario, trials: int, seed: int) -> Population:
+    rng = np.random.default_rng([seed, 2026])
+    x = rng.random(trials)
+    q = rng.random(trials)
+    asymptote = scenario.floor + scenario.spread_lr * (x - scenario.x_best) ** 2
+    asymptote += scenario.spread_quality * q
+    tau = scenario.tau_fast * (scenario.tau_slow / scenario.tau_fast) ** (1.0 - x)
+    t = np.arange(1, MAX_RESOURCE + 1)
+    clean = asymptote[:, None] + (scenario.start - asymptote[:, None]) * np.exp(
+        -t[None, :] / tau[:, None]
+    )
+    observed = clean + scenario.noise * rng.standard_normal(clean.shape)
+    # Better architectures (lower q) are bigger and slower per step.
+    duration = (1.5 - q) * rng.lognormal(0.0, 0.2, trials)
+    return Population(observed=observed, final=clean[:, -1], duration=duration)
+
+
+class Method(Protocol):
+    """One early-stopping method, driven trial by trial."""
+
+    def start(self, number: int) -> None:
+        """A worker starts trial ``number`` (numbers come in order from 0)."""
+
+    def report(self, number: int, step: int, value: float) -> bool:
+        """Record a report; True when the trial should stop."""
+
+    def end(self, number: int, value: float, stopped: bool) -> None:
+        """The trial ended: stopped by the method, or finished at ``MAX_RESOURCE``."""
+
+
+class NoStopping:
+    """Every trial trains to the end."""
+
+    def start(self, number: int) -> None:
+        """Nothing to track."""
+
+    def report(self, number: int, step: int, value: float) -> bool:
+        """Never stop."""
+        return False
+
+    def end(self, number: int, value: float, stopped: bool) -> None:
+        """Nothing to track."""
+
+
+class KubetuneRule:
+    """A kubetune rule fed the history the service would pass it."""
+
+    def __init__(self, rule: StoppingRule) -> None:
+        self.rule = rule
+        self.history: list[TrialRecord] = []
+
+    def start(self, number: int) -> None:
+        """Add a running trial without reports."""
+        assert number == len(self.history)
+        self.history.append(TrialRecord(number, {}, TrialState.RUNNING, steps={}))
+
+    def report(self, number: int, step: int, value: float) -> bool:
+        """Append the report and ask the rule, as the service does."""
+        record = self.history[number]
+        steps = dict(record.steps)
+        steps[step] = value
+        record = TrialRecord(number, {}, TrialState.RUNNING, steps=steps)
+        self.history[number] = record
+        return self.rule.decide(record, self.history).stop
+
+    def end(self, number: int, value: float, stopped: bool) -> None:
+        """Record the trial as stopped or succeeded."""
+        record = self.history[number]
+        state = TrialState.PRUNED if stopped else TrialState.SUCCEEDED
+        self.history[number] = TrialRecord(number, {}, state, value, record.steps)
+
+
+class OptunaPruner:
+    """An Optuna pruner inside an ask-and-tell study (the sampler is never asked)."""
+
+    def __init__(self, pruner: optuna.pruners.BasePruner) -> None:
+        # HyperbandPruner hashes the study name into bracket choices: a fixed
+        # name keeps runs reproducible.
+        self.study = optuna.create_study(
+            study_name="early-stopping", direction="minimize", pruner=pruner
+        )
+        self.trials: dict[int, optuna.Trial] = {}
+
+    def start(self, number: int) -> None:
+        """Ask the study for a trial."""
+        self.trials[number] = self.study.ask()
+
+    def report(self, number: int, step: int, value: float) -> bool:
+        """``trial.report`` then ``trial.should_prune``, as an Optuna objective does."""
+        trial = self.trials[number]
+        trial.report(value, step)
+        return bool(trial.should_prune())
+
+    def end(self, number: int, value: float, stopped: bool) -> None:
+        """Tell the study how the trial ended."""
+        trial = self.trials.pop(number)
+        if stopped:
+            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            self.study.tell(trial, value)
+
+
+def ours(name: str, min_resource: int = MIN_RESOURCE, **extra: int) -> Callable[[], Method]:
+    options = {
+        "minResource": min_resource,
+        "maxResource": MAX_RESOURCE,
+        "reductionFactor": REDUCTION_FACTOR,
+        **extra,
+    }
+
+    def build() -> Method:
+        rule = make_rule(name, Direction.MINIMIZE, options)
+        assert rule is not None
+        return KubetuneRule(rule)
+
+    return build
+
+
+def optuna_pruner(kind: str, min_resource: int = MIN_RESOURCE) -> Callable[[], Method]:
+    def build() -> Method:
+        pruners = optuna.pruners
+        pruner: optuna.pruners.BasePruner
+        if kind == "sha":
+            pruner = pruners.SuccessiveHalvingPruner(
+                min_resource=min_resource, reduction_factor=REDUCTION_FACTOR
+            )
+        elif kind == "median":
+            pruner = pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
+        else:
+            pruner = pruners.HyperbandPruner(
+                min_resource=min_resource,
+                max_resource=MAX_RESOURCE,
+                reduction_factor=REDUCTION_FACTOR,
+            )
+        return OptunaPruner(pruner)
+
+    return build
+
+
+# ASHA and successive halving appear twice: with the first rung at step 1 (the
+# most aggressive setting) and at step 3 (rungs 3 and 9).
+METHODS: dict[str, Callable[[], Method]] = {
+    "no stopping": NoStopping,
+    "kubetune asha r=1": ours("asha"),
+    "optuna SHA r=1": optuna_pruner("sha"),
+    "kubetune asha r=3": ours("asha", min_resource=3),
+    "optuna SHA r=3": optuna_pruner("sha", min_resource=3),
+    "kubetune hyperband": ours("hyperband"),
+    "optuna Hyperband": optuna_pruner("hyperband"),
+    "kubetune median": ours("median", warmupSteps=0, minTrials=5),
+    "optuna Median": optuna_pruner("median"),
+}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One method on one population."""
+
+    steps: int
+    # Noise-free final loss of the configuration the experiment would pick.
+    final_best: float
+    completed: int
+
+
+def simulate(pop: Population, method: Method, workers: int = WORKERS) -> Outcome:
+    trials = pop.observed.shape[0]
+    events: list[tuple[float, int]] = []  # (time of the next report, trial number)
+    progress: dict[int, int] = {}
+    started = 0
+
+    def start_next(now: float) -> None:
+        nonlocal started
+        if started < trials:
+            number = started
+            started += 1
+            method.start(number)
+            progress[number] = 0
+            heapq.heappush(events, (now + float(pop.duration[number]), number))
+
+    for _ in range(workers):
+        start_next(0.0)
+    steps = 0
+    finished: dict[int, float] = {}
+    while events:
+        now, number = heapq.heappop(events)
+        step = progress[number] + 1
+        progress[number] = step
+        steps += 1
+        value = float(pop.observed[number, step - 1])
+        stop = method.report(number, step, value)
+        if step == MAX_RESOURCE:
+            # A trial stopped at its last step has still finished training.
+            finished[number] = value
+        if stop or step == MAX_RESOURCE:
+            method.end(number, value, stopped=stop)
+            start_next(now)
+        else:
+            heapq.heappush(events, (now + float(pop.duration[number]), number))
+    pick = min(finished, key=lambda n: finished[n])
+    return Outcome(steps=steps, final_best=float(pop.final[pick]), completed=len(finished))
+
+
+def run(
+    scenario: Scenario, seeds: Sequence[int], trials: int
+) -> tuple[dict[str, list[Outcome]], list[float]]:
+    """Every method on every seed's population, and how early values rank the finals."""
+    results: dict[str, list[Outcome]] = {name: [] for name in METHODS}
+    correlations: list[list[float]] = [[] for _ in CORRELATION_STEPS]
+    for seed in seeds:
+        pop = population(scenario, trials, seed)
+        for i, step in enumerate(CORRELATION_STEPS):
+            rho = spearmanr(pop.observed[:, step - 1], pop.final).statistic
+            correlations[i].append(float(rho))
+        for name, build in METHODS.items():
+            results[name].append(simulate(pop, build()))
+    return results, [statistics.mean(c) for c in correlations]
+
+
+def table(
+    scenario: Scenario,
+    results: dict[str, list[Outcome]],
+    trials: int,
+    correlations: Sequence[float],
+) -> str:
+    base = results["no stopping"]
+    base_steps = statistics.mean(o.steps for o in base)
+    header = (
+        f"| {'method':<20} | {'steps':>7} | {'ratio':>6} | {'final best':>10} | "
+        f"{'gap mean':>8} | {'gap worst':>9} | {'finished':>8} |"
+    )
+    lines = [
+        f"scenario {scenario.name}: {trials} trials x {MAX_RESOURCE} steps, {WORKERS} workers, "
+        f"{len(base)} seeds; maxResource={MAX_RESOURCE}, reductionFactor={REDUCTION_FACTOR}, "
+        f"minResource={MIN_RESOURCE} unless r= says otherwise",
+        "rank correlation (Spearman) of the values at steps "
+        + ", ".join(f"{s}" for s in CORRELATION_STEPS)
+        + " with the final: "
+        + ", ".join(f"{c:.2f}" for c in correlations),
+        "",
+        header,
+        "|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|",
+    ]
+    for name, outcomes in results.items():
+        steps = statistics.mean(o.steps for o in outcomes)
+        gaps = [
+            100.0 * (o.final_best / b.final_best - 1.0)
+            for o, b in zip(outcomes, base, strict=True)
+        ]
+        lines.append(
+            f"| {name:<20} | {steps:>7.0f} | {steps / base_steps:>6.1%} | "
+            f"{statistics.mean(o.final_best for o in outcomes):>10.4f} | "
+            f"{statistics.mean(gaps):>7.2f}% | {max(gaps):>8.2f}% | "
+            f"{statistics.mean(o.completed for o in outcomes):>8.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--seeds", type=int, default=20, help="populations per scenario")
+    parser.add_argument("--trials", type=int, default=100, help="configurations per population")
+    parser.add_argument(
+        "--scenario", choices=[*SCENARIOS, "all"], default="all", help="which curve family"
+    )
+    args = parser.parse_args(argv)
+    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    for name in names:
+        began = time.perf_counter()
+        results, correlations = run(SCENARIOS[name], range(args.seeds), args.trials)
+        print(table(SCENARIOS[name], results, args.trials, correlations))
+        print(f"({time.perf_counter() - began:.0f} s)\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
