@@ -1,0 +1,259 @@
+"""The Helm chart lints clean and renders what the operator and the service need.
+
+Needs the `helm` binary: $KUBETUNE_HELM, `helm` on PATH, or the e2e build cache
+(e2e/cluster/build.sh puts it in ~/.cache/kubetune-e2e/<version>/bin). Without
+it the tests skip, except in CI (CI=true), where a missing helm is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "kubetune"
+KUBE_VERSION = "1.36.0"
+
+Obj = dict[str, Any]
+
+
+def _find_helm() -> str | None:
+    if os.environ.get("KUBETUNE_HELM"):
+        return os.environ["KUBETUNE_HELM"]
+    on_path = shutil.which("helm")
+    if on_path:
+        return on_path
+    cache = Path(os.environ.get("KUBETUNE_E2E_CACHE", Path.home() / ".cache" / "kubetune-e2e"))
+    found = sorted(cache.glob("*/bin/helm"))
+    return str(found[-1]) if found else None
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    path = _find_helm()
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("helm not found in CI: run e2e/cluster/build.sh or set KUBETUNE_HELM")
+        pytest.skip("helm not found (set KUBETUNE_HELM or run e2e/cluster/build.sh)")
+    return path
+
+
+def _run(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([helm, *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+def render(helm: str, *sets: str, release: str = "kt", namespace: str = "kubetune") -> list[Obj]:
+    args = ["template", release, str(CHART), "-n", namespace, "--kube-version", KUBE_VERSION]
+    for s in sets:
+        args += ["--set", s]
+    result = _run(helm, *args)
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def by_kind(docs: list[Obj], kind: str) -> list[Obj]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def deployment(docs: list[Obj], component: str) -> Obj:
+    (dep,) = [
+        d
+        for d in by_kind(docs, "Deployment")
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == component
+    ]
+    return dep
+
+
+def env_of(container: Obj) -> dict[str, Obj]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_lint_is_clean(helm: str) -> None:
+    result = _run(helm, "lint", str(CHART), "--strict", "--kube-version", KUBE_VERSION)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout, result.stdout
+
+
+def test_default_render(helm: str) -> None:
+    docs = render(helm)
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(
+        ["ServiceAccount"] * 2
+        + ["Secret", "PersistentVolumeClaim", "Service", "Service", "Deployment", "Deployment"]
+        + ["ClusterRole"] * 2
+        + ["ClusterRoleBinding"] * 2
+        + ["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
+    )
+    op = deployment(docs, "operator")["spec"]["template"]["spec"]
+    svc = deployment(docs, "suggestion")["spec"]["template"]["spec"]
+    (op_c,) = op["containers"]
+    (svc_c,) = svc["containers"]
+    # The e2e kubelet runs commands on the host: plain `python -m` invocations.
+    assert op_c["command"] == ["python", "-m", "kubetune_controller"]
+    assert op_c["args"] == ["--all-namespaces"]
+    assert svc_c["command"] == ["python", "-m", "kubetune_suggestion.service"]
+    assert (
+        env_of(op_c)["KUBETUNE_SERVICE_URL"]["value"]
+        == "http://kt-kubetune-suggestion.kubetune.svc:8000"
+    )
+    assert env_of(svc_c)["KUBETUNE_DB_URL"]["value"] == "sqlite:////data/kubetune.db"
+    assert env_of(svc_c)["KUBETUNE_SECRET"]["valueFrom"]["secretKeyRef"]["key"] == "secret"
+    assert svc["volumes"][1]["persistentVolumeClaim"]["claimName"] == "kt-kubetune-data"
+    for pod, container in ((op, op_c), (svc, svc_c)):
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert container["readinessProbe"]["httpGet"]
+        assert container["resources"]["requests"]
+    assert svc_c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    (service,) = [
+        s for s in by_kind(docs, "Service") if s["metadata"]["name"] == "kt-kubetune-suggestion"
+    ]
+    assert service["spec"]["ports"][0]["port"] == 8000
+
+
+def test_suggestion_service_has_no_kubernetes_access(helm: str) -> None:
+    docs = render(helm)
+    svc_pod = deployment(docs, "suggestion")["spec"]["template"]["spec"]
+    assert svc_pod["automountServiceAccountToken"] is False
+    (sa,) = [
+        d for d in by_kind(docs, "ServiceAccount") if d["metadata"]["name"].endswith("suggestion")
+    ]
+    assert sa["automountServiceAccountToken"] is False
+    for binding in by_kind(docs, "ClusterRoleBinding") + by_kind(docs, "RoleBinding"):
+        for subject in binding["subjects"]:
+            assert subject["name"] != sa["metadata"]["name"]
+
+
+def test_operator_rbac_is_least_privilege(helm: str) -> None:
+    docs = render(helm)
+    rules = [r for role in by_kind(docs, "ClusterRole") for r in role["rules"]]
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in rules:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                granted.setdefault((group, resource), set()).update(rule["verbs"])
+    for (group, resource), verbs in granted.items():
+        assert "*" not in verbs and group != "*" and resource != "*", (group, resource)
+    assert ("", "secrets") not in granted
+    assert granted[("", "pods")] == {"get", "list", "watch", "create", "delete"}
+    assert granted[("", "pods/log")] == {"get"}
+    assert {"create", "patch"} <= granted[("", "events")]
+    assert {"create", "delete", "patch"} <= granted[("kubetune.io", "trials")]
+    assert "create" not in granted[("kubetune.io", "experiments")]
+    assert "patch" in granted[("kubetune.io", "experiments/status")]
+    assert granted[("apiextensions.k8s.io", "customresourcedefinitions")] == {
+        "get",
+        "list",
+        "watch",
+    }
+    assert granted[("", "namespaces")] == {"get", "list", "watch"}
+
+
+def test_watching_namespaces_binds_roles_there_only(helm: str) -> None:
+    docs = render(helm, "operator.watchNamespaces={team-a,team-b}")
+    op_c = deployment(docs, "operator")["spec"]["template"]["spec"]["containers"][0]
+    assert op_c["args"] == ["--namespace=team-a", "--namespace=team-b"]
+    bindings = by_kind(docs, "RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    # Only the read-only discovery role stays cluster-wide.
+    (crb,) = by_kind(docs, "ClusterRoleBinding")
+    assert crb["roleRef"]["name"].endswith("operator-discovery")
+
+
+def test_external_postgres_from_secret(helm: str) -> None:
+    docs = render(helm, "database.external.existingSecret=pg", "suggestion.replicas=3")
+    assert not by_kind(docs, "PersistentVolumeClaim")
+    dep = deployment(docs, "suggestion")
+    assert dep["spec"]["replicas"] == 3
+    assert "strategy" not in dep["spec"]
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    ref = env_of(c)["KUBETUNE_DB_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "pg", "key": "url"}
+    assert [m["name"] for m in c["volumeMounts"]] == ["tmp"]
+
+
+def test_sqlite_without_persistence_uses_empty_dir(helm: str) -> None:
+    docs = render(helm, "persistence.enabled=false")
+    assert not by_kind(docs, "PersistentVolumeClaim")
+    volumes = deployment(docs, "suggestion")["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "data", "emptyDir": {}} in volumes
+
+
+def test_sqlite_refuses_several_replicas(helm: str) -> None:
+    result = _run(
+        helm,
+        "template",
+        "kt",
+        str(CHART),
+        "--kube-version",
+        KUBE_VERSION,
+        "--set",
+        "suggestion.replicas=2",
+    )
+    assert result.returncode != 0
+    assert "database.external.existingSecret" in result.stderr
+
+
+def test_values_schema_refuses_typos(helm: str) -> None:
+    result = _run(
+        helm,
+        "template",
+        "kt",
+        str(CHART),
+        "--kube-version",
+        KUBE_VERSION,
+        "--set",
+        "operator.watchNamspaces={a}",
+    )
+    assert result.returncode != 0
+    assert "watchNamspaces" in result.stderr
+
+
+def test_names_fit_in_63_characters(helm: str) -> None:
+    release = "a-long-release-name-for-the-tuning-setup-of-team-abc"  # helm's maximum: 53
+    for docs in (
+        render(helm, "serviceMonitor.enabled=true", release=release),
+        render(helm, "fullnameOverride=" + "x" * 63),
+    ):
+        names = [(d["kind"], d["metadata"]["name"]) for d in docs]
+        for kind, name in names:
+            assert len(name) <= 63, (kind, name)
+            assert not name.endswith("-"), name
+        # Component suffixes survive the truncation, so names stay distinct.
+        assert len(set(names)) == len(names), names
+        assert any(name.endswith("-operator-metrics") for _, name in names)
+
+
+def test_service_monitors_and_admission_policy_are_optional(helm: str) -> None:
+    docs = render(helm, "serviceMonitor.enabled=true")
+    assert len(by_kind(docs, "ServiceMonitor")) == 2
+    assert by_kind(docs, "ValidatingAdmissionPolicy")
+    docs = render(helm, "admissionPolicy.enabled=false")
+    assert not by_kind(docs, "ValidatingAdmissionPolicy")
+    assert not by_kind(docs, "ValidatingAdmissionPolicyBinding")
+
+
+def test_admission_policy_matches_the_generated_one(helm: str) -> None:
+    (policy,) = by_kind(render(helm), "ValidatingAdmissionPolicy")
+    generated = yaml.safe_load_all(
+        (ROOT / "crds" / "experiments.kubetune.io-admission-policy.yaml").read_text()
+    )
+    assert policy == next(d for d in generated if d)
+
+
+def test_chart_ships_the_generated_crds(helm: str) -> None:
+    result = _run(helm, "show", "crds", str(CHART))
+    assert result.returncode == 0, result.stderr
+    shipped = {d["metadata"]["name"]: d for d in yaml.safe_load_all(result.stdout) if d}
+    for name in ("experiments.kubetune.io", "trials.kubetune.io"):
+        generated = yaml.safe_load((ROOT / "crds" / f"{name}.yaml").read_text())
+        assert shipped[name] == generated
