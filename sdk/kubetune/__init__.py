@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
+import re
 import sys
 from typing import Final
 
 __all__ = ["METRICS_FILE_ENV", "report"]
 
 METRICS_FILE_ENV: Final = "KUBETUNE_METRICS_FILE"
+# The metric names the collector accepts (kubetune_suggestion.metrics_protocol);
+# checked here too so a bad name fails in the training code, not in a log.
+METRIC_NAME: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_./:-]{0,127}$")
 
 
 def report(step: int, **metrics: float) -> None:
@@ -29,22 +34,33 @@ def report(step: int, **metrics: float) -> None:
 
     Raises:
         ValueError: If ``step`` is negative or not an integer, no metric is
-            given, or a value is not a finite number.
+            given, a name is not a valid metric name, or a value is not a
+            finite number.
 
     When ``KUBETUNE_METRICS_FILE`` is unset (running the script by hand), the
     report is printed to stderr instead so the script still works.
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    # numbers.Integral/Real rather than int/float: numpy's scalars (an epoch
+    # from np.arange, a float32 loss) register with them and are common here.
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
         raise ValueError(f"step must be a non-negative integer, got {step!r}")
     if not metrics:
         raise ValueError("report() needs at least one metric, e.g. report(step=1, loss=0.5)")
-    line: dict[str, float | int] = {"step": step}
+    line: dict[str, float | int] = {"step": int(step)}
     for name, value in metrics.items():
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"metric {name!r} must be a number, got {value!r}")
-        if not math.isfinite(value):
+        if not METRIC_NAME.match(name):
+            raise ValueError(
+                f"invalid metric name {name!r}: use letters, digits and _ . / : - "
+                "(starting with a letter or _), at most 128 characters"
+            )
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(
+                f"metric {name!r} must be a number, got {value!r} (for a tensor, pass .item())"
+            )
+        number = float(value)
+        if not math.isfinite(number):
             raise ValueError(f"metric {name!r} must be finite, got {value!r}")
-        line[name] = float(value)
+        line[name] = number
     text = json.dumps(line, separators=(",", ":")) + "\n"
     path = os.environ.get(METRICS_FILE_ENV)
     if not path:

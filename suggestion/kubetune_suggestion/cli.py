@@ -1,0 +1,321 @@
+"""The ``kubetune`` command line: run an Experiment manifest on this machine and inspect it.
+
+::
+
+    kubetune run experiment.yaml [--dir .kubetune] [-o table|json]
+    kubetune status experiment.yaml|NAME [--dir .kubetune] [-o table|json]
+    kubetune trials experiment.yaml|NAME [--dir .kubetune] [-o table|json]
+
+Exit codes: 0 the experiment succeeded (or the command did its job), 1 the
+experiment failed (too many failed trials, no result) or another run holds
+it, 2 a bad manifest or command line (the message names the field), 130
+interrupted by Ctrl-C (run the same command again to continue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any, Final, TextIO
+
+from kubetune_suggestion.runner.manifest import Manifest, experiment_uid, load_manifest
+from kubetune_suggestion.runner.progress import format_objective, format_params, make_display
+from kubetune_suggestion.runner.run import (
+    LocalRunner,
+    RunnerBusy,
+    RunPaths,
+    RunResult,
+    experiment_lock,
+)
+from kubetune_suggestion.service.errors import ServiceError
+from kubetune_suggestion.service.models import ExperimentSummary, TrialView
+from kubetune_suggestion.spec import SpecError
+from kubetune_suggestion.template import TemplateError, check_pod_spec
+
+__all__ = ["main"]
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_INTERRUPTED: Final = 130
+DEFAULT_DIR: Final = ".kubetune"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubetune",
+        description="Hyperparameter tuning: run an Experiment manifest locally and inspect it.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--dir",
+            type=Path,
+            default=Path(DEFAULT_DIR),
+            help=f"where the store and trial logs live (default: ./{DEFAULT_DIR})",
+        )
+        sub.add_argument(
+            "-o",
+            "--output",
+            choices=("table", "json"),
+            default="table",
+            help="table for people (default), json for scripts: one document at the end",
+        )
+
+    run = commands.add_parser(
+        "run",
+        help="run an Experiment manifest's trials as local processes",
+        description="Run an Experiment manifest on this machine. Re-running the same "
+        "manifest continues its experiment.",
+    )
+    run.add_argument("manifest", type=Path, help="the Experiment manifest (YAML)")
+    common(run)
+    run.add_argument(
+        "--grace",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long a stopped trial gets between SIGTERM and SIGKILL (default: 5)",
+    )
+    for name, text in (
+        ("status", "summarise a local experiment: counts and best trial"),
+        ("trials", "list a local experiment's trials"),
+    ):
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument("experiment", help="the Experiment manifest or the experiment's name")
+        common(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kubetune`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args.manifest, args.dir, args.output, args.grace)
+        return _inspect(args.command, args.experiment, args.dir, args.output)
+    except SpecError as exc:
+        return _error(f"{exc.field}: {exc.problem}", EXIT_USAGE)
+    except TemplateError as exc:
+        return _error(f"{exc.field}: {exc.problem}", EXIT_USAGE)
+    except RunnerBusy as exc:
+        return _error(str(exc), EXIT_FAILED)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`kubetune trials | head`): stop quietly, like
+        # any Unix tool, and keep Python from complaining at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+
+
+def _error(message: str, code: int) -> int:
+    print(f"kubetune: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+# -- run -------------------------------------------------------------------------
+
+
+def _run(manifest_path: Path, root: Path, output: str, grace: float) -> int:
+    manifest = load_manifest(manifest_path)
+    declared = [p.name for p in manifest.spec.parameters]
+    check_pod_spec(manifest.spec.template.get("spec") or {}, declared)
+    paths = RunPaths(root, manifest.name)
+    from kubetune_suggestion.service.core import TuningService  # heavy: after validation
+
+    with experiment_lock(paths):
+        service = TuningService.open(paths.database_url)
+        try:
+            runner = LocalRunner(
+                manifest,
+                service,
+                paths,
+                make_display(output),
+                lambda number: service.token(manifest.uid, number),
+                grace=grace,
+            )
+
+            def on_signal(signum: int, frame: FrameType | None) -> None:
+                runner.interrupt()
+
+            previous = {
+                sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+            }
+            try:
+                result = runner.run()
+            except ServiceError as exc:
+                where = f"{exc.field}: " if exc.field else ""
+                hint = ""
+                if exc.code == "conflict":
+                    hint = (
+                        f" (the store {paths.database} holds this experiment with another "
+                        "spec; rename the experiment or delete the store to start over)"
+                    )
+                return _error(f"{where}{exc.message}{hint}", EXIT_USAGE)
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+        finally:
+            service.close()
+    if output == "json":
+        print(json.dumps(result.to_json(), indent=2, sort_keys=False))
+    else:
+        _print_result(result, manifest_path, sys.stdout)
+    return result.exit_code
+
+
+def _print_result(result: RunResult, manifest_path: Path, out: TextIO) -> None:
+    summary = result.summary
+    if result.status == "interrupted":
+        out.write(
+            f"\nInterrupted after {result.elapsed:.1f}s; {summary.done}/{summary.max_trials} "
+            f"trials done. Run the same command to continue:\n"
+            f"  kubetune run {manifest_path}\n"
+        )
+        return
+    verdict = "succeeded" if result.status == "succeeded" else "FAILED"
+    out.write(
+        f"\nExperiment {result.name} {verdict} after {result.elapsed:.1f}s: {result.reason}\n"
+        f"  {_counts_text(summary)}\n"
+    )
+    if summary.best is None:
+        out.write(f"  no trial reported {result.metric}\n")
+    else:
+        best = summary.best
+        out.write(f"  best: trial {best.number}, {result.metric} = {best.objective:.6g}\n")
+        width = max((len(name) for name in best.params), default=0)
+        for name, value in best.params.items():
+            out.write(f"    {name:<{width}} = {value}\n")
+    out.write(
+        f"  store: {result.paths.database}   logs: {result.paths.trials}/\n"
+        f"  history: kubetune trials {manifest_path} --dir {result.paths.root}\n"
+    )
+    out.flush()
+
+
+def _counts_text(summary: ExperimentSummary) -> str:
+    counts = {str(state): n for state, n in summary.counts.items()}
+    parts = [f"{counts.get(state, 0)} {state.replace('_', ' ')}" for state in _STATE_ORDER]
+    shown = [p for p, state in zip(parts, _STATE_ORDER, strict=True) if counts.get(state, 0)]
+    return f"{summary.done}/{summary.max_trials} trials done: " + (", ".join(shown) or "none yet")
+
+
+_STATE_ORDER: Final = (
+    "succeeded",
+    "pruned",
+    "failed",
+    "metrics_unavailable",
+    "running",
+    "pending",
+)
+
+
+# -- status and trials ------------------------------------------------------------
+
+
+def _resolve(experiment: str, root: Path) -> tuple[str, Manifest | None]:
+    path = Path(experiment)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        manifest = load_manifest(path)
+        return manifest.name, manifest
+    return experiment, None
+
+
+def _inspect(command: str, experiment: str, root: Path, output: str) -> int:
+    name, _ = _resolve(experiment, root)
+    paths = RunPaths(root, name)
+    if not paths.database.exists():
+        return _error(f"no local experiment {name!r} under {root} ({paths.database} is missing)", 2)
+    from kubetune_suggestion.service.core import TuningService  # heavy: after validation
+
+    service = TuningService.open(paths.database_url)
+    try:
+        uid = experiment_uid(name)
+        try:
+            summary = service.summary(uid)
+            trials = service.trials(uid)
+            metric = service.experiment_spec(uid).objective.metric
+        except ServiceError as exc:
+            return _error(exc.message, EXIT_USAGE)
+    finally:
+        service.close()
+    if command == "status":
+        _print_status(summary, metric, paths, output)
+    else:
+        _print_trials(trials, summary, metric, output)
+    return EXIT_OK
+
+
+def _print_status(summary: ExperimentSummary, metric: str, paths: RunPaths, output: str) -> None:
+    if output == "json":
+        document: dict[str, Any] = {
+            "experiment": summary.name,
+            "uid": summary.uid,
+            "complete": summary.complete,
+            "reason": summary.complete_reason,
+            "best": None
+            if summary.best is None
+            else {
+                "trial": summary.best.number,
+                "params": summary.best.params,
+                "objective": summary.best.objective,
+            },
+            "counts": {str(state): n for state, n in summary.counts.items()},
+            "trials": summary.done,
+            "maxTrials": summary.max_trials,
+            "store": str(paths.database),
+        }
+        print(json.dumps(document, indent=2))
+        return
+    state = f"complete: {summary.complete_reason}" if summary.complete else "not complete"
+    print(f"Experiment {summary.name} ({state})")
+    print(f"  {_counts_text(summary)}")
+    if summary.best is not None:
+        best = summary.best
+        print(
+            f"  best: trial {best.number}, {metric} = {best.objective:.6g}  "
+            f"{format_params(best.params)}"
+        )
+    print(f"  store: {paths.database}")
+
+
+def _print_trials(
+    trials: list[TrialView], summary: ExperimentSummary, metric: str, output: str
+) -> None:
+    if output == "json":
+        print(json.dumps([t.model_dump(mode="json") for t in trials], indent=2))
+        return
+    best = summary.best.number if summary.best is not None else None
+    rows = [("trial", "state", metric, "step", "params", "note")]
+    for t in trials:
+        lines = (t.stop_reason or t.message or "").splitlines()
+        note = lines[0] if lines else ""
+        mark = "*" if t.number == best else ""
+        rows.append(
+            (
+                f"{t.number}{mark}",
+                str(t.state),
+                format_objective(t.objective),
+                "-" if t.last_step is None else str(t.last_step),
+                format_params(t.params),
+                note[:80],
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        cells = [row[i].ljust(widths[i]) if i != 2 else row[i].rjust(widths[i]) for i in range(5)]
+        print("  ".join([*cells, row[5]]).rstrip())
+    if best is not None:
+        print(f"* best trial ({summary.name})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Pure decisions of the local runner: how a trial ended, and whether the experiment did.
+
+Kept apart from process and store I/O so each rule is tested on plain values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from kubetune_suggestion.engine.history import Direction
+from kubetune_suggestion.runner.process import describe_exit
+from kubetune_suggestion.spec import ExperimentSpec
+
+__all__ = [
+    "FAILED_STATES",
+    "FINISHED_STATES",
+    "ExperimentOutcome",
+    "TrialEnd",
+    "experiment_outcome",
+    "trial_end",
+]
+
+FINISHED_STATES: Final = ("succeeded", "failed", "pruned", "metrics_unavailable")
+# What maxFailedTrials counts: a trial that produced no result.
+FAILED_STATES: Final = ("failed", "metrics_unavailable")
+
+
+@dataclass(frozen=True)
+class TrialEnd:
+    """The state to record for a trial whose process ended, and why.
+
+    Attributes:
+        state: ``succeeded``, ``failed``, ``pruned`` or ``metrics_unavailable``.
+        message: For users (shown by ``kubetune trials`` and in the trial's
+            record); includes the last lines of its log when it went wrong.
+    """
+
+    state: str
+    message: str | None = None
+
+
+def trial_end(
+    exit_code: int,
+    *,
+    stop_reason: str | None,
+    saw_objective: bool,
+    metric: str,
+    log_tail: Sequence[str],
+    metrics_tail: Sequence[str],
+) -> TrialEnd:
+    """Classify a finished trial process.
+
+    Args:
+        exit_code: The process's exit status (negative: killed by that signal).
+        stop_reason: Set when kubetune stopped it (early stopping).
+        saw_objective: Whether any delivered report carried the objective metric.
+        metric: The objective metric's name.
+        log_tail: The last lines of its stdout/stderr.
+        metrics_tail: The last lines of its metrics file.
+    """
+    if stop_reason is not None:
+        return TrialEnd("pruned", stop_reason)
+    if exit_code != 0:
+        return TrialEnd("failed", _with_tail(f"the trial {describe_exit(exit_code)}", log_tail))
+    if not saw_objective:
+        wrote = (
+            "its metrics file's last lines:\n" + "\n".join(f"  {line}" for line in metrics_tail)
+            if metrics_tail
+            else "its metrics file is empty or missing"
+        )
+        return TrialEnd(
+            "metrics_unavailable",
+            _with_tail(f"the trial exited 0 but never reported {metric!r}; {wrote}", log_tail),
+        )
+    return TrialEnd("succeeded")
+
+
+def _with_tail(message: str, log_tail: Sequence[str]) -> str:
+    if not log_tail:
+        return message + "\n(its log is empty)"
+    return message + "; last lines of its log:\n" + "\n".join(f"  {line}" for line in log_tail)
+
+
+@dataclass(frozen=True)
+class ExperimentOutcome:
+    """How an experiment ended.
+
+    Attributes:
+        succeeded: False when it failed (too many failed trials, no result).
+        reason: In words, for the final report.
+    """
+
+    succeeded: bool
+    reason: str
+
+
+def experiment_outcome(
+    spec: ExperimentSpec,
+    counts: Mapping[str, int],
+    best_objective: float | None,
+    *,
+    exhausted: bool = False,
+) -> ExperimentOutcome | None:
+    """Whether the experiment has ended, from its trial counts and best objective.
+
+    Args:
+        spec: The experiment's spec.
+        counts: Trials by state (states absent count 0).
+        best_objective: The best finished trial's objective, if any.
+        exhausted: Nothing runs and the service will hand out no new trial
+            although fewer than ``maxTrials`` were allocated (a finished grid).
+
+    Returns:
+        None while it should go on.
+    """
+    failed = sum(counts.get(state, 0) for state in FAILED_STATES)
+    finished = sum(counts.get(state, 0) for state in FINISHED_STATES)
+    if spec.maxFailedTrials is not None and failed > spec.maxFailedTrials:
+        return ExperimentOutcome(
+            False, f"{failed} trials failed, more than maxFailedTrials ({spec.maxFailedTrials})"
+        )
+    target = spec.objective.target
+    if target is not None and best_objective is not None and math.isfinite(best_objective):
+        direction = Direction(spec.objective.direction)
+        if not direction.better(target, best_objective):
+            return ExperimentOutcome(True, f"objective target {target:g} reached")
+    if finished >= spec.maxTrials or exhausted:
+        why = f"maxTrials ({spec.maxTrials}) reached" if not exhausted else "search space exhausted"
+        if best_objective is None:
+            return ExperimentOutcome(False, f"{why}, but no trial produced the objective")
+        return ExperimentOutcome(True, why)
+    return None

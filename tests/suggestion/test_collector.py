@@ -1,0 +1,250 @@
+"""The metrics collector: in-process under `kubetune run`, and as the sidecar over real HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from kubetune_suggestion.collector import (
+    Collector,
+    HttpReporter,
+    ReporterUnavailable,
+    ReportRejected,
+    ServiceReporter,
+    SidecarConfig,
+)
+from kubetune_suggestion.metrics_protocol import Report
+from kubetune_suggestion.service.core import TuningService
+from kubetune_suggestion.service.testing import free_port
+from kubetune_suggestion.service.tokens import trial_token
+
+SECRET = "collector-test-secret"
+SPEC: dict[str, Any] = {
+    "objective": {"metric": "loss", "direction": "minimize"},
+    "parameters": [{"name": "x", "type": "float", "min": 0.0, "max": 1.0}],
+    "algorithm": {"name": "random", "seed": 0},
+    "maxTrials": 4,
+    "template": {"spec": {"containers": [{"name": "train", "image": "trial:1"}]}},
+}
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[TuningService]:
+    svc = TuningService.open(f"sqlite:///{tmp_path}/store.db", secret=SECRET)
+    svc.register("exp-1", "exp", "default", SPEC)
+    yield svc
+    svc.close()
+
+
+def _observations(svc: TuningService, uid: str, number: int) -> list[tuple[int, dict[str, float]]]:
+    trial = next(t for t in svc.trials(uid, observations=True) if t.number == number)
+    return [(o.step, o.metrics) for o in trial.observations or []]
+
+
+def test_in_process_collector_delivers_complete_lines_and_skips_bad_ones(
+    service: TuningService, tmp_path: Path
+) -> None:
+    number = service.ask("exp-1", 1).trials[0].number
+    service.start("exp-1", number)
+    path = tmp_path / "metrics"
+    logged: list[str] = []
+    collector = Collector(
+        path,
+        ServiceReporter(service, "exp-1", number, service.token("exp-1", number)),
+        logged.append,
+    )
+    assert collector.collect() == []  # no file yet
+    with path.open("a") as f:
+        f.write('{"step": 1, "loss": 0.9}\nstep=2 loss=nan\n# note\nloss=0.7\nstep=4 lo')
+    deliveries = collector.collect()
+    assert [d.report for d in deliveries] == [Report(1, {"loss": 0.9}), Report(2, {"loss": 0.7})]
+    assert all(not d.ack.stop for d in deliveries)
+    assert any("line 2 skipped" in line and "finite" in line for line in logged)
+    with path.open("a") as f:
+        f.write("ss=0.5\n")
+    assert [d.report.step for d in collector.collect()] == [4]
+    assert _observations(service, "exp-1", number) == [
+        (1, {"loss": 0.9}),
+        (2, {"loss": 0.7}),
+        (4, {"loss": 0.5}),
+    ]
+    assert collector.last is not None and collector.last.report.step == 4
+    assert any(line.startswith("step=4 loss=0.5 -> ok") for line in logged)
+
+
+def test_a_rejected_report_is_logged_and_skipped(service: TuningService, tmp_path: Path) -> None:
+    number = service.ask("exp-1", 1).trials[0].number
+    path = tmp_path / "metrics"
+    path.write_text("step=1 loss=1\n")
+    logged: list[str] = []
+    wrong = ServiceReporter(service, "exp-1", number, "not-the-token")
+    collector = Collector(path, wrong, logged.append)
+    assert collector.collect() == []
+    assert collector.undelivered == 0
+    assert "rejected: forbidden" in logged[-1]
+    # After the trial finished, the service refuses more reports: logged, not retried.
+    service.finish("exp-1", number, "failed", "boom")
+    right = ServiceReporter(service, "exp-1", number, service.token("exp-1", number))
+    with pytest.raises(ReportRejected, match="conflict"):
+        right.send(Report(2, {"loss": 0.5}))
+
+
+def test_http_reporter_maps_statuses(service: TuningService) -> None:
+    with pytest.raises(ReporterUnavailable):
+        HttpReporter(f"http://127.0.0.1:{free_port()}", "exp-1", 0, "t").send(
+            Report(1, {"loss": 1.0})
+        )
+
+
+def test_sidecar_config_names_missing_variables() -> None:
+    with pytest.raises(ValueError, match="KUBETUNE_TRIAL_TOKEN, KUBETUNE_METRICS_FILE"):
+        SidecarConfig.from_env(
+            {
+                "KUBETUNE_SERVICE_URL": "http://x",
+                "KUBETUNE_EXPERIMENT_UID": "u",
+                "KUBETUNE_TRIAL_NUMBER": "1",
+            }
+        )
+    result = subprocess.run(
+        [sys.executable, "-m", "kubetune_suggestion.collector"],
+        env={k: v for k, v in os.environ.items() if not k.startswith("KUBETUNE_")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "missing environment variable(s): KUBETUNE_SERVICE_URL" in result.stderr
+
+
+# -- the sidecar against the real HTTP service ------------------------------------------
+
+
+def _start_service(db: Path, port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kubetune_suggestion.service",
+            "--db",
+            f"sqlite:///{db}",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env={**os.environ, "KUBETUNE_SECRET": SECRET},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the service exited"
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("the service did not become ready")
+
+
+def _wait_for(predicate: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_sidecar_retries_until_the_service_is_up_then_drains_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    metrics = tmp_path / "metrics"
+    metrics.write_text('{"step": 1, "loss": 0.9}\n')
+    sidecar_env = {
+        **os.environ,
+        "KUBETUNE_SERVICE_URL": url,
+        "KUBETUNE_EXPERIMENT_UID": "exp-http",
+        "KUBETUNE_TRIAL_NUMBER": "0",
+        "KUBETUNE_TRIAL_TOKEN": trial_token(SECRET, "exp-http", 0),
+        "KUBETUNE_METRICS_FILE": str(metrics),
+        "KUBETUNE_COLLECTOR_POLL_SECONDS": "0.05",
+    }
+    db = tmp_path / "store.db"
+    server = _start_service(db, port)
+    try:
+        _wait_ready(url, server)
+        client = httpx.Client(base_url=url, timeout=10.0)
+        assert client.put(
+            "/v1/experiments/exp-http", json={"name": "exp", "spec": SPEC}
+        ).status_code in (200, 201)
+        assert (
+            client.post("/v1/experiments/exp-http/ask", json={"count": 1}).json()["trials"][0][
+                "number"
+            ]
+            == 0
+        )
+    finally:
+        _stop(server)
+    # The service is down (a restart): the sidecar must wait for it, not give up.
+    sidecar = subprocess.Popen(
+        [sys.executable, "-m", "kubetune_suggestion.collector"],
+        env=sidecar_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    time.sleep(1.0)
+    server = _start_service(db, port)
+    try:
+        _wait_ready(url, server)
+
+        def stored() -> list[int]:
+            trials = client.get(
+                "/v1/experiments/exp-http/trials", params={"observations": "true"}
+            ).json()
+            return [o["step"] for o in trials[0]["observations"] or []]
+
+        _wait_for(lambda: stored() == [1])
+        with metrics.open("a") as f:
+            f.write("step=2 loss=0.8\nstep=3 loss=0.7\nstep=4 lo")  # the last line is incomplete
+        sidecar.send_signal(signal.SIGTERM)
+        out, _ = sidecar.communicate(timeout=60)
+        assert sidecar.returncode == 0, out
+        assert stored() == [1, 2, 3]
+        assert "service unavailable" in out  # it retried while the service was down
+        assert "step=1 loss=0.9 -> ok" in out
+        assert "step=3 loss=0.7 -> ok" in out
+        assert "stopping after 3 report(s)" in out
+
+        # A wrong token is refused for good (403) and logged; the sidecar goes on.
+        bad = HttpReporter(url, "exp-http", 0, "wrong")
+        with pytest.raises(ReportRejected, match="HTTP 403"):
+            bad.send(Report(5, {"loss": 0.1}))
+        bad.close()
+    finally:
+        if sidecar.poll() is None:
+            sidecar.kill()
+            sidecar.wait()
+        _stop(server)
+
+
+def _stop(server: subprocess.Popen[bytes]) -> None:
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
