@@ -18,6 +18,10 @@
 # module's go.mod also carries local replaces.
 #
 # Usage: e2e/cluster/build.sh [--print-bin-dir]
+#   KUBETUNE_K8S_VERSION / _ETCD_ / _HELM_ / _KWOK_VERSION override the pins;
+#   KUBETUNE_BUILD_ONLY="etcd kubernetes" builds a subset;
+#   GOMODCACHE and GOCACHE (go env) are where the real time is saved: keep
+#   them, and the binary cache, between CI runs.
 set -euo pipefail
 
 K8S_VERSION="${KUBETUNE_K8S_VERSION:-v1.36.3}"
@@ -53,6 +57,12 @@ stamp_ok() {
   [[ -x "$BIN/$1" && -f "$BIN/.$1.stamp" && "$(cat "$BIN/.$1.stamp")" == "$2" ]]
 }
 write_stamp() { printf '%s' "$2" > "$BIN/.$1.stamp"; }
+# write_if_changed FILE < content: keep FILE's mtime when the content is the same.
+write_if_changed() {
+  local tmp; tmp=$(mktemp)
+  cat > "$tmp"
+  if [[ -f "$1" ]] && cmp -s "$tmp" "$1"; then rm -f "$tmp"; else mv "$tmp" "$1"; fi
+}
 
 # --- kube-apiserver, kube-controller-manager, kube-scheduler, kubectl -------
 k8s_minor="${K8S_VERSION#v1.}"; k8s_minor="${k8s_minor%%.*}"
@@ -63,20 +73,28 @@ K8S_CMDS=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
 build_k8s() {
   local dir="$SRC/kubernetes"
   mkdir -p "$dir"
-  log "resolving k8s.io/kubernetes@$K8S_VERSION"
-  local info modfile commit build_date
-  info=$(cd "$dir" && go mod download -json "k8s.io/kubernetes@$K8S_VERSION")
-  modfile=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])' <<<"$info")
-  # The release commit is recorded by the module proxy in .info's Origin when
-  # available; the release time is always there and keeps builds reproducible.
-  commit=$(python3 -c 'import json,sys; print((json.load(sys.stdin).get("Origin") or {}).get("Hash",""))' <<<"$info")
-  build_date=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["Time"])' <<<"$info")
+  local modfile commit build_date infofile
+  local dl
+  dl="$(go env GOMODCACHE)/cache/download/k8s.io/kubernetes/@v/$K8S_VERSION"
+  if [[ ! -f "$dl.info" || ! -f "$dl.mod" ]]; then
+    log "resolving k8s.io/kubernetes@$K8S_VERSION"
+    (cd "$dir" && go mod download -json "k8s.io/kubernetes@$K8S_VERSION" >/dev/null)
+  fi
+  modfile="$dl.mod"
+  infofile="$dl.info"
+  # The release commit is recorded in .info's Origin when the module proxy
+  # provides it; the release time is always there and keeps builds reproducible.
+  commit=$(python3 -c 'import json,sys; print((json.load(open(sys.argv[1])).get("Origin") or {}).get("Hash",""))' "$infofile")
+  build_date=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["Time"])' "$infofile")
 
   # Derive the staging list from the pinned root go.mod, never by hand.
   local replaces
   replaces=$(awk '/=> \.\/staging\/src\// {print "\t" $1 " => " $1 " '"$staging_version"'"}' "$modfile")
   [[ -n "$replaces" ]] || { echo "no staging replaces found in $modfile" >&2; return 1; }
-  cat > "$dir/go.mod" <<EOF
+  # go.mod is generated from this template (tidy then adds the indirect
+  # requirements); regenerated only when the template changes, so a warm run
+  # skips `go mod tidy`.
+  write_if_changed "$dir/go.mod.template" <<EOF
 module kubetune.local/e2e-k8s-wrapper
 
 go 1.26.0
@@ -97,10 +115,11 @@ EOF
     echo 'import ('
     for c in "${K8S_CMDS[@]}"; do echo "	_ \"k8s.io/kubernetes/cmd/$c\""; done
     echo ')'
-  } > "$dir/tools.go"
-  if [[ ! -f "$dir/go.sum" || "$dir/go.mod" -nt "$dir/go.sum" ]]; then
+  } | write_if_changed "$dir/tools.go"
+  if [[ ! -f "$dir/go.sum" || "$dir/go.mod.template" -nt "$dir/go.sum" || "$dir/tools.go" -nt "$dir/go.sum" ]]; then
     log "go mod tidy (downloads ~$(grep -c . <<<"$replaces") staging modules + dependencies)"
-    (cd "$dir" && go mod tidy)
+    cp "$dir/go.mod.template" "$dir/go.mod"
+    (cd "$dir" && go mod tidy && touch go.sum)
   fi
 
   local pkg=k8s.io/component-base/version cpkg=k8s.io/client-go/pkg/version
@@ -130,7 +149,7 @@ build_etcd() {
   local dir="$SRC/etcd" stamp="etcd $ETCD_VERSION -s -w"
   if stamp_ok etcd "$stamp"; then log "etcd $ETCD_VERSION up to date"; return 0; fi
   mkdir -p "$dir"
-  cat > "$dir/go.mod" <<EOF
+  write_if_changed "$dir/go.mod.template" <<EOF
 module kubetune.local/e2e-etcd-wrapper
 
 go 1.26.0
@@ -139,7 +158,7 @@ require go.etcd.io/etcd/server/v3 $ETCD_VERSION
 EOF
   # etcd's own main.go is exactly this call; its version string is a
   # constant of go.etcd.io/etcd/api/v3/version, so no ldflags are needed.
-  cat > "$dir/main.go" <<'EOF'
+  write_if_changed "$dir/main.go" <<'EOF'
 package main
 
 import (
@@ -150,14 +169,15 @@ import (
 
 func main() { etcdmain.Main(os.Args) }
 EOF
-  if [[ ! -f "$dir/go.sum" || "$dir/go.mod" -nt "$dir/go.sum" ]]; then
+  if [[ ! -f "$dir/go.sum" || "$dir/go.mod.template" -nt "$dir/go.sum" ]]; then
     log "go mod tidy (etcd $ETCD_VERSION)"
+    cp "$dir/go.mod.template" "$dir/go.mod"
     # Pin the sibling etcd modules to the same release: MVS would otherwise
     # keep whatever older versions the server module lists.
     (cd "$dir" && go mod tidy \
       && go get "go.etcd.io/etcd/api/v3@$ETCD_VERSION" "go.etcd.io/etcd/client/pkg/v3@$ETCD_VERSION" \
            "go.etcd.io/etcd/client/v3@$ETCD_VERSION" "go.etcd.io/etcd/pkg/v3@$ETCD_VERSION" \
-      && go mod tidy)
+      && go mod tidy && touch go.sum)
   fi
   log "building etcd $ETCD_VERSION ..."
   (cd "$dir" && go build -trimpath -ldflags "-s -w" -o "$BIN/etcd" .)
@@ -175,6 +195,25 @@ go_install() {  # NAME PACKAGE@VERSION LDFLAGS
   log "built $name"
 }
 
+# The standalone kwok binary has no built-in behaviour: it needs Stage
+# objects. Use the release's own "fast" stages (nodes initialise and renew
+# leases, pods become Ready, complete and are deleted at once).
+kwok_stages() {
+  local src out="$BIN/kwok-stages.yaml"
+  src="$(go env GOMODCACHE)/sigs.k8s.io/kwok@$KWOK_VERSION/kustomize/stage"
+  [[ -f "$out" ]] && return 0
+  [[ -d "$src" ]] || (cd "$SRC" && go mod download "sigs.k8s.io/kwok@$KWOK_VERSION")
+  local f first=1
+  for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+           pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+    (( first )) || echo "---"
+    first=0
+    cat "$src/$f"
+  done > "$out.tmp"
+  mv "$out.tmp" "$out"
+  log "wrote kwok stages: $out"
+}
+
 only="${KUBETUNE_BUILD_ONLY:-etcd kwok helm kubernetes}"
 for what in $only; do
   case $what in
@@ -183,7 +222,8 @@ for what in $only; do
     helm) go_install helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" \
             "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" ;;
     # kwok's version is a constant in its source: no flags to stamp.
-    kwok) go_install kwok "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" "-s -w" ;;
+    kwok) go_install kwok "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" "-s -w"
+          kwok_stages ;;
     *) echo "unknown component $what" >&2; exit 2 ;;
   esac
 done

@@ -27,8 +27,11 @@ import yaml
 from e2e.cluster.pki import CertPair, Pki
 from e2e.cluster.processes import ProcessTable, _start_ticks
 from e2e.kube import Api, ApiError
+from e2e.kubelet.kubelet import detect_node_ip
+from e2e.kubelet.volumes import remove_created_mountpoints
 
-K8S_VERSION = "v1.36.3"
+# Keep in sync with build.sh (both honour KUBETUNE_K8S_VERSION).
+K8S_VERSION = os.environ.get("KUBETUNE_K8S_VERSION", "v1.36.3")
 SERVICE_CIDR = "10.96.0.0/16"
 KUBERNETES_SERVICE_IP = "10.96.0.1"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -153,7 +156,9 @@ def write_kubeconfig(path: Path, server: str, ca: Path, client: CertPair, user: 
                 },
             }
         ],
-        "contexts": [{"name": "kubetune-e2e", "context": {"cluster": "kubetune-e2e", "user": user}}],
+        "contexts": [
+            {"name": "kubetune-e2e", "context": {"cluster": "kubetune-e2e", "user": user}}
+        ],
         "current-context": "kubetune-e2e",
     }
     path.write_text(yaml.safe_dump(cfg))
@@ -283,6 +288,10 @@ class Cluster:
             ("system:masters",),
             client=True,
         )
+        # Front-proxy identity: lets the API server authenticate to aggregated
+        # API servers, and gives the components' delegated authentication the
+        # request-header CA they look for (they log errors without one).
+        front_proxy = pki.issue("front-proxy-client", "front-proxy-client", client=True)
         sa = pki.service_account_keys()
         kcfg = self.state / "kubeconfigs"
         kcfg.mkdir()
@@ -355,6 +364,13 @@ class Cluster:
                 f"--kubelet-certificate-authority={pki.ca.cert}",
                 "--kubelet-preferred-address-types=InternalIP,Hostname",
                 "--allow-privileged=true",
+                f"--requestheader-client-ca-file={pki.ca.cert}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={front_proxy.cert}",
+                f"--proxy-client-key-file={front_proxy.key}",
                 # The "kubernetes" Service cannot get a loopback endpoint (the
                 # API rejects loopback addresses in Endpoints); pods reach the
                 # API server through KUBERNETES_SERVICE_HOST instead.
@@ -415,6 +431,10 @@ class Cluster:
             filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])
         )
         env["PYTHONUNBUFFERED"] = "1"
+        env["KUBETUNE_E2E_K8S_VERSION"] = K8S_VERSION  # reported as the kubelet version
+        node_ip = detect_node_ip()
+        info["node_ip"] = node_ip
+        self.info_path.write_text(json.dumps(info, indent=1))
         for node in self.nodes:
             serving_node = pki.issue(
                 f"kubelet-serving-{node.name}",
@@ -422,7 +442,7 @@ class Cluster:
                 ("system:nodes",),
                 server=True,
                 dns_names=(node.name, "localhost"),
-                ip_addresses=("127.0.0.1",),
+                ip_addresses=tuple({"127.0.0.1", node_ip}),
             )
             self.procs.start(
                 f"kubelet-{node.name}",
@@ -441,6 +461,7 @@ class Cluster:
                     f"--serving-key={serving_node.key}",
                     f"--client-ca={pki.ca.cert}",
                     f"--root-dir={self.state / 'kubelet' / node.name}",
+                    f"--node-ip={node_ip}",
                 ],
                 env=env,
             )
@@ -451,6 +472,7 @@ class Cluster:
                 "-m",
                 "e2e.kubelet.proxy",
                 f"--kubeconfig={kcfg / 'kube-proxy.kubeconfig'}",
+                *(["--loopback-fallback"] if node_ip.startswith("127.") else []),
             ],
             env=env,
         )
@@ -501,7 +523,10 @@ class Cluster:
                     taints = [t["key"] for t in node["spec"].get("taints", [])]
                     # The node-lifecycle controller removes the not-ready
                     # taint once it sees Ready: only then can pods land.
-                    if conds.get("Ready") == "True" and "node.kubernetes.io/not-ready" not in taints:
+                    if (
+                        conds.get("Ready") == "True"
+                        and "node.kubernetes.io/not-ready" not in taints
+                    ):
                         ready.add(node["metadata"]["name"])
             if want <= ready:
                 self.log(f"nodes ready: {', '.join(sorted(ready))}")
@@ -527,6 +552,7 @@ class Cluster:
         """Stop every process of this state directory (and their pods)."""
         stopped = self.procs.stop_all()
         self._kill_stray_pods()
+        self._remove_created_mountpoints()
         if not quiet:
             self.log(f"stopped {', '.join(stopped) or 'nothing (not running)'}")
         if not keep_state and os.environ.get("KUBETUNE_E2E_KEEP_STATE") != "1":
@@ -544,6 +570,9 @@ class Cluster:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, signal.SIGKILL)
 
+    def _remove_created_mountpoints(self) -> None:
+        remove_created_mountpoints(list(self.state.glob("kubelet/*/created-mountpoints")))
+
     def _unmount_and_remove(self) -> None:
         # Pod mounts live in private mount namespaces that die with their
         # processes, so nothing is mounted here any more; remove the tree.
@@ -551,10 +580,26 @@ class Cluster:
             shutil.rmtree(self.state, ignore_errors=True)
 
     def status(self) -> dict[str, Any]:
-        """Liveness of every recorded process plus the cluster facts."""
+        """Liveness and memory (RSS) of every recorded process plus the cluster facts."""
+        procs = {
+            r.name: {"pid": r.pid, "alive": r.alive(), "rss_mib": _rss_mib(r.pid)}
+            for r in self.procs.load()
+        }
         return {
             "up": self.is_up(),
             "kubeconfig": str(self.kubeconfig),
-            "processes": {r.name: {"pid": r.pid, "alive": r.alive()} for r in self.procs.load()},
+            "processes": procs,
+            "rss_mib_total": round(sum(p["rss_mib"] for p in procs.values()), 1),
             **self.info(),
         }
+
+
+def _rss_mib(pid: int) -> float:
+    """Resident memory of a process in MiB (0 when gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return 0.0

@@ -88,30 +88,34 @@ class ProcessTable:
         self._save([*self.load(), record])
         return record
 
-    def stop_all(self, timeout: float = 15.0) -> list[str]:
-        """Stop every recorded process group, newest first.
+    def stop_all(self, timeout: float = 10.0) -> list[str]:
+        """Stop every recorded process group, newest first, one after the other.
 
         SIGTERM lets each component shut down cleanly (the kubelets stop their
-        pods); SIGKILL follows for any group still alive after ``timeout``.
+        pods); SIGKILL follows for a group still alive after ``timeout``.
+        Sequential order matters: the API server shuts down in a second while
+        etcd is still there, but hangs for its full timeout once etcd is gone.
 
         Returns:
             The names of the processes that were still running.
         """
-        records = self.load()
         stopped = []
-        for rec in reversed(records):
+        for rec in reversed(self.load()):
+            # A record whose process is gone is skipped entirely: its PID (and
+            # so its group ID) may belong to someone else by now.
             if not rec.alive():
+                self._reap(rec.pid)
                 continue
             stopped.append(rec.name)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(rec.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for rec in reversed(records):
+            deadline = time.monotonic() + timeout
             while rec.alive() and time.monotonic() < deadline:
                 self._reap(rec.pid)
-                time.sleep(0.1)
+                time.sleep(0.05)
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                # Also catches grandchildren left in the group after the leader exited.
+                # Also catches grandchildren left in the group after the
+                # leader exited (the group ID stays ours while any member lives).
                 os.killpg(rec.pid, signal.SIGKILL)
             self._reap(rec.pid)
         if self.path.exists():
@@ -122,4 +126,3 @@ class ProcessTable:
         proc = self._children.get(pid)
         if proc is not None:
             proc.poll()
-

@@ -140,9 +140,7 @@ def field_ref(pod: Obj, path: str) -> str:
     return "" if simple[path] is None else str(simple[path])
 
 
-def resource_field_ref(
-    container: Obj, ref: Obj, node_allocatable: Mapping[str, str]
-) -> str:
+def resource_field_ref(container: Obj, ref: Obj, node_allocatable: Mapping[str, str]) -> str:
     """Resolve ``resourceFieldRef`` (``limits.cpu``, ``requests.memory`` ...).
 
     An unset limit falls back to the node's allocatable amount, as the kubelet
@@ -251,7 +249,7 @@ def container_env(
             if ref["key"] not in data:
                 if ref.get("optional"):
                     continue
-                raise EnvError(f'couldn\'t find key {ref["key"]} in {kind} {ref["name"]}')
+                raise EnvError(f"couldn't find key {ref['key']} in {kind} {ref['name']}")
             env[name] = data[ref["key"]]
         else:
             raise EnvError(f"unsupported valueFrom for {name}")
