@@ -47,9 +47,10 @@ from typing import Protocol
 
 import numpy as np
 import optuna
+from scipy.stats import spearmanr
+
 from kubetune_suggestion.engine.history import Direction, TrialRecord, TrialState
 from kubetune_suggestion.engine.stopping import StoppingRule, make_rule
-from scipy.stats import spearmanr
 
 MIN_RESOURCE = 1
 MAX_RESOURCE = 27
@@ -77,12 +78,24 @@ class Scenario:
 
 SCENARIOS = {
     "typical": Scenario(
-        "typical", floor=0.25, spread_lr=0.6, spread_quality=0.3, x_best=0.5,
-        tau_fast=0.25, tau_slow=2.0, noise=0.005,
+        "typical",
+        floor=0.25,
+        spread_lr=0.6,
+        spread_quality=0.3,
+        x_best=0.5,
+        tau_fast=0.25,
+        tau_slow=2.0,
+        noise=0.005,
     ),
     "late-crossing": Scenario(
-        "late-crossing", floor=0.25, spread_lr=0.3, spread_quality=0.10, x_best=0.35,
-        tau_fast=0.8, tau_slow=10.0, noise=0.005,
+        "late-crossing",
+        floor=0.25,
+        spread_lr=0.3,
+        spread_quality=0.10,
+        x_best=0.35,
+        tau_fast=0.8,
+        tau_slow=10.0,
+        noise=0.005,
     ),
 }
 
@@ -341,8 +354,7 @@ def table(
     for name, outcomes in results.items():
         steps = statistics.mean(o.steps for o in outcomes)
         gaps = [
-            100.0 * (o.final_best / b.final_best - 1.0)
-            for o, b in zip(outcomes, base, strict=True)
+            100.0 * (o.final_best / b.final_best - 1.0) for o, b in zip(outcomes, base, strict=True)
         ]
         lines.append(
             f"| {name:<20} | {steps:>7.0f} | {steps / base_steps:>6.1%} | "

@@ -7,7 +7,11 @@ from typing import Any
 
 from kubetune_suggestion.engine.history import Direction
 from kubetune_suggestion.engine.samplers.base import Sampler, Suggestions
+from kubetune_suggestion.engine.samplers.cmaes import CMAESSampler
+from kubetune_suggestion.engine.samplers.grid import GridSampler
 from kubetune_suggestion.engine.samplers.random import RandomSampler
+from kubetune_suggestion.engine.samplers.sobol import SobolSampler
+from kubetune_suggestion.engine.samplers.tpe import TPESampler
 from kubetune_suggestion.engine.space import SearchSpace, SpaceError
 
 __all__ = ["SAMPLERS", "Sampler", "Suggestions", "make_sampler"]
@@ -15,6 +19,10 @@ __all__ = ["SAMPLERS", "Sampler", "Suggestions", "make_sampler"]
 # Filled in as samplers land; the order is the order the docs list them.
 SAMPLERS: dict[str, type[Sampler]] = {
     RandomSampler.name: RandomSampler,
+    GridSampler.name: GridSampler,
+    SobolSampler.name: SobolSampler,
+    TPESampler.name: TPESampler,
+    CMAESSampler.name: CMAESSampler,
 }
 
 
@@ -33,5 +41,7 @@ def make_sampler(
     """
     cls = SAMPLERS.get(name)
     if cls is None:
-        raise SpaceError("algorithm.name", f"unknown algorithm {name!r}; choose one of {sorted(SAMPLERS)}")
+        raise SpaceError(
+            "algorithm.name", f"unknown algorithm {name!r}; choose one of {sorted(SAMPLERS)}"
+        )
     return cls(space, Direction(direction), seed, options)

@@ -1,0 +1,261 @@
+"""Vectorised encoding of configurations for the model-based samplers (TPE, CMA-ES).
+
+Numeric parameters map to the unit interval exactly as
+:meth:`~kubetune_suggestion.engine.space.FloatParam.to_unit` and
+:meth:`~kubetune_suggestion.engine.space.IntParam.to_unit` do, categorical ones
+to the index of their choice, inactive ones to NaN. Encoding a history of ten
+thousand trials must take milliseconds, so each column is converted with one
+pass over the configurations and numpy arithmetic, never one ``to_unit`` call
+per value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from itertools import chain
+from operator import itemgetter
+from typing import Any
+
+import numpy as np
+
+from kubetune_suggestion.engine.samplers.tpe_parzen import Dims
+from kubetune_suggestion.engine.space import (
+    CategoricalParam,
+    Config,
+    FloatParam,
+    IntParam,
+    Param,
+    SearchSpace,
+)
+
+
+def _choice_key(value: Any) -> tuple[bool, bool, Any]:
+    # Keeps True apart from 1 and "1" apart from 1, while 1 and 1.0 still meet,
+    # the same equality the search space uses.
+    return (isinstance(value, bool), isinstance(value, str), value)
+
+
+class Encoder:
+    """Encodes configurations of one space as rows of a float matrix.
+
+    Args:
+        space: The search space; columns follow ``space.params``.
+    """
+
+    def __init__(self, space: SearchSpace) -> None:
+        self.space = space
+        self.params: tuple[Param, ...] = space.params
+        self.dims = Dims(
+            n_choices=np.array(
+                [len(p.choices) if isinstance(p, CategoricalParam) else 0 for p in self.params],
+                dtype=int,
+            ),
+            discrete=np.array(
+                [
+                    isinstance(p, IntParam) or (isinstance(p, FloatParam) and p.step is not None)
+                    for p in self.params
+                ],
+                dtype=bool,
+            ),
+        )
+        self._index = [
+            {_choice_key(c): i for i, c in enumerate(p.choices)}
+            if isinstance(p, CategoricalParam)
+            else {}
+            for p in self.params
+        ]
+        self._position = {p.name: j for j, p in enumerate(self.params)}
+        self._flat_cols = [
+            j
+            for j, p in enumerate(self.params)
+            if not isinstance(p, CategoricalParam) and not p.when
+        ]
+        names = [self.params[j].name for j in self._flat_cols]
+        # Always a tuple, even for one parameter (itemgetter of one name is not).
+        self._getter: Any = itemgetter(*names) if len(names) > 1 else lambda c: (c[names[0]],)
+        # With only strings as choices a plain lookup is exact and much faster.
+        self._plain = [
+            {c: i for i, c in enumerate(p.choices)}
+            if isinstance(p, CategoricalParam) and all(isinstance(c, str) for c in p.choices)
+            else None
+            for p in self.params
+        ]
+
+    @property
+    def n_dims(self) -> int:
+        """Number of columns."""
+        return len(self.params)
+
+    def encode(self, configs: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """An ``(n, d)`` matrix; NaN where a parameter is absent or not a valid value."""
+        out = np.full((len(configs), self.n_dims), np.nan)
+        # Logs of invalid values give NaN, which is what absent values are.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rest = self._encode_flat(out, configs)
+            self._encode_columns(out, configs, rest)
+        return out
+
+    def _encode_flat(self, out: np.ndarray, configs: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Unconditional numeric columns in one pass; returns the columns left to do."""
+        cols = self._flat_cols
+        others = [j for j in range(self.n_dims) if j not in cols]
+        if not cols or not configs:
+            return list(range(self.n_dims))
+        try:
+            values = chain.from_iterable(map(self._getter, configs))
+            raw = np.fromiter(values, dtype=float, count=len(configs) * len(cols))
+        except (KeyError, TypeError, ValueError):
+            # A missing or non-numeric value somewhere: column by column.
+            return list(range(self.n_dims))
+        raw = raw.reshape(len(configs), len(cols))
+        for i, j in enumerate(cols):
+            param = self.params[j]
+            assert not isinstance(param, CategoricalParam)
+            out[:, j] = _numeric_to_unit(param, raw[:, i])
+        return others
+
+    def _encode_columns(
+        self, out: np.ndarray, configs: Sequence[Mapping[str, Any]], columns: list[int]
+    ) -> None:
+        for j in columns:
+            param = self.params[j]
+            raw = _column(configs, param.name, optional=bool(param.when))
+            if isinstance(param, CategoricalParam):
+                plain, index = self._plain[j], self._index[j]
+                try:
+                    if plain is None:
+                        raise TypeError("choices that are not all strings")
+                    # A missing or unknown value looks up None, which numpy reads as NaN.
+                    looked_up: list[Any] = list(map(plain.get, raw))
+                    out[:, j] = np.array(looked_up, dtype=float)
+                except TypeError:
+                    out[:, j] = [index.get(_choice_key(v), math.nan) for v in raw]
+            else:
+                out[:, j] = _numeric_to_unit(param, _as_floats(raw))
+
+    def snap(self, units: np.ndarray) -> np.ndarray:
+        """Snap numeric columns of ``(m, d)`` raw points to the centre of their value's cell.
+
+        Continuous columns and categorical ones (indices) pass through.
+        """
+        x = np.array(units, dtype=float)
+        for j, param in enumerate(self.params):
+            if isinstance(param, IntParam):
+                x[:, j] = _int_cells(param, x[:, j])[0]
+            elif isinstance(param, FloatParam) and param.step is not None:
+                x[:, j] = _step_cells(param, x[:, j])[0]
+        return x
+
+    def cell_widths(self, x: np.ndarray) -> np.ndarray:
+        """Widths of the cells of encoded points along discrete columns; 0 elsewhere or if NaN."""
+        out = np.zeros(x.shape)
+        for j, param in enumerate(self.params):
+            cells = None
+            if isinstance(param, IntParam):
+                cells = _int_cells(param, np.nan_to_num(x[:, j], nan=0.5))
+            elif isinstance(param, FloatParam) and param.step is not None:
+                cells = _step_cells(param, np.nan_to_num(x[:, j], nan=0.5))
+            if cells is not None:
+                out[:, j] = np.where(np.isnan(x[:, j]), 0.0, cells[2] - cells[1])
+        return out
+
+    def decode(self, row: np.ndarray) -> Config:
+        """The configuration of one encoded row (inactive columns are ignored)."""
+        units: dict[str, float] = {}
+        for j, param in enumerate(self.params):
+            v = float(row[j])
+            if isinstance(param, CategoricalParam):
+                units[param.name] = (int(v) + 0.5) / len(param.choices)
+            else:
+                units[param.name] = 0.5 if math.isnan(v) else v
+        return self.space.decode(units)
+
+    def active(self, x: np.ndarray) -> np.ndarray:
+        """``(m, d)`` mask of the columns each encoded row's configuration uses."""
+        act = np.ones(x.shape, dtype=bool)
+        for j, param in enumerate(self.params):
+            for cond in param.when:
+                k = self._position[cond.parent]
+                parent = self.params[k]
+                if isinstance(parent, CategoricalParam):
+                    allowed = [parent.index(v) for v in cond.values]
+                    holds = np.isin(x[:, k], allowed)
+                else:
+                    # Numeric parents are rare: decode their values one by one.
+                    holds = np.array(
+                        [parent.from_unit(u) in cond.values for u in x[:, k]], dtype=bool
+                    )
+                # Parents come first, so their own activity is already known.
+                act[:, j] &= act[:, k] & holds
+        return act
+
+
+def _column(configs: Sequence[Mapping[str, Any]], name: str, optional: bool) -> list[Any]:
+    if optional:
+        return [c.get(name) for c in configs]
+    try:
+        # C-level iteration: three times faster than a comprehension, and
+        # every configuration has every unconditional parameter.
+        return list(map(itemgetter(name), configs))
+    except (KeyError, TypeError):
+        return [c.get(name) for c in configs]
+
+
+def _as_floats(raw: list[Any]) -> np.ndarray:
+    try:
+        # None becomes NaN; this one C-level pass is the common case.
+        return np.array(raw, dtype=float)
+    except (TypeError, ValueError):
+        # A value of the wrong type (a space changed under a running experiment)
+        # is treated as absent rather than failing the whole suggestion.
+        return np.array(
+            [v if isinstance(v, int | float) and not isinstance(v, bool) else math.nan for v in raw]
+        )
+
+
+def _numeric_to_unit(param: FloatParam | IntParam, v: np.ndarray) -> np.ndarray:
+    if isinstance(param, IntParam):
+        lo, hi = param.low - 0.5 * param.step, param.high + 0.5 * param.step
+        if param.log:
+            lo = max(lo, 0.5)
+            u = (np.log(v) - math.log(lo)) / (math.log(hi) - math.log(lo))
+        else:
+            u = (v - lo) / (hi - lo)
+    elif param.log:
+        u = (np.log(v) - math.log(param.low)) / (math.log(param.high) - math.log(param.low))
+    else:
+        u = (v - param.low) / (param.high - param.low)
+    # NaN passes through minimum/maximum unchanged: absent stays absent.
+    return np.asarray(np.minimum(np.maximum(u, 0.0), 1.0))
+
+
+def _int_cells(param: IntParam, u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n, s = param.n_values, param.step
+    u = np.minimum(np.maximum(u, 0.0), 1.0)
+    if not param.log:
+        k = np.minimum(np.maximum(np.floor(u * n), 0), n - 1)
+        return (k + 0.5) / n, k / n, (k + 1) / n
+    log_lo, log_hi = math.log(max(param.low - 0.5 * s, 0.5)), math.log(param.high + 0.5 * s)
+    raw = np.exp(log_lo + u * (log_hi - log_lo))
+    k = np.minimum(np.maximum(np.round((raw - param.low) / s), 0), n - 1)
+    v = param.low + k * s
+
+    def unit(w: np.ndarray) -> np.ndarray:
+        return np.asarray(
+            (np.log(np.minimum(np.maximum(w, math.exp(log_lo)), math.exp(log_hi))) - log_lo)
+            / (log_hi - log_lo)
+        )
+
+    return unit(v), unit(v - 0.5 * s), unit(v + 0.5 * s)
+
+
+def _step_cells(param: FloatParam, u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    assert param.step is not None
+    span = param.high - param.low
+    n = math.floor(span / param.step + 1e-9) + 1
+    u = np.minimum(np.maximum(u, 0.0), 1.0)
+    k = np.minimum(np.maximum(np.round(u * span / param.step), 0), n - 1)
+    h = 0.5 * param.step / span
+    centre = k * param.step / span
+    return centre, np.maximum(centre - h, 0.0), np.minimum(centre + h, 1.0)
