@@ -43,7 +43,14 @@ from typing import Any, Final
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from kubetune_suggestion.spec import API_GROUP, API_VERSION, ExperimentSpec
+from kubetune_suggestion.spec import (
+    API_GROUP,
+    API_VERSION,
+    MAX_PARAMETERS,
+    MAX_VALUES,
+    MAX_WHEN,
+    ExperimentSpec,
+)
 
 Schema = dict[str, Any]
 
@@ -538,11 +545,6 @@ IMMUTABLE: Final = Rule(
 # ``[]`` stands for the items of a list.
 # --------------------------------------------------------------------------
 
-# Bounds are deliberately generous; they exist so the API server can bound the
-# cost of CEL rules that iterate over these lists.
-MAX_PARAMETERS: Final = 64
-MAX_VALUES: Final = 1024
-MAX_WHEN: Final = 16
 
 _EXPERIMENT_OVERLAY: Final[Mapping[str, Schema]] = {
     "": {"x-kubernetes-validations": SPEC_RULES},

@@ -23,6 +23,12 @@ from kubetune_suggestion.engine.space import SearchSpace, SpaceError
 API_GROUP = "kubetune.io"
 API_VERSION = "v1alpha1"
 
+# Bounds shared with the CRD schema (the API server needs them to bound the
+# cost of CEL rules over these lists); generous for any real search space.
+MAX_PARAMETERS = 64
+MAX_VALUES = 1024
+MAX_WHEN = 16
+
 
 class SpecError(ValueError):
     """An Experiment spec that kubetune rejects.
@@ -77,8 +83,10 @@ class Parameter(_Model):
     max: float | None = None
     log: bool = False
     step: float | None = None
-    values: list[str | int | float | bool] | None = None
-    when: dict[str, str | int | float | bool | list[str | int | float | bool]] | None = None
+    values: list[str | int | float | bool] | None = Field(default=None, max_length=MAX_VALUES)
+    when: dict[str, str | int | float | bool | list[str | int | float | bool]] | None = Field(
+        default=None, max_length=MAX_WHEN
+    )
 
 
 class Algorithm(_Model):
@@ -124,7 +132,7 @@ class ExperimentSpec(_Model):
     """The ``spec`` of an Experiment."""
 
     objective: Objective
-    parameters: list[Parameter] = Field(min_length=1)
+    parameters: list[Parameter] = Field(min_length=1, max_length=MAX_PARAMETERS)
     algorithm: Algorithm = Field(default_factory=Algorithm)
     earlyStopping: EarlyStopping = Field(default_factory=EarlyStopping)
     maxTrials: int = Field(default=10, ge=1, le=100_000)
