@@ -1,0 +1,100 @@
+"""``kubetune-service``: run the suggestion service, or only migrate its database.
+
+    kubetune-service --db postgresql+psycopg://u:p@db/kubetune --port 8080
+    kubetune-service migrate --db sqlite:///kubetune.db
+
+Settings fall back to the environment: ``KUBETUNE_DB_URL``, ``KUBETUNE_SECRET``
+(or ``--secret-file``). Without a secret the one stored in the database is
+used (the first replica generates it), so replicas on one database agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kubetune_suggestion.store import Store, UnsupportedDatabase
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kubetune-service", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=["serve", "migrate"],
+        default="serve",
+        help="serve (default) or migrate the database and exit",
+    )
+    parser.add_argument(
+        "--db",
+        default=os.environ.get("KUBETUNE_DB_URL", "sqlite:///kubetune.db"),
+        help="database URL (env KUBETUNE_DB_URL; default sqlite:///kubetune.db)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8080, help="port to listen on")
+    parser.add_argument(
+        "--secret-file",
+        type=Path,
+        help="file holding the trial-token secret (else env KUBETUNE_SECRET)",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (uvicorn)")
+    parser.add_argument("--no-migrate", action="store_true", help="do not migrate at startup")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``kubetune-service`` and ``python -m kubetune_suggestion.service``."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    secret = os.environ.get("KUBETUNE_SECRET") or None
+    if args.secret_file is not None:
+        try:
+            secret = args.secret_file.read_text().strip()
+        except OSError as exc:
+            print(f"kubetune-service: cannot read --secret-file: {exc}", file=sys.stderr)
+            return 2
+        if not secret:
+            print(f"kubetune-service: {args.secret_file} is empty", file=sys.stderr)
+            return 2
+    try:
+        store = Store.open(args.db, migrate=not args.no_migrate)
+    except UnsupportedDatabase as exc:
+        print(f"kubetune-service: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "migrate":
+        store.close()
+        print("database schema is up to date")
+        return 0
+    # Settle the shared secret once, before any worker starts.
+    secret = secret or store.secret(os.urandom(32).hex())
+    store.close()
+
+    import uvicorn
+
+    # Workers are separate processes: hand them the settings through the environment.
+    os.environ["KUBETUNE_DB_URL"] = args.db
+    os.environ["KUBETUNE_SECRET"] = secret
+    os.environ["KUBETUNE_MIGRATE"] = "0"
+    uvicorn.run(
+        "kubetune_suggestion.service.app:app_from_env",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=args.log_level,
+        access_log=False,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""The suggestion service's HTTP API (FastAPI): routes over :class:`~.core.TuningService`.
+
+Handlers only translate: HTTP in, one service call, JSON out. Every error is
+answered as ``{"error": {"code", "message", "field"}}`` with a 4xx status
+(5xx only for server faults), and counted in Prometheus.
+
+Handlers that touch the database are plain ``def`` functions, which Starlette
+runs in its thread pool (SQLAlchemy is synchronous); the stop long-poll is
+``async`` so a waiting operator holds no thread between polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from kubetune_suggestion.service import metrics as prom
+from kubetune_suggestion.service.batching import ReportBatcher
+from kubetune_suggestion.service.core import Report, TuningService
+from kubetune_suggestion.service.errors import NotFound, ServiceError, Unauthorized
+from kubetune_suggestion.service.models import (
+    AskRequest,
+    AskResult,
+    ErrorBody,
+    ExperimentSummary,
+    ExperimentView,
+    FinishRequest,
+    ObservationRequest,
+    RegisterRequest,
+    StopAnswer,
+    StopList,
+    StopOrder,
+    TrialView,
+)
+
+log = logging.getLogger(__name__)
+
+API_TITLE = "kubetune suggestion service"
+# Longest a /v1/stops long-poll may wait; a client wanting longer polls again.
+MAX_WAIT_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to run the service.
+
+    Attributes:
+        db_url: ``sqlite:///path`` or ``postgresql+psycopg://user:pw@host/db``.
+        secret: The trial-token secret; None uses (or creates) the one stored
+            in the database, shared by every replica on it.
+        migrate: Bring the schema up to date at startup.
+        stop_poll_seconds: How often a /v1/stops long-poll looks at the database.
+    """
+
+    db_url: str
+    secret: str | None = None
+    migrate: bool = True
+    stop_poll_seconds: float = 0.15
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        """Settings from ``KUBETUNE_DB_URL``, ``KUBETUNE_SECRET``, ``KUBETUNE_MIGRATE``."""
+        return cls(
+            db_url=os.environ.get("KUBETUNE_DB_URL", "sqlite:///kubetune.db"),
+            secret=os.environ.get("KUBETUNE_SECRET") or None,
+            migrate=os.environ.get("KUBETUNE_MIGRATE", "1") not in ("0", "false", "no"),
+        )
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in [
+        (400, "Malformed JSON"),
+        (401, "No trial token"),
+        (403, "A token of another trial"),
+        (404, "Unknown experiment or trial"),
+        (409, "Conflicts with the stored state"),
+        (422, "Invalid input; `field` names it"),
+    ]
+}
+
+Uid = Annotated[
+    str, Path(min_length=1, max_length=128, description="The Experiment's metadata.uid.")
+]
+Number = Annotated[int, Path(ge=0, description="The trial number.")]
+
+
+def _json(model: BaseModel, status_code: int = 200) -> Response:
+    # Serialised straight from the model: FastAPI would otherwise validate the
+    # returned model a second time against response_model on the hot paths.
+    return Response(model.model_dump_json(), status_code=status_code, media_type="application/json")
+
+
+def _error(status: int, code: str, message: str, field: str | None = None) -> JSONResponse:
+    prom.ERRORS.labels(code).inc()
+    return JSONResponse(
+        {"error": {"code": code, "message": message, "field": field}}, status_code=status
+    )
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("the Authorization header must be 'Bearer <token>'", field="token")
+    return token.strip()
+
+
+_OBSERVATION_DOCS: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": ObservationRequest.model_json_schema()}},
+    },
+    "parameters": [
+        {
+            "name": "Authorization",
+            "in": "header",
+            "required": True,
+            "description": "Bearer <trial token>",
+            "schema": {"type": "string"},
+        }
+    ],
+}
+
+
+def _observation(raw: bytes) -> ObservationRequest:
+    """The report body, failing as FastAPI's own body parsing would (400 / 422)."""
+    try:
+        # The stdlib parser, like FastAPI's: it reads NaN and Infinity, so the
+        # model (not the parser) refuses them, naming the metric.
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "json_invalid",
+                    "loc": ("body",),
+                    "msg": "JSON decode error",
+                    "ctx": {"error": str(exc).split(":")[0]},
+                }
+            ]
+        ) from None
+    try:
+        return ObservationRequest.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
+        ) from None
+
+
+def _field(loc: tuple[int | str, ...]) -> str | None:
+    parts = [p for p in loc if p not in ("body", "query", "path", "header")]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or None
+
+
+class _LatencyMiddleware:
+    """Observes every request's duration by route template (pure ASGI: no per-request task)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            prom.REQUEST_SECONDS.labels(scope["method"], template).observe(
+                time.perf_counter() - start
+            )
+
+
+def create_app(settings: Settings, service: TuningService | None = None) -> FastAPI:
+    """The HTTP app over ``service`` (or one opened from ``settings``)."""
+    svc = service or TuningService.open(
+        settings.db_url, secret=settings.secret, migrate=settings.migrate
+    )
+    app = FastAPI(
+        title=API_TITLE,
+        version="v1",
+        description="Suggestions, observations and early stopping for kubetune experiments.",
+        responses=_ERRORS,
+    )
+    app.state.service = svc
+    app.add_middleware(_LatencyMiddleware)
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message, exc.field)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        first: dict[str, Any] = dict(errors[0]) if errors else {"loc": (), "msg": "invalid"}
+        if first.get("type") == "json_invalid":
+            detail = (first.get("ctx") or {}).get("error", "")
+            return _error(
+                400, "malformed_json", f"the request body is not valid JSON: {detail}".strip()
+            )
+        field = _field(tuple(first.get("loc", ())))
+        message = str(first.get("msg", "invalid"))
+        if first.get("type") == "missing":
+            message = "required"
+        text = f"{field}: {message}" if field else message
+        return _error(422, "invalid", text, field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return _error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _crash(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return _error(500, "internal", "internal server error (see the service log)")
+
+    @app.put("/v1/experiments/{uid}", response_model=ExperimentView, tags=["experiments"])
+    def register(uid: Uid, body: RegisterRequest) -> Response:
+        """Create or update an experiment (keyed by the Kubernetes object's UID)."""
+        view = svc.register(uid, body.name, body.namespace, body.spec)
+        return _json(view, 201 if view.created else 200)
+
+    @app.get("/v1/experiments/{uid}", response_model=ExperimentSummary, tags=["experiments"])
+    def summary(uid: Uid) -> Response:
+        """Counts by state, the best trial, whether the experiment is complete."""
+        return _json(svc.summary(uid))
+
+    @app.delete("/v1/experiments/{uid}", status_code=204, tags=["experiments"])
+    def delete(uid: Uid) -> Response:
+        """Delete an experiment with all its trials and observations."""
+        svc.delete(uid)
+        return Response(status_code=204)
+
+    @app.post("/v1/experiments/{uid}/ask", response_model=AskResult, tags=["trials"])
+    def ask(uid: Uid, body: AskRequest) -> Response:
+        """Up to ``count`` trials to run: still-pending ones first (idempotent), then new ones."""
+        return _json(svc.ask(uid, body.count))
+
+    @app.get("/v1/experiments/{uid}/trials", response_model=list[TrialView], tags=["trials"])
+    def trials(
+        uid: Uid,
+        observations: Annotated[bool, Query(description="Include every report.")] = False,
+    ) -> Response:
+        """Every trial (the full history, for plots and reports)."""
+        views = svc.trials(uid, observations=observations)
+        body = b"[" + b",".join(v.model_dump_json().encode() for v in views) + b"]"
+        return Response(body, media_type="application/json")
+
+    @app.get("/v1/experiments/{uid}/trials/{n}", response_model=TrialView, tags=["trials"])
+    def trial(uid: Uid, n: Number) -> Response:
+        """One trial."""
+        return _json(svc.trial(uid, n))
+
+    @app.post("/v1/experiments/{uid}/trials/{n}/start", status_code=204, tags=["trials"])
+    def start(uid: Uid, n: Number) -> Response:
+        """Mark a handed-out trial as running (idempotent)."""
+        svc.start(uid, n)
+        return Response(status_code=204)
+
+    batcher = ReportBatcher(svc.report_batch)
+
+    # The hottest route: it reads its body and header itself, which costs
+    # about half of what FastAPI's body and header parameters do; the
+    # request body and header are documented through openapi_extra instead.
+    @app.post(
+        "/v1/experiments/{uid}/trials/{n}/observations",
+        response_model=StopAnswer,
+        tags=["trials"],
+        openapi_extra=_OBSERVATION_DOCS,
+    )
+    async def observe(uid: Uid, n: Number, request: Request) -> Response:
+        """Store one report (step + metrics) and answer whether the trial should stop."""
+        body = _observation(await request.body())
+        token = _bearer(request.headers.get("authorization"))
+        return _json(await batcher.submit(Report(uid, n, token, body.step, body.metrics)))
+
+    @app.post("/v1/experiments/{uid}/trials/{n}/finish", response_model=TrialView, tags=["trials"])
+    def finish(uid: Uid, n: Number, body: FinishRequest) -> Response:
+        """End a trial; its objective is computed from its reports."""
+        return _json(svc.finish(uid, n, body.state, body.message))
+
+    @app.get("/v1/experiments/{uid}/stops", response_model=list[StopOrder], tags=["trials"])
+    def experiment_stops(uid: Uid) -> Response:
+        """Running trials of the experiment that should stop."""
+        orders = svc.stops(uid)
+        return Response(
+            b"[" + b",".join(o.model_dump_json().encode() for o in orders) + b"]",
+            media_type="application/json",
+        )
+
+    @app.get("/v1/stops", response_model=StopList, tags=["trials"])
+    async def stops(
+        experiment: Annotated[str | None, Query(max_length=128)] = None,
+        wait: Annotated[
+            float, Query(ge=0, le=MAX_WAIT_SECONDS, description="Long-poll seconds.")
+        ] = 0,
+    ) -> Response:
+        """Running trials that should stop; waits up to ``wait`` seconds for the first one."""
+        if (
+            experiment is not None
+            and await run_in_threadpool(svc.store.experiment, experiment) is None
+        ):
+            raise NotFound(f"no experiment {experiment!r}", field="experiment")
+        deadline = time.monotonic() + wait
+        while True:
+            items = await run_in_threadpool(svc.all_stops, experiment)
+            if items or time.monotonic() >= deadline:
+                return _json(StopList(stops=items))
+            await asyncio.sleep(
+                min(settings.stop_poll_seconds, max(0.0, deadline - time.monotonic()))
+            )
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], responses={503: {"model": ErrorBody}})
+    def readyz() -> Response:
+        """The database answers."""
+        try:
+            svc.ping()
+        except Exception as exc:  # any failure to reach the database means "not ready"
+            return _error(503, "unavailable", f"database unreachable: {type(exc).__name__}")
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    def metrics() -> Response:
+        """Prometheus metrics."""
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """App factory for ``uvicorn --factory`` (and worker processes): settings from the env."""
+    return create_app(Settings.from_env())
+
+
+__all__ = ["Settings", "app_from_env", "create_app"]

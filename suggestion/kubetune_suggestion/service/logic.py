@@ -1,0 +1,177 @@
+"""Pure decisions of the service layer: no database, no HTTP.
+
+Kept apart from :mod:`~kubetune_suggestion.service.core` so they are tested
+as plain functions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from kubetune_suggestion.engine.history import Direction, TrialRecord
+from kubetune_suggestion.engine.history import TrialState as EngineState
+from kubetune_suggestion.service.errors import InvalidInput
+from kubetune_suggestion.service.models import TrialState
+from kubetune_suggestion.spec import ExperimentSpec, Strategy
+
+_ENGINE_STATES = {
+    TrialState.PENDING: EngineState.RUNNING,
+    TrialState.RUNNING: EngineState.RUNNING,
+    TrialState.SUCCEEDED: EngineState.SUCCEEDED,
+    TrialState.FAILED: EngineState.FAILED,
+    TrialState.METRICS_UNAVAILABLE: EngineState.FAILED,
+    TrialState.PRUNED: EngineState.PRUNED,
+}
+FAILURE_STATES = frozenset({TrialState.FAILED, TrialState.METRICS_UNAVAILABLE})
+MAX_METRIC_NAME = 128
+MAX_METRICS = 256
+
+
+def engine_state(state: str) -> EngineState:
+    """What the engine sees of a stored state."""
+    return _ENGINE_STATES[TrialState(state)]
+
+
+def trial_record(
+    number: int, params: Mapping[str, Any], state: str, objective: float | None
+) -> TrialRecord:
+    """A stored trial as samplers see it (no intermediate steps: samplers do not need them)."""
+    value = objective if state in (TrialState.SUCCEEDED, TrialState.PRUNED) else None
+    return TrialRecord(number=number, params=params, state=engine_state(state), value=value)
+
+
+def check_step(step: Any) -> int:
+    """The report's step, or InvalidInput naming ``step``."""
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise InvalidInput(f"step must be a whole number, got {step!r}", field="step")
+    if step < 0:
+        raise InvalidInput(f"step must be >= 0, got {step}", field="step")
+    return step
+
+
+def check_metrics(metrics: Any) -> dict[str, float]:
+    """The report's metrics as finite floats, or InvalidInput naming the bad one.
+
+    NaN and infinities are refused rather than stored: a NaN objective would
+    poison every comparison an early-stopping rule makes.
+    """
+    if not isinstance(metrics, Mapping) or not metrics:
+        raise InvalidInput("metrics must be a non-empty object of name: number", field="metrics")
+    if len(metrics) > MAX_METRICS:
+        raise InvalidInput(f"at most {MAX_METRICS} metrics per report", field="metrics")
+    clean: dict[str, float] = {}
+    for name, value in metrics.items():
+        if not isinstance(name, str) or not name or len(name) > MAX_METRIC_NAME:
+            raise InvalidInput(
+                f"metric name {name!r} must be 1-{MAX_METRIC_NAME} characters", field="metrics"
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidInput(
+                f"metric {name!r} is not a number: {value!r}", field=f"metrics.{name}"
+            )
+        number = float(value)
+        if not math.isfinite(number):
+            raise InvalidInput(
+                f"metric {name!r} is {value!r}: only finite numbers are accepted",
+                field=f"metrics.{name}",
+            )
+        clean[name] = number
+    return clean
+
+
+def final_objective(values: Sequence[tuple[int, float]], strategy: Strategy) -> float | None:
+    """The trial's result from its reported objective values (step, value), by ``strategy``."""
+    if not values:
+        return None
+    if strategy is Strategy.MIN:
+        return min(v for _, v in values)
+    if strategy is Strategy.MAX:
+        return max(v for _, v in values)
+    return max(values, key=lambda sv: sv[0])[1]
+
+
+def reached_target(spec: ExperimentSpec, best: float | None) -> bool:
+    """Whether the best objective so far reaches ``spec.objective.target``."""
+    target = spec.objective.target
+    if target is None or best is None:
+        return False
+    if spec.objective.direction is Direction.MINIMIZE:
+        return best <= target
+    return best >= target
+
+
+def best_value(spec: ExperimentSpec, objectives: Iterable[float]) -> float | None:
+    """The best finite objective, by the spec's direction."""
+    finite = [v for v in objectives if math.isfinite(v)]
+    if not finite:
+        return None
+    return min(finite) if spec.objective.direction is Direction.MINIMIZE else max(finite)
+
+
+def halt_reason(spec: ExperimentSpec, counts: Mapping[str, int], best: float | None) -> str | None:
+    """Why no trial may start any more before maxTrials (target reached, too many failures)."""
+    if reached_target(spec, best):
+        return f"objective target {spec.objective.target} reached"
+    failures = sum(counts.get(s, 0) for s in FAILURE_STATES)
+    if spec.maxFailedTrials is not None and failures > spec.maxFailedTrials:
+        trials = "trial" if failures == 1 else "trials"
+        return f"{failures} {trials} failed (maxFailedTrials is {spec.maxFailedTrials})"
+    return None
+
+
+def completion_reason(
+    spec: ExperimentSpec, counts: Mapping[str, int], allocated: int, best: float | None
+) -> str | None:
+    """Why the experiment is complete (nothing runs or will run), or None if it goes on.
+
+    Args:
+        spec: The experiment's spec.
+        counts: Trials by stored state.
+        allocated: Trials handed out so far.
+        best: The best objective of a succeeded trial so far.
+    """
+    halted = halt_reason(spec, counts, best)
+    if halted is not None:
+        return halted
+    finished = sum(n for s, n in counts.items() if TrialState(s).finished)
+    if allocated >= spec.maxTrials and finished >= allocated:
+        return f"maxTrials ({spec.maxTrials}) reached"
+    return None
+
+
+def stop_inputs(
+    rows: Iterable[tuple[int, str, float | None, int, float]],
+    number: int,
+    params: Mapping[str, Any],
+    step: int,
+) -> tuple[TrialRecord, list[TrialRecord]]:
+    """The trial that just reported at ``step`` and the history an early-stopping rule sees.
+
+    Args:
+        rows: (trial number, stored state, objective, step, value) of every
+            intermediate objective value of the experiment; values after
+            ``step`` are left out, as if reports had come one by one.
+        number: The reporting trial.
+        params: Its parameters.
+        step: The step it reported.
+    """
+    curves: dict[int, dict[int, float]] = {}
+    meta: dict[int, tuple[str, float | None]] = {}
+    for trial_number, state, objective, at, value in rows:
+        if at <= step:
+            curves.setdefault(trial_number, {})[at] = value
+            meta[trial_number] = (state, objective)
+    history = []
+    for trial_number, curve in curves.items():
+        state, objective = meta[trial_number]
+        if trial_number == number:
+            # It is reporting, so it is running, whatever the row said a moment ago.
+            state, objective = TrialState.RUNNING, None
+        record = trial_record(trial_number, {}, state, objective)
+        history.append(
+            TrialRecord(trial_number, record.params, record.state, record.value, steps=curve)
+        )
+    me = TrialRecord(number, params, EngineState.RUNNING, None, steps=curves.get(number, {}))
+    return me, history

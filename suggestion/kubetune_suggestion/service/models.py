@@ -1,0 +1,191 @@
+"""Request and response models of the suggestion service (HTTP and in-process alike).
+
+Wire names are snake_case; the Experiment ``spec`` inside a registration keeps
+the manifest's camelCase names (it is the user's document).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TrialState(StrEnum):
+    """A trial's state in the store (the engine sees pending and running as running)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    PRUNED = "pruned"
+    METRICS_UNAVAILABLE = "metrics_unavailable"
+
+    @property
+    def finished(self) -> bool:
+        """Whether the trial has ended."""
+        return self not in (TrialState.PENDING, TrialState.RUNNING)
+
+
+FinishState = Literal["succeeded", "failed", "pruned", "metrics_unavailable"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class RegisterRequest(_Request):
+    """Body of ``PUT /v1/experiments/{uid}``."""
+
+    name: str = Field(min_length=1, max_length=253, description="The Experiment's metadata.name.")
+    namespace: str = Field(default="default", min_length=1, max_length=253)
+    spec: dict[str, Any] = Field(description="The Experiment's spec, as in the manifest.")
+
+
+class AskRequest(_Request):
+    """Body of ``POST /v1/experiments/{uid}/ask``."""
+
+    count: int = Field(
+        default=1, ge=1, le=1000, strict=True, description="How many trials at most."
+    )
+
+
+class ObservationRequest(_Request):
+    """Body of ``POST .../trials/{n}/observations``: one report of a running trial."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    step: int = Field(ge=0, description="The training step (resource units of early stopping).")
+    metrics: dict[str, float] = Field(min_length=1, description="Finite numbers by metric name.")
+
+
+class FinishRequest(_Request):
+    """Body of ``POST .../trials/{n}/finish``."""
+
+    state: FinishState
+    message: str | None = Field(default=None, max_length=8192)
+
+
+class ExperimentView(_Response):
+    """A registered experiment."""
+
+    uid: str
+    name: str
+    namespace: str
+    spec: dict[str, Any]
+    spec_version: int = Field(description="Bumped on every spec change.")
+    created: bool = Field(description="Whether this registration created the experiment.")
+
+
+class TrialAssignment(_Response):
+    """A configuration to run, with the token its reports must carry."""
+
+    number: int
+    params: dict[str, Any]
+    token: str
+
+
+class AskResult(_Response):
+    """Answer to ``ask``: pending trials first, then new ones."""
+
+    trials: list[TrialAssignment]
+    exhausted: bool = Field(description="No trial will ever be allocated again.")
+    reason: str | None = Field(default=None, description="Why fewer trials than asked, if so.")
+
+
+class StopAnswer(_Response):
+    """Answer to a report: whether the trial should stop now."""
+
+    stop: bool
+    reason: str = ""
+
+
+class ObservationView(_Response):
+    """One stored report."""
+
+    step: int
+    metrics: dict[str, float]
+
+
+class TrialView(_Response):
+    """One trial, as the operator and users see it."""
+
+    number: int
+    state: TrialState
+    params: dict[str, Any]
+    objective: float | None
+    last_step: int | None
+    stop_reason: str | None
+    message: str | None
+    created_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    observations: list[ObservationView] | None = Field(
+        default=None, description="Every report, when asked for (?observations=true)."
+    )
+
+
+class BestTrial(_Response):
+    """The best succeeded trial so far."""
+
+    number: int
+    params: dict[str, Any]
+    objective: float
+
+
+class ExperimentSummary(_Response):
+    """Counts by state and the best trial."""
+
+    uid: str
+    name: str
+    namespace: str
+    counts: dict[TrialState, int]
+    best: BestTrial | None
+    allocated: int = Field(description="Trials handed out so far.")
+    done: int = Field(description="Finished trials, whatever their state.")
+    max_trials: int
+    complete: bool = Field(description="No trial will be started any more.")
+    complete_reason: str | None
+
+
+class StopOrder(_Response):
+    """A running trial of one experiment that should stop."""
+
+    number: int
+    reason: str
+
+
+class StopListItem(_Response):
+    """A running trial that should stop."""
+
+    experiment: str
+    number: int
+    reason: str
+
+
+class StopList(_Response):
+    """Answer to ``GET /v1/stops``."""
+
+    stops: list[StopListItem]
+
+
+class ErrorDetail(_Response):
+    """What went wrong."""
+
+    code: str = Field(description="Machine-readable: not_found, invalid, unauthorized, ...")
+    message: str
+    field: str | None = Field(
+        default=None, description="The offending field, when one is to blame."
+    )
+
+
+class ErrorBody(_Response):
+    """Every 4xx/5xx answer."""
+
+    error: ErrorDetail

@@ -1,0 +1,402 @@
+"""The write transaction: every statement that changes the store.
+
+:meth:`~kubetune_suggestion.store.repository.Store.write` opens one; the
+service's application layer reads, decides with the pure engine and writes
+inside it, atomically.
+
+Concurrency: :meth:`WriteTxn.lock_experiment` takes the experiment's row lock
+(``SELECT ... FOR UPDATE`` on PostgreSQL; on SQLite every write transaction
+already holds the database's write lock), so two replicas never allocate the
+same trial number; the unique constraint on (experiment, number) backs that up.
+Trial rows are locked the same way by reports and by ``finish``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import Table, bindparam, delete, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from kubetune_suggestion.store.db import is_postgres
+from kubetune_suggestion.store.rows import EXPERIMENT_COLUMNS as _EXPERIMENT_COLUMNS
+from kubetune_suggestion.store.rows import EXPERIMENTS as _experiments
+from kubetune_suggestion.store.rows import OBSERVATIONS as _observations
+from kubetune_suggestion.store.rows import SETTINGS as _settings
+from kubetune_suggestion.store.rows import STOP_ORDERS as _stop_orders
+from kubetune_suggestion.store.rows import TRIAL_COLUMNS as _TRIAL_COLUMNS
+from kubetune_suggestion.store.rows import TRIALS as _trials
+from kubetune_suggestion.store.rows import (
+    ExperimentRow,
+    NewTrial,
+    StepRow,
+    TrialRow,
+    count_states,
+    experiment_row,
+    trial_row,
+    utcnow,
+)
+
+
+def _insert_for(connection: Connection) -> Any:
+    """The dialect's INSERT construct (both support ON CONFLICT DO NOTHING)."""
+    return postgresql.insert if is_postgres(connection) else sqlite.insert
+
+
+# Hot-path statements are built once, with bind parameters, and reused:
+# building a statement and its cache key costs about three times what
+# executing a prebuilt one does. Keyed by (name, is PostgreSQL, extra).
+_STATEMENTS: dict[tuple[Any, ...], Any] = {}
+
+
+def _statement(key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+    stmt = _STATEMENTS.get(key)
+    if stmt is None:
+        stmt = _STATEMENTS[key] = build()
+    return stmt
+
+
+def _locked(stmt: Any, postgres: bool, of: Table | None = None) -> Any:
+    # SQLite has no row locks: its write transactions hold the database lock.
+    return stmt.with_for_update(of=of) if postgres else stmt
+
+
+def _trial_of_select(postgres: bool, many: bool) -> Any:
+    number = (
+        _trials.c.number.in_(bindparam("numbers", expanding=True))
+        if many
+        else _trials.c.number == bindparam("number")
+    )
+    stmt = (
+        select(
+            _experiments.c.id.label("experiment_id"), _experiments.c.spec_version, *_TRIAL_COLUMNS
+        )
+        .join(_trials, _trials.c.experiment_id == _experiments.c.id)
+        .where(_experiments.c.uid == bindparam("uid"), number)
+        .order_by(_trials.c.id)
+    )
+    return _locked(stmt, postgres, of=_trials)
+
+
+class WriteTxn:
+    """One write transaction; every method runs inside it."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self._postgres = is_postgres(connection)
+
+    def _run(
+        self, name: str, build: Callable[[], Any], params: Any = None, extra: Any = None
+    ) -> Any:
+        stmt = _statement((name, self._postgres, extra), build)
+        return self.connection.execute(stmt, params)
+
+    def setting(self, key: str, default: str) -> str:
+        """The service-wide setting ``key``, stored as ``default`` if absent (first writer wins)."""
+        self.connection.execute(
+            _insert_for(self.connection)(_settings)
+            .values(key=key, value=default)
+            .on_conflict_do_nothing(index_elements=["key"])
+        )
+        value: str = self.connection.execute(
+            select(_settings.c.value).where(_settings.c.key == key)
+        ).scalar_one()
+        return value
+
+    def insert_experiment_if_absent(
+        self, uid: str, name: str, namespace: str, spec: Mapping[str, Any]
+    ) -> bool:
+        """Create the experiment unless one with ``uid`` exists; True if created."""
+        now = utcnow()
+        stmt = (
+            _insert_for(self.connection)(_experiments)
+            .values(
+                uid=uid,
+                name=name,
+                namespace=namespace,
+                spec=dict(spec),
+                spec_version=1,
+                sampler_state=None,
+                next_number=0,
+                history_version=0,
+                created_at=now,
+                updated_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["uid"])
+            .returning(_experiments.c.id)
+        )
+        # RETURNING, not rowcount: with RETURNING psycopg reports rowcount -1.
+        return self.connection.execute(stmt).first() is not None
+
+    def lock_experiment(self, uid: str) -> ExperimentRow | None:
+        """The experiment, row-locked until the transaction ends."""
+        row = self._run(
+            "lock_experiment",
+            lambda: _locked(
+                select(*_EXPERIMENT_COLUMNS).where(_experiments.c.uid == bindparam("uid")),
+                self._postgres,
+            ),
+            {"uid": uid},
+        ).first()
+        return None if row is None else experiment_row(row)
+
+    def experiment_id(self, uid: str) -> int | None:
+        """The experiment's id, without locking it."""
+        return self.connection.execute(
+            select(_experiments.c.id).where(_experiments.c.uid == uid)
+        ).scalar_one_or_none()
+
+    def update_experiment(self, experiment_id: int, **values: Any) -> None:
+        """Set columns of the experiment (and its ``updated_at``)."""
+        values["updated_at"] = utcnow()
+        keys = tuple(sorted(values))
+        self._run(
+            "update_experiment",
+            lambda: (
+                update(_experiments)
+                .where(_experiments.c.id == bindparam("b_id"))
+                .values({k: bindparam(f"b_{k}") for k in keys})
+            ),
+            {"b_id": experiment_id, **{f"b_{k}": v for k, v in values.items()}},
+            keys,
+        )
+
+    def delete_experiment(self, uid: str) -> bool:
+        """Delete the experiment with everything it owns; True if it existed."""
+        return (
+            self.connection.execute(delete(_experiments).where(_experiments.c.uid == uid)).rowcount
+            > 0
+        )
+
+    def pending_trials(self, experiment_id: int, limit: int) -> list[TrialRow]:
+        """The oldest ``limit`` trials handed out but never started."""
+        rows = self._run(
+            "pending_trials",
+            lambda: (
+                select(*_TRIAL_COLUMNS)
+                .where(_trials.c.experiment_id == bindparam("eid"), _trials.c.state == "pending")
+                .order_by(_trials.c.number)
+            ),
+            {"eid": experiment_id},
+        )
+        # Pending trials are few (at most what the caller can run): no LIMIT in SQL.
+        return [trial_row(r) for r in rows][:limit]
+
+    def history_since(self, experiment_id: int, version: int) -> list[TrialRow]:
+        """Trials added or changed after history ``version`` (all for -1)."""
+        rows = self._run(
+            "history_since",
+            lambda: (
+                select(*_TRIAL_COLUMNS)
+                .where(
+                    _trials.c.experiment_id == bindparam("eid"),
+                    _trials.c.history_version > bindparam("version"),
+                )
+                .order_by(_trials.c.number)
+            ),
+            {"eid": experiment_id, "version": version},
+        )
+        return [trial_row(r) for r in rows]
+
+    def count_states(self, experiment_id: int) -> dict[str, int]:
+        """How many trials are in each state."""
+        return count_states(self.connection, experiment_id)
+
+    def insert_trials(
+        self, experiment_id: int, trials: Sequence[NewTrial], history_version: int
+    ) -> None:
+        """Insert freshly allocated trials as ``pending``."""
+        if not trials:
+            return
+        now = utcnow()
+        self._run(
+            "insert_trials",
+            lambda: insert(_trials),
+            [
+                {
+                    "experiment_id": experiment_id,
+                    "number": t.number,
+                    "params": dict(t.params),
+                    "state": "pending",
+                    "history_version": history_version,
+                    "created_at": now,
+                }
+                for t in trials
+            ],
+        )
+
+    def lock_trial(self, experiment_id: int, number: int) -> TrialRow | None:
+        """The trial, row-locked until the transaction ends."""
+        row = self._run(
+            "lock_trial",
+            lambda: _locked(
+                select(*_TRIAL_COLUMNS).where(
+                    _trials.c.experiment_id == bindparam("eid"),
+                    _trials.c.number == bindparam("number"),
+                ),
+                self._postgres,
+            ),
+            {"eid": experiment_id, "number": number},
+        ).first()
+        return None if row is None else trial_row(row)
+
+    def lock_trial_of(self, uid: str, number: int) -> tuple[int, int, TrialRow] | None:
+        """(experiment id, spec version, trial) with the trial row-locked, in one round trip.
+
+        None when the experiment or the trial does not exist.
+        """
+        row = self._run(
+            "lock_trial_of",
+            lambda: _trial_of_select(self._postgres, many=False),
+            {"uid": uid, "number": number},
+        ).first()
+        if row is None:
+            return None
+        return int(row.experiment_id), int(row.spec_version), trial_row(row)
+
+    def lock_trials_of(
+        self, uid: str, numbers: Sequence[int]
+    ) -> dict[int, tuple[int, int, TrialRow]]:
+        """Like :meth:`lock_trial_of` for several trials of one experiment, in one round trip.
+
+        Rows are locked in id order, so two transactions locking overlapping
+        sets cannot deadlock on each other. Missing numbers are absent.
+        """
+        rows = self._run(
+            "lock_trials_of",
+            lambda: _trial_of_select(self._postgres, many=True),
+            {"uid": uid, "numbers": list(numbers)},
+        )
+        return {
+            int(row.number): (int(row.experiment_id), int(row.spec_version), trial_row(row))
+            for row in rows
+        }
+
+    def experiment_spec(self, experiment_id: int) -> tuple[int, dict[str, Any]]:
+        """(spec version, spec) of the experiment."""
+        row = self.connection.execute(
+            select(_experiments.c.spec_version, _experiments.c.spec).where(
+                _experiments.c.id == experiment_id
+            )
+        ).one()
+        return int(row.spec_version), row.spec
+
+    def update_trial(self, trial_id: int, **values: Any) -> None:
+        """Set columns of the trial."""
+        keys = tuple(sorted(values))
+        self._run(
+            "update_trial",
+            lambda: (
+                update(_trials)
+                .where(_trials.c.id == bindparam("b_id"))
+                .values({k: bindparam(f"b_{k}") for k in keys})
+            ),
+            {"b_id": trial_id, **{f"b_{k}": v for k, v in values.items()}},
+            keys,
+        )
+
+    def mark_running(self, trial_id: int) -> None:
+        """Move a pending trial to running (no-op in any other state)."""
+        self.mark_running_many([trial_id])
+
+    def insert_observations(
+        self, rows: Sequence[tuple[int, int, Mapping[str, float], float | None]]
+    ) -> set[tuple[int, int]]:
+        """Store reports (trial id, step, metrics, objective) in one statement.
+
+        A (trial, step) already stored is skipped. Returns the (trial id, step)
+        pairs stored now.
+        """
+        if not rows:
+            return set()
+        now = utcnow()
+        result = self._run(
+            "insert_observations",
+            lambda: (
+                _insert_for(self.connection)(_observations)
+                .on_conflict_do_nothing(index_elements=["trial_id", "step"])
+                .returning(_observations.c.trial_id, _observations.c.step)
+            ),
+            [
+                {"trial_id": t, "step": s, "metrics": dict(m), "objective": o, "created_at": now}
+                for t, s, m, o in rows
+            ],
+        )
+        return {(int(r.trial_id), int(r.step)) for r in result}
+
+    def mark_running_many(self, trial_ids: Iterable[int]) -> None:
+        """Move pending trials to running (no-op for any other state)."""
+        ids = sorted(set(trial_ids))
+        if ids:
+            self._run(
+                "mark_running",
+                lambda: (
+                    update(_trials)
+                    .where(
+                        _trials.c.id.in_(bindparam("ids", expanding=True)),
+                        _trials.c.state == "pending",
+                    )
+                    .values(state="running", started_at=bindparam("now"))
+                ),
+                {"ids": ids, "now": utcnow()},
+            )
+
+    def observed_steps(self, trial_id: int) -> list[tuple[int, float | None]]:
+        """The trial's reported steps with their objective value (None if not reported), by step."""
+        rows = self._run(
+            "observed_steps",
+            lambda: (
+                select(_observations.c.step, _observations.c.objective)
+                .where(_observations.c.trial_id == bindparam("tid"))
+                .order_by(_observations.c.step)
+            ),
+            {"tid": trial_id},
+        )
+        return [(int(r.step), None if r.objective is None else float(r.objective)) for r in rows]
+
+    def step_history(self, experiment_id: int, max_step: int) -> list[StepRow]:
+        """Every trial's objective values at steps up to ``max_step``, in one query.
+
+        Early-stopping rules decide "now": no rule needs another trial's values
+        beyond the step being decided, and the bound keeps the load small for
+        early rungs.
+        """
+        rows = self._run(
+            "step_history",
+            lambda: (
+                select(
+                    _trials.c.number,
+                    _trials.c.state,
+                    _trials.c.objective,
+                    _observations.c.step,
+                    _observations.c.objective.label("value"),
+                )
+                .join(_observations, _observations.c.trial_id == _trials.c.id)
+                .where(
+                    _trials.c.experiment_id == bindparam("eid"),
+                    _observations.c.objective.is_not(None),
+                    _observations.c.step <= bindparam("max_step"),
+                )
+            ),
+            {"eid": experiment_id, "max_step": max_step},
+        )
+        return [StepRow(r.number, r.state, r.objective, int(r.step), float(r.value)) for r in rows]
+
+    def add_stop_order(self, trial_id: int, reason: str) -> bool:
+        """Order the trial to stop (idempotent); True if ordered now."""
+        stmt = (
+            _insert_for(self.connection)(_stop_orders)
+            .values(trial_id=trial_id, reason=reason, created_at=utcnow())
+            .on_conflict_do_nothing(index_elements=["trial_id"])
+            .returning(_stop_orders.c.trial_id)
+        )
+        added = self.connection.execute(stmt).first() is not None
+        if added:
+            self.update_trial(trial_id, stop_reason=reason)
+        return added
+
+    def close_stop_order(self, trial_id: int) -> None:
+        """Remove the trial's stop order (it has finished; its reason stays on the trial)."""
+        self.connection.execute(delete(_stop_orders).where(_stop_orders.c.trial_id == trial_id))

@@ -1,0 +1,109 @@
+"""The store's operations: constraints, idempotency, cascades."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy.exc import IntegrityError
+
+from kubetune_suggestion.store import NewTrial, Store
+
+SPEC = {"objective": {"metric": "loss"}}
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    s = Store.open(db_url)
+    yield s
+    s.close()
+
+
+def _experiment(store: Store, uid: str = "uid-1") -> int:
+    with store.write() as tx:
+        assert tx.insert_experiment_if_absent(uid, "exp", "ns", SPEC)
+        assert not tx.insert_experiment_if_absent(uid, "other", "ns", SPEC)
+    row = store.experiment(uid)
+    assert row is not None and row.name == "exp" and row.next_number == 0
+    return row.id
+
+
+def test_trial_numbers_are_unique_per_experiment(store: Store) -> None:
+    eid = _experiment(store)
+    with store.write() as tx:
+        tx.insert_trials(eid, [NewTrial(0, {"x": 1}), NewTrial(1, {"x": 2})], 1)
+    with pytest.raises(IntegrityError), store.write() as tx:
+        tx.insert_trials(eid, [NewTrial(1, {"x": 3})], 2)
+    assert [t.number for t, _ in store.trials(eid)] == [0, 1]
+
+
+def test_an_observation_is_stored_once_per_step(store: Store) -> None:
+    eid = _experiment(store)
+    with store.write() as tx:
+        tx.insert_trials(eid, [NewTrial(0, {"x": 1})], 1)
+        trial = tx.lock_trial(eid, 0)
+        assert trial is not None
+        assert tx.insert_observations([(trial.id, 1, {"loss": 0.5}, 0.5)]) == {(trial.id, 1)}
+        # A retried step, and a batch holding the same step twice, store nothing twice.
+        rows = [
+            (trial.id, 1, {"loss": 0.1}, 0.1),
+            (trial.id, 2, {"loss": 0.4, "acc": 0.9}, 0.4),
+            (trial.id, 2, {"loss": 0.3}, 0.3),
+        ]
+        assert tx.insert_observations(rows) == {(trial.id, 2)}
+        assert tx.insert_observations([]) == set()
+    assert store.observations(eid) == {0: [(1, {"loss": 0.5}), (2, {"loss": 0.4, "acc": 0.9})]}
+    assert store.last_step(trial.id) == 2
+
+
+def test_stop_orders_are_listed_until_the_trial_finishes(store: Store) -> None:
+    eid = _experiment(store)
+    with store.write() as tx:
+        tx.insert_trials(eid, [NewTrial(0, {}), NewTrial(1, {})], 1)
+        t0, t1 = tx.lock_trial(eid, 0), tx.lock_trial(eid, 1)
+        assert t0 is not None and t1 is not None
+        assert tx.add_stop_order(t0.id, "too slow")
+        assert not tx.add_stop_order(t0.id, "again")
+    assert [(s.experiment_uid, s.number, s.reason) for s in store.open_stops()] == [
+        ("uid-1", 0, "too slow")
+    ]
+    assert store.open_stops("another") == []
+    with store.write() as tx:
+        tx.update_trial(t0.id, state="pruned")
+        tx.close_stop_order(t0.id)
+    assert store.open_stops() == []
+    trial = store.trial(eid, 0)
+    assert trial is not None and trial.stop_reason == "too slow"
+
+
+def test_deleting_an_experiment_deletes_what_it_owns(store: Store) -> None:
+    eid = _experiment(store)
+    with store.write() as tx:
+        tx.insert_trials(eid, [NewTrial(0, {})], 1)
+        trial = tx.lock_trial(eid, 0)
+        assert trial is not None
+        tx.insert_observations([(trial.id, 0, {"loss": 1.0}, 1.0)])
+        tx.add_stop_order(trial.id, "r")
+        assert tx.delete_experiment("uid-1")
+        assert not tx.delete_experiment("uid-1")
+    assert store.experiment("uid-1") is None
+    assert store.open_stops() == []
+    assert store.observations(eid) == {}
+    # A re-created experiment gets a new id: caches keyed by id cannot mix them up.
+    assert _experiment(store) != eid
+
+
+def test_the_secret_is_created_once_and_shared(store: Store) -> None:
+    first = store.secret("aaa")
+    assert first == "aaa"
+    assert store.secret("bbb") == "aaa"
+
+
+def test_bulk_prefill_counts_as_allocated_history(store: Store) -> None:
+    eid = _experiment(store)
+    store.bulk_insert_finished(eid, [(i, {"x": i}, float(i)) for i in range(5)])
+    row = store.experiment("uid-1")
+    assert row is not None and row.next_number == 5 and row.history_version == 1
+    assert store.count_states(eid) == {"succeeded": 5}
+    best = store.best_trial(eid, maximize=False)
+    assert best is not None and best.number == 0
