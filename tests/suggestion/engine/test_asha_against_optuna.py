@@ -13,6 +13,7 @@ import heapq
 import numpy as np
 import optuna
 import pytest
+
 from kubetune_suggestion.engine.history import Direction, TrialRecord, TrialState
 from kubetune_suggestion.engine.stopping.asha import ASHARule
 

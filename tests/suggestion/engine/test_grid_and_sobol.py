@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import numpy as np
+
 from kubetune_suggestion.engine.history import TrialRecord, TrialState
 from kubetune_suggestion.engine.samplers import make_sampler
 from kubetune_suggestion.engine.samplers.grid import GridSampler

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from kubetune_suggestion.engine.history import Direction, TrialRecord, TrialState
 from kubetune_suggestion.engine.samplers import SAMPLERS, Sampler, make_sampler
 from kubetune_suggestion.engine.samplers.base import JsonState

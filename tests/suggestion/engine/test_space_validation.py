@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from kubetune_suggestion.engine.samplers import make_sampler
 from kubetune_suggestion.engine.space import SearchSpace, SpaceError
 from kubetune_suggestion.spec import SpecError, parse_experiment

@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import pytest
+
 from kubetune_suggestion.engine.history import Direction, TrialRecord, TrialState
 from kubetune_suggestion.engine.space import SpaceError
 from kubetune_suggestion.engine.stopping import RULES, StopDecision, make_rule
