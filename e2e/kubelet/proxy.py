@@ -85,6 +85,11 @@ def desired_listeners(
                 backends = [("127.0.0.1", target_port)]
             if isinstance(target_port, int) and target_port == port["port"]:
                 continue  # the pod itself serves this port on the host network
+            if not backends:
+                # Nothing to forward to: a real kube-proxy rejects such
+                # connections, and a listener here could hold the very port a
+                # host-network pod behind a named targetPort is about to bind.
+                continue
             if backends and all(b[1] == port["port"] for b in backends):
                 continue
             if port["port"] in result:

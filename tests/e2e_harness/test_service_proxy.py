@@ -46,7 +46,7 @@ def test_same_port_needs_no_listener() -> None:
 def test_unready_endpoints_are_not_backends() -> None:
     services = {("a", "web"): svc("a", "web", 80, 8080)}
     slices = {("a", "web-abc"): slice_("a", "web", 8080, ready=False)}
-    assert desired_listeners(services, slices) == {80: ("a", "web", "http", [])}
+    assert desired_listeners(services, slices) == {}
 
 
 def test_headless_and_port_clash() -> None:
@@ -57,7 +57,11 @@ def test_headless_and_port_clash() -> None:
         ("a", "one"): svc("a", "one", 90, 9001),
         ("b", "two"): svc("b", "two", 90, 9002),
     }
-    want = desired_listeners(services, {})
+    slices = {
+        ("a", "one-abc"): slice_("a", "one", 9001),
+        ("b", "two-abc"): slice_("b", "two", 9002),
+    }
+    want = desired_listeners(services, slices)
     assert set(want) == {90}
     assert want[90][:2] == ("a", "one")  # first (sorted) wins the clash
 
@@ -73,4 +77,4 @@ def test_loopback_fallback_when_slices_are_empty() -> None:
     assert desired_listeners(services, {}, loopback_fallback=True) == {
         80: ("a", "web", "http", [("127.0.0.1", 8080)])
     }
-    assert desired_listeners(services, {}) == {80: ("a", "web", "http", [])}
+    assert desired_listeners(services, {}) == {}
