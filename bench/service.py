@@ -165,12 +165,15 @@ class Http:
 
 def kubetune_round_trips(
     pg_url: str, algorithm: str, n: int, rounds: int, warmup: int
-) -> list[float]:
-    """Round-trip times (s) through HTTP at ``n`` prefilled completed trials."""
+) -> tuple[list[float], float]:
+    """Round-trip times (s) through HTTP at ``n`` prefilled completed trials.
+
+    Also the CPU seconds per measured round trip (service + PostgreSQL + this client).
+    """
     with postgres_schema(pg_url) as url:
         store = Store.open(url)
         spec = SPEC | {"algorithm": {"name": algorithm, "seed": 1}}
-        with service_process(url) as (port, _):
+        with service_process(url) as (port, pid):
             client = Http(port)
             client.call(
                 "PUT",
@@ -183,7 +186,10 @@ def kubetune_round_trips(
             store.bulk_insert_finished(row.id, [(i, c, loss(c)) for i, c in enumerate(configs)])
             store.close()
             times = []
+            cpu_before = 0.0
             for i in range(warmup + rounds):
+                if i == warmup:
+                    cpu_before = session_cpu(pid) + postgres_cpu() + time.process_time()
                 start = time.perf_counter()
                 trial = client.call("POST", f"/v1/experiments/{UID}/ask", {"count": 1})["trials"][0]
                 number = trial["number"]
@@ -199,7 +205,8 @@ def kubetune_round_trips(
                 )
                 if i >= warmup:
                     times.append(time.perf_counter() - start)
-            return times
+            cpu = session_cpu(pid) + postgres_cpu() + time.process_time() - cpu_before
+            return times, cpu / max(1, rounds)
 
 
 def engine_suggest_times(algorithm: str, n: int, rounds: int) -> list[float]:
@@ -218,8 +225,13 @@ def engine_suggest_times(algorithm: str, n: int, rounds: int) -> list[float]:
     return times
 
 
-def optuna_round_trips(storage_url: str, n: int, rounds: int, warmup: int) -> list[float]:
-    """Optuna ``ask`` + ``tell`` times (s) with ``RDBStorage`` at ``n`` prefilled trials."""
+def optuna_round_trips(
+    storage_url: str, n: int, rounds: int, warmup: int
+) -> tuple[list[float], float]:
+    """Optuna ``ask`` + ``tell`` times (s) with ``RDBStorage`` at ``n`` prefilled trials.
+
+    Also the CPU seconds per measured ask+tell (this process + PostgreSQL).
+    """
     import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
@@ -241,13 +253,16 @@ def optuna_round_trips(storage_url: str, n: int, rounds: int, warmup: int) -> li
         ]
     )
     times = []
+    cpu_before = 0.0
     for i in range(warmup + rounds):
+        if i == warmup:
+            cpu_before = postgres_cpu() + time.process_time()
         start = time.perf_counter()
         trial = study.ask(distributions)
         study.tell(trial, loss(trial.params))
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    return times
+    return times, (postgres_cpu() + time.process_time() - cpu_before) / max(1, rounds)
 
 
 async def _reporter(port: int, number: int, token: str, deadline: float, counts: list[int]) -> None:
@@ -352,27 +367,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# suggestion service benchmark ({os.cpu_count()} cores, sampler: {algorithm})\n")
 
     rows: list[list[str]] = []
+    cpu_rows: list[list[str]] = []
     fmt: Callable[[Sequence[float]], str] = lambda ts: "{:.1f} / {:.1f}".format(*percentiles(ts))  # noqa: E731
     for n in counts:
         rounds = args.rounds
         optuna_rounds = args.optuna_rounds_10k if n >= 10_000 else args.rounds
         row = [f"{n:,}"]
-        row.append(fmt(kubetune_round_trips(pg_url, algorithm, n, rounds, warmup=5)))
+        ours, ours_cpu = kubetune_round_trips(pg_url, algorithm, n, rounds, warmup=5)
+        row.append(fmt(ours))
         row.append(fmt(engine_suggest_times(algorithm, n, min(rounds, 30))))
+        cpu_row = [f"{n:,}", f"{ours_cpu * 1000:.1f}"]
+        ratios = []
         if args.skip_optuna:
             row += ["-", "-"]
+            cpu_row += ["-", "-"]
         else:
             with tempfile.TemporaryDirectory() as tmp:
-                row.append(
-                    fmt(
-                        optuna_round_trips(
-                            f"sqlite:///{Path(tmp) / 'optuna.db'}", n, optuna_rounds, 2
-                        )
-                    )
+                theirs, theirs_cpu = optuna_round_trips(
+                    f"sqlite:///{Path(tmp) / 'optuna.db'}", n, optuna_rounds, 2
                 )
+                row.append(fmt(theirs))
+                cpu_row.append(f"{theirs_cpu * 1000:.1f}")
+                ratios.append(statistics.median(theirs) / statistics.median(ours))
             with postgres_schema(pg_url) as url:
-                row.append(fmt(optuna_round_trips(url, n, optuna_rounds, 2)))
+                theirs, theirs_cpu = optuna_round_trips(url, n, optuna_rounds, 2)
+                row.append(fmt(theirs))
+                cpu_row.append(f"{theirs_cpu * 1000:.1f}")
+                ratios.append(statistics.median(theirs) / statistics.median(ours))
+        row.append(" / ".join(f"{r:.1f}x" for r in ratios) or "-")
         rows.append(row)
+        cpu_rows.append(cpu_row)
         print(f"  measured {n:,} trials", file=sys.stderr)
     print("Suggest-and-report round trip, milliseconds, p50 / p99:\n")
     print_table(
@@ -382,8 +406,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"of which engine suggest ({algorithm})",
             "Optuna ask+tell, SQLite (TPE)",
             "Optuna ask+tell, PostgreSQL (TPE)",
+            "Optuna p50 / ours (SQLite / PostgreSQL)",
         ],
         rows,
+    )
+    print(
+        "\nCPU per round trip, milliseconds (every process involved: for kubetune the "
+        "service, PostgreSQL and this client; for Optuna this process and PostgreSQL). "
+        "On an idle machine a round trip takes about this long plus the commits' fsyncs:\n"
+    )
+    print_table(
+        [
+            "completed trials",
+            "kubetune HTTP + PostgreSQL",
+            "Optuna, SQLite",
+            "Optuna, PostgreSQL",
+        ],
+        cpu_rows,
     )
     result = ingestion(pg_url, args.reporters, args.seconds, args.workers)
     server_ms = result["service_ms"] + result["postgres_ms"]

@@ -15,7 +15,10 @@ import asyncio
 import json
 import logging
 import os
+import re
 import time
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -26,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kubetune_suggestion.service import metrics as prom
 from kubetune_suggestion.service.batching import ReportBatcher
@@ -192,6 +195,120 @@ class _LatencyMiddleware:
             )
 
 
+# The three routes of every trial's life (ask, report, finish), matched by the
+# fast path below. Groups: uid; "ask"; a trial number; "observations" or
+# "finish". Anything else (odd numbers, long uids) is left to FastAPI's own
+# routing and validation.
+_HOT_PATH = re.compile(
+    r"^/v1/experiments/([^/]{1,128})/(?:(ask)|trials/([0-9]{1,9})/(observations|finish))$"
+)
+
+
+class _FastRoutes:
+    """A pure-ASGI fast path for ``ask``, ``observations`` and ``finish``.
+
+    Those three requests make up a trial's life, and FastAPI's routing,
+    dependency solving and body handling cost more CPU than the database work
+    behind them. This path answers well-formed requests to them itself, with
+    the same request models, the same service calls and the same responses;
+    the OpenAPI document still describes them through the FastAPI routes.
+    Whatever it does not recognise as well formed (another content type,
+    invalid JSON, a body the model refuses) is handed to the FastAPI app with
+    the body replayed, so every error answer stays exactly FastAPI's.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        fastapi: FastAPI,
+        ask: Callable[[str, AskRequest], Response],
+        finish: Callable[[str, int, FinishRequest], Response],
+        observe: Callable[[str, int, ObservationRequest, str | None], Any],
+        executor: Executor,
+    ) -> None:
+        self.app = app
+        self._executor = executor
+        self._fastapi = fastapi
+        self._ask = ask
+        self._finish = finish
+        self._observe = observe
+        self._routes: dict[str, Any] = {}
+
+    def _route(self, template: str) -> Any:
+        # The FastAPI route object, so the latency middleware labels by its template.
+        route = self._routes.get(template)
+        if route is None:
+            for candidate in self._fastapi.routes:
+                if getattr(candidate, "path", None) == template:
+                    route = self._routes[template] = candidate
+                    break
+        return route
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = None
+        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
+            match = _HOT_PATH.match(scope["path"])
+        if match is None:
+            await self.app(scope, receive, send)
+            return
+        content_type = authorization = None
+        for name, value in scope["headers"]:
+            if name == b"content-type":
+                content_type = value
+            elif name == b"authorization":
+                authorization = value.decode("latin-1")
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        uid, ask, number, action = match.groups()
+        request: AskRequest | FinishRequest | ObservationRequest | None = None
+        if content_type == b"application/json":
+            model: type[AskRequest | FinishRequest | ObservationRequest] = (
+                AskRequest if ask else FinishRequest if action == "finish" else ObservationRequest
+            )
+            try:
+                request = model.model_validate(json.loads(body))
+            except ValueError:  # bad JSON or a ValidationError: FastAPI answers it, as always
+                request = None
+        response: Response | None = None
+        if request is not None:
+            loop = asyncio.get_running_loop()
+            try:
+                if isinstance(request, AskRequest):
+                    scope["route"] = self._route("/v1/experiments/{uid}/ask")
+                    response = await loop.run_in_executor(self._executor, self._ask, uid, request)
+                elif isinstance(request, FinishRequest):
+                    scope["route"] = self._route("/v1/experiments/{uid}/trials/{n}/finish")
+                    response = await loop.run_in_executor(
+                        self._executor, self._finish, uid, int(number), request
+                    )
+                else:
+                    scope["route"] = self._route("/v1/experiments/{uid}/trials/{n}/observations")
+                    response = await self._observe(uid, int(number), request, authorization)
+            except ServiceError as exc:
+                response = _error(exc.status, exc.code, exc.message, exc.field)
+        if response is None:
+            scope.pop("route", None)
+            replayed = False
+
+            async def replay() -> Message:
+                nonlocal replayed
+                if replayed:
+                    return await receive()
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            await self.app(scope, replay, send)
+            return
+        await response(scope, receive, send)
+
+
 def create_app(settings: Settings, service: TuningService | None = None) -> FastAPI:
     """The HTTP app over ``service`` (or one opened from ``settings``)."""
     svc = service or TuningService.open(
@@ -204,7 +321,6 @@ def create_app(settings: Settings, service: TuningService | None = None) -> Fast
         responses=_ERRORS,
     )
     app.state.service = svc
-    app.add_middleware(_LatencyMiddleware)
 
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
@@ -279,7 +395,12 @@ def create_app(settings: Settings, service: TuningService | None = None) -> Fast
         svc.start(uid, n)
         return Response(status_code=204)
 
-    batcher = ReportBatcher(svc.report_batch)
+    # Database calls of the fast path and of the report batcher run here: the
+    # event loop's own executor is lighter than anyio's thread hop, and this
+    # one has as many threads as anyio's default limiter (its default has 6
+    # on 2 cores, too few for requests queueing on an experiment's row lock).
+    executor = ThreadPoolExecutor(max_workers=40, thread_name_prefix="kubetune-db")
+    batcher = ReportBatcher(svc.report_batch, executor=executor)
 
     # The hottest route: it reads its body and header itself, which costs
     # about half of what FastAPI's body and header parameters do; the
@@ -293,7 +414,12 @@ def create_app(settings: Settings, service: TuningService | None = None) -> Fast
     async def observe(uid: Uid, n: Number, request: Request) -> Response:
         """Store one report (step + metrics) and answer whether the trial should stop."""
         body = _observation(await request.body())
-        token = _bearer(request.headers.get("authorization"))
+        return await report(uid, n, body, request.headers.get("authorization"))
+
+    async def report(
+        uid: str, n: int, body: ObservationRequest, authorization: str | None
+    ) -> Response:
+        token = _bearer(authorization)
         return _json(await batcher.submit(Report(uid, n, token, body.step, body.metrics)))
 
     @app.post("/v1/experiments/{uid}/trials/{n}/finish", response_model=TrialView, tags=["trials"])
@@ -331,6 +457,13 @@ def create_app(settings: Settings, service: TuningService | None = None) -> Fast
             await asyncio.sleep(
                 min(settings.stop_poll_seconds, max(0.0, deadline - time.monotonic()))
             )
+
+    # The latency middleware is added last, so it is the outer one and times
+    # the fast path too.
+    app.add_middleware(
+        _FastRoutes, fastapi=app, ask=ask, finish=finish, observe=report, executor=executor
+    )
+    app.add_middleware(_LatencyMiddleware)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

@@ -23,7 +23,7 @@ from typing import Any, Generic, TypeVar
 
 from kubetune_suggestion.engine.history import Direction, TrialRecord, TrialState
 from kubetune_suggestion.service import logic
-from kubetune_suggestion.store import ExperimentRow, WriteTxn
+from kubetune_suggestion.store import ExperimentRow, TrialRow, WriteTxn
 
 T = TypeVar("T")
 
@@ -111,6 +111,26 @@ class HistoryCache:
             for t in tx.history_since(row.id, cached.version)
         ]
         return cached.updated(row.history_version, changed, direction)
+
+    def base(self, row: ExperimentRow) -> SamplerHistory:
+        """The cached history to refresh up to ``row.history_version`` (empty if none fits)."""
+        cached = self._entries.get(row.id)
+        if cached is None or cached.version > row.history_version:
+            return SamplerHistory(-1, {})
+        return cached
+
+    def refresh(
+        self,
+        base: SamplerHistory,
+        row: ExperimentRow,
+        changed: Iterable[TrialRow],
+        direction: Direction,
+    ) -> SamplerHistory:
+        """``base`` with the trials changed since its version (the caller loaded them)."""
+        if base.version == row.history_version:
+            return base
+        records = [logic.trial_record(t.number, t.params, t.state, t.objective) for t in changed]
+        return base.updated(row.history_version, records, direction)
 
     def remember(self, experiment_id: int, history: SamplerHistory) -> None:
         """Keep ``history`` (only call after the transaction it reflects committed)."""

@@ -225,13 +225,22 @@ class TuningService:
                 raise NotFound(f"no experiment {uid!r}", field="uid")
             compiled = self._compiled_for(tx, row.id, row.spec_version, row.spec)
             spec = compiled.spec
-            history = self._histories.load(tx, row, spec.objective.direction)
+            # One query for both what changed since the cached history and
+            # which trials are still pending.
+            base = self._histories.base(row)
+            loaded = tx.ask_trials(row.id, base.version)
+            history = self._histories.refresh(
+                base,
+                row,
+                (t for t in loaded if t.history_version > base.version),
+                spec.objective.direction,
+            )
             halted = logic.halt_reason(spec, {"failed": history.failures}, history.best)
             if halted is not None:
                 return AskResult(trials=[], exhausted=True, reason=halted)
             if spec.suspend:
                 return AskResult(trials=[], exhausted=False, reason="the experiment is suspended")
-            pending = tx.pending_trials(row.id, count)
+            pending = [t for t in loaded if t.state == "pending"][:count]
             assignments = [self._assignment(uid, t.number, t.params) for t in pending]
             room = spec.maxTrials - row.next_number
             wanted = min(count - len(pending), room)
@@ -249,13 +258,7 @@ class TuningService:
                     for i, c in enumerate(suggestions.configs[:wanted])
                 ]
                 next_number += len(new)
-                tx.insert_trials(row.id, new, version)
-                tx.update_experiment(
-                    row.id,
-                    next_number=next_number,
-                    sampler_state=suggestions.state,
-                    history_version=version,
-                )
+                tx.allocate(row.id, new, version, next_number, suggestions.state)
                 history = history.updated(
                     version,
                     (logic.trial_record(t.number, t.params, "pending", None) for t in new),
@@ -383,8 +386,9 @@ class TuningService:
                 objective = clean.get(compiled.spec.objective.metric)
                 rows.append((trial.id, step, clean, objective))
                 accepted.append((i, r, step, experiment_id, compiled, trial, objective))
-            stored = tx.insert_observations(rows)
-            tx.mark_running_many(t.id for *_, t, _ in accepted if t.state == TrialState.PENDING)
+            stored = tx.store_reports(
+                rows, [t.id for *_, t, _ in accepted if t.state == TrialState.PENDING]
+            )
             # One load of intermediate values per experiment serves every decision.
             top_step: dict[int, int] = {}
             for _, _, step, experiment_id, compiled, _, objective in accepted:
@@ -429,20 +433,21 @@ class TuningService:
                 field="state",
             )
         with self.store.write() as tx:
-            row = tx.lock_experiment(uid)
-            if row is None:
-                raise NotFound(f"no experiment {uid!r}", field="uid")
-            trial = tx.lock_trial(row.id, number)
-            if trial is None:
+            # The experiment's row and the trial's, locked in that order (one round trip).
+            found = tx.lock_for_finish(uid, number)
+            if found is None:
+                if tx.lock_experiment(uid) is None:
+                    raise NotFound(f"no experiment {uid!r}", field="uid")
                 raise NotFound(f"experiment {uid!r} has no trial {number}", field="number")
+            experiment_id, spec_version, history_version, trial = found
             current = TrialState(trial.state)
             if current.finished:
                 if current is final or (
                     final is TrialState.SUCCEEDED and current is TrialState.METRICS_UNAVAILABLE
                 ):
-                    return self._trial_view(row.id, number)
+                    return self._trial_view(experiment_id, number)
                 raise Conflict(f"trial {number} already finished ({trial.state})", field="state")
-            compiled = self._compiled_for(tx, row.id, row.spec_version, row.spec)
+            compiled = self._compiled_for(tx, experiment_id, spec_version, None)
             observed = tx.observed_steps(trial.id)
             objective = None
             if final in (TrialState.SUCCEEDED, TrialState.PRUNED):
@@ -454,20 +459,19 @@ class TuningService:
                     message
                     or f"the trial never reported its objective {compiled.spec.objective.metric!r}"
                 )
-            version = row.history_version + 1
+            version = history_version + 1
             now = utcnow()
-            tx.update_experiment(row.id, history_version=version)
-            tx.update_trial(
+            tx.finish_trial(
+                experiment_id,
                 trial.id,
+                version,
+                trial.stop_reason is not None,
                 state=final.value,
                 objective=objective,
                 message=message,
-                history_version=version,
                 started_at=trial.started_at or now,
                 finished_at=now,
             )
-            if trial.stop_reason is not None:
-                tx.close_stop_order(trial.id)
             # Built from what this transaction knows: no re-read on the hot path.
             ended = replace(
                 trial,

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Table, bindparam, delete, insert, select, update
+from sqlalchemy import Table, bindparam, delete, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
@@ -80,12 +80,79 @@ def _trial_of_select(postgres: bool, many: bool) -> Any:
     return _locked(stmt, postgres, of=_trials)
 
 
+# PostgreSQL hot-path statements, run on the transaction's psycopg connection
+# itself: SQLAlchemy's execution machinery costs several times what psycopg
+# does for these small statements, and they are prepared on the server at
+# first use. Data-modifying CTEs let one round trip do what took two or three.
+_T = "t.id, t.number, t.params, t.state, t.objective, t.message, t.stop_reason, " + (
+    "t.history_version, t.created_at, t.started_at, t.finished_at"
+)
+_PG_LOCK_EXPERIMENT = (
+    "SELECT id, uid, name, namespace, spec, spec_version, sampler_state, next_number, "
+    "history_version, created_at FROM experiments WHERE uid = %s FOR UPDATE"
+)
+_PG_ASK_TRIALS = (
+    f"SELECT {_T} FROM trials t WHERE t.experiment_id = %s "
+    "AND (t.history_version > %s OR t.state = 'pending') ORDER BY t.number"
+)
+_PG_ALLOCATE = (
+    "WITH e AS (UPDATE experiments SET next_number = %(next)s, sampler_state = %(state)s, "
+    "history_version = %(version)s, updated_at = %(now)s WHERE id = %(eid)s) "
+    "INSERT INTO trials (experiment_id, number, params, state, history_version, created_at) "
+    "SELECT %(eid)s, u.n, u.p, 'pending', %(version)s, %(now)s "
+    "FROM unnest(%(numbers)s::integer[], %(params)s::jsonb[]) AS u(n, p)"
+)
+_PG_LOCK_TRIALS_OF = (
+    f"SELECT e.id, e.spec_version, {_T} FROM experiments e "
+    "JOIN trials t ON t.experiment_id = e.id WHERE e.uid = %s AND t.number = ANY(%s) "
+    "ORDER BY t.id FOR UPDATE OF t"
+)
+_PG_LOCK_FOR_FINISH = (
+    f"SELECT e.id, e.spec_version, e.history_version, {_T} FROM experiments e "
+    "JOIN trials t ON t.experiment_id = e.id WHERE e.uid = %s AND t.number = %s "
+    "FOR UPDATE OF e, t"
+)
+_PG_STORE_REPORTS = (
+    "WITH r AS (UPDATE trials SET state = 'running', started_at = %(now)s "
+    "WHERE id = ANY(%(pending)s) AND state = 'pending') "
+    "INSERT INTO observations (trial_id, step, metrics, objective, created_at) "
+    "SELECT u.t, u.s, u.m, u.o, %(now)s "
+    "FROM unnest(%(trials)s::bigint[], %(steps)s::bigint[], %(metrics)s::jsonb[], "
+    "%(objectives)s::double precision[]) AS u(t, s, m, o) "
+    "ON CONFLICT (trial_id, step) DO NOTHING RETURNING trial_id, step"
+)
+_PG_FINISH = (
+    "WITH e AS (UPDATE experiments SET history_version = %(version)s, updated_at = %(now)s "
+    "WHERE id = %(eid)s), s AS (DELETE FROM stop_orders WHERE trial_id = %(tid)s AND %(close)s) "
+    "UPDATE trials SET state = %(state)s, objective = %(objective)s, message = %(message)s, "
+    "history_version = %(version)s, started_at = %(started)s, finished_at = %(now)s "
+    "WHERE id = %(tid)s"
+)
+_PG_OBSERVED_STEPS = "SELECT step, objective FROM observations WHERE trial_id = %s ORDER BY step"
+
+
+def _trial(row: Sequence[Any], at: int = 0) -> TrialRow:
+    """A :class:`TrialRow` from the columns of ``_T`` starting at ``at`` (PostgreSQL)."""
+    return TrialRow(*row[at : at + 11])
+
+
 class WriteTxn:
     """One write transaction; every method runs inside it."""
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
         self._postgres = is_postgres(connection)
+
+    def _pg(self, sql: str, params: Any) -> Any:
+        """Run ``sql`` on the psycopg connection of this transaction; the cursor."""
+        cursor = self.connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        cursor.execute(sql, params, prepare=True)
+        return cursor
+
+    @property
+    def postgres(self) -> bool:
+        """Whether this transaction runs on PostgreSQL."""
+        return self._postgres
 
     def _run(
         self, name: str, build: Callable[[], Any], params: Any = None, extra: Any = None
@@ -132,6 +199,9 @@ class WriteTxn:
 
     def lock_experiment(self, uid: str) -> ExperimentRow | None:
         """The experiment, row-locked until the transaction ends."""
+        if self._postgres:
+            found = self._pg(_PG_LOCK_EXPERIMENT, (uid,)).fetchone()
+            return None if found is None else ExperimentRow(*found)
         row = self._run(
             "lock_experiment",
             lambda: _locked(
@@ -200,6 +270,69 @@ class WriteTxn:
         )
         return [trial_row(r) for r in rows]
 
+    def ask_trials(self, experiment_id: int, version: int) -> list[TrialRow]:
+        """Trials changed after history ``version`` or still pending, by number, in one query.
+
+        What ``ask`` needs: :meth:`history_since` and :meth:`pending_trials`
+        together (the caller tells them apart by ``history_version`` and ``state``).
+        """
+        if self._postgres:
+            return [_trial(r) for r in self._pg(_PG_ASK_TRIALS, (experiment_id, version))]
+        rows = self._run(
+            "ask_trials",
+            lambda: (
+                select(*_TRIAL_COLUMNS)
+                .where(
+                    _trials.c.experiment_id == bindparam("eid"),
+                    or_(
+                        _trials.c.history_version > bindparam("version"),
+                        _trials.c.state == "pending",
+                    ),
+                )
+                .order_by(_trials.c.number)
+            ),
+            {"eid": experiment_id, "version": version},
+        )
+        return [trial_row(r) for r in rows]
+
+    def allocate(
+        self,
+        experiment_id: int,
+        trials: Sequence[NewTrial],
+        history_version: int,
+        next_number: int,
+        sampler_state: Any,
+    ) -> None:
+        """Insert freshly allocated ``pending`` trials and advance the experiment, at once.
+
+        :meth:`insert_trials` plus :meth:`update_experiment` (next number,
+        sampler state, history version); one statement on PostgreSQL.
+        """
+        if not self._postgres or not trials:
+            self.insert_trials(experiment_id, trials, history_version)
+            self.update_experiment(
+                experiment_id,
+                next_number=next_number,
+                sampler_state=sampler_state,
+                history_version=history_version,
+            )
+            return
+        from psycopg.types.json import Jsonb
+
+        self._pg(
+            _PG_ALLOCATE,
+            {
+                "eid": experiment_id,
+                "next": next_number,
+                # As SQLAlchemy's JSONB column stores it: None is a JSON null.
+                "state": Jsonb(sampler_state),
+                "version": history_version,
+                "now": utcnow(),
+                "numbers": [t.number for t in trials],
+                "params": [Jsonb(dict(t.params)) for t in trials],
+            },
+        )
+
     def count_states(self, experiment_id: int) -> dict[str, int]:
         """How many trials are in each state."""
         return count_states(self.connection, experiment_id)
@@ -264,6 +397,11 @@ class WriteTxn:
         Rows are locked in id order, so two transactions locking overlapping
         sets cannot deadlock on each other. Missing numbers are absent.
         """
+        if self._postgres:
+            return {
+                int(r[3]): (int(r[0]), int(r[1]), _trial(r, 2))
+                for r in self._pg(_PG_LOCK_TRIALS_OF, (uid, list(numbers)))
+            }
         rows = self._run(
             "lock_trials_of",
             lambda: _trial_of_select(self._postgres, many=True),
@@ -273,6 +411,90 @@ class WriteTxn:
             int(row.number): (int(row.experiment_id), int(row.spec_version), trial_row(row))
             for row in rows
         }
+
+    def lock_for_finish(self, uid: str, number: int) -> tuple[int, int, int, TrialRow] | None:
+        """(experiment id, spec version, history version, trial), both rows locked.
+
+        The experiment row first, then the trial's, as :meth:`lock_experiment`
+        then :meth:`lock_trial` would, in one round trip on PostgreSQL. None
+        when the experiment or the trial does not exist.
+        """
+        if self._postgres:
+            row = self._pg(_PG_LOCK_FOR_FINISH, (uid, number)).fetchone()
+            if row is None:
+                return None
+            return int(row[0]), int(row[1]), int(row[2]), _trial(row, 3)
+        experiment = self.lock_experiment(uid)
+        if experiment is None:
+            return None
+        trial = self.lock_trial(experiment.id, number)
+        if trial is None:
+            return None
+        return experiment.id, experiment.spec_version, experiment.history_version, trial
+
+    def finish_trial(
+        self,
+        experiment_id: int,
+        trial_id: int,
+        history_version: int,
+        close_stop_order: bool,
+        **values: Any,
+    ) -> None:
+        """Record a trial's end, in one statement on PostgreSQL.
+
+        Sets the trial's columns (``values``: state, objective, message,
+        started_at, finished_at) and history version, the experiment's history
+        version, and removes the trial's stop order when ``close_stop_order``.
+        """
+        if not self._postgres:
+            self.update_experiment(experiment_id, history_version=history_version)
+            self.update_trial(trial_id, history_version=history_version, **values)
+            if close_stop_order:
+                self.close_stop_order(trial_id)
+            return
+        self._pg(
+            _PG_FINISH,
+            {
+                "eid": experiment_id,
+                "tid": trial_id,
+                "version": history_version,
+                "now": values["finished_at"],
+                "close": close_stop_order,
+                "state": values["state"],
+                "objective": values["objective"],
+                "message": values["message"],
+                "started": values["started_at"],
+            },
+        )
+
+    def store_reports(
+        self,
+        rows: Sequence[tuple[int, int, Mapping[str, float], float | None]],
+        pending: Iterable[int],
+    ) -> set[tuple[int, int]]:
+        """Store reports and mark the ``pending`` trial ids running, at once.
+
+        :meth:`insert_observations` plus :meth:`mark_running_many`, in one
+        statement on PostgreSQL. Returns the (trial id, step) pairs stored now.
+        """
+        if not self._postgres or not rows:
+            stored = self.insert_observations(rows)
+            self.mark_running_many(pending)
+            return stored
+        from psycopg.types.json import Jsonb
+
+        result = self._pg(
+            _PG_STORE_REPORTS,
+            {
+                "now": utcnow(),
+                "pending": sorted(set(pending)),
+                "trials": [t for t, _, _, _ in rows],
+                "steps": [s for _, s, _, _ in rows],
+                "metrics": [Jsonb(dict(m)) for _, _, m, _ in rows],
+                "objectives": [o for _, _, _, o in rows],
+            },
+        )
+        return {(int(t), int(s)) for t, s in result}
 
     def experiment_spec(self, experiment_id: int) -> tuple[int, dict[str, Any]]:
         """(spec version, spec) of the experiment."""
@@ -345,6 +567,11 @@ class WriteTxn:
 
     def observed_steps(self, trial_id: int) -> list[tuple[int, float | None]]:
         """The trial's reported steps with their objective value (None if not reported), by step."""
+        if self._postgres:
+            return [
+                (int(step), None if value is None else float(value))
+                for step, value in self._pg(_PG_OBSERVED_STEPS, (trial_id,))
+            ]
         rows = self._run(
             "observed_steps",
             lambda: (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -405,3 +406,62 @@ def test_metrics_move(client: httpx.Client) -> None:
         _metric(client, "kubetune_service_request_duration_seconds_count", route=route)
         == latency + 3
     )
+
+
+def test_the_hot_routes_answer_alike_on_the_fast_path_and_through_fastapi(
+    client: httpx.Client,
+) -> None:
+    """The same answers, errors included, on the fast path and through FastAPI.
+
+    A plain ``application/json`` request to ask, observations or finish takes
+    the app's fast path; any other content type goes through FastAPI's routing.
+    """
+    _register(client, maxTrials=4)
+    ask = f"/v1/experiments/{UID}/ask"
+
+    def post(url: str, body: Any, fast: bool, token: str | None = None) -> httpx.Response:
+        headers = {"Content-Type": "application/json" if fast else "application/json; x=1"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return client.post(url, content=json.dumps(body), headers=headers)
+
+    fast_trial = post(ask, {"count": 1}, True).json()["trials"][0]
+    # Idempotent either way: the pending trial again, until it starts.
+    assert post(ask, {"count": 1}, False).json()["trials"][0] == fast_trial
+    assert client.post(f"/v1/experiments/{UID}/trials/0/start").status_code == 204
+    slow_trial = post(ask, {"count": 1}, False).json()["trials"][0]
+    assert (fast_trial["number"], slow_trial["number"]) == (0, 1)
+    for trial, fast in [(fast_trial, True), (slow_trial, False)]:
+        n = trial["number"]
+        obs = f"/v1/experiments/{UID}/trials/{n}/observations"
+        answer = post(obs, {"step": 1, "metrics": {"loss": 0.5}}, fast, trial["token"])
+        assert answer.status_code == 200 and answer.json() == {"stop": False, "reason": ""}
+        # Errors: the same status and body either way.
+        no_token = post(obs, {"step": 2, "metrics": {"loss": 0.5}}, fast)
+        assert no_token.status_code == 401 and no_token.json()["error"]["code"] == "unauthorized"
+        other = post(obs, {"step": 2, "metrics": {"loss": 0.5}}, fast, fast_trial["token"] + "0")
+        assert other.status_code == 403
+        bad = post(obs, {"step": -1, "metrics": {"loss": 0.5}}, fast, trial["token"])
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == "step"
+        finish = f"/v1/experiments/{UID}/trials/{n}/finish"
+        assert post(finish, {"state": "nope"}, fast).status_code == 422
+        done = post(finish, {"state": "succeeded"}, fast)
+        assert done.status_code == 200 and done.json()["objective"] == 0.5
+        again = post(finish, {"state": "failed"}, fast)
+        assert again.status_code == 409 and again.json()["error"]["field"] == "state"
+    for fast in (True, False):
+        missing = post("/v1/experiments/nope/ask", {"count": 1}, fast)
+        assert missing.status_code == 404 and missing.json()["error"]["field"] == "uid"
+        assert post(ask, {"count": 0}, fast).json()["error"]["field"] == "count"
+        malformed = client.post(
+            ask,
+            content=b"{",
+            headers={"Content-Type": "application/json" if fast else "application/json; x=1"},
+        )
+        assert malformed.status_code == 400
+        assert malformed.json()["error"]["code"] == "malformed_json"
+    # The fast path is timed under the route's template, like every route.
+    name, route = "kubetune_service_request_duration_seconds_count", "/v1/experiments/{uid}/ask"
+    before = _metric(client, name, method="POST", route=route)
+    assert post(ask, {"count": 1}, True).status_code == 200
+    assert _metric(client, name, method="POST", route=route) == before + 1

@@ -107,3 +107,67 @@ def test_bulk_prefill_counts_as_allocated_history(store: Store) -> None:
     assert store.count_states(eid) == {"succeeded": 5}
     best = store.best_trial(eid, maximize=False)
     assert best is not None and best.number == 0
+
+
+def test_merged_hot_path_writes_match_the_separate_ones(store: Store) -> None:
+    """The hot paths' merged operations (one statement each on PostgreSQL).
+
+    allocate, ask_trials, store_reports, lock_for_finish and finish_trial leave
+    the store as the separate operations they replace do.
+    """
+    eid = _experiment(store)
+    with store.write() as tx:
+        tx.allocate(eid, [NewTrial(0, {"x": 1}), NewTrial(1, {"x": 2.5})], 1, 2, {"seed": 3})
+    row = store.experiment("uid-1")
+    assert row is not None
+    assert (row.next_number, row.history_version, row.sampler_state) == (2, 1, {"seed": 3})
+    with store.write() as tx:
+        # Nothing changed since version 1, but both trials are pending.
+        assert [(t.number, t.state, t.params) for t in tx.ask_trials(eid, 1)] == [
+            (0, "pending", {"x": 1}),
+            (1, "pending", {"x": 2.5}),
+        ]
+        locked = tx.lock_trials_of("uid-1", [1, 0, 7])
+        assert sorted(locked) == [0, 1]
+        t0 = locked[0][2]
+        assert locked[1][2].number == 1
+        stored = tx.store_reports(
+            [(t0.id, 1, {"loss": 0.5}, 0.5), (t0.id, 1, {"loss": 0.4}, 0.4)], [t0.id]
+        )
+        assert stored == {(t0.id, 1)}
+        assert tx.store_reports([(t0.id, 2, {"acc": 0.9}, None)], []) == {(t0.id, 2)}
+        assert tx.store_reports([], []) == set()
+        tx.add_stop_order(t0.id, "too slow")
+    assert store.observations(eid) == {0: [(1, {"loss": 0.5}), (2, {"acc": 0.9})]}
+    with store.write() as tx:
+        assert tx.lock_for_finish("uid-1", 9) is None
+        assert tx.lock_for_finish("nope", 0) is None
+        found = tx.lock_for_finish("uid-1", 0)
+        assert found is not None
+        experiment_id, spec_version, history_version, trial = found
+        assert (experiment_id, spec_version, history_version) == (eid, 1, 1)
+        assert trial.state == "running" and trial.started_at is not None
+        assert tx.observed_steps(trial.id) == [(1, 0.5), (2, None)]
+        tx.finish_trial(
+            eid,
+            trial.id,
+            2,
+            True,
+            state="pruned",
+            objective=0.5,
+            message=None,
+            started_at=trial.started_at,
+            finished_at=trial.started_at,
+        )
+        # Only what changed after version 1 (trial 0), and what is still pending (trial 1).
+        assert [(t.number, t.state) for t in tx.ask_trials(eid, 1)] == [
+            (0, "pruned"),
+            (1, "pending"),
+        ]
+        assert [t.number for t in tx.ask_trials(eid, 2)] == [1]
+    assert store.open_stops() == []
+    ended = store.trial(eid, 0)
+    assert ended is not None
+    assert (ended.state, ended.objective, ended.stop_reason) == ("pruned", 0.5, "too slow")
+    row = store.experiment("uid-1")
+    assert row is not None and row.history_version == 2 and row.next_number == 2

@@ -1,0 +1,276 @@
+"""Operator throughput: 1,000 one-second trials at parallelism 50 on the harness.
+
+    eval "$(python -m e2e.cluster up)"
+    python bench/operator.py [--trials 1000] [--parallelism 50] [--seconds 1]
+
+Trial Pods run on kwok's fake nodes (kwok's default stages mark each Pod
+Running at once); this script plays the trial's part: when a Pod runs, it
+posts one observation with the trial's own token, as the sidecar would, and
+marks the Pod Succeeded ``--seconds`` after it started. So the run measures
+the operator's bookkeeping (Trials, Pods, service calls, status) and the
+control plane, not training.
+
+The suggestion service and the operator run as host processes (see
+``e2e/operator_helpers.py``). Printed: total time against the ideal
+``trials / parallelism * seconds``, apply-to-first-trial-Running, and the
+peak number of trial Pods running at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from e2e.cluster import Cluster, bin_dir  # noqa: E402
+from e2e.helpers import Kube, find_kubectl, wait_for  # noqa: E402
+from e2e.kube import Api  # noqa: E402
+from e2e.operator_helpers import HostStack, synthetic_experiment  # noqa: E402
+from kubetune_suggestion.store import testing  # noqa: E402
+
+NAMESPACE = f"kubetune-bench-{uuid.uuid4().hex[:5]}"
+TAINT = "kwok.x-k8s.io/node"
+
+
+def fake_nodes(count: int, pods_each: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": f"kwok-bench-{i}",
+                "annotations": {TAINT: "fake"},
+                "labels": {"type": "kwok", "kubernetes.io/hostname": f"kwok-bench-{i}"},
+            },
+            "spec": {"taints": [{"key": TAINT, "value": "fake", "effect": "NoSchedule"}]},
+            "status": {
+                "allocatable": {"cpu": "64", "memory": "256Gi", "pods": str(pods_each)},
+                "capacity": {"cpu": "64", "memory": "256Gi", "pods": str(pods_each)},
+            },
+        }
+        for i in range(count)
+    ]
+
+
+class PodTimeline:
+    """Watches trial Pods: first Running time, peak concurrency, and fake-sidecar reports."""
+
+    def __init__(self, kube: Kube, service_url: str, seconds: float) -> None:
+        self.api = Api.from_kubeconfig(kube.kubeconfig)
+        self.service_url = service_url
+        self.seconds = seconds
+        self.first_running: float | None = None
+        self.running: set[str] = set()
+        self.peak = 0
+        self.reported: set[str] = set()
+        self.stop = threading.Event()
+        # One thread per running trial at most: each sleeps out its trial.
+        self.pool = ThreadPoolExecutor(128)
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        """Follow the trial Pods until stopped."""
+        path = f"/api/v1/namespaces/{NAMESPACE}/pods"
+        rv = self.api.get(path)["metadata"]["resourceVersion"]
+        while not self.stop.is_set():
+            for event in self.api.watch(path, rv, 60, labelSelector="kubetune.io/experiment"):
+                pod = event["object"]
+                rv = pod["metadata"].get("resourceVersion", rv)
+                if event["type"] == "BOOKMARK":
+                    continue
+                name = pod["metadata"]["name"]
+                phase = (pod.get("status") or {}).get("phase")
+                if event["type"] != "DELETED" and phase == "Running":
+                    if self.first_running is None:
+                        self.first_running = time.time()
+                    self.running.add(name)
+                    if name not in self.reported:
+                        self.reported.add(name)
+                        self.pool.submit(self.play_trial, pod, time.time())
+                else:
+                    self.running.discard(name)
+                self.peak = max(self.peak, len(self.running))
+                if self.stop.is_set():
+                    return
+
+    def play_trial(self, pod: dict[str, Any], started: float) -> None:
+        """What the sidecar and the trial would do: report, run, succeed."""
+        meta = pod["metadata"]
+        env = {e["name"]: e.get("value") for e in pod["spec"]["initContainers"][0]["env"]}
+        train_env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        params = json.loads(train_env["KUBETUNE_PARAMS"])
+        loss = 0.05 + 0.08 * (abs(float(params["lr"])) ** 0.5)
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.post(
+                f"{self.service_url}/v1/experiments/{env['KUBETUNE_EXPERIMENT_UID']}"
+                f"/trials/{env['KUBETUNE_TRIAL_NUMBER']}/observations",
+                json={"step": 1, "metrics": {"val_loss": loss}},
+                headers={"Authorization": f"Bearer {env['KUBETUNE_TRIAL_TOKEN']}"},
+                timeout=10,
+            )
+        time.sleep(max(0.0, started + self.seconds - time.time()))
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        status = {
+            "phase": "Succeeded",
+            "containerStatuses": [
+                {
+                    "name": c["name"],
+                    "image": c["image"],
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "state": {
+                        "terminated": {
+                            "exitCode": 0,
+                            "reason": "Completed",
+                            "startedAt": now,
+                            "finishedAt": now,
+                        }
+                    },
+                }
+                for c in pod["spec"]["containers"]
+            ],
+        }
+        path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status"
+        with contextlib.suppress(Exception):
+            self.api.strategic_patch(path, {"status": status})
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trials", type=int, default=1000)
+    parser.add_argument("--parallelism", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=1.0, help="duration of one trial")
+    parser.add_argument("--nodes", type=int, default=5, help="kwok fake nodes")
+    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="service on PostgreSQL (KUBETUNE_TEST_POSTGRES_URL, .ci/postgres.sh) with 2 workers",
+    )
+    args = parser.parse_args()
+
+    cluster = Cluster()
+    if not cluster.is_up():
+        print('no cluster: run `eval "$(python -m e2e.cluster up)"` first', file=sys.stderr)
+        return 2
+    binaries = bin_dir()
+    kube = Kube(cluster.kubeconfig, find_kubectl(binaries), local=True, bin_dir=binaries)
+    work = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
+    kwok = subprocess.Popen(
+        [
+            str(binaries / "kwok"),
+            f"--kubeconfig={kube.kubeconfig}",
+            # kwok's own "fast" stages, copied by e2e/cluster/build.sh.
+            f"--config={binaries / 'kwok-stages.yaml'}",
+            "--manage-all-nodes=false",
+            f"--manage-nodes-with-annotation-selector={TAINT}=fake",
+            "--cidr=10.128.0.0/16",
+            "--node-lease-duration-seconds=40",
+        ],
+        stdout=(work / "kwok.log").open("w"),
+        stderr=subprocess.STDOUT,
+        env=kube.env(),
+    )
+    stack = HostStack(kube, work)
+    cleanup = contextlib.ExitStack()
+    if args.postgres:
+        base = testing.postgres_base_url()
+        if base is None:
+            print("KUBETUNE_TEST_POSTGRES_URL is unset: source .ci/postgres.sh", file=sys.stderr)
+            return 2
+        stack.db_url = cleanup.enter_context(testing.postgres_schema(base))
+        stack.service_workers = 2
+    timeline: PodTimeline | None = None
+    try:
+        kube.apply(*fake_nodes(args.nodes, args.parallelism * 2))
+        kube.kubectl("create", "namespace", NAMESPACE)
+        wait_for(lambda: kube.try_get("sa", "-n", NAMESPACE, "default"), 60, "default SA")
+        stack.start()
+        exp = synthetic_experiment(
+            "bench",
+            max_trials=args.trials,
+            parallelism=args.parallelism,
+            epochs=1,
+            sleep=args.seconds,
+        )
+        exp["spec"]["template"]["spec"].update(
+            nodeSelector={"type": "kwok"},
+            tolerations=[{"key": TAINT, "operator": "Exists", "effect": "NoSchedule"}],
+        )
+        timeline = PodTimeline(kube, stack.service_url, args.seconds)
+        timeline.thread.start()
+        time.sleep(1)
+        applied = time.time()
+        kube.apply(exp, namespace=NAMESPACE)
+
+        def finished() -> str | None:
+            got = kube.get("experiment", "-n", NAMESPACE, "bench")
+            phase = (got.get("status") or {}).get("phase")
+            return phase if phase in ("Succeeded", "Failed") else None
+
+        phase = wait_for(finished, args.timeout, "the benchmark experiment to end", interval=0.25)
+        total = time.time() - applied
+        status = kube.get("experiment", "-n", NAMESPACE, "bench")["status"]
+        trials = len(kube.get("trials", "-n", NAMESPACE)["items"])
+        ideal = args.trials / args.parallelism * args.seconds
+        first = (timeline.first_running or float("nan")) - applied
+        rows = [
+            ("trials (created / max)", f"{trials} / {args.trials}"),
+            ("parallelism", str(args.parallelism)),
+            ("trial duration", f"{args.seconds:g} s"),
+            ("service database", "PostgreSQL, 2 workers" if args.postgres else "SQLite, 1 worker"),
+            ("experiment phase", f"{phase} ({status.get('trialsSummary')})"),
+            (
+                "succeeded / metricsUnavailable",
+                f"{status.get('succeeded')} / {status.get('metricsUnavailable')}",
+            ),
+            ("ideal total", f"{ideal:.1f} s"),
+            ("measured total (apply -> phase final)", f"{total:.1f} s"),
+            ("ratio (target <= 1.5)", f"{total / ideal:.2f}"),
+            ("apply -> first trial Running (target <= 3 s)", f"{first:.2f} s"),
+            ("peak trial Pods Running at once", str(timeline.peak)),
+        ]
+        samples = stack.metrics()
+        reconciles = samples.get(("kubetune_reconcile_duration_seconds_count", ()), 0.0)
+        busy = samples.get(("kubetune_reconcile_duration_seconds_sum", ()), 0.0)
+        rows.append(
+            (
+                "operator reconciles (mean duration)",
+                f"{reconciles:.0f} ({busy / max(reconciles, 1) * 1000:.0f} ms)",
+            )
+        )
+        width = max(len(k) for k, _ in rows)
+        print(f"\n{'metric'.ljust(width)} | value\n{'-' * width}-|------")
+        for k, v in rows:
+            print(f"{k.ljust(width)} | {v}")
+        return 0
+    finally:
+        if timeline is not None:
+            timeline.stop.set()
+        stack.stop()
+        cleanup.close()
+        kube.kubectl("delete", "namespace", NAMESPACE, "--wait=false", "--ignore-not-found")
+        for i in range(args.nodes):
+            kube.kubectl("delete", "node", f"kwok-bench-{i}", "--ignore-not-found", "--wait=false")
+        kwok.terminate()
+        kwok.wait(10)
+        print(f"logs: {work}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

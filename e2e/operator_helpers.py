@@ -1,0 +1,540 @@
+"""Helpers of the operator's e2e tests: the kubetune stack and experiment manifests.
+
+Two ways to run kubetune for the tests, chosen by ``KUBETUNE_E2E_STACK``:
+
+- ``chart`` (:class:`ChartStack`): ``helm install`` of ``charts/kubetune``; the
+  operator and the service run as the chart's Deployments, with its
+  ServiceAccounts and RBAC. The acceptance path.
+- ``host`` (:class:`HostStack`, the default): the service and the operator as
+  processes on this machine pointed at the cluster's kubeconfig; trial Pods
+  (run by the process kubelet on the same host) reach the service on
+  loopback. The quick way to iterate.
+
+Both serve the same interface to the tests: ``service_url``, ``metrics()``,
+``kill_operator()`` / ``start_operator()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from e2e.helpers import Kube, Obj, wait_for
+from e2e.kube import Api, ApiError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class HostStack:
+    """The service and the operator as host processes.
+
+    Attributes:
+        kube: The cluster.
+        workdir: Where the database and the logs go.
+    """
+
+    kube: Kube
+    workdir: Path
+    service_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
+    health_port: int = field(default_factory=free_port)
+    # The service's database (SQLite in ``workdir`` when empty) and processes.
+    db_url: str = ""
+    service_workers: int = 1
+    service: subprocess.Popen[bytes] | None = None
+    operator: subprocess.Popen[bytes] | None = None
+    operator_starts: int = 0
+
+    @property
+    def service_url(self) -> str:
+        """The service's address (also the one trial sidecars use)."""
+        return f"http://127.0.0.1:{self.service_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """The operator's /metrics."""
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def start(self) -> None:
+        """Apply the CRDs, then start the service and the operator."""
+        # KUBETUNE_E2E_CRDS: apply CRDs from another directory (while iterating
+        # on the CRDs themselves); the default is the repository's crds/.
+        crds = os.environ.get("KUBETUNE_E2E_CRDS") or str(REPO / "crds")
+        self.kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", crds)
+        for crd in ("experiments.kubetune.io", "trials.kubetune.io"):
+            self.kube.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = (self.workdir / "service.log").open("ab")
+        self.service = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kubetune_suggestion.service",
+                "--db",
+                self.db_url or f"sqlite:///{self.workdir}/kubetune.db",
+                "--workers",
+                str(self.service_workers),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.service_port),
+                "--log-level",
+                "warning",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+        wait_for(self._service_ready, 60, "the suggestion service /readyz", interval=0.2)
+        self.start_operator()
+
+    def _service_ready(self) -> bool:
+        assert self.service is not None
+        if self.service.poll() is not None:
+            raise RuntimeError(f"the service exited; see {self.workdir / 'service.log'}")
+        try:
+            return httpx.get(f"{self.service_url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def start_operator(self) -> None:
+        """Start (or restart) the operator process."""
+        env = dict(os.environ)
+        env.update(
+            KUBETUNE_SERVICE_URL=self.service_url,
+            KUBETUNE_COLLECTOR_IMAGE="kubetune:e2e",
+            KUBECONFIG=str(self.kube.kubeconfig),
+            PYTHONUNBUFFERED="1",
+        )
+        log = (self.workdir / "operator.log").open("ab")
+        self.operator = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kubetune_controller",
+                "--all-namespaces",
+                "--kubeconfig",
+                str(self.kube.kubeconfig),
+                "--metrics-port",
+                str(self.metrics_port),
+                "--health-port",
+                str(self.health_port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=env,
+        )
+        self.operator_starts += 1
+        wait_for(self._operator_ready, 60, "the operator's /healthz", interval=0.2)
+
+    def _operator_ready(self) -> bool:
+        assert self.operator is not None
+        if self.operator.poll() is not None:
+            raise RuntimeError(f"the operator exited; see {self.workdir / 'operator.log'}")
+        try:
+            url = f"http://127.0.0.1:{self.health_port}/healthz"
+            return httpx.get(url, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def kill_operator(self) -> None:
+        """SIGKILL the operator: no cleanup, as a crash or an OOM kill."""
+        assert self.operator is not None
+        self.operator.send_signal(signal.SIGKILL)
+        self.operator.wait(10)
+
+    def stop(self) -> None:
+        """Stop both processes."""
+        for proc in (self.operator, self.service):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """The operator's samples: (name, sorted labels) -> value."""
+        return _samples(httpx.get(self.metrics_url, timeout=5).text)
+
+    def service_get(self, path: str, **params: Any) -> Any:
+        """GET from the service's API."""
+        resp = httpx.get(f"{self.service_url}{path}", params=params, timeout=10)
+        resp.raise_for_status()
+        return resp.json()
+
+
+@dataclass
+class ChartStack:
+    """kubetune installed with its Helm chart (operator and service as Pods).
+
+    Ports are chosen free on this host: the process kubelet runs pods on the
+    host network, where fixed ports may already be taken.
+
+    Attributes:
+        kube: The cluster.
+        workdir: Where helm's output goes.
+    """
+
+    kube: Kube
+    workdir: Path
+    release: str = "kt"
+    namespace: str = "kubetune-system"
+    service_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
+    health_port: int = field(default_factory=free_port)
+    operator_starts: int = 0
+
+    @property
+    def service_url(self) -> str:
+        """The service, reached on the host (the pods share its network)."""
+        return f"http://127.0.0.1:{self.service_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """The operator's /metrics."""
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def helm(self, *args: str, timeout: float = 300) -> str:
+        """Run helm against the cluster."""
+        local = self.kube.bin_dir / "helm" if self.kube.bin_dir else None
+        binary = str(local) if local and local.exists() else shutil.which("helm")
+        if binary is None:
+            raise FileNotFoundError("helm not found: run e2e/cluster/build.sh")
+        proc = subprocess.run(
+            [binary, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.kube.env(),
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"helm {' '.join(args)}: {proc.stderr}")
+        return proc.stdout
+
+    def start(self) -> None:
+        """Install the chart and wait for both Deployments."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.helm(
+            "upgrade",
+            "--install",
+            self.release,
+            str(REPO / "charts" / "kubetune"),
+            "--namespace",
+            self.namespace,
+            "--create-namespace",
+            # An emptyDir database: the test cluster has no volume provisioner.
+            "--set",
+            "persistence.enabled=false",
+            "--set",
+            f"suggestion.port={self.service_port}",
+            "--set",
+            f"operator.metricsPort={self.metrics_port}",
+            "--set",
+            f"operator.healthPort={self.health_port}",
+        )
+        self._numeric_target_ports()
+        for component in ("suggestion", "operator"):
+            self.kube.kubectl(
+                "rollout",
+                "status",
+                "-n",
+                self.namespace,
+                f"deploy/{self.release}-kubetune-{component}",
+                "--timeout=300s",
+                timeout=330,
+            )
+        self.operator_starts += 1
+
+    def _numeric_target_ports(self) -> None:
+        # Workaround for the process cluster's kube-proxy (e2e/kubelet/proxy.py):
+        # for a *named* targetPort without ready endpoints it listens on the
+        # Service port itself, which is the port the host-network pod must
+        # bind, so the pod never starts. A numeric targetPort equal to the
+        # port is skipped by the proxy. Real clusters need none of this.
+        for svc in self.kube.get("services", "-n", self.namespace)["items"]:
+            ports = svc["spec"]["ports"]
+            patch = [
+                {"op": "replace", "path": f"/spec/ports/{i}/targetPort", "value": p["port"]}
+                for i, p in enumerate(ports)
+                if not isinstance(p.get("targetPort"), int)
+            ]
+            if patch:
+                self.kube.kubectl(
+                    "patch",
+                    "service",
+                    "-n",
+                    self.namespace,
+                    svc["metadata"]["name"],
+                    "--type=json",
+                    "-p",
+                    json.dumps(patch),
+                )
+        # Pods that crashed on the taken port meanwhile: start them afresh.
+        self.kube.kubectl("delete", "pods", "-n", self.namespace, "--all", "--wait=false")
+
+    def kill_operator(self) -> None:
+        """Delete the operator's Pod at once (its Deployment starts another)."""
+        self.kube.kubectl(
+            "delete",
+            "pods",
+            "-n",
+            self.namespace,
+            "-l",
+            "app.kubernetes.io/component=operator",
+            "--grace-period=0",
+            "--force",
+            "--wait=false",
+        )
+
+    def start_operator(self) -> None:
+        """Wait for the replacement operator Pod to be ready."""
+        time.sleep(1)
+        self.kube.kubectl(
+            "rollout",
+            "status",
+            "-n",
+            self.namespace,
+            f"deploy/{self.release}-kubetune-operator",
+            "--timeout=300s",
+            timeout=330,
+        )
+        wait_for(self._metrics_up, 120, "the operator's /metrics", interval=0.5)
+        self.operator_starts += 1
+
+    def _metrics_up(self) -> bool:
+        try:
+            return httpx.get(self.metrics_url, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        """Uninstall the release (CRDs stay, as Helm keeps them)."""
+        with contextlib.suppress(RuntimeError):
+            self.helm("uninstall", self.release, "--namespace", self.namespace, "--wait")
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """The operator's samples: (name, sorted labels) -> value."""
+        return _samples(httpx.get(self.metrics_url, timeout=5).text)
+
+
+def make_stack(kube: Kube, workdir: Path) -> HostStack | ChartStack:
+    """The stack ``KUBETUNE_E2E_STACK`` asks for (``host`` unless ``chart``)."""
+    if os.environ.get("KUBETUNE_E2E_STACK", "host") == "chart":
+        return ChartStack(kube, workdir)
+    return HostStack(kube, workdir)
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def synthetic_experiment(
+    name: str,
+    *,
+    max_trials: int = 6,
+    parallelism: int = 3,
+    epochs: int = 3,
+    sleep: float = 0.5,
+    early_stopping: Obj | None = None,
+    algorithm: str = "random",
+    extra_args: list[str] | None = None,
+    resources: Obj | None = None,
+    **spec: Any,
+) -> Obj:
+    """An Experiment over the synthetic trial (``kubetune_trials.synthetic``)."""
+    container: Obj = {
+        "name": "train",
+        "image": "ghcr.io/kubetune/synthetic:0.1",
+        "command": ["python", "-m", "kubetune_trials.synthetic"],
+        "args": [
+            "--lr=${params.lr}",
+            "--layers=${params.layers}",
+            f"--epochs={epochs}",
+            f"--sleep={sleep}",
+            *(extra_args or []),
+        ],
+    }
+    if resources:
+        container["resources"] = resources
+    body: Obj = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "Experiment",
+        "metadata": {"name": name},
+        "spec": {
+            "objective": {"metric": "val_loss", "direction": "minimize"},
+            "parameters": [
+                {"name": "lr", "type": "float", "min": 1e-4, "max": 1e-1, "log": True},
+                {"name": "layers", "type": "int", "min": 1, "max": 6},
+            ],
+            "algorithm": {"name": algorithm, "seed": 7},
+            "maxTrials": max_trials,
+            "parallelism": parallelism,
+            "template": {"spec": {"terminationGracePeriodSeconds": 5, "containers": [container]}},
+        },
+    }
+    if early_stopping:
+        body["spec"]["earlyStopping"] = early_stopping
+    body["spec"].update(spec)
+    return body
+
+
+def wait_condition(kube: Kube, namespace: str, name: str, condition: str, timeout: int) -> None:
+    """``kubectl wait --for=condition=<condition> experiment/<name>``."""
+    kube.kubectl(
+        "wait",
+        "-n",
+        namespace,
+        f"--for=condition={condition}",
+        f"experiment/{name}",
+        f"--timeout={timeout}s",
+        timeout=timeout + 30,
+    )
+
+
+class PodWatch:
+    """Records every trial Pod event of a namespace with its arrival time.
+
+    Runs a watch in a thread so tests can check what happened between polls:
+    how many Pods ran at once, whether a Pod name was ever created twice, and
+    when each Pod disappeared.
+    """
+
+    def __init__(self, kube: Kube, namespace: str) -> None:
+        self.api = Api.from_kubeconfig(kube.kubeconfig)
+        self.namespace = namespace
+        self.events: list[tuple[float, str, Obj]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PodWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        path = f"/api/v1/namespaces/{self.namespace}/pods"
+        rv = self.api.get(path)["metadata"]["resourceVersion"]
+        while not self._stop.is_set():
+            try:
+                for event in self.api.watch(
+                    path, rv, timeout_seconds=30, labelSelector="kubetune.io/experiment"
+                ):
+                    obj = event["object"]
+                    rv = obj["metadata"].get("resourceVersion", rv)
+                    if event["type"] != "BOOKMARK":
+                        self.events.append((time.time(), event["type"], obj))
+                    if self._stop.is_set():
+                        return
+            except ApiError:
+                rv = self.api.get(path)["metadata"]["resourceVersion"]
+
+    def added(self) -> list[str]:
+        """Pod names in the order they were created (a name twice = a duplicate)."""
+        return [o["metadata"]["name"] for _, t, o in self.events if t == "ADDED"]
+
+    def deleted_at(self) -> dict[str, float]:
+        """When each Pod disappeared."""
+        return {o["metadata"]["name"]: ts for ts, t, o in self.events if t == "DELETED"}
+
+    def max_concurrent(self, resource: str | None = None) -> int:
+        """Most Pods (requesting ``resource``, if given) in phase Running at one time."""
+        running: set[str] = set()
+        peak = 0
+        for _, kind, obj in self.events:
+            name = obj["metadata"]["name"]
+            if resource and not _requests(obj, resource):
+                continue
+            if kind != "DELETED" and (obj.get("status") or {}).get("phase") == "Running":
+                running.add(name)
+            else:
+                running.discard(name)
+            peak = max(peak, len(running))
+        return peak
+
+
+def _requests(pod: Obj, resource: str) -> int:
+    total = 0
+    for c in pod["spec"].get("containers", []):
+        res = c.get("resources") or {}
+        total += int(
+            (res.get("limits") or {}).get(resource, 0)
+            or (res.get("requests") or {}).get(resource, 0)
+        )
+    return total
+
+
+class StopRecorder:
+    """Polls the service's open stop orders and notes when each first appeared."""
+
+    def __init__(self, stack: HostStack | ChartStack, uid: str) -> None:
+        self.stack = stack
+        self.uid = uid
+        self.first_seen: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> StopRecorder:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.stack.service_url, timeout=10) as client:
+            while not self._stop.is_set():
+                try:
+                    resp = client.get(f"/v1/experiments/{self.uid}/stops")
+                    now = time.time()
+                    if resp.status_code == 200:
+                        for order in resp.json():
+                            self.first_seen.setdefault(int(order["number"]), now)
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.02)
+
+
+def trials_of(kube: Kube, namespace: str, experiment: str) -> list[Obj]:
+    """The experiment's Trials."""
+    items: list[Obj] = kube.get(
+        "trials", "-n", namespace, "-l", f"kubetune.io/experiment={experiment}"
+    )["items"]
+    return items
+
+
+def iter_lines(text: str) -> Iterator[str]:
+    """Non-empty lines."""
+    return (line for line in text.splitlines() if line.strip())

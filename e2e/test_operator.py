@@ -1,0 +1,262 @@
+"""The operator on the real control plane (issue 5's acceptance).
+
+The operator and the suggestion service run either from the Helm chart
+(``KUBETUNE_E2E_STACK=chart``: both as Deployments with the chart's
+ServiceAccounts and RBAC) or as host processes pointed at the cluster (the
+default, quicker to iterate); see :mod:`e2e.operator_helpers`. Trials run as
+real Pods of the process kubelet, each with the metrics collector as a native
+sidecar streaming to the service. Everything is checked through kubectl, the
+operator's /metrics and the service's API.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from e2e.helpers import Kube, wait_for
+from e2e.operator_helpers import (
+    ChartStack,
+    HostStack,
+    PodWatch,
+    StopRecorder,
+    make_stack,
+    synthetic_experiment,
+    trials_of,
+    wait_condition,
+)
+
+GPU = "nvidia.com/gpu"
+FINAL = {"Succeeded", "Failed", "Pruned", "MetricsUnavailable"}
+
+
+@pytest.fixture(scope="module")
+def stack(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostStack | ChartStack]:
+    s = make_stack(kube, Path(tmp_path_factory.mktemp("kubetune-stack")))
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def experiment(kube: Kube, namespace: str, name: str) -> dict:
+    return kube.get("experiment", "-n", namespace, name)
+
+
+def condition(exp: dict, kind: str) -> dict:
+    return next(c for c in exp["status"]["conditions"] if c["type"] == kind)
+
+
+def described_events(kube: Kube, namespace: str, name: str, *reasons: str) -> None:
+    """Wait until ``kubectl describe experiment`` lists events with these reasons.
+
+    Events are posted right after the status change they describe, so a test
+    that has just seen the status may look a moment too early.
+    """
+
+    def shown() -> bool:
+        text = kube.kubectl("describe", "experiment", "-n", namespace, name)
+        return all(reason in text for reason in reasons)
+
+    wait_for(shown, 30, f"events {reasons} on experiment {name}")
+
+
+def test_experiment_runs_to_max_trials(
+    kube: Kube, namespace: str, stack: HostStack | ChartStack
+) -> None:
+    kube.apply(synthetic_experiment("rand", max_trials=6, parallelism=3), namespace=namespace)
+    wait_condition(kube, namespace, "rand", "Succeeded", 300)
+
+    exp = experiment(kube, namespace, "rand")
+    trials = trials_of(kube, namespace, "rand")
+    assert len(trials) == 6
+    assert sorted(t["spec"]["number"] for t in trials) == list(range(6))
+    assert {t["status"]["phase"] for t in trials} <= FINAL
+    finals = {
+        t["metadata"]["name"]: t["status"]["objective"]
+        for t in trials
+        if t["status"]["phase"] == "Succeeded"
+    }
+    assert finals
+    best = min(finals, key=finals.__getitem__)
+    assert exp["status"]["bestObjective"] == pytest.approx(finals[best])
+    assert exp["status"]["bestTrial"]["name"] == best
+    assert exp["status"]["trialsSummary"] == "6/6"
+    assert condition(exp, "Succeeded")["reason"] == "MaxTrialsReached"
+    assert condition(exp, "ServiceAvailable")["status"] == "True"
+
+    # What a user sees.
+    table = kube.kubectl("get", "experiments", "-n", namespace)
+    header, row = table.splitlines()[:2]
+    assert header.split() == ["NAME", "PHASE", "BEST", "TRIALS", "RUNNING", "PRUNED", "AGE"]
+    cells = row.split()
+    assert cells[:2] == ["rand", "Succeeded"]
+    assert float(cells[2]) == pytest.approx(exp["status"]["bestObjective"], rel=1e-3)
+    assert cells[3:6] == ["6/6", "0", str(exp["status"]["pruned"])]
+    trial_table = kube.kubectl("get", "trials", "-n", namespace).splitlines()
+    assert trial_table[0].split() == ["NAME", "PHASE", "OBJECTIVE", "STEP", "POD", "AGE"]
+    assert len(trial_table) == 7
+    assert "rand" in kube.kubectl("get", "kubetune", "-n", namespace)
+    described_events(kube, namespace, "rand", "TrialCreated", "ExperimentSucceeded")
+
+    # The Pods: user's command as written, sidecar, logs untouched.
+    pod = kube.pod(namespace, trials[0]["status"]["podName"])
+    train = pod["spec"]["containers"][0]
+    assert train["command"] == ["python", "-m", "kubetune_trials.synthetic"]
+    sidecar = pod["spec"]["initContainers"][0]
+    assert sidecar["restartPolicy"] == "Always"
+    assert pod["metadata"]["ownerReferences"][0]["kind"] == "Trial"
+    assert trials[0]["metadata"]["ownerReferences"][0]["kind"] == "Experiment"
+    # The trainer's own stdout, straight from the container (not redirected).
+    assert "epoch 1/3 val_loss=" in kube.logs(namespace, pod["metadata"]["name"], "train")
+
+    # /metrics agrees with the cluster.
+    samples = stack.metrics()
+    assert samples[("kubetune_trials", (("namespace", namespace), ("phase", "Succeeded")))] == len(
+        finals
+    )
+    assert (
+        samples[("kubetune_experiments", (("namespace", namespace), ("phase", "Succeeded")))] == 1
+    )
+    key = ("kubetune_experiment_best_objective", (("experiment", "rand"), ("namespace", namespace)))
+    assert samples[key] == pytest.approx(exp["status"]["bestObjective"])
+
+
+def test_asha_prunes_within_two_seconds(
+    kube: Kube, namespace: str, stack: HostStack | ChartStack
+) -> None:
+    spec = synthetic_experiment(
+        "asha",
+        max_trials=12,
+        parallelism=4,
+        epochs=9,
+        sleep=0.3,
+        early_stopping={"name": "asha", "minResource": 1, "maxResource": 9, "reductionFactor": 3},
+    )
+    with PodWatch(kube, namespace) as pods:
+        kube.apply(spec, namespace=namespace)
+        uid = experiment(kube, namespace, "asha")["metadata"]["uid"]
+        with StopRecorder(stack, uid) as stops:
+            wait_condition(kube, namespace, "asha", "Succeeded", 600)
+            time.sleep(1)
+    trials = trials_of(kube, namespace, "asha")
+    assert len(trials) == 12
+    pruned = [t for t in trials if t["status"]["phase"] == "Pruned"]
+    assert pruned, [t["status"] for t in trials]
+    assert all(t["status"].get("stopReason") for t in pruned)
+    gone = pods.deleted_at()
+    delays = {
+        t["metadata"]["name"]: gone[t["metadata"]["name"]] - stops.first_seen[t["spec"]["number"]]
+        for t in pruned
+        if t["spec"]["number"] in stops.first_seen and t["metadata"]["name"] in gone
+    }
+    assert delays, "no stop decision was observed"
+    print("stop decision -> Pod gone (s):", {k: round(v, 3) for k, v in sorted(delays.items())})
+    assert max(delays.values()) <= 2.0, delays
+    exp = experiment(kube, namespace, "asha")
+    assert exp["status"]["pruned"] == len(pruned)
+    described_events(kube, namespace, "asha", "TrialPruned")
+
+
+def test_gpu_trials_never_exceed_capacity(
+    kube: Kube, namespace: str, stack: HostStack | ChartStack
+) -> None:
+    capacity = sum(
+        int(n["status"].get("allocatable", {}).get(GPU, 0)) for n in kube.get("nodes")["items"]
+    )
+    if capacity == 0:
+        pytest.skip("no node offers nvidia.com/gpu")
+    n = capacity + 2
+    spec = synthetic_experiment(
+        "gpu",
+        max_trials=n,
+        parallelism=n,
+        epochs=4,
+        sleep=0.5,
+        resources={"limits": {GPU: 1}},
+    )
+    with PodWatch(kube, namespace) as pods:
+        kube.apply(spec, namespace=namespace)
+        wait_condition(kube, namespace, "gpu", "Succeeded", 600)
+    assert 1 <= pods.max_concurrent(GPU) <= capacity
+    trials = trials_of(kube, namespace, "gpu")
+    assert len(trials) == n
+    pod = kube.pod(namespace, trials[0]["status"]["podName"])
+    assert pod["spec"]["containers"][0]["resources"]["limits"][GPU] in (1, "1")
+
+
+def test_operator_killed_three_times(
+    kube: Kube, namespace: str, stack: HostStack | ChartStack
+) -> None:
+    spec = synthetic_experiment("crash", max_trials=12, parallelism=3, epochs=4, sleep=0.25)
+    with PodWatch(kube, namespace) as pods:
+        kube.apply(spec, namespace=namespace)
+        for kill in range(1, 4):
+
+            def done(kill: int = kill) -> bool:
+                trials = trials_of(kube, namespace, "crash")
+                return sum(t.get("status", {}).get("phase") in FINAL for t in trials) >= 3 * kill
+
+            wait_for(done, 300, f"{3 * kill} trials done")
+            stack.kill_operator()
+            stack.start_operator()
+        wait_condition(kube, namespace, "crash", "Succeeded", 600)
+    trials = trials_of(kube, namespace, "crash")
+    assert len(trials) == 12
+    assert sorted(t["spec"]["number"] for t in trials) == list(range(12))
+    created = pods.added()
+    assert len(created) == len(set(created)) == 12, created
+
+
+def test_failures_end_the_experiment(
+    kube: Kube, namespace: str, stack: HostStack | ChartStack
+) -> None:
+    kube.apply(
+        synthetic_experiment(
+            "failing", max_trials=6, parallelism=2, extra_args=["--fail-at=1"], maxFailedTrials=1
+        ),
+        synthetic_experiment("silent", max_trials=1, parallelism=1, extra_args=["--no-objective"]),
+        namespace=namespace,
+    )
+    wait_condition(kube, namespace, "failing", "Failed", 300)
+    wait_condition(kube, namespace, "silent", "Failed", 300)
+    failing = experiment(kube, namespace, "failing")
+    assert condition(failing, "Failed")["reason"] == "TooManyFailedTrials"
+    failed = [t for t in trials_of(kube, namespace, "failing") if t["status"]["phase"] == "Failed"]
+    assert len(failed) >= 2
+    assert "exited with code 1" in failed[0]["status"]["message"]
+    described_events(kube, namespace, "failing", "TrialFailed", "ExperimentFailed")
+    (silent,) = trials_of(kube, namespace, "silent")
+    assert silent["status"]["phase"] == "MetricsUnavailable"
+    assert "val_loss" in silent["status"]["message"]
+    assert (
+        condition(experiment(kube, namespace, "silent"), "Failed")["reason"] == "NoTrialSucceeded"
+    )
+
+
+def test_suspend_edit_and_delete(kube: Kube, namespace: str, stack: HostStack | ChartStack) -> None:
+    spec = synthetic_experiment("edit", max_trials=8, parallelism=1, epochs=2, suspend=True)
+    kube.apply(spec, namespace=namespace)
+    wait_condition(kube, namespace, "edit", "Suspended", 60)
+    time.sleep(2)
+    assert trials_of(kube, namespace, "edit") == []
+
+    patch = {"spec": {"suspend": False, "parallelism": 2, "maxTrials": 3}}
+    kube.kubectl(
+        "patch", "experiment", "-n", namespace, "edit", "--type=merge", "-p", json.dumps(patch)
+    )
+    wait_condition(kube, namespace, "edit", "Succeeded", 300)
+    assert len(trials_of(kube, namespace, "edit")) == 3
+
+    kube.kubectl("delete", "experiment", "-n", namespace, "edit", "--wait=true", timeout=120)
+
+    def gone() -> bool:
+        pods = kube.get("pods", "-n", namespace, "-l", "kubetune.io/experiment=edit")["items"]
+        return not trials_of(kube, namespace, "edit") and not pods
+
+    wait_for(gone, 120, "trials and pods of a deleted experiment to be garbage-collected")

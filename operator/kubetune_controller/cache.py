@@ -1,0 +1,148 @@
+"""The operator's view of the cluster, kept current by kopf's watch events.
+
+Reconciles read this cache instead of listing objects, so their cost does not
+grow with the number of trials an experiment has had. The cache may lag
+behind the API server (or our own writes until their watch events arrive);
+that is safe because every decision based on it is idempotent and the count
+of trials to start comes from the suggestion service, never from here. The
+operator's own writes go through :meth:`ClusterCache.put_trial` /
+:meth:`ClusterCache.put_pod` too, so the next reconcile sees them at once.
+
+The Prometheus scrape thread reads it while the event loop writes: a lock
+makes each snapshot consistent.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+from kubetune_controller.metrics import ClusterSnapshot
+from kubetune_controller.model import ExperimentView, PodView, TrialView, is_older, label_value
+
+Key = tuple[str, str]
+
+
+class ClusterCache:
+    """Experiments, their Trials and their trial Pods."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._experiments: dict[Key, ExperimentView] = {}
+        self._by_uid: dict[str, Key] = {}
+        self._trials: dict[Key, dict[str, TrialView]] = defaultdict(dict)
+        # Pods are found by their experiment label, which is the experiment
+        # name, hashed when longer than a label value may be.
+        self._pods: dict[Key, dict[str, PodView]] = defaultdict(dict)
+
+    # -- experiments ----------------------------------------------------------------------
+
+    def put_experiment(self, view: ExperimentView) -> None:
+        """Record an Experiment's latest state."""
+        with self._lock:
+            old = self._experiments.get(view.key)
+            if (
+                old is not None
+                and old.uid == view.uid
+                and is_older(view.resource_version, old.resource_version)
+            ):
+                return
+            self._experiments[view.key] = view
+            self._by_uid[view.uid] = view.key
+
+    def drop_experiment(self, key: Key) -> ExperimentView | None:
+        """Forget a deleted Experiment (its Trials and Pods go with it by GC)."""
+        with self._lock:
+            view = self._experiments.pop(key, None)
+            if view is not None:
+                self._by_uid.pop(view.uid, None)
+            return view
+
+    def experiment(self, key: Key) -> ExperimentView | None:
+        """The Experiment, if known."""
+        return self._experiments.get(key)
+
+    def key_for_uid(self, uid: str) -> Key | None:
+        """The Experiment with this uid, if this operator watches it."""
+        return self._by_uid.get(uid)
+
+    def experiment_keys(self) -> list[Key]:
+        """Every known Experiment."""
+        with self._lock:
+            return list(self._experiments)
+
+    # -- trials and pods ------------------------------------------------------------------
+
+    def put_trial(self, view: TrialView) -> None:
+        """Record a Trial's latest state."""
+        with self._lock:
+            bucket = self._trials[(view.namespace, view.experiment)]
+            old = bucket.get(view.name)
+            if (
+                old is not None
+                and old.uid == view.uid
+                and is_older(view.resource_version, old.resource_version)
+            ):
+                return
+            bucket[view.name] = view
+
+    def drop_trial(self, view: TrialView) -> None:
+        """Forget a deleted Trial."""
+        with self._lock:
+            bucket = self._trials.get((view.namespace, view.experiment))
+            if bucket is not None:
+                bucket.pop(view.name, None)
+                if not bucket:
+                    del self._trials[(view.namespace, view.experiment)]
+
+    def trials(self, key: Key) -> dict[str, TrialView]:
+        """An experiment's Trials by name (a copy)."""
+        with self._lock:
+            return dict(self._trials.get(key, {}))
+
+    def put_pod(self, experiment_label: str, view: PodView) -> None:
+        """Record a trial Pod's latest state."""
+        with self._lock:
+            bucket = self._pods[(view.namespace, experiment_label)]
+            old = bucket.get(view.name)
+            if (
+                old is not None
+                and old.uid == view.uid
+                and is_older(view.resource_version, old.resource_version)
+            ):
+                return
+            bucket[view.name] = view
+
+    def drop_pod(self, experiment_label: str, view: PodView) -> None:
+        """Forget a deleted Pod."""
+        key = (view.namespace, experiment_label)
+        with self._lock:
+            bucket = self._pods.get(key)
+            if bucket is not None:
+                bucket.pop(view.name, None)
+                if not bucket:
+                    del self._pods[key]
+
+    def pods(self, key: Key) -> dict[str, PodView]:
+        """An experiment's trial Pods by name (a copy)."""
+        namespace, name = key
+        with self._lock:
+            return dict(self._pods.get((namespace, label_value(name)), {}))
+
+    # -- metrics --------------------------------------------------------------------------
+
+    def snapshot(self) -> ClusterSnapshot:
+        """Counts for the scrape-time gauges."""
+        experiments: dict[tuple[str, str], int] = defaultdict(int)
+        trials: dict[tuple[str, str], int] = defaultdict(int)
+        best: dict[tuple[str, str], float] = {}
+        with self._lock:
+            for (ns, name), exp in self._experiments.items():
+                experiments[(ns, str(exp.status.get("phase") or "Pending"))] += 1
+                value = exp.status.get("bestObjective")
+                if isinstance(value, int | float):
+                    best[(ns, name)] = float(value)
+            for (ns, _), bucket in self._trials.items():
+                for trial in bucket.values():
+                    trials[(ns, trial.phase.value if trial.phase else "Pending")] += 1
+        return ClusterSnapshot(dict(experiments), dict(trials), best)

@@ -1,0 +1,257 @@
+"""All of the operator's writes and direct reads of the Kubernetes API.
+
+Watches are kopf's (see :mod:`kubetune_controller.handlers`); everything else
+the operator does to the cluster goes through :class:`Kube`, so this is the
+one module to read to know what the operator can change, and the one the
+RBAC rules in the Helm chart mirror.
+
+Credentials come from the ``kubernetes`` client's loaders (in-cluster service
+account, else the kubeconfig), the same ones kopf logs in with. Requests go out
+over one aiohttp connection pool (kopf's own HTTP stack, which stays cheap
+with hundreds of requests in flight): bodies are the plain dicts the pure
+builders return, and nothing blocks the event loop or waits for a thread.
+
+Every write is idempotent: creates treat 409 (already exists) as success and
+return the existing object, deletes treat 404 as success, status writes are
+JSON merge patches of the operator's own fields.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
+
+from kubetune_controller.settings import EXPERIMENTS, GROUP, TRIALS, VERSION
+
+log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+MERGE_PATCH = "application/merge-patch+json"
+
+
+class KubeError(Exception):
+    """A non-2xx answer the operator did not expect.
+
+    Attributes:
+        status: The HTTP status.
+        reason: The Status object's reason (``AlreadyExists``, ``Invalid``...).
+    """
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+class _Token:
+    """Bearer tokens from the client configuration, refreshed when they rotate.
+
+    In a cluster the service-account token is a projected, expiring file; the
+    ``kubernetes`` loader's refresh hook rereads it, at most once a minute here.
+    """
+
+    def __init__(self, configuration: k8s_client.Configuration) -> None:
+        self._cfg = configuration
+        self._checked = 0.0
+
+    def header(self) -> str | None:
+        """The ``Authorization`` header value, if the credentials are a token."""
+        now = time.monotonic()
+        hook = getattr(self._cfg, "refresh_api_key_hook", None)
+        if hook is not None and now - self._checked > 60:
+            self._checked = now
+            hook(self._cfg)
+        keys = self._cfg.api_key or {}
+        token = keys.get("authorization") or keys.get("BearerToken")
+        if not token:
+            return None
+        return token if token.lower().startswith("bearer ") else f"Bearer {token}"
+
+
+def load_configuration(kubeconfig: str | None = None) -> k8s_client.Configuration:
+    """Load credentials: the in-cluster service account, else the kubeconfig."""
+    cfg = k8s_client.Configuration()
+    if kubeconfig is None:
+        try:
+            k8s_config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+            return cfg
+        except k8s_config.ConfigException:
+            pass
+    k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+        config_file=kubeconfig, client_configuration=cfg
+    )
+    return cfg
+
+
+class Kube:
+    """The operator's Kubernetes client.
+
+    Args:
+        configuration: Credentials and address (see :func:`load_configuration`).
+        max_connections: Connections to the API server at most.
+    """
+
+    def __init__(self, configuration: k8s_client.Configuration, max_connections: int = 32) -> None:
+        self._base = configuration.host.rstrip("/")
+        self._token = _Token(configuration)
+        self._ssl: ssl.SSLContext | bool = False
+        if configuration.verify_ssl or configuration.cert_file:
+            context = ssl.create_default_context(cafile=configuration.ssl_ca_cert or None)
+            if not configuration.verify_ssl:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            if configuration.cert_file and configuration.key_file:
+                context.load_cert_chain(configuration.cert_file, configuration.key_file)
+            self._ssl = context
+        self._limit = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        # Created lazily: an aiohttp session belongs to the running event loop.
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=self._limit),
+                timeout=aiohttp.ClientTimeout(total=30, connect=10),
+                headers={"Accept": "application/json"},
+            )
+        return self._session
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        if self._session is not None:
+            await self._session.close()
+
+    # -- paths --------------------------------------------------------------------------
+
+    @staticmethod
+    def _custom(namespace: str, plural: str, name: str | None = None) -> str:
+        base = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{plural}"
+        return f"{base}/{name}" if name else base
+
+    @staticmethod
+    def _pods(namespace: str, name: str | None = None) -> str:
+        base = f"/api/v1/namespaces/{namespace}/pods"
+        return f"{base}/{name}" if name else base
+
+    # -- operations -----------------------------------------------------------------------
+
+    async def create_trial(self, body: Obj) -> Obj:
+        """Create a Trial, or return the existing one of that name."""
+        meta = body["metadata"]
+        return await self._create(self._custom(meta["namespace"], TRIALS), body)
+
+    async def create_pod(self, body: Obj) -> Obj:
+        """Create a Pod, or return the existing one of that name."""
+        meta = body["metadata"]
+        return await self._create(self._pods(meta["namespace"]), body)
+
+    async def get_pod(self, namespace: str, name: str) -> Obj | None:
+        """Read a Pod directly from the API server; ``None`` if it does not exist."""
+        try:
+            data: Obj = await self._request("GET", self._pods(namespace, name))
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return data
+
+    async def delete_pod(self, namespace: str, name: str, grace_seconds: int) -> bool:
+        """Delete a Pod with a grace period; ``False`` if it was already gone."""
+        body = {
+            "apiVersion": "v1",
+            "kind": "DeleteOptions",
+            "gracePeriodSeconds": grace_seconds,
+            "propagationPolicy": "Background",
+        }
+        try:
+            await self._request("DELETE", self._pods(namespace, name), body)
+        except KubeError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    async def pod_logs(self, namespace: str, name: str, container: str, lines: int) -> str | None:
+        """The last ``lines`` log lines of a container, or ``None`` if unavailable."""
+        params = {"container": container, "tailLines": str(lines), "limitBytes": "16384"}
+        try:
+            async with self._client().get(
+                f"{self._base}{self._pods(namespace, name)}/log",
+                params=params,
+                headers=self._auth(),
+            ) as resp:
+                if resp.status >= 300:
+                    return None
+                return await resp.text()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.info("logs of %s/%s unavailable: %s", namespace, name, exc)
+            return None
+
+    async def patch_trial_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> Obj:
+        """Merge-patch a Trial's status."""
+        path = f"{self._custom(namespace, TRIALS, name)}/status"
+        data: Obj = await self._request("PATCH", path, {"status": dict(status)}, MERGE_PATCH)
+        return data
+
+    async def patch_experiment_status(
+        self, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> Obj:
+        """Merge-patch an Experiment's status (lists such as conditions are replaced)."""
+        path = f"{self._custom(namespace, EXPERIMENTS, name)}/status"
+        data: Obj = await self._request("PATCH", path, {"status": dict(status)}, MERGE_PATCH)
+        return data
+
+    async def create_event(self, body: Obj) -> None:
+        """Record an Event; failures are logged, never raised (events are best effort)."""
+        path = f"/api/v1/namespaces/{body['metadata']['namespace']}/events"
+        try:
+            await self._request("POST", path, body)
+        except (KubeError, aiohttp.ClientError, TimeoutError) as exc:
+            log.info("event %s not recorded: %s", body.get("reason"), exc)
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    async def _create(self, path: str, body: Obj) -> Obj:
+        try:
+            data: Obj = await self._request("POST", path, body)
+            return data
+        except KubeError as exc:
+            if exc.status != 409:
+                raise
+        existing: Obj = await self._request("GET", f"{path}/{body['metadata']['name']}")
+        return existing
+
+    def _auth(self) -> dict[str, str]:
+        header = self._token.header()
+        return {"Authorization": header} if header else {}
+
+    async def _request(
+        self, method: str, path: str, body: Any = None, content_type: str = "application/json"
+    ) -> Any:
+        headers = self._auth()
+        data = None
+        if body is not None:
+            headers["Content-Type"] = content_type
+            data = json.dumps(body).encode()
+        async with self._client().request(
+            method, f"{self._base}{path}", data=data, headers=headers
+        ) as resp:
+            raw = await resp.read()
+            if resp.status >= 300:
+                try:
+                    status = json.loads(raw)
+                except ValueError:
+                    status = {"message": raw.decode(errors="replace")}
+                raise KubeError(
+                    resp.status, str(status.get("reason", "")), str(status.get("message", ""))
+                )
+            return json.loads(raw) if raw else None

@@ -1,0 +1,271 @@
+"""What the reconciler knows about cluster objects: small frozen views.
+
+Watch events carry whole objects; the operator keeps only the few fields its
+decisions need, parsed once into these views. That keeps the in-memory cache
+small at thousands of trials and gives the pure decision code typed inputs
+that tests build in one line.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from kubetune_controller.settings import LABEL_NUMBER
+
+Obj = dict[str, Any]
+
+
+class TrialPhase(enum.StrEnum):
+    """A Trial's ``status.phase``; the last four are final."""
+
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    PRUNED = "Pruned"
+    METRICS_UNAVAILABLE = "MetricsUnavailable"
+
+    @property
+    def final(self) -> bool:
+        """Whether the trial has ended (it never changes again)."""
+        return self not in (TrialPhase.PENDING, TrialPhase.RUNNING)
+
+
+class ExperimentPhase(enum.StrEnum):
+    """An Experiment's ``status.phase``."""
+
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+    @property
+    def final(self) -> bool:
+        """Whether the experiment has ended."""
+        return self in (ExperimentPhase.SUCCEEDED, ExperimentPhase.FAILED)
+
+
+# Trial states of the suggestion service (CONTRACT.md) and the Trial phase each
+# one is shown as.
+SERVICE_STATE_PHASE: Mapping[str, TrialPhase] = {
+    "pending": TrialPhase.PENDING,
+    "running": TrialPhase.RUNNING,
+    "succeeded": TrialPhase.SUCCEEDED,
+    "failed": TrialPhase.FAILED,
+    "pruned": TrialPhase.PRUNED,
+    "metrics_unavailable": TrialPhase.METRICS_UNAVAILABLE,
+}
+
+
+def parse_time(value: object) -> datetime | None:
+    """Parse an RFC 3339 timestamp as the API server writes it."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def format_time(moment: datetime) -> str:
+    """Format a timestamp the way Kubernetes does (UTC, seconds, ``Z``)."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def label_value(name: str) -> str:
+    """A label value for an object name (names may be longer than 63 characters).
+
+    Long names keep a readable prefix and a hash, so two long names never share
+    a label value.
+    """
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[:54].rstrip('-.')}-{digest}"
+
+
+def trial_name(experiment: str, number: int) -> str:
+    """The deterministic name of an experiment's trial (and of its Pod)."""
+    return f"{experiment}-{number}"
+
+
+@dataclass(frozen=True)
+class ExperimentView:
+    """The fields of an Experiment the operator reads."""
+
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    # The raw spec: parsed by ``kubetune_suggestion.spec`` where it is used, so
+    # an invalid spec becomes a condition instead of an exception here.
+    spec: Mapping[str, Any]
+    status: Mapping[str, Any]
+    deleting: bool = False
+    resource_version: str = ""
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> ExperimentView:
+        """Read an Experiment object as the API server sends it."""
+        meta = body.get("metadata") or {}
+        return cls(
+            namespace=str(meta.get("namespace", "")),
+            name=str(meta.get("name", "")),
+            uid=str(meta.get("uid", "")),
+            generation=int(meta.get("generation") or 0),
+            spec=dict(body.get("spec") or {}),
+            status=dict(body.get("status") or {}),
+            deleting=bool(meta.get("deletionTimestamp")),
+            resource_version=str(meta.get("resourceVersion") or ""),
+        )
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """``(namespace, name)``."""
+        return (self.namespace, self.name)
+
+    @property
+    def phase(self) -> ExperimentPhase | None:
+        """The recorded phase, if any."""
+        try:
+            return ExperimentPhase(str(self.status.get("phase")))
+        except ValueError:
+            return None
+
+
+@dataclass(frozen=True)
+class TrialView:
+    """The fields of a Trial the operator reads."""
+
+    namespace: str
+    name: str
+    uid: str
+    experiment: str
+    number: int
+    pod_name: str
+    phase: TrialPhase | None
+    created: datetime | None
+    objective: float | None = None
+    stop_reason: str | None = None
+    message: str | None = None
+    last_step: int | None = None
+    resource_version: str = ""
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> TrialView:
+        """Read a Trial object as the API server sends it."""
+        meta = body.get("metadata") or {}
+        spec = body.get("spec") or {}
+        status = body.get("status") or {}
+        name = str(meta.get("name", ""))
+        try:
+            phase: TrialPhase | None = TrialPhase(str(status.get("phase")))
+        except ValueError:
+            phase = None
+        objective = status.get("objective")
+        last_step = status.get("lastStep")
+        return cls(
+            namespace=str(meta.get("namespace", "")),
+            name=name,
+            uid=str(meta.get("uid", "")),
+            experiment=str(spec.get("experiment", "")),
+            number=int(spec.get("number", (meta.get("labels") or {}).get(LABEL_NUMBER, -1))),
+            pod_name=str(spec.get("podName") or name),
+            phase=phase,
+            created=parse_time(meta.get("creationTimestamp")),
+            objective=float(objective) if isinstance(objective, int | float) else None,
+            stop_reason=status.get("stopReason") or None,
+            message=status.get("message") or None,
+            last_step=int(last_step) if isinstance(last_step, int) else None,
+            resource_version=str(meta.get("resourceVersion") or ""),
+        )
+
+    @property
+    def final(self) -> bool:
+        """Whether the Trial has ended."""
+        return self.phase is not None and self.phase.final
+
+
+@dataclass(frozen=True)
+class ContainerEnd:
+    """How a container terminated."""
+
+    name: str
+    exit_code: int
+    reason: str | None
+    message: str | None
+
+
+@dataclass(frozen=True)
+class PodView:
+    """The fields of a trial Pod the operator reads."""
+
+    namespace: str
+    name: str
+    uid: str
+    phase: str
+    deleting: bool
+    started: datetime | None = None
+    # Why the Pod is not running yet (e.g. "0/2 nodes are available: 2
+    # Insufficient nvidia.com/gpu."), shown on the Trial while it waits.
+    waiting_message: str | None = None
+    # Terminated non-sidecar containers, in spec order.
+    ended_containers: tuple[ContainerEnd, ...] = field(default=())
+    resource_version: str = ""
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> PodView:
+        """Read a Pod object as the API server sends it."""
+        meta = body.get("metadata") or {}
+        status = body.get("status") or {}
+        waiting = None
+        for cond in status.get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                waiting = cond.get("message") or cond.get("reason")
+        ended = []
+        for cs in status.get("containerStatuses") or []:
+            term = (cs.get("state") or {}).get("terminated")
+            if term:
+                ended.append(
+                    ContainerEnd(
+                        name=str(cs.get("name")),
+                        exit_code=int(term.get("exitCode", 0)),
+                        reason=term.get("reason"),
+                        message=term.get("message"),
+                    )
+                )
+        return cls(
+            namespace=str(meta.get("namespace", "")),
+            name=str(meta.get("name", "")),
+            uid=str(meta.get("uid", "")),
+            phase=str(status.get("phase") or "Pending"),
+            deleting=bool(meta.get("deletionTimestamp")),
+            started=parse_time(status.get("startTime")),
+            waiting_message=waiting,
+            ended_containers=tuple(ended),
+            resource_version=str(meta.get("resourceVersion") or ""),
+        )
+
+    @property
+    def ended(self) -> bool:
+        """Whether the Pod's main containers have all finished."""
+        return self.phase in ("Succeeded", "Failed")
+
+
+def is_older(new: str, old: str) -> bool:
+    """Whether resource version ``new`` is older than ``old`` (of one object).
+
+    The operator's own writes reach its cache before their watch events do,
+    and an event queued earlier may arrive after a write: it must not undo it.
+    Resource versions are opaque strings by contract, but etcd-backed servers
+    issue increasing integers; anything else is never called older.
+    """
+    if new.isdigit() and old.isdigit():
+        return int(new) < int(old)
+    return False

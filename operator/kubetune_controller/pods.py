@@ -1,0 +1,266 @@
+"""Pure builders of the objects the operator creates: Trials, their Pods, Events.
+
+A trial Pod is the user's Pod template with three additions and nothing else:
+
+- ``${params.NAME}`` substituted in every container's command, args and env
+  values (:mod:`kubetune_suggestion.template`, shared with ``kubetune run``);
+- a shared ``emptyDir`` mounted in every container, and ``KUBETUNE_METRICS_FILE``
+  (plus the trial's identity) in every container's env;
+- the metrics collector as a native sidecar (an init container with
+  ``restartPolicy: Always``): it starts before the trial, tails the metrics
+  file, streams reports to the service with the per-trial token, and is
+  stopped by the kubelet once the trial's containers finish.
+
+The user's command is run as written (not wrapped in a shell or a launcher)
+and its stdout/stderr are not redirected, so ``kubectl logs`` shows exactly
+what the training code printed. Resources (GPU requests included) are kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from kubetune_controller.model import ExperimentView, label_value, trial_name
+from kubetune_controller.settings import (
+    API_VERSION,
+    COMPONENT,
+    LABEL_EXPERIMENT,
+    LABEL_NUMBER,
+    LABEL_TRIAL,
+    Settings,
+)
+from kubetune_suggestion.template import (
+    ENV_EXPERIMENT_UID,
+    ENV_METRICS_FILE,
+    ENV_TRIAL_NUMBER,
+    TemplateError,
+    render_pod_spec,
+    trial_env,
+)
+
+__all__ = [
+    "COLLECTOR_NAME",
+    "METRICS_VOLUME",
+    "TemplateError",
+    "build_event",
+    "build_trial",
+    "build_trial_pod",
+    "owner_reference",
+]
+
+# Names the operator adds to a trial Pod; a template using them is refused.
+COLLECTOR_NAME = "kubetune-collector"
+METRICS_VOLUME = "kubetune-metrics"
+METRICS_FILE_NAME = "metrics.jsonl"
+
+
+def owner_reference(
+    kind: str, name: str, uid: str, api_version: str = API_VERSION
+) -> dict[str, Any]:
+    """A controller owner reference: garbage collection deletes the child with its owner."""
+    return {
+        "apiVersion": api_version,
+        "kind": kind,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _labels(experiment: str, number: int) -> dict[str, str]:
+    return {
+        LABEL_EXPERIMENT: label_value(experiment),
+        LABEL_TRIAL: label_value(trial_name(experiment, number)),
+        LABEL_NUMBER: str(number),
+    }
+
+
+def build_trial(
+    experiment: ExperimentView, number: int, params: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The Trial object for one configuration, owned by its Experiment.
+
+    Args:
+        experiment: The owning Experiment.
+        number: The trial number the service allocated.
+        params: The configuration.
+    """
+    name = trial_name(experiment.name, number)
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "Trial",
+        "metadata": {
+            "name": name,
+            "namespace": experiment.namespace,
+            "labels": _labels(experiment.name, number),
+            "ownerReferences": [owner_reference("Experiment", experiment.name, experiment.uid)],
+        },
+        "spec": {
+            "experiment": experiment.name,
+            "number": number,
+            "params": dict(params),
+            "podName": name,
+        },
+    }
+
+
+def build_trial_pod(
+    experiment: ExperimentView,
+    trial_uid: str,
+    number: int,
+    params: Mapping[str, Any],
+    token: str,
+    settings: Settings,
+) -> dict[str, Any]:
+    """The Pod that runs one trial, owned by its Trial.
+
+    Args:
+        experiment: The Experiment (its ``spec.template`` and identity).
+        trial_uid: The Trial's uid (for the owner reference).
+        number: The trial number.
+        params: The configuration to substitute.
+        token: The per-trial token the collector authenticates reports with.
+        settings: Collector image, service address, metrics directory.
+
+    Raises:
+        TemplateError: If the template references an unknown parameter or
+            collides with a name the operator adds.
+    """
+    name = trial_name(experiment.name, number)
+    template: Mapping[str, Any] = experiment.spec.get("template") or {}
+    meta: Mapping[str, Any] = template.get("metadata") or {}
+    declared = [str(p.get("name")) for p in experiment.spec.get("parameters") or []]
+    spec = render_pod_spec(template.get("spec") or {}, params, declared)
+
+    metrics_file = f"{settings.metrics_dir.rstrip('/')}/{METRICS_FILE_NAME}"
+    mount = {"name": METRICS_VOLUME, "mountPath": settings.metrics_dir}
+    identity = trial_env(
+        experiment=experiment.name,
+        experiment_uid=experiment.uid,
+        trial_number=number,
+        params=params,
+        metrics_file=metrics_file,
+    )
+
+    for i, container in enumerate(spec.get("containers") or []):
+        _check_not_taken(container, i)
+        container["env"] = _with_env(container.get("env") or [], identity)
+        container["volumeMounts"] = [*(container.get("volumeMounts") or []), mount]
+        # On failure the kubelet copies the log tail into the termination
+        # message, so the Trial can show why even where logs are unreachable.
+        container.setdefault("terminationMessagePolicy", "FallbackToLogsOnError")
+    for container in spec.get("initContainers") or []:
+        if container.get("name") == COLLECTOR_NAME:
+            raise TemplateError(
+                "template.spec.initContainers", f"the name {COLLECTOR_NAME} is reserved"
+            )
+    if any(v.get("name") == METRICS_VOLUME for v in spec.get("volumes") or []):
+        raise TemplateError(
+            "template.spec.volumes", f"the volume name {METRICS_VOLUME} is reserved"
+        )
+
+    collector_env = {
+        "KUBETUNE_SERVICE_URL": settings.sidecar_service_url,
+        ENV_EXPERIMENT_UID: experiment.uid,
+        ENV_TRIAL_NUMBER: str(number),
+        # The token only authorises reports for this one trial; it lives in the
+        # sidecar's env (not the trainer's) so training code cannot log it.
+        "KUBETUNE_TRIAL_TOKEN": token,
+        ENV_METRICS_FILE: metrics_file,
+    }
+    collector = {
+        "name": COLLECTOR_NAME,
+        "image": settings.collector_image,
+        "command": list(settings.collector_command),
+        "env": [{"name": k, "value": v} for k, v in collector_env.items()],
+        "volumeMounts": [mount],
+        "restartPolicy": "Always",
+        "resources": copy.deepcopy(dict(settings.collector_resources)),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    spec["initContainers"] = [collector, *(spec.get("initContainers") or [])]
+    spec["volumes"] = [*(spec.get("volumes") or []), {"name": METRICS_VOLUME, "emptyDir": {}}]
+    # A trial runs once: a restarted container would report its steps again
+    # from zero and corrupt the learning curve early stopping compares.
+    spec["restartPolicy"] = "Never"
+
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": experiment.namespace,
+            "labels": {**(meta.get("labels") or {}), **_labels(experiment.name, number)},
+            "annotations": {
+                **(meta.get("annotations") or {}),
+                # The full name: the label holds a hash for names over 63 characters.
+                LABEL_EXPERIMENT: experiment.name,
+            },
+            "ownerReferences": [owner_reference("Trial", name, trial_uid)],
+        },
+        "spec": spec,
+    }
+
+
+def _check_not_taken(container: Mapping[str, Any], index: int) -> None:
+    for mount in container.get("volumeMounts") or []:
+        if mount.get("name") == METRICS_VOLUME:
+            raise TemplateError(
+                f"template.spec.containers[{index}].volumeMounts",
+                f"the volume name {METRICS_VOLUME} is reserved",
+            )
+
+
+def _with_env(env: list[dict[str, Any]], extra: Mapping[str, str]) -> list[dict[str, Any]]:
+    """``env`` with ``extra`` set (the operator's values win over the template's)."""
+    kept = [e for e in env if e.get("name") not in extra]
+    return [*kept, *({"name": k, "value": v} for k, v in extra.items())]
+
+
+def build_event(
+    involved: Mapping[str, str],
+    reason: str,
+    message: str,
+    now: datetime,
+    warning: bool = False,
+    instance: str = "",
+) -> dict[str, Any]:
+    """A core/v1 Event about an object, as ``kubectl describe`` shows it.
+
+    Args:
+        involved: ``apiVersion``, ``kind``, ``name``, ``namespace`` and ``uid``
+            of the object the event is about.
+        reason: One CamelCase word (TrialCreated, TrialPruned, GoalReached...).
+        message: What happened, for a person.
+        now: The event time.
+        warning: ``Warning`` instead of ``Normal``.
+        instance: The reporting instance (the operator's pod name).
+    """
+    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {
+            "name": f"{involved['name']}.{uuid.uuid4().hex[:16]}",
+            "namespace": involved["namespace"],
+        },
+        "involvedObject": dict(involved),
+        "reason": reason,
+        "message": message[:1024],
+        "type": "Warning" if warning else "Normal",
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "count": 1,
+        "source": {"component": COMPONENT},
+        "reportingComponent": f"kubetune.io/{COMPONENT}",
+        "reportingInstance": instance or COMPONENT,
+    }

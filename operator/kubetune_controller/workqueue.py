@@ -1,0 +1,74 @@
+"""A work queue of experiment keys, in the manner of client-go's.
+
+Many watch events about one experiment (dozens of Pods changing at once)
+collapse into one pending reconcile; an experiment is never reconciled by two
+workers at once; an event that arrives while its experiment is being
+reconciled schedules exactly one more run after the current one. That keeps
+per-experiment work serial without serialising experiments with each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Hashable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+
+
+class WorkQueue(Generic[K]):
+    """Deduplicating queue with per-key exclusion and delayed adds."""
+
+    def __init__(self) -> None:
+        self._ready: asyncio.Queue[K] = asyncio.Queue()
+        self._queued: set[K] = set()
+        self._active: set[K] = set()
+        # Keys added while active: run again once the current run is done.
+        self._again: set[K] = set()
+        self._timers: dict[K, asyncio.TimerHandle] = {}
+
+    def add(self, key: K) -> None:
+        """Schedule a reconcile of ``key`` (a no-op if one is already pending)."""
+        if key in self._active:
+            self._again.add(key)
+        elif key not in self._queued:
+            self._queued.add(key)
+            self._ready.put_nowait(key)
+
+    def add_after(self, key: K, delay: float) -> None:
+        """Schedule a reconcile in ``delay`` seconds (an earlier pending timer wins)."""
+        loop = asyncio.get_running_loop()
+        timer = self._timers.get(key)
+        due = loop.time() + delay
+        if timer is not None and timer.when() <= due:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._timers[key] = loop.call_at(due, self._fire, key)
+
+    def _fire(self, key: K) -> None:
+        self._timers.pop(key, None)
+        self.add(key)
+
+    async def get(self) -> K:
+        """The next key to reconcile; the caller must call :meth:`done` after."""
+        key = await self._ready.get()
+        self._queued.discard(key)
+        self._active.add(key)
+        return key
+
+    def done(self, key: K) -> None:
+        """Mark a reconcile finished; re-queue it if events arrived meanwhile."""
+        self._active.discard(key)
+        if key in self._again:
+            self._again.discard(key)
+            self.add(key)
+
+    def forget(self, key: K) -> None:
+        """Drop a pending timer (the object is gone)."""
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+
+    def __len__(self) -> int:
+        return len(self._queued)

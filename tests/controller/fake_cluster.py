@@ -1,0 +1,214 @@
+"""An in-memory stand-in for the API server and kubelet, for controller tests.
+
+It implements the few calls :class:`kubetune_controller.kube.Kube` makes, with
+the semantics the controller relies on (create-if-absent, merge-patched
+status, deletion), and delivers watch events to the controller the way kopf
+would. A small "kubelet" runs trial Pods by posting the metrics a synthetic
+learning curve would report, with each Pod's own token, to the real service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+import math
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from kubetune_controller.controller import Controller
+from kubetune_controller.kube import KubeError
+from kubetune_controller.model import ExperimentView, PodView, TrialView
+
+Obj = dict[str, Any]
+
+
+def _merge(target: Obj, patch: Obj) -> None:
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+
+
+class FakeCluster:
+    """Experiments, Trials and Pods in dicts; watch events go to ``controller``."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str, str], Obj] = {}
+        self.controller: Controller | None = None
+        self.pod_creates: Counter[str] = Counter()
+        self.trial_creates: Counter[str] = Counter()
+        self.events: list[Obj] = []
+        self._uids = itertools.count(1)
+        self._rv = itertools.count(1)
+        # Pod names ever created, to check there was never a duplicate.
+        self.pods_ever: list[str] = []
+
+    # -- the Kube interface -------------------------------------------------------------
+
+    async def create_trial(self, body: Obj) -> Obj:
+        self.trial_creates[body["metadata"]["name"]] += 1
+        return self._create("Trial", body)
+
+    async def create_pod(self, body: Obj) -> Obj:
+        self.pod_creates[body["metadata"]["name"]] += 1
+        key = ("Pod", body["metadata"]["namespace"], body["metadata"]["name"])
+        if key not in self.objects:
+            self.pods_ever.append(body["metadata"]["name"])
+        return self._create("Pod", body)
+
+    async def get_pod(self, namespace: str, name: str) -> Obj | None:
+        return copy.deepcopy(self.objects.get(("Pod", namespace, name)))
+
+    async def delete_pod(self, namespace: str, name: str, grace_seconds: int) -> bool:
+        pod = self.objects.get(("Pod", namespace, name))
+        if pod is None:
+            return False
+        pod["metadata"]["deletionTimestamp"] = _stamp()
+        self._notify("Pod", pod, False)
+        del self.objects[("Pod", namespace, name)]
+        self._notify("Pod", pod, True)
+        return True
+
+    async def pod_logs(self, namespace: str, name: str, container: str, lines: int) -> str | None:
+        return "epoch 1\nepoch 2\ndone"
+
+    async def patch_trial_status(self, namespace: str, name: str, status: Obj) -> Obj:
+        return self._patch_status("Trial", namespace, name, status)
+
+    async def patch_experiment_status(self, namespace: str, name: str, status: Obj) -> Obj:
+        return self._patch_status("Experiment", namespace, name, status)
+
+    async def create_event(self, body: Obj) -> None:
+        self.events.append(body)
+
+    async def close(self) -> None:
+        return None
+
+    # -- test helpers --------------------------------------------------------------------
+
+    def apply_experiment(self, name: str, spec: Obj, namespace: str = "ns") -> Obj:
+        key = ("Experiment", namespace, name)
+        if key in self.objects:
+            obj = self.objects[key]
+            obj["spec"] = copy.deepcopy(spec)
+            obj["metadata"]["generation"] += 1
+            self._notify("Experiment", obj, False)
+            return obj
+        body = {"metadata": {"name": name, "namespace": namespace, "generation": 1}, "spec": spec}
+        return self._create("Experiment", body)
+
+    def of_kind(self, kind: str) -> list[Obj]:
+        return [o for (k, _, _), o in self.objects.items() if k == kind]
+
+    def replay(self) -> None:
+        """Deliver every object to the controller, as kopf's initial listing does."""
+        for kind in ("Experiment", "Trial", "Pod"):
+            for obj in self.of_kind(kind):
+                self._notify(kind, obj, False)
+
+    def set_pod_phase(self, pod: Obj, phase: str, exit_code: int | None = None) -> None:
+        status = pod.setdefault("status", {})
+        status["phase"] = phase
+        if phase == "Running":
+            status["startTime"] = _stamp()
+        if exit_code is not None:
+            status["containerStatuses"] = [
+                {"name": "train", "state": {"terminated": {"exitCode": exit_code}}}
+            ]
+        self._notify("Pod", pod, False)
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _create(self, kind: str, body: Obj) -> Obj:
+        meta = body["metadata"]
+        key = (kind, meta["namespace"], meta["name"])
+        if key in self.objects:
+            return copy.deepcopy(self.objects[key])
+        obj = copy.deepcopy(body)
+        obj["metadata"]["uid"] = f"{kind.lower()}-{next(self._uids)}"
+        obj["metadata"]["creationTimestamp"] = _stamp()
+        obj["metadata"]["resourceVersion"] = str(next(self._rv))
+        self.objects[key] = obj
+        self._notify(kind, obj, False)
+        return copy.deepcopy(obj)
+
+    def _patch_status(self, kind: str, namespace: str, name: str, status: Obj) -> Obj:
+        obj = self.objects.get((kind, namespace, name))
+        if obj is None:
+            raise KubeError(404, "NotFound", f"{kind} {name} not found")
+        _merge(obj.setdefault("status", {}), status)
+        self._notify(kind, obj, False)
+        return copy.deepcopy(obj)
+
+    def _notify(self, kind: str, obj: Obj, deleted: bool) -> None:
+        # Every change gets a new resource version, as the API server does.
+        obj["metadata"]["resourceVersion"] = str(next(self._rv))
+        c = self.controller
+        if c is None:
+            return
+        body = copy.deepcopy(obj)
+        if kind == "Experiment":
+            c.on_experiment(ExperimentView.from_body(body), deleted)
+        elif kind == "Trial":
+            c.on_trial(TrialView.from_body(body), deleted)
+        else:
+            labels = body["metadata"].get("labels") or {}
+            label = labels.get("kubetune.io/experiment", "")
+            c.on_pod(label, label, PodView.from_body(body), deleted)
+
+
+def _stamp() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def curve(params: Obj, step: int) -> float:
+    """A deterministic learning curve: lower lr distance from 1e-2 is better."""
+    quality = abs(math.log10(float(params.get("lr", 0.01))) + 2)
+    return 0.05 + quality / 3 + 1.0 / (step + 1)
+
+
+async def kubelet(
+    cluster: FakeCluster, service: httpx.AsyncClient, steps: int, stop: asyncio.Event
+) -> None:
+    """Run each trial Pod: Pending -> Running -> report ``steps`` steps -> Succeeded."""
+    while not stop.is_set():
+        for pod in list(cluster.of_kind("Pod")):
+            if pod["metadata"].get("deletionTimestamp"):
+                continue
+            phase = (pod.get("status") or {}).get("phase")
+            if phase is None:
+                cluster.set_pod_phase(pod, "Running")
+                continue
+            if phase != "Running":
+                continue
+            env = {e["name"]: e["value"] for e in pod["spec"]["initContainers"][0]["env"]}
+            uid, number = env["KUBETUNE_EXPERIMENT_UID"], env["KUBETUNE_TRIAL_NUMBER"]
+            params = _params(cluster, pod)
+            progress = pod.setdefault("_step", 0)
+            stopped = False
+            if progress < steps:
+                resp = await service.post(
+                    f"/v1/experiments/{uid}/trials/{number}/observations",
+                    json={
+                        "step": progress + 1,
+                        "metrics": {"val_loss": curve(params, progress + 1)},
+                    },
+                    headers={"Authorization": f"Bearer {env['KUBETUNE_TRIAL_TOKEN']}"},
+                )
+                pod["_step"] = progress + 1
+                stopped = resp.status_code == 200 and resp.json().get("stop", False)
+            if not stopped and pod["_step"] >= steps:
+                cluster.set_pod_phase(pod, "Succeeded", exit_code=0)
+        await asyncio.sleep(0.01)
+
+
+def _params(cluster: FakeCluster, pod: Obj) -> Obj:
+    trial = cluster.objects.get(("Trial", pod["metadata"]["namespace"], pod["metadata"]["name"]))
+    return dict((trial or {}).get("spec", {}).get("params", {}))

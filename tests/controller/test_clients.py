@@ -1,0 +1,157 @@
+"""The service client's retry policy and the work queue's guarantees."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import httpx
+import pytest
+
+from kubetune_controller.service_client import ServiceClient, ServiceError, ServiceUnavailable
+from kubetune_controller.workqueue import WorkQueue
+
+SUMMARY = {
+    "uid": "u",
+    "name": "e",
+    "namespace": "ns",
+    "counts": {"running": 1},
+    "best": None,
+    "allocated": 1,
+    "done": 0,
+    "max_trials": 4,
+    "complete": False,
+    "complete_reason": None,
+}
+
+
+def client(handler) -> ServiceClient:
+    return ServiceClient("http://svc", retries=3, transport=httpx.MockTransport(handler))
+
+
+def test_retries_5xx_then_succeeds_and_marks_available():
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        if len(calls) < 3:
+            return httpx.Response(503, text="starting")
+        return httpx.Response(200, json=SUMMARY)
+
+    async def go():
+        c = client(handler)
+        summary = await c.summary("u")
+        assert summary.max_trials == 4
+        assert c.available
+        await c.close()
+
+    asyncio.run(go())
+    assert len(calls) == 3
+
+
+def test_gives_up_with_a_message_naming_the_address():
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    async def go():
+        c = client(handler)
+        with pytest.raises(ServiceUnavailable, match="http://svc/v1/experiments/u"):
+            await c.summary("u")
+        assert not c.available
+        assert "ConnectError" in c.last_error
+        await c.close()
+
+    asyncio.run(go())
+
+
+def test_4xx_is_not_retried_and_carries_the_field():
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        body = {"error": {"code": "invalid", "message": "bad count", "field": "count"}}
+        return httpx.Response(422, json=body)
+
+    async def go():
+        c = client(handler)
+        with pytest.raises(ServiceError) as err:
+            await c.ask("u", 2)
+        assert (err.value.code, err.value.field) == ("invalid", "count")
+        await c.close()
+
+    asyncio.run(go())
+    assert calls == [1]
+
+
+def test_finish_conflict_answers_with_the_trial_as_it_is():
+    view = {
+        "number": 2,
+        "state": "pruned",
+        "params": {},
+        "objective": 0.5,
+        "last_step": 3,
+        "stop_reason": "asha",
+        "message": None,
+        "created_at": None,
+        "started_at": None,
+        "finished_at": None,
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/finish"):
+            return httpx.Response(409, json={"error": {"code": "conflict", "message": "x"}})
+        return httpx.Response(200, json=view)
+
+    async def go():
+        c = client(handler)
+        got = await c.finish("u", 2, "failed", "exit 1")
+        assert got.state.value == "pruned"
+        await c.close()
+
+    asyncio.run(go())
+
+
+def test_workqueue_coalesces_and_never_runs_a_key_twice_at_once():
+    async def go():
+        q: WorkQueue[str] = WorkQueue()
+        q.add("a")
+        q.add("a")
+        q.add("b")
+        assert len(q) == 2
+        first = await q.get()
+        q.add(first)  # event while active: one more run after this one
+        second = await q.get()
+        assert second != first
+        q.done(first)
+        assert await q.get() == first
+        q.done(first)
+        q.done(second)
+        assert len(q) == 0
+
+    asyncio.run(go())
+
+
+def test_workqueue_delayed_add_keeps_the_earliest():
+    async def go():
+        q: WorkQueue[str] = WorkQueue()
+        q.add_after("a", 0.05)
+        q.add_after("a", 10)
+        assert await asyncio.wait_for(q.get(), 1) == "a"
+
+    asyncio.run(go())
+
+
+def test_cache_ignores_an_event_older_than_our_own_write():
+    from kubetune_controller.cache import ClusterCache
+    from kubetune_controller.model import TrialPhase
+    from tests.controller.factories import trial
+
+    cache = ClusterCache()
+    final = replace(trial(0, TrialPhase.SUCCEEDED), resource_version="20")
+    stale = replace(trial(0, TrialPhase.RUNNING), resource_version="12")
+    cache.put_trial(final)
+    cache.put_trial(stale)
+    assert cache.trials(("ns", "exp"))["exp-0"].phase is TrialPhase.SUCCEEDED
+    newer = replace(trial(0, TrialPhase.SUCCEEDED), resource_version="21", last_step=3)
+    cache.put_trial(newer)
+    assert cache.trials(("ns", "exp"))["exp-0"].last_step == 3

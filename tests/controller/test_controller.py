@@ -1,0 +1,316 @@
+"""The controller end to end in one process: real service, in-memory cluster.
+
+The suggestion service is the real HTTP app over SQLite (through an ASGI
+transport); the cluster is :class:`FakeCluster`. These tests cover what the
+pure tests cannot: the order of service calls and Kubernetes writes, and that
+a controller killed at any point and started afresh neither loses nor
+duplicates a trial.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from kubetune_controller.cache import ClusterCache
+from kubetune_controller.controller import Controller
+from kubetune_controller.metrics import OperatorMetrics
+from kubetune_controller.service_client import ServiceClient
+from kubetune_controller.settings import Settings
+from kubetune_suggestion.service.app import Settings as ServiceSettings
+from kubetune_suggestion.service.app import create_app
+from kubetune_suggestion.service.core import TuningService
+from tests.controller.factories import spec_dict
+from tests.controller.fake_cluster import FakeCluster, curve, kubelet
+
+SETTINGS = Settings(
+    service_url="http://svc",
+    workers=4,
+    resync_seconds=0.5,
+    stops_wait_seconds=0.2,
+    lost_pod_grace_seconds=1.0,
+    service_retries=1,
+    step_refresh_seconds=0.1,
+)
+
+
+def simple_spec(**kw: Any) -> dict[str, Any]:
+    spec = spec_dict(
+        parameters=[{"name": "lr", "type": "float", "min": 1e-4, "max": 1.0, "log": True}],
+        algorithm={"name": "random", "seed": 3},
+        template={
+            "spec": {"containers": [{"name": "train", "image": "t", "args": ["${params.lr}"]}]}
+        },
+    )
+    spec.update(kw)
+    return spec
+
+
+class Harness:
+    def __init__(self, tmp: Path) -> None:
+        service = TuningService.open(f"sqlite:///{tmp}/svc.db")
+        self.app = create_app(ServiceSettings(db_url="unused", stop_poll_seconds=0.02), service)
+        self.cluster = FakeCluster()
+        self.controller: Controller | None = None
+
+    def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://svc")
+
+    def start_controller(self, settings: Settings = SETTINGS) -> Controller:
+        cache = ClusterCache()
+        service = ServiceClient(
+            settings.service_url,
+            settings.service_retries,
+            transport=httpx.ASGITransport(app=self.app),
+        )
+        controller = Controller(
+            settings, self.cluster, service, cache, OperatorMetrics(cache.snapshot)
+        )  # type: ignore[arg-type]
+        self.cluster.controller = controller
+        self.cluster.replay()
+        controller.start()
+        self.controller = controller
+        return controller
+
+    async def kill_controller(self) -> None:
+        assert self.controller is not None
+        self.cluster.controller = None
+        await self.controller.stop()
+        self.controller = None
+
+    def experiment(self, name: str = "exp") -> dict[str, Any]:
+        return self.cluster.objects[("Experiment", "ns", name)]
+
+    async def wait(self, what: Callable[[], bool], timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not what():
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"timed out; experiment status: {self.experiment().get('status')}"
+                )
+            await asyncio.sleep(0.02)
+
+
+def all_trials_final(h: Harness) -> bool:
+    return all(
+        (t.get("status") or {}).get("phase")
+        in ("Succeeded", "Failed", "Pruned", "MetricsUnavailable")
+        for t in h.cluster.of_kind("Trial")
+    )
+
+
+def phase(h: Harness) -> str | None:
+    return (h.experiment().get("status") or {}).get("phase")
+
+
+def condition(h: Harness, kind: str) -> dict[str, Any]:
+    conds = (h.experiment().get("status") or {}).get("conditions") or []
+    return next(c for c in conds if c["type"] == kind)
+
+
+async def run_experiment(
+    h: Harness, spec: dict[str, Any], steps: int = 3, kill_every: float | None = None
+) -> None:
+    h.start_controller()
+    h.cluster.apply_experiment("exp", spec)
+    stop = asyncio.Event()
+    async with h.client() as svc:
+        task = asyncio.create_task(kubelet(h.cluster, svc, steps, stop))
+        try:
+            if kill_every is None:
+                await h.wait(lambda: phase(h) in ("Succeeded", "Failed"))
+            else:
+                for _ in range(3):
+                    await asyncio.sleep(kill_every)
+                    await h.kill_controller()
+                    h.start_controller()
+                await h.wait(lambda: phase(h) in ("Succeeded", "Failed"))
+            # Trials still running when the experiment ended are stopped after.
+            await h.wait(lambda: all_trials_final(h))
+        finally:
+            stop.set()
+            await task
+            if h.controller is not None:
+                await h.kill_controller()
+
+
+def test_runs_max_trials_and_records_the_best(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    asyncio.run(run_experiment(h, simple_spec(maxTrials=6, parallelism=2)))
+    status = h.experiment()["status"]
+    trials = h.cluster.of_kind("Trial")
+    assert status["phase"] == "Succeeded"
+    assert condition(h, "Succeeded")["reason"] == "MaxTrialsReached"
+    assert len(trials) == 6
+    assert {t["status"]["phase"] for t in trials} == {"Succeeded"}
+    assert max(h.cluster.pod_creates.values()) == 1
+    finals = {t["metadata"]["name"]: t["status"]["objective"] for t in trials}
+    best_name = min(finals, key=finals.__getitem__)
+    assert status["bestObjective"] == pytest.approx(finals[best_name])
+    assert status["bestTrial"]["name"] == best_name
+    assert status["trialsSummary"] == "6/6"
+    for t in trials:
+        assert t["status"]["objective"] == pytest.approx(curve(t["spec"]["params"], 3))
+    reasons = {e["reason"] for e in h.cluster.events}
+    assert {"TrialCreated", "ExperimentSucceeded"} <= reasons
+
+
+def test_killed_controller_neither_loses_nor_duplicates(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    asyncio.run(
+        run_experiment(h, simple_spec(maxTrials=12, parallelism=3), steps=5, kill_every=0.15)
+    )
+    trials = h.cluster.of_kind("Trial")
+    assert phase(h) == "Succeeded"
+    assert len(trials) == 12
+    assert sorted(t["spec"]["number"] for t in trials) == list(range(12))
+    assert len(h.cluster.pods_ever) == len(set(h.cluster.pods_ever)) == 12
+    assert all(t["status"]["phase"] == "Succeeded" for t in trials)
+
+
+def test_goal_reached_stops_running_trials(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    spec = simple_spec(
+        maxTrials=30,
+        parallelism=3,
+        objective={"metric": "val_loss", "direction": "minimize", "target": 10.0},
+    )
+    asyncio.run(run_experiment(h, spec, steps=2))
+    assert phase(h) == "Succeeded"
+    assert condition(h, "Succeeded")["reason"] == "GoalReached"
+    assert len(h.cluster.of_kind("Trial")) < 30
+    assert all(t["status"]["phase"] in ("Succeeded", "Pruned") for t in h.cluster.of_kind("Trial"))
+    assert not [p for p in h.cluster.of_kind("Pod") if p["status"]["phase"] == "Running"]
+    assert "GoalReached" in {e["reason"] for e in h.cluster.events}
+
+
+def test_asha_prunes_and_records_reason(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    spec = simple_spec(
+        maxTrials=12,
+        parallelism=4,
+        earlyStopping={"name": "asha", "minResource": 1, "maxResource": 9, "reductionFactor": 3},
+    )
+    asyncio.run(run_experiment(h, spec, steps=9))
+    trials = h.cluster.of_kind("Trial")
+    pruned = [t for t in trials if t["status"]["phase"] == "Pruned"]
+    assert phase(h) == "Succeeded"
+    assert len(trials) == 12
+    assert pruned, "ASHA pruned nothing"
+    assert all(t["status"].get("stopReason") for t in pruned)
+    assert h.experiment()["status"]["pruned"] == len(pruned)
+    assert "TrialPruned" in {e["reason"] for e in h.cluster.events}
+
+
+def test_suspend_then_resume(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        h.start_controller()
+        h.cluster.apply_experiment("exp", simple_spec(maxTrials=4, parallelism=2, suspend=True))
+        await h.wait(lambda: phase(h) == "Suspended")
+        await asyncio.sleep(0.3)
+        assert h.cluster.of_kind("Trial") == []
+        assert condition(h, "Suspended")["status"] == "True"
+        h.cluster.apply_experiment("exp", simple_spec(maxTrials=4, parallelism=2, suspend=False))
+        await h.wait(lambda: len(h.cluster.of_kind("Trial")) == 2)
+        await h.kill_controller()
+
+    h = Harness(tmp_path)
+    asyncio.run(scenario())
+
+
+def test_failed_pod_records_exit_code_and_logs(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        h.start_controller()
+        h.cluster.apply_experiment(
+            "exp", simple_spec(maxTrials=2, parallelism=1, maxFailedTrials=0)
+        )
+        await h.wait(lambda: len(h.cluster.of_kind("Pod")) == 1)
+        (pod,) = h.cluster.of_kind("Pod")
+        h.cluster.set_pod_phase(pod, "Failed", exit_code=3)
+        await h.wait(lambda: phase(h) == "Failed")
+        await h.kill_controller()
+
+    h = Harness(tmp_path)
+    asyncio.run(scenario())
+    (trial,) = h.cluster.of_kind("Trial")
+    assert trial["status"]["phase"] == "Failed"
+    assert "exited with code 3" in trial["status"]["message"]
+    assert "done" in trial["status"]["message"]  # the log tail
+    assert condition(h, "Failed")["reason"] == "TooManyFailedTrials"
+
+
+def test_no_metrics_ends_metrics_unavailable_with_log_tail(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        h.start_controller()
+        h.cluster.apply_experiment("exp", simple_spec(maxTrials=1, parallelism=1))
+        await h.wait(lambda: len(h.cluster.of_kind("Pod")) == 1)
+        (pod,) = h.cluster.of_kind("Pod")
+        h.cluster.set_pod_phase(pod, "Succeeded", exit_code=0)
+        await h.wait(lambda: phase(h) in ("Succeeded", "Failed"))
+        await h.kill_controller()
+
+    h = Harness(tmp_path)
+    asyncio.run(scenario())
+    (trial,) = h.cluster.of_kind("Trial")
+    assert trial["status"]["phase"] == "MetricsUnavailable"
+    assert "val_loss" in trial["status"]["message"] and "epoch 2" in trial["status"]["message"]
+    assert condition(h, "Failed")["reason"] == "NoTrialSucceeded"
+
+
+def test_service_down_sets_condition(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        settings = Settings(service_url="http://127.0.0.1:9", service_retries=0, workers=1)
+        cache = ClusterCache()
+        controller = Controller(
+            settings,
+            h.cluster,  # type: ignore[arg-type]
+            ServiceClient(settings.service_url, 0, timeout=1.0),
+            cache,
+            OperatorMetrics(cache.snapshot),
+        )
+        h.cluster.controller = controller
+        controller.start()
+        h.cluster.apply_experiment("exp", simple_spec())
+        await h.wait(lambda: bool((h.experiment().get("status") or {}).get("conditions")))
+        await controller.stop()
+
+    h = Harness(tmp_path)
+    asyncio.run(scenario())
+    svc = condition(h, "ServiceAvailable")
+    assert (svc["status"], svc["reason"]) == ("False", "ServiceUnavailable")
+    assert "127.0.0.1:9" in svc["message"]
+
+
+def test_running_trials_show_their_last_step(tmp_path: Path) -> None:
+    seen: list[int] = []
+
+    async def scenario() -> None:
+        h.start_controller()
+        h.cluster.apply_experiment("exp", simple_spec(maxTrials=1, parallelism=1))
+        stop = asyncio.Event()
+        async with h.client() as svc:
+            task = asyncio.create_task(kubelet(h.cluster, svc, 300, stop))
+            try:
+
+                def running_step() -> bool:
+                    for t in h.cluster.of_kind("Trial"):
+                        status = t.get("status") or {}
+                        if status.get("phase") == "Running" and status.get("lastStep"):
+                            seen.append(status["lastStep"])
+                    return bool(seen)
+
+                await h.wait(running_step)
+            finally:
+                stop.set()
+                await task
+                await h.kill_controller()
+
+    h = Harness(tmp_path)
+    asyncio.run(scenario())
+    assert 0 < seen[0] < 300

@@ -1,0 +1,175 @@
+"""The rendered Trial and Pod, checked without a cluster."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kubetune_controller.model import label_value
+from kubetune_controller.pods import (
+    COLLECTOR_NAME,
+    METRICS_VOLUME,
+    TemplateError,
+    build_event,
+    build_trial,
+    build_trial_pod,
+)
+from kubetune_controller.settings import Settings
+from tests.controller.factories import NOW, experiment
+
+SETTINGS = Settings(
+    service_url="http://svc:8000",
+    collector_image="kubetune:test",
+    metrics_dir="/kubetune",
+)
+SGD = {"lr": 0.001, "layers": 3, "optimizer": "sgd", "momentum": 0.9}
+ADAM = {"lr": 1e-05, "layers": 2, "optimizer": "adam"}
+
+
+def render(params=SGD, **spec):
+    return build_trial_pod(experiment(**spec), "trial-uid", 7, params, "tok-7", SETTINGS)
+
+
+def env_of(container):
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def test_names_labels_and_owner_are_deterministic():
+    pod = render()
+    meta = pod["metadata"]
+    assert (meta["name"], meta["namespace"]) == ("exp-7", "ns")
+    assert meta["labels"] == {
+        "team": "ml",
+        "kubetune.io/experiment": "exp",
+        "kubetune.io/trial": "exp-7",
+        "kubetune.io/trial-number": "7",
+    }
+    (owner,) = meta["ownerReferences"]
+    assert owner == {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "Trial",
+        "name": "exp-7",
+        "uid": "trial-uid",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    assert render() == pod
+
+
+def test_params_substituted_and_command_not_wrapped():
+    (train,) = render()["spec"]["containers"]
+    assert train["command"] == ["python", "-m", "kubetune_trials.synthetic"]
+    assert train["args"] == ["--lr=0.001", "--layers=3", "--momentum=0.9"]
+    assert env_of(train)["OPT"] == "sgd"
+
+
+def test_inactive_conditional_param_is_left_out():
+    (train,) = render(ADAM)["spec"]["containers"]
+    assert train["args"] == ["--lr=1e-05", "--layers=2"]
+
+
+def test_gpu_request_kept_and_restart_never():
+    spec = render()["spec"]
+    assert spec["containers"][0]["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert spec["restartPolicy"] == "Never"
+
+
+def test_metrics_file_shared_between_trial_and_native_sidecar():
+    spec = render()["spec"]
+    (train,) = spec["containers"]
+    sidecar = spec["initContainers"][0]
+    assert sidecar["name"] == COLLECTOR_NAME
+    assert sidecar["restartPolicy"] == "Always"  # a native sidecar
+    assert sidecar["image"] == "kubetune:test"
+    assert sidecar["command"] == ["python", "-m", "kubetune_suggestion.collector"]
+    assert {"name": METRICS_VOLUME, "emptyDir": {}} in spec["volumes"]
+    mount = {"name": METRICS_VOLUME, "mountPath": "/kubetune"}
+    assert mount in train["volumeMounts"] and mount in sidecar["volumeMounts"]
+    assert env_of(train)["KUBETUNE_METRICS_FILE"] == env_of(sidecar)["KUBETUNE_METRICS_FILE"]
+    assert env_of(train)["KUBETUNE_METRICS_FILE"].startswith("/kubetune/")
+
+
+def test_token_only_in_the_sidecar():
+    spec = render()["spec"]
+    side = env_of(spec["initContainers"][0])
+    assert side["KUBETUNE_TRIAL_TOKEN"] == "tok-7"
+    assert side["KUBETUNE_SERVICE_URL"] == "http://svc:8000"
+    assert side["KUBETUNE_EXPERIMENT_UID"] == "uid-1"
+    assert side["KUBETUNE_TRIAL_NUMBER"] == "7"
+    assert "KUBETUNE_TRIAL_TOKEN" not in env_of(spec["containers"][0])
+
+
+def test_trial_identity_in_the_trial_env():
+    train = env_of(render()["spec"]["containers"][0])
+    assert train["KUBETUNE_TRIAL_NAME"] == "exp-7"
+    assert json.loads(train["KUBETUNE_PARAMS"]) == SGD
+
+
+def test_collector_url_override_for_out_of_cluster_operators():
+    settings = Settings(service_url="http://127.0.0.1:1", collector_service_url="http://svc:80")
+    pod = build_trial_pod(experiment(), "u", 0, SGD, "t", settings)
+    assert env_of(pod["spec"]["initContainers"][0])["KUBETUNE_SERVICE_URL"] == "http://svc:80"
+
+
+def test_user_init_containers_and_volumes_kept_after_sidecar():
+    spec_ = experiment().spec["template"]["spec"]
+    template = {
+        "spec": {
+            **spec_,
+            "initContainers": [{"name": "fetch", "image": "busybox", "command": ["true"]}],
+            "volumes": [{"name": "data", "emptyDir": {}}],
+        }
+    }
+    spec = render(template=template)["spec"]
+    assert [c["name"] for c in spec["initContainers"]] == [COLLECTOR_NAME, "fetch"]
+    assert [v["name"] for v in spec["volumes"]] == ["data", METRICS_VOLUME]
+
+
+def test_unknown_parameter_names_the_field():
+    template = {"spec": {"containers": [{"name": "t", "image": "i", "args": ["${params.nope}"]}]}}
+    with pytest.raises(TemplateError) as err:
+        render(template=template)
+    assert err.value.field == "template.spec.containers[0].args[0]"
+
+
+def test_reserved_volume_name_refused():
+    template = {
+        "spec": {
+            "containers": [{"name": "t", "image": "i"}],
+            "volumes": [{"name": METRICS_VOLUME, "emptyDir": {}}],
+        }
+    }
+    with pytest.raises(TemplateError):
+        render(template=template)
+
+
+def test_template_not_mutated():
+    exp = experiment()
+    before = json.dumps(exp.spec, sort_keys=True)
+    build_trial_pod(exp, "u", 1, SGD, "t", SETTINGS)
+    assert json.dumps(exp.spec, sort_keys=True) == before
+
+
+def test_trial_owned_by_experiment():
+    t = build_trial(experiment(), 3, SGD)
+    assert t["metadata"]["name"] == "exp-3"
+    assert t["metadata"]["ownerReferences"][0]["kind"] == "Experiment"
+    assert t["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert t["spec"] == {"experiment": "exp", "number": 3, "params": SGD, "podName": "exp-3"}
+
+
+def test_long_names_give_valid_distinct_labels():
+    a, b = "x" * 70 + "a", "x" * 70 + "b"
+    assert len(label_value(a)) <= 63
+    assert label_value(a) != label_value(b)
+    assert label_value("short") == "short"
+
+
+def test_event_shape():
+    obj = {"apiVersion": "v1", "kind": "Pod", "name": "p", "namespace": "ns", "uid": "u"}
+    ev = build_event(obj, "TrialPruned", "m" * 2000, NOW, warning=True, instance="op-0")
+    assert ev["type"] == "Warning"
+    assert ev["involvedObject"] == obj
+    assert len(ev["message"]) == 1024
+    assert ev["metadata"]["name"].startswith("p.")
