@@ -75,8 +75,13 @@ def bin_dir() -> Path:
 
 
 def state_dir() -> Path:
-    """The running cluster's state (``KUBETUNE_E2E_STATE``, default ``/tmp/kubetune-e2e``)."""
-    return Path(os.environ.get("KUBETUNE_E2E_STATE", "/tmp/kubetune-e2e"))
+    """The running cluster's state (``KUBETUNE_E2E_STATE``, default ``/var/lib/kubetune-e2e``).
+
+    Not under /tmp: a pod's emptyDir mounted at /tmp (the chart's read-only
+    root filesystem needs one) would hide the state directory inside the
+    pod's mount namespace, and its later bind mounts would fail.
+    """
+    return Path(os.environ.get("KUBETUNE_E2E_STATE", "/var/lib/kubetune-e2e"))
 
 
 REQUIRED_BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")

@@ -25,9 +25,18 @@ its start never duplicates an observation.
 
 from __future__ import annotations
 
+import signal
+
+# Signals that arrived before run_sidecar() installed its handler. As a
+# sidecar this module may be stopped within a second of starting (a short
+# trial), and the default SIGTERM action would kill it before it drains the
+# metrics file; so the handler goes in before the heavy imports below.
+_EARLY_SIGNALS: list[int] = []
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda signum, frame: _EARLY_SIGNALS.append(signum))
+
 import os
 import random
-import signal
 import sys
 import time
 from collections import deque
@@ -408,7 +417,7 @@ class SidecarConfig:
 
 def run_sidecar(config: SidecarConfig, reporter: Reporter | None = None) -> int:
     """Tail the metrics file until SIGTERM (or SIGINT), then drain and return 0."""
-    stopping = False
+    stopping = bool(_EARLY_SIGNALS)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping

@@ -248,3 +248,42 @@ def _stop(server: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         server.kill()
         server.wait()
+
+
+def test_sidecar_stopped_right_after_start_still_delivers_the_file(tmp_path: Path) -> None:
+    # A trial shorter than the sidecar's start-up: the kubelet sends SIGTERM
+    # while Python is still importing; the reports must not be lost.
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    metrics = tmp_path / "metrics"
+    metrics.write_text('{"step": 1, "loss": 0.9}\nstep=2 loss=0.5\n')
+    server = _start_service(tmp_path / "store.db", port)
+    try:
+        _wait_ready(url, server)
+        client = httpx.Client(base_url=url, timeout=10.0)
+        client.put("/v1/experiments/exp-short", json={"name": "exp", "spec": SPEC})
+        client.post("/v1/experiments/exp-short/ask", json={"count": 1})
+        sidecar = subprocess.Popen(
+            [sys.executable, "-m", "kubetune_suggestion.collector"],
+            env={
+                **os.environ,
+                "KUBETUNE_SERVICE_URL": url,
+                "KUBETUNE_EXPERIMENT_UID": "exp-short",
+                "KUBETUNE_TRIAL_NUMBER": "0",
+                "KUBETUNE_TRIAL_TOKEN": trial_token(SECRET, "exp-short", 0),
+                "KUBETUNE_METRICS_FILE": str(metrics),
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        time.sleep(0.15)
+        sidecar.send_signal(signal.SIGTERM)
+        out, _ = sidecar.communicate(timeout=60)
+        assert sidecar.returncode == 0, out
+        trials = client.get(
+            "/v1/experiments/exp-short/trials", params={"observations": "true"}
+        ).json()
+        assert [o["step"] for o in trials[0]["observations"]] == [1, 2]
+    finally:
+        _stop(server)
