@@ -1,4 +1,4 @@
-"""A throw-away database per test, on SQLite and on PostgreSQL."""
+"""Fixtures for the store and service tests: a throw-away database on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
