@@ -17,7 +17,6 @@ Both serve the same interface to the tests: ``service_url``, ``metrics()``,
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -259,7 +258,6 @@ class ChartStack:
             "--set",
             f"operator.healthPort={self.health_port}",
         )
-        self._numeric_target_ports()
         for component in ("suggestion", "operator"):
             self.kube.kubectl(
                 "rollout",
@@ -271,33 +269,6 @@ class ChartStack:
                 timeout=330,
             )
         self.operator_starts += 1
-
-    def _numeric_target_ports(self) -> None:
-        # Workaround for the process cluster's kube-proxy (e2e/kubelet/proxy.py):
-        # for a *named* targetPort without ready endpoints it listens on the
-        # Service port itself, which is the port the host-network pod must
-        # bind, so the pod never starts. A numeric targetPort equal to the
-        # port is skipped by the proxy. Real clusters need none of this.
-        for svc in self.kube.get("services", "-n", self.namespace)["items"]:
-            ports = svc["spec"]["ports"]
-            patch = [
-                {"op": "replace", "path": f"/spec/ports/{i}/targetPort", "value": p["port"]}
-                for i, p in enumerate(ports)
-                if not isinstance(p.get("targetPort"), int)
-            ]
-            if patch:
-                self.kube.kubectl(
-                    "patch",
-                    "service",
-                    "-n",
-                    self.namespace,
-                    svc["metadata"]["name"],
-                    "--type=json",
-                    "-p",
-                    json.dumps(patch),
-                )
-        # Pods that crashed on the taken port meanwhile: start them afresh.
-        self.kube.kubectl("delete", "pods", "-n", self.namespace, "--all", "--wait=false")
 
     def kill_operator(self) -> None:
         """Delete the operator's Pod at once (its Deployment starts another)."""
