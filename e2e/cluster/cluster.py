@@ -381,9 +381,14 @@ class Cluster:
                 # API server through KUBERNETES_SERVICE_HOST instead.
                 "--endpoint-reconciler-type=none",
                 f"--cert-dir={p}",
-                "--profiling=false",
+                # Profiling on demand (go tool pprof against /debug/pprof).
+                f"--profiling={str(os.environ.get('KUBETUNE_E2E_PROFILING') == '1').lower()}",
                 "--v=1",
             ],
+            # Collect garbage less often (the default GOGC is 100): on a
+            # 2-core machine the API server's GC was an eighth of its CPU,
+            # and memory is not what is short here.
+            env={**os.environ, "GOGC": os.environ.get("KUBETUNE_E2E_APISERVER_GOGC", "400")},
         )
         admin = Api.from_kubeconfig(self.kubeconfig)
         self._wait_api(admin, "/readyz", deadline, "kube-apiserver")

@@ -16,6 +16,7 @@ restart, so the process may be killed at any moment.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -26,6 +27,7 @@ from typing import Any
 
 from kubetune_controller import reconcile as rc
 from kubetune_controller.cache import ClusterCache, Key
+from kubetune_controller.events import EventBatcher, PendingEvent
 from kubetune_controller.kube import Kube, KubeError
 from kubetune_controller.metrics import OperatorMetrics
 from kubetune_controller.model import (
@@ -46,6 +48,11 @@ from kubetune_suggestion.service.models import ExperimentSummary, TrialAssignmen
 from kubetune_suggestion.spec import ExperimentSpec, SpecError, parse_experiment
 
 log = logging.getLogger(__name__)
+
+# Events that come once per trial: combined per experiment (see events.py).
+_COMBINED_REASONS = frozenset(
+    {"TrialCreated", "TrialPruned", "TrialFailed", "TrialMetricsUnavailable"}
+)
 
 
 @dataclass
@@ -76,6 +83,8 @@ class _Memory:
     # A template that cannot be rendered: the experiment fails until edited.
     template_error: str | None = None
     template_error_generation: int = -1
+    # When the Experiment's status was last written (monotonic seconds).
+    status_written: float = -1e9
 
 
 def _now() -> datetime:
@@ -106,7 +115,7 @@ class Controller:
         self.service = service
         self.cache = cache
         self.metrics = metrics
-        self.queue: WorkQueue[Key] = WorkQueue()
+        self.queue: WorkQueue[Key] = WorkQueue(settings.reconcile_interval_seconds)
         self._memory: dict[str, _Memory] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
@@ -114,6 +123,7 @@ class Controller:
         # so a burst of thousands of events cannot flood the API server.
         self._trial_slots = asyncio.Semaphore(settings.trial_concurrency)
         self._instance = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME", COMPONENT)
+        self._events = EventBatcher(settings.event_window_seconds)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -123,9 +133,14 @@ class Controller:
             self._tasks.append(asyncio.create_task(self._worker(), name=f"kubetune-worker-{i}"))
         self._tasks.append(asyncio.create_task(self._poll_stops(), name="kubetune-stops"))
         self._tasks.append(asyncio.create_task(self._resync(), name="kubetune-resync"))
+        self._tasks.append(asyncio.create_task(self._flush_events(), name="kubetune-events"))
 
     async def stop(self) -> None:
-        """Cancel every task and close the clients."""
+        """Write the held Events, cancel every task and close the clients."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                asyncio.gather(*(self._write_event(e) for e in self._events.drain())), 2.0
+            )
         for task in [*self._tasks, *self._background]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
@@ -211,6 +226,12 @@ class Controller:
             self.metrics.reconcile_latency.observe(time.monotonic() - started)
         if retry_in is not None:
             self.queue.add_after(key, retry_in)
+
+    async def _flush_events(self) -> None:
+        while True:
+            await asyncio.sleep(min(0.5, self.settings.event_window_seconds))
+            for event in self._events.due(time.monotonic()):
+                self._spawn(self._write_event(event))
 
     async def _resync(self) -> None:
         while True:
@@ -316,6 +337,9 @@ class Controller:
             # completes while the summary is on its way, the summary may count
             # a trial as pending that is already started, and asking on it
             # would exceed parallelism. The finishing creation requeues us.
+            # (A creation completing while the ask itself is on its way has
+            # the same effect, so no ask overlaps one: measured, asking
+            # between creations exceeded parallelism by up to 9 of 50.)
             may_ask = not memory.starting
             started_count = memory.started_count
             summary = await self.service.summary(experiment.uid)
@@ -343,16 +367,18 @@ class Controller:
             decision = _unchanged(experiment, f"waiting for the suggestion service: {exc}")
             await self._write_status(experiment, spec.maxTrials, decision, None, False, str(exc))
             return 2.0
-        await self._write_status(experiment, spec.maxTrials, decision, progress, True, "")
-        retry: float | None = None
+        retry = await self._write_status(
+            experiment, spec.maxTrials, decision, progress, True, "", memory
+        )
         if any(t.phase is TrialPhase.RUNNING for t in self.cache.trials(key).values()):
             # Keep `kubectl get trials` showing how far each running trial got.
-            retry = self.settings.step_refresh_seconds
-            if time.monotonic() - memory.steps_copied >= retry:
+            refresh = self.settings.step_refresh_seconds
+            retry = min(retry or refresh, refresh)
+            if time.monotonic() - memory.steps_copied >= refresh:
                 memory.steps_copied = time.monotonic()
                 self._spawn(self._copy_last_steps(key, experiment.uid))
         if decision.phase is ExperimentPhase.RUNNING and memory.stops:
-            retry = 1.0
+            retry = min(retry or 1.0, 1.0)
         return retry
 
     async def _copy_last_steps(self, key: Key, uid: str) -> None:
@@ -609,7 +635,7 @@ class Controller:
     async def _create_trial(
         self, experiment: ExperimentView, memory: _Memory, assignment: TrialAssignment
     ) -> None:
-        trial_obj = await self.kube.create_trial(
+        trial_obj, created = await self.kube.create_trial(
             build_trial(experiment, assignment.number, assignment.params)
         )
         trial = TrialView.from_body(trial_obj)
@@ -648,19 +674,12 @@ class Controller:
         self.cache.put_pod(
             pod["metadata"]["labels"].get("kubetune.io/experiment", ""), PodView.from_body(pod)
         )
-        if trial.phase is not None:
-            await self.service.start(experiment.uid, assignment.number)
+        # No status write here: the CRD defaults a new Trial's phase to
+        # Pending, and the Pod's name is in its spec (the Pod column shows
+        # it); the phase is next written when the Pod runs or waits.
+        await self.service.start(experiment.uid, assignment.number)
+        if not created:
             return  # created by an earlier attempt: nothing else to record
-        # Independent calls: together they end sooner, which reopens asking.
-        _, body = await asyncio.gather(
-            self.service.start(experiment.uid, assignment.number),
-            self.kube.patch_trial_status(
-                trial.namespace,
-                trial.name,
-                {"phase": TrialPhase.PENDING.value, "podName": trial.pod_name},
-            ),
-        )
-        self.cache.put_trial(TrialView.from_body(body))
         self.metrics.trials_created.labels(experiment.namespace).inc()
         params = ", ".join(f"{k}={v}" for k, v in assignment.params.items())
         self._event(experiment, "TrialCreated", f"created trial {trial.name} ({params})")
@@ -694,7 +713,19 @@ class Controller:
         progress: rc.Progress | None,
         service_ok: bool,
         service_message: str,
-    ) -> None:
+        memory: _Memory | None = None,
+    ) -> float | None:
+        """Write the Experiment's status if it changed.
+
+        With ``memory``, a change of progress alone (counts, best so far) is
+        written at most every ``status_interval_seconds``: at hundreds of
+        trials a minute, a write per reconcile made the status patch the
+        slowest step of a reconcile and a large share of the API server's
+        work. Phase, condition and generation changes are written at once.
+
+        Returns:
+            Seconds until a deferred write is due, or ``None``.
+        """
         now = _now()
         desired = rc.desired_conditions(
             decision,
@@ -714,14 +745,21 @@ class Controller:
         if decision.phase.final and not experiment.status.get("completionTime"):
             status["completionTime"] = format_time(now)
         if not rc.status_changed(experiment.status, status):
-            return
+            return None
+        if memory is not None and not rc.status_change_urgent(experiment.status, status):
+            wait = memory.status_written + self.settings.status_interval_seconds - time.monotonic()
+            if wait > 0:
+                return wait
         body = await self.kube.patch_experiment_status(
             experiment.namespace, experiment.name, status
         )
+        if memory is not None:
+            memory.status_written = time.monotonic()
         self.cache.put_experiment(ExperimentView.from_body(body))
         before = experiment.phase
         if before is not decision.phase:
             self._phase_event(experiment, before, decision)
+        return None
 
     def _phase_event(
         self, experiment: ExperimentView, before: ExperimentPhase | None, decision: rc.Decision
@@ -785,8 +823,18 @@ class Controller:
                 "uid": experiment.uid,
             }
         )
-        body = build_event(involved, reason, message, _now(), warning, self._instance)
-        self._spawn(self.kube.create_event(body))
+        if reason in _COMBINED_REASONS:
+            ready = self._events.add(involved, reason, message, warning, time.monotonic())
+        else:
+            ready = [PendingEvent(involved, reason, message, warning)]
+        for event in ready:
+            self._spawn(self._write_event(event))
+
+    async def _write_event(self, event: PendingEvent) -> None:
+        body = build_event(
+            event.involved, event.reason, event.message, _now(), event.warning, self._instance
+        )
+        await self.kube.create_event(body)
 
     def _count_finish(
         self, experiment: ExperimentView, trial: TrialView, phase: TrialPhase, now: datetime

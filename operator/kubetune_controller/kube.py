@@ -144,10 +144,18 @@ class Kube:
 
     # -- operations -----------------------------------------------------------------------
 
-    async def create_trial(self, body: Obj) -> Obj:
-        """Create a Trial, or return the existing one of that name."""
+    async def create_trial(self, body: Obj) -> tuple[Obj, bool]:
+        """Create a Trial, or return the existing one of that name; and whether it was new."""
         meta = body["metadata"]
-        return await self._create(self._custom(meta["namespace"], TRIALS), body)
+        path = self._custom(meta["namespace"], TRIALS)
+        try:
+            data: Obj = await self._request("POST", path, body)
+            return data, True
+        except KubeError as exc:
+            if exc.status != 409:
+                raise
+        existing: Obj = await self._request("GET", f"{path}/{meta['name']}")
+        return existing, False
 
     async def create_pod(self, body: Obj) -> Obj:
         """Create a Pod, or return the existing one of that name."""

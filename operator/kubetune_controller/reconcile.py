@@ -498,3 +498,25 @@ def experiment_status(
 def status_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
     """Whether writing ``new`` would change anything a reader sees."""
     return any(old.get(k) != v for k, v in new.items())
+
+
+def _condition_states(status: Mapping[str, Any]) -> set[tuple[Any, Any, Any]]:
+    return {
+        (c.get("type"), c.get("status"), c.get("reason")) for c in status.get("conditions") or []
+    }
+
+
+def status_change_urgent(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Whether going from ``old`` to ``new`` is more than progress (counts, best, messages).
+
+    A new phase, a condition turning true or false or changing its reason, a
+    newly observed generation, or the first best trial are what
+    ``kubectl wait`` and people wait for; they are never deferred.
+    """
+    return (
+        old.get("phase") != new.get("phase")
+        or old.get("observedGeneration") != new.get("observedGeneration")
+        or _condition_states(old) != _condition_states(new)
+        or ("bestTrial" in new and "bestTrial" not in old)
+        or bool(new.get("phase") and ExperimentPhase(new["phase"]).final)
+    )

@@ -62,9 +62,19 @@ class Settings:
     workers: int = 8
     # Trial operations (create, finish, stop) in progress at once.
     trial_concurrency: int = 64
+    # An experiment is reconciled at most once per this many seconds: events
+    # arriving meanwhile are handled together by the next reconcile.
+    reconcile_interval_seconds: float = 0.1
     # Every experiment is reconciled at least this often, catching anything a
     # missed watch event or a service-side change would otherwise delay.
     resync_seconds: float = 30.0
+    # Progress-only changes of an Experiment's status (counts, best so far)
+    # are written at most this often; phase and condition changes at once.
+    status_interval_seconds: float = 1.0
+    # Events that come once per trial (TrialCreated, TrialPruned...) about one
+    # experiment: the first is written at once, the next ones within this
+    # many seconds are combined into one Event.
+    event_window_seconds: float = 5.0
     # How often running trials' last reported step is copied to their status.
     step_refresh_seconds: float = 10.0
     # Long-poll duration of ``GET /v1/stops``.

@@ -52,9 +52,12 @@ class FakeCluster:
 
     # -- the Kube interface -------------------------------------------------------------
 
-    async def create_trial(self, body: Obj) -> Obj:
+    async def create_trial(self, body: Obj) -> tuple[Obj, bool]:
         self.trial_creates[body["metadata"]["name"]] += 1
-        return self._create("Trial", body)
+        meta = body["metadata"]
+        created = ("Trial", meta["namespace"], meta["name"]) not in self.objects
+        # As the CRD's default does on the API server.
+        return self._create("Trial", {**body, "status": {"phase": "Pending"}}), created
 
     async def create_pod(self, body: Obj) -> Obj:
         self.pod_creates[body["metadata"]["name"]] += 1

@@ -141,6 +141,28 @@ def test_workqueue_delayed_add_keeps_the_earliest():
     asyncio.run(go())
 
 
+def test_workqueue_min_interval_batches_a_stream_of_events():
+    async def go():
+        loop = asyncio.get_running_loop()
+        q: WorkQueue[str] = WorkQueue(min_interval=0.2)
+        q.add("a")
+        assert await q.get() == "a"
+        q.done("a")
+        ended = loop.time()
+        for _ in range(5):  # a burst right after the run: one more run, not five
+            q.add("a")
+        assert len(q) == 0  # held back, not ready yet
+        assert await asyncio.wait_for(q.get(), 1) == "a"
+        assert loop.time() - ended >= 0.19
+        q.done("a")
+        assert len(q) == 0
+        q.forget("a")  # a forgotten key starts afresh: no wait
+        q.add("a")
+        assert len(q) == 1
+
+    asyncio.run(go())
+
+
 def test_cache_ignores_an_event_older_than_our_own_write():
     from kubetune_controller.cache import ClusterCache
     from kubetune_controller.model import TrialPhase

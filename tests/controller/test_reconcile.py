@@ -254,3 +254,45 @@ def test_status_changed_notices_printer_fields(field):
     old = {"phase": "Running", "trialsSummary": "1/2", "bestObjective": 1.0}
     new = {**old, field: "x"}
     assert rc.status_changed(old, new)
+
+
+def _running_status(**extra: object) -> dict[str, object]:
+    status: dict[str, object] = {
+        "phase": "Running",
+        "observedGeneration": 1,
+        "trialsDone": 3,
+        "running": 4,
+        "bestObjective": 0.5,
+        "bestTrial": {"name": "e-1", "number": 1, "objective": 0.5, "params": {}},
+        "conditions": [{"type": "Running", "status": "True", "reason": "TrialsRunning"}],
+    }
+    status.update(extra)
+    return status
+
+
+def test_progress_alone_is_not_urgent_so_it_can_wait_for_the_next_write():
+    old = _running_status()
+    new = _running_status(trialsDone=9, running=2, bestObjective=0.1)
+    new["conditions"] = [
+        {"type": "Running", "status": "True", "reason": "TrialsRunning", "message": "9 done"}
+    ]
+    assert rc.status_changed(old, new)
+    assert not rc.status_change_urgent(old, new)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"phase": "Succeeded"},
+        {"observedGeneration": 2},
+        {"conditions": [{"type": "Running", "status": "False", "reason": "Suspended"}]},
+    ],
+)
+def test_phase_generation_and_condition_changes_are_written_at_once(change):
+    assert rc.status_change_urgent(_running_status(), _running_status(**change))
+
+
+def test_the_first_best_trial_is_written_at_once():
+    old = _running_status()
+    del old["bestTrial"]
+    assert rc.status_change_urgent(old, _running_status())

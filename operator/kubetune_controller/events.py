@@ -1,0 +1,117 @@
+"""Combining frequent Events: one per reason and object per window, not one per trial.
+
+An experiment of a thousand trials would otherwise write a thousand
+``TrialCreated`` Events (and as many ``TrialPruned``): each is an API write,
+and ``kubectl describe`` would show a wall of them. Kubernetes' own event
+recorder drops such floods (a per-object token bucket); this keeps every
+trial's name instead, in fewer Events.
+
+The first event of a (object, reason) goes out at once, so a person watching
+sees activity immediately; those that follow within ``window`` seconds of it
+are held and go out together, as one Event naming each trial, when the window
+closes. Pure logic: the caller supplies the clock and writes the Events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+# The Event message limit the operator keeps to (kubectl shows it whole).
+MAX_MESSAGE = 1024
+
+
+@dataclass(frozen=True)
+class PendingEvent:
+    """An Event ready to be written: what :func:`~kubetune_controller.pods.build_event` takes."""
+
+    involved: Mapping[str, str]
+    reason: str
+    message: str
+    warning: bool
+
+
+@dataclass
+class _Window:
+    opened: float
+    involved: Mapping[str, str]
+    warning: bool
+    held: list[str] = field(default_factory=list)
+
+
+def combine(messages: list[str], limit: int = MAX_MESSAGE) -> str:
+    """One message for several: how many, then each one, cut to ``limit`` characters.
+
+    >>> combine(["created trial a-0 (x=1)", "created trial a-1 (x=2)"])
+    '(combined 2): created trial a-0 (x=1); created trial a-1 (x=2)'
+    """
+    if len(messages) == 1:
+        return messages[0][:limit]
+    head = f"(combined {len(messages)}): "
+    text = head + "; ".join(messages)
+    if len(text) <= limit:
+        return text
+    kept: list[str] = []
+    size = len(head)
+    for i, message in enumerate(messages):
+        tail = f"; ... and {len(messages) - i} others"
+        if size + len(message) + 2 + len(tail) > limit:
+            return head + "; ".join(kept) + tail
+        kept.append(message)
+        size += len(message) + 2
+    return text[:limit]  # unreachable: the whole text did not fit
+
+
+class EventBatcher:
+    """Holds events of the same reason about the same object for ``window`` seconds.
+
+    Args:
+        window: Seconds an (object, reason) stays open after an Event about it
+            was written; events arriving meanwhile are combined.
+    """
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self._windows: dict[tuple[str, str], _Window] = {}
+
+    def add(
+        self,
+        involved: Mapping[str, str],
+        reason: str,
+        message: str,
+        warning: bool,
+        now: float,
+    ) -> list[PendingEvent]:
+        """Record one event; the Events to write now (none while a window is open)."""
+        key = (involved.get("uid") or involved["name"], reason)
+        ready = self._close(key, now)
+        window = self._windows.get(key)
+        if window is None:
+            self._windows[key] = _Window(now, involved, warning)
+            return [*ready, PendingEvent(involved, reason, message, warning)]
+        window.held.append(message)
+        window.warning = window.warning or warning
+        return ready
+
+    def due(self, now: float) -> list[PendingEvent]:
+        """The combined Events whose window closed by ``now``."""
+        ready: list[PendingEvent] = []
+        for key in list(self._windows):
+            ready += self._close(key, now)
+        return ready
+
+    def drain(self) -> list[PendingEvent]:
+        """Every held event, combined, whatever the time (at shutdown)."""
+        return self.due(float("inf"))
+
+    def _close(self, key: tuple[str, str], now: float) -> list[PendingEvent]:
+        window = self._windows.get(key)
+        if window is None or now - window.opened < self.window:
+            return []
+        del self._windows[key]
+        if not window.held:
+            return []
+        # What was held opens the next window: a steady stream of events
+        # becomes one Event per window.
+        self._windows[key] = _Window(now, window.involved, window.warning)
+        return [PendingEvent(window.involved, key[1], combine(window.held), window.warning)]
