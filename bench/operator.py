@@ -91,7 +91,15 @@ class PodTimeline:
         path = f"/api/v1/namespaces/{NAMESPACE}/pods"
         rv = self.api.get(path)["metadata"]["resourceVersion"]
         while not self.stop.is_set():
-            for event in self.api.watch(path, rv, 60, labelSelector="kubetune.io/experiment"):
+            # Only Running Pods: the API server filters, so this process
+            # decodes two events per trial (in, out) instead of every change.
+            for event in self.api.watch(
+                path,
+                rv,
+                60,
+                labelSelector="kubetune.io/experiment",
+                fieldSelector="status.phase=Running",
+            ):
                 pod = event["object"]
                 rv = pod["metadata"].get("resourceVersion", rv)
                 if event["type"] == "BOOKMARK":

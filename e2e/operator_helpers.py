@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from e2e.helpers import Kube, Obj, wait_for
@@ -45,6 +46,77 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def run_helm(kube: Kube, *args: str, timeout: float = 300) -> str:
+    """Run the pinned helm (else one on PATH) against the cluster; its stdout."""
+    local = kube.bin_dir / "helm" if kube.bin_dir else None
+    binary = str(local) if local and local.exists() else shutil.which("helm")
+    if binary is None:
+        raise FileNotFoundError("helm not found: run e2e/cluster/build.sh")
+    proc = subprocess.run(
+        [binary, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=kube.env(),
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"helm {' '.join(args)}: {proc.stderr}")
+    return proc.stdout
+
+
+# Where the host-mode operator's ServiceAccount lives.
+HOST_OPERATOR_NAMESPACE = "kubetune-host"
+
+
+def operator_kubeconfig(kube: Kube, path: Path) -> Path:
+    """A kubeconfig for the host-mode operator: the chart's ServiceAccount and RBAC.
+
+    The operator then runs with exactly the permissions ``helm install``
+    gives it (a missing rule fails the host-mode tests too), and with a
+    bearer token, as in a cluster, rather than the admin's client certificate.
+    """
+    rendered = run_helm(
+        kube,
+        "template",
+        "kt",
+        str(REPO / "charts" / "kubetune"),
+        "--namespace",
+        HOST_OPERATOR_NAMESPACE,
+        # Offline rendering assumes an old Kubernetes: the chart's kubeVersion
+        # check would refuse it.
+        "--kube-version",
+        "1.36.3",
+        "--show-only",
+        "templates/operator-serviceaccount.yaml",
+        "--show-only",
+        "templates/operator-rbac.yaml",
+    )
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    account = next(d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount")
+    kube.apply(
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": HOST_OPERATOR_NAMESPACE}}
+    )
+    kube.apply(*docs, namespace=HOST_OPERATOR_NAMESPACE)
+    token = kube.kubectl(
+        "create", "token", account, "-n", HOST_OPERATOR_NAMESPACE, "--duration=24h"
+    ).strip()
+    admin = yaml.safe_load(Path(kube.kubeconfig).read_text())
+    context = next(c for c in admin["contexts"] if c["name"] == admin["current-context"])
+    cluster = next(c for c in admin["clusters"] if c["name"] == context["context"]["cluster"])
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "e2e", "cluster": cluster["cluster"]}],
+        "users": [{"name": account, "user": {"token": token}}],
+        "contexts": [{"name": account, "context": {"cluster": "e2e", "user": account}}],
+        "current-context": account,
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
 
 
 @dataclass
@@ -67,6 +139,8 @@ class HostStack:
     service: subprocess.Popen[bytes] | None = None
     operator: subprocess.Popen[bytes] | None = None
     operator_starts: int = 0
+    # The operator's kubeconfig (its ServiceAccount's token), made at start.
+    operator_config: Path | None = None
 
     @property
     def service_url(self) -> str:
@@ -109,6 +183,7 @@ class HostStack:
             cwd=REPO,
         )
         wait_for(self._service_ready, 60, "the suggestion service /readyz", interval=0.2)
+        self.operator_config = operator_kubeconfig(self.kube, self.workdir / "operator.kubeconfig")
         self.start_operator()
 
     def _service_ready(self) -> bool:
@@ -122,11 +197,12 @@ class HostStack:
 
     def start_operator(self) -> None:
         """Start (or restart) the operator process."""
+        config = str(self.operator_config or self.kube.kubeconfig)
         env = dict(os.environ)
         env.update(
             KUBETUNE_SERVICE_URL=self.service_url,
             KUBETUNE_COLLECTOR_IMAGE="kubetune:e2e",
-            KUBECONFIG=str(self.kube.kubeconfig),
+            KUBECONFIG=config,
             PYTHONUNBUFFERED="1",
         )
         log = (self.workdir / "operator.log").open("ab")
@@ -137,7 +213,7 @@ class HostStack:
                 "kubetune_controller",
                 "--all-namespaces",
                 "--kubeconfig",
-                str(self.kube.kubeconfig),
+                config,
                 "--metrics-port",
                 str(self.metrics_port),
                 "--health-port",
@@ -221,21 +297,7 @@ class ChartStack:
 
     def helm(self, *args: str, timeout: float = 300) -> str:
         """Run helm against the cluster."""
-        local = self.kube.bin_dir / "helm" if self.kube.bin_dir else None
-        binary = str(local) if local and local.exists() else shutil.which("helm")
-        if binary is None:
-            raise FileNotFoundError("helm not found: run e2e/cluster/build.sh")
-        proc = subprocess.run(
-            [binary, *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=self.kube.env(),
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"helm {' '.join(args)}: {proc.stderr}")
-        return proc.stdout
+        return run_helm(self.kube, *args, timeout=timeout)
 
     def start(self) -> None:
         """Install the chart and wait for both Deployments."""

@@ -11,16 +11,24 @@ and field.
 Request and response bodies are the service's own pydantic models
 (:mod:`kubetune_suggestion.service.models`): one definition of the wire format
 for both sides.
+
+HTTP goes over aiohttp (kopf's HTTP stack, already in the process): with
+fifty trials starting and ending a second, httpx's connection pool cost the
+operator more CPU than anything it did itself. Tests may hand in an httpx
+transport instead (an in-process ASGI app or a mock); the retry logic above
+the transport is the same for both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
+import aiohttp
 import httpx
 from pydantic import BaseModel
 
@@ -59,6 +67,95 @@ class ServiceError(Exception):
         self.field = field
 
 
+class _TransportError(Exception):
+    """The request did not get an answer (connection refused, reset, timeout)."""
+
+
+class _Sender(Protocol):
+    async def send(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        params: Mapping[str, str] | None,
+        timeout: float,
+    ) -> tuple[int, bytes]: ...
+
+    async def close(self) -> None: ...
+
+
+class _AiohttpSender:
+    """Requests over one aiohttp session (created in the running event loop)."""
+
+    def __init__(self, base_url: str, connect_timeout: float, max_connections: int) -> None:
+        self.base_url = base_url
+        self.connect_timeout = connect_timeout
+        self.max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.max_connections),
+                json_serialize=json.dumps,
+            )
+        return self._session
+
+    async def send(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        params: Mapping[str, str] | None,
+        timeout: float,
+    ) -> tuple[int, bytes]:
+        try:
+            async with self._client().request(
+                method,
+                self.base_url + path,
+                json=body,
+                params=params,
+                timeout=aiohttp.ClientTimeout(total=timeout, connect=self.connect_timeout),
+            ) as resp:
+                return resp.status, await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _TransportError(
+                f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            ) from exc
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class _HttpxSender:
+    """Requests through an httpx transport (tests: an ASGI app or a mock handler)."""
+
+    def __init__(self, base_url: str, transport: httpx.AsyncBaseTransport) -> None:
+        self._client = httpx.AsyncClient(base_url=base_url, transport=transport)
+
+    async def send(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        params: Mapping[str, str] | None,
+        timeout: float,
+    ) -> tuple[int, bytes]:
+        try:
+            resp = await self._client.request(
+                method, path, json=body, params=params, timeout=timeout
+            )
+        except httpx.TransportError as exc:
+            raise _TransportError(
+                f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            ) from exc
+        return resp.status_code, resp.content
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
 class ServiceClient:
     """Async client of one suggestion service.
 
@@ -78,13 +175,11 @@ class ServiceClient:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.retries = retries
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url,
-            timeout=httpx.Timeout(timeout, connect=5.0),
-            transport=transport,
-            # Few connections: httpcore scans its pool per request, which costs
-            # more than it gains beyond a couple of dozen.
-            limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
+        self.timeout = timeout
+        self._sender: _Sender = (
+            _HttpxSender(self.base_url, transport)
+            if transport is not None
+            else _AiohttpSender(self.base_url, connect_timeout=5.0, max_connections=32)
         )
         # The outcome of the last request, for the ServiceAvailable condition.
         self.available = True
@@ -92,7 +187,7 @@ class ServiceClient:
 
     async def close(self) -> None:
         """Close the connection pool."""
-        await self._client.aclose()
+        await self._sender.close()
 
     # -- the API ------------------------------------------------------------------------
 
@@ -209,38 +304,33 @@ class ServiceClient:
                 await asyncio.sleep(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, 5.0)
             try:
-                timeout = self._client.timeout
-                if extra_timeout:
-                    timeout = httpx.Timeout(
-                        (timeout.read or 15.0) + extra_timeout, connect=timeout.connect
-                    )
-                resp = await self._client.request(
-                    method, path, json=body, params=params, timeout=timeout
+                status, content = await self._sender.send(
+                    method, path, body, params, self.timeout + extra_timeout
                 )
-            except httpx.TransportError as exc:
-                problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            except _TransportError as exc:
+                problem = str(exc)
                 continue
-            if resp.status_code >= 500 or resp.status_code == 429:
-                problem = f"HTTP {resp.status_code}: {resp.text[:200]}"
+            if status >= 500 or status == 429:
+                problem = f"HTTP {status}: {content[:200].decode(errors='replace')}"
                 continue
             self.available, self.last_error = True, ""
-            if resp.status_code >= 400:
-                raise _refusal(resp)
-            return resp.json() if resp.content else None
+            if status >= 400:
+                raise _refusal(status, content)
+            return json.loads(content) if content else None
         self.available = False
         self.last_error = f"{method} {self.base_url}{path}: {problem}"
         log.warning("suggestion service unavailable: %s", self.last_error)
         raise ServiceUnavailable(self.last_error)
 
 
-def _refusal(resp: httpx.Response) -> ServiceError:
+def _refusal(status: int, content: bytes) -> ServiceError:
     try:
-        err = resp.json().get("error") or {}
+        err = json.loads(content).get("error") or {}
     except (ValueError, AttributeError):
         err = {}
     return ServiceError(
-        resp.status_code,
+        status,
         str(err.get("code") or "error"),
-        str(err.get("message") or resp.text[:500]),
+        str(err.get("message") or content[:500].decode(errors="replace")),
         err.get("field"),
     )

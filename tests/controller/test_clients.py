@@ -177,3 +177,53 @@ def test_cache_ignores_an_event_older_than_our_own_write():
     newer = replace(trial(0, TrialPhase.SUCCEEDED), resource_version="21", last_step=3)
     cache.put_trial(newer)
     assert cache.trials(("ns", "exp"))["exp-0"].last_step == 3
+
+
+def test_over_real_http_retries_5xx_maps_4xx_and_gives_up_on_a_closed_port():
+    """The production transport (aiohttp), against a real HTTP server on a free port."""
+    from aiohttp import web
+
+    from kubetune_suggestion.service.testing import free_port
+
+    calls: list[str] = []
+
+    async def summary(request: web.Request) -> web.Response:
+        calls.append(request.path)
+        if len(calls) < 2:
+            return web.Response(status=503, text="starting")
+        return web.json_response(SUMMARY)
+
+    async def finish(request: web.Request) -> web.Response:
+        body = await request.json()
+        assert body == {"state": "failed", "message": "exit 1"}
+        error = {"code": "invalid", "message": "state is bad", "field": "state"}
+        return web.json_response({"error": error}, status=422)
+
+    async def go() -> None:
+        app = web.Application()
+        app.router.add_get("/v1/experiments/u", summary)
+        app.router.add_post("/v1/experiments/u/trials/2/finish", finish)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        c = ServiceClient(f"http://127.0.0.1:{port}", retries=3)
+        try:
+            assert (await c.summary("u")).max_trials == 4
+            assert c.available
+            with pytest.raises(ServiceError) as err:
+                await c.finish("u", 2, "failed", "exit 1")
+            assert (err.value.status, err.value.code, err.value.field) == (422, "invalid", "state")
+        finally:
+            await c.close()
+            await runner.cleanup()
+        closed = ServiceClient(f"http://127.0.0.1:{port}", retries=1)
+        try:
+            with pytest.raises(ServiceUnavailable, match=f"127.0.0.1:{port}/v1/experiments/u"):
+                await closed.summary("u")
+            assert not closed.available
+        finally:
+            await closed.close()
+
+    asyncio.run(go())
+    assert calls == ["/v1/experiments/u", "/v1/experiments/u"]
