@@ -156,6 +156,8 @@ class TrialView:
     message: str | None = None
     last_step: int | None = None
     resource_version: str = ""
+    # status.startTime: when its Pod started, once recorded.
+    started: datetime | None = None
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> TrialView:
@@ -184,6 +186,7 @@ class TrialView:
             message=status.get("message") or None,
             last_step=int(last_step) if isinstance(last_step, int) else None,
             resource_version=str(meta.get("resourceVersion") or ""),
+            started=parse_time(status.get("startTime")),
         )
 
     @property

@@ -33,7 +33,10 @@ class WorkQueue(Generic[K]):
         self._active: set[K] = set()
         # Keys added while active: run again once the current run is done.
         self._again: set[K] = set()
-        self._timers: dict[K, asyncio.TimerHandle] = {}
+        # Pending delayed adds: when each is due, and its handle. (The due time
+        # is kept here: uvloop answers call_at for a past time with a plain
+        # Handle, which has no ``when()``.)
+        self._timers: dict[K, tuple[float, asyncio.Handle]] = {}
 
     def add(self, key: K) -> None:
         """Schedule a reconcile of ``key`` (a no-op if one is already pending)."""
@@ -52,11 +55,11 @@ class WorkQueue(Generic[K]):
         loop = asyncio.get_running_loop()
         timer = self._timers.get(key)
         due = loop.time() + delay
-        if timer is not None and timer.when() <= due:
+        if timer is not None and timer[0] <= due:
             return
         if timer is not None:
-            timer.cancel()
-        self._timers[key] = loop.call_at(due, self._fire, key)
+            timer[1].cancel()
+        self._timers[key] = (due, loop.call_at(due, self._fire, key))
 
     def _fire(self, key: K) -> None:
         self._timers.pop(key, None)
@@ -90,7 +93,7 @@ class WorkQueue(Generic[K]):
         self._ended.pop(key, None)
         timer = self._timers.pop(key, None)
         if timer is not None:
-            timer.cancel()
+            timer[1].cancel()
 
     def __len__(self) -> int:
         return len(self._queued)

@@ -227,3 +227,23 @@ def test_over_real_http_retries_5xx_maps_4xx_and_gives_up_on_a_closed_port():
 
     asyncio.run(go())
     assert calls == ["/v1/experiments/u", "/v1/experiments/u"]
+
+
+def test_workqueue_delayed_adds_work_under_uvloop_too():
+    """The operator runs on uvloop, whose call_at for a past time returns a plain Handle."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def go():
+        q: WorkQueue[str] = WorkQueue(min_interval=0.05)
+        q.add("a")
+        assert await q.get() == "a"
+        q.done("a")
+        q.add_after("a", 0)  # due at once
+        q.add_after("a", -1)  # in the past
+        q.add("a")  # within min_interval
+        assert await asyncio.wait_for(q.get(), 1) == "a"
+        q.done("a")
+        q.forget("a")
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(go())
