@@ -3,12 +3,12 @@
     eval "$(python -m e2e.cluster up)"
     python bench/operator.py [--trials 1000] [--parallelism 50] [--seconds 1]
 
-Trial Pods run on kwok's fake nodes (kwok's default stages mark each Pod
-Running at once); this script plays the trial's part: when a Pod runs, it
-posts one observation with the trial's own token, as the sidecar would, and
-marks the Pod Succeeded ``--seconds`` after it started. So the run measures
-the operator's bookkeeping (Trials, Pods, service calls, status) and the
-control plane, not training.
+Trial Pods run on kwok's fake nodes: kwok's default stages mark each Pod
+Running at once, and one more stage (written by this script) marks a trial
+Pod Succeeded ``--seconds`` after it runs, as its kubelet would. This script
+plays the sidecar's part: when a Pod runs, it posts one observation with the
+trial's own token. So the run measures the operator's bookkeeping (Trials,
+Pods, service calls, status) and the control plane, not training.
 
 The suggestion service and the operator run as host processes (see
 ``e2e/operator_helpers.py``). Printed: total time against the ideal
@@ -66,20 +66,66 @@ def fake_nodes(count: int, pods_each: int) -> list[dict[str, Any]]:
     ]
 
 
+def trial_stages(base: Path, seconds: float, out: Path) -> Path:
+    """The kwok stages in ``base`` plus one that ends a Running trial Pod ``seconds`` later."""
+    stage = f"""
+---
+apiVersion: kwok.x-k8s.io/v1alpha1
+kind: Stage
+metadata:
+  name: kubetune-trial-complete
+spec:
+  resourceRef:
+    apiGroup: v1
+    kind: Pod
+  selector:
+    matchExpressions:
+    - key: '.metadata.deletionTimestamp'
+      operator: 'DoesNotExist'
+    - key: '.status.phase'
+      operator: 'In'
+      values: ['Running']
+    - key: '.metadata.ownerReferences.[].kind'
+      operator: 'In'
+      values: ['Trial']
+  delay:
+    durationMilliseconds: {round(seconds * 1000)}
+  next:
+    statusTemplate: |
+      {{{{ $now := Now }}}}
+      containerStatuses:
+      {{{{ range $item := .spec.containers }}}}
+      - image: {{{{ $item.image | Quote }}}}
+        name: {{{{ $item.name | Quote }}}}
+        ready: false
+        restartCount: 0
+        started: false
+        state:
+          terminated:
+            exitCode: 0
+            finishedAt: {{{{ $now | Quote }}}}
+            reason: Completed
+            startedAt: {{{{ $now | Quote }}}}
+      {{{{ end }}}}
+      phase: Succeeded
+"""
+    out.write_text(base.read_text().rstrip() + "\n" + stage)
+    return out
+
+
 class PodTimeline:
     """Watches trial Pods: first Running time, peak concurrency, and fake-sidecar reports."""
 
-    def __init__(self, kube: Kube, service_url: str, seconds: float) -> None:
+    def __init__(self, kube: Kube, service_url: str) -> None:
         self.api = Api.from_kubeconfig(kube.kubeconfig)
         self.service_url = service_url
-        self.seconds = seconds
         self.first_running: float | None = None
         self.running: set[str] = set()
         self.peak = 0
         self.reported: set[str] = set()
         self.stop = threading.Event()
-        # One thread per running trial at most: each sleeps out its trial.
-        self.pool = ThreadPoolExecutor(128)
+        # Reports go out concurrently, as fifty sidecars' would.
+        self.pool = ThreadPoolExecutor(8)
         # One keep-alive client for every report: a client per call would
         # build a TLS context each time and make this player, not the
         # operator, the busiest process on a 2-core machine.
@@ -112,16 +158,15 @@ class PodTimeline:
                     self.running.add(name)
                     if name not in self.reported:
                         self.reported.add(name)
-                        self.pool.submit(self.play_trial, pod, time.time())
+                        self.pool.submit(self.play_trial, pod)
                 else:
                     self.running.discard(name)
                 self.peak = max(self.peak, len(self.running))
                 if self.stop.is_set():
                     return
 
-    def play_trial(self, pod: dict[str, Any], started: float) -> None:
-        """What the sidecar and the trial would do: report, run, succeed."""
-        meta = pod["metadata"]
+    def play_trial(self, pod: dict[str, Any]) -> None:
+        """What the sidecar would do: report the trial's objective with its token."""
         env = {e["name"]: e.get("value") for e in pod["spec"]["initContainers"][0]["env"]}
         train_env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
         params = json.loads(train_env["KUBETUNE_PARAMS"])
@@ -133,32 +178,6 @@ class PodTimeline:
                 json={"step": 1, "metrics": {"val_loss": loss}},
                 headers={"Authorization": f"Bearer {env['KUBETUNE_TRIAL_TOKEN']}"},
             )
-        time.sleep(max(0.0, started + self.seconds - time.time()))
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        status = {
-            "phase": "Succeeded",
-            "containerStatuses": [
-                {
-                    "name": c["name"],
-                    "image": c["image"],
-                    "imageID": "",
-                    "ready": False,
-                    "restartCount": 0,
-                    "state": {
-                        "terminated": {
-                            "exitCode": 0,
-                            "reason": "Completed",
-                            "startedAt": now,
-                            "finishedAt": now,
-                        }
-                    },
-                }
-                for c in pod["spec"]["containers"]
-            ],
-        }
-        path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status"
-        with contextlib.suppress(Exception):
-            self.api.strategic_patch(path, {"status": status})
 
 
 def main() -> int:
@@ -182,12 +201,14 @@ def main() -> int:
     binaries = bin_dir()
     kube = Kube(cluster.kubeconfig, find_kubectl(binaries), local=True, bin_dir=binaries)
     work = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
+    stages = trial_stages(binaries / "kwok-stages.yaml", args.seconds, work / "stages.yaml")
     kwok = subprocess.Popen(
         [
             str(binaries / "kwok"),
             f"--kubeconfig={kube.kubeconfig}",
-            # kwok's own "fast" stages, copied by e2e/cluster/build.sh.
-            f"--config={binaries / 'kwok-stages.yaml'}",
+            # kwok's own "fast" stages (copied by e2e/cluster/build.sh) and
+            # one that ends trial Pods.
+            f"--config={stages}",
             "--manage-all-nodes=false",
             f"--manage-nodes-with-annotation-selector={TAINT}=fake",
             "--cidr=10.128.0.0/16",
@@ -223,7 +244,7 @@ def main() -> int:
             nodeSelector={"type": "kwok"},
             tolerations=[{"key": TAINT, "operator": "Exists", "effect": "NoSchedule"}],
         )
-        timeline = PodTimeline(kube, stack.service_url, args.seconds)
+        timeline = PodTimeline(kube, stack.service_url)
         timeline.thread.start()
         time.sleep(1)
         applied = time.time()

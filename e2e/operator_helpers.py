@@ -182,9 +182,17 @@ class HostStack:
             stderr=subprocess.STDOUT,
             cwd=REPO,
         )
-        wait_for(self._service_ready, 60, "the suggestion service /readyz", interval=0.2)
-        self.operator_config = operator_kubeconfig(self.kube, self.workdir / "operator.kubeconfig")
-        self.start_operator()
+        try:
+            wait_for(self._service_ready, 60, "the suggestion service /readyz", interval=0.2)
+            self.operator_config = operator_kubeconfig(
+                self.kube, self.workdir / "operator.kubeconfig"
+            )
+            self.start_operator()
+        except BaseException:
+            # A half-started stack must not outlive the failure (a leaked
+            # service kept its port and database for the rest of the session).
+            self.stop()
+            raise
 
     def _service_ready(self) -> bool:
         assert self.service is not None
