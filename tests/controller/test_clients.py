@@ -247,3 +247,46 @@ def test_workqueue_delayed_adds_work_under_uvloop_too():
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(go())
+
+
+def test_concurrent_starts_of_one_experiment_go_out_as_one_request():
+    import json as _json
+
+    bodies: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/v1/experiments/u/start"
+        body = _json.loads(request.content)
+        bodies.append(body)
+        refused = [
+            {"number": 3, "status": 409, "code": "conflict", "message": "trial 3 already finished"}
+        ]
+        started = [n for n in body["numbers"] if n != 3]
+        return httpx.Response(200, json={"started": started, "refused": refused})
+
+    async def go():
+        c = client(handler)
+        results = await asyncio.gather(
+            *(c.start("u", n) for n in (5, 1, 3, 1)), return_exceptions=True
+        )
+        await c.close()
+        return results
+
+    results = asyncio.run(go())
+    assert bodies == [{"numbers": [1, 3, 5]}]
+    assert results[0] is None and results[1] is None and results[3] is None
+    assert isinstance(results[2], ServiceError) and results[2].status == 409
+
+
+def test_a_failed_start_batch_fails_every_waiter():
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    async def go():
+        c = ServiceClient("http://svc", retries=0, transport=httpx.MockTransport(handler))
+        results = await asyncio.gather(c.start("u", 1), c.start("u", 2), return_exceptions=True)
+        await c.close()
+        return results
+
+    results = asyncio.run(go())
+    assert all(isinstance(r, ServiceUnavailable) for r in results)

@@ -201,10 +201,8 @@ Param: TypeAlias = FloatParam | IntParam | CategoricalParam
 
 def _same_value(a: Any, b: Any) -> bool:
     # ``True == 1`` in Python; a categorical [true, 1] must keep them apart.
-    return (
-        (type(a) is type(b)
-        and a == b)
-        or (not isinstance(a, bool | str) and not isinstance(b, bool | str) and a == b)
+    return (type(a) is type(b) and a == b) or (
+        not isinstance(a, bool | str) and not isinstance(b, bool | str) and a == b
     )
 
 

@@ -7,7 +7,10 @@
   ``history_version`` (bumped by every change a sampler can see). A stale entry
   is refreshed by loading only the trials changed since, so an ask at 10,000
   trials loads one or two rows, not 10,000. It also keeps the counts the
-  ask path needs (failures, best value), updated with each change.
+  ask path needs (failures, best value), updated with each change, and, where
+  known, the experiment row as of that version (:class:`Head`): what lets
+  ``ask`` suggest before reading anything and allocate with one conditional
+  statement that only succeeds if the version is still the stored one.
 
 Entries are immutable; a refresh builds a new one, so a thread reading an
 entry never sees it change.
@@ -18,14 +21,37 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
 from kubetune_suggestion.engine.history import Direction, TrialRecord, TrialState
 from kubetune_suggestion.service import logic
-from kubetune_suggestion.store import ExperimentRow, TrialRow, WriteTxn
+from kubetune_suggestion.store import ExperimentRow, TrialRow
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Head:
+    """The experiment row's fields that ``ask`` needs, as of a history version.
+
+    Every write of ``next_number`` or ``sampler_state`` bumps ``history_version``,
+    so at an unchanged version (and spec version) these are still the stored ones.
+
+    Attributes:
+        spec_version: The spec version they were read or written under.
+        next_number: The number the next allocated trial gets.
+        sampler_state: The sampler's state, as the database hands it back.
+        pending: Trials that may still be pending: every pending one is in it.
+            Only ``ask`` creates pending trials, and it bumps the version; a
+            report or ``start`` may leave a started trial in it (then ``ask``
+            takes the locked path, which reads the pending ones).
+    """
+
+    spec_version: int
+    next_number: int
+    sampler_state: dict[str, Any] | None
+    pending: frozenset[int]
 
 
 @dataclass(frozen=True)
@@ -37,17 +63,23 @@ class SamplerHistory:
         records: Every trial by number.
         failures: Trials the engine sees as failed (failed, metrics_unavailable).
         best: The best finite objective of a succeeded trial, if any.
+        head: The experiment row as of ``version``, when known.
     """
 
     version: int
     records: dict[int, TrialRecord]
     failures: int = 0
     best: float | None = None
+    head: Head | None = None
 
     def updated(
-        self, version: int, changed: Iterable[TrialRecord], direction: Direction
+        self,
+        version: int,
+        changed: Iterable[TrialRecord],
+        direction: Direction,
+        head: Head | None = None,
     ) -> SamplerHistory:
-        """A new history with ``changed`` records replacing or adding to these."""
+        """A new history with ``changed`` records replacing or adding to these, and ``head``."""
         records = dict(self.records)
         failures, best = self.failures, self.best
         for record in changed:
@@ -60,7 +92,7 @@ class SamplerHistory:
                 if best is None or direction.better(record.value, best):
                     best = record.value
             records[record.number] = record
-        return SamplerHistory(version, records, failures, best)
+        return SamplerHistory(version, records, failures, best, head)
 
 
 class _Lru(Generic[T]):
@@ -89,6 +121,10 @@ class _Lru(Generic[T]):
                 self._items.popitem(last=False)
 
 
+def _never(_: Any) -> bool:
+    return False
+
+
 class HistoryCache:
     """Sampler histories by experiment id, refreshed incrementally.
 
@@ -98,19 +134,6 @@ class HistoryCache:
 
     def __init__(self, size: int = 256) -> None:
         self._entries: _Lru[SamplerHistory] = _Lru(size)
-
-    def load(self, tx: WriteTxn, row: ExperimentRow, direction: Direction) -> SamplerHistory:
-        """The history as of ``row.history_version`` (call with the experiment row-locked)."""
-        cached = self._entries.get(row.id)
-        if cached is not None and cached.version == row.history_version:
-            return cached
-        if cached is None or cached.version > row.history_version:
-            cached = SamplerHistory(-1, {})
-        changed = [
-            logic.trial_record(t.number, t.params, t.state, t.objective)
-            for t in tx.history_since(row.id, cached.version)
-        ]
-        return cached.updated(row.history_version, changed, direction)
 
     def base(self, row: ExperimentRow) -> SamplerHistory:
         """The cached history to refresh up to ``row.history_version`` (empty if none fits)."""
@@ -132,9 +155,110 @@ class HistoryCache:
         records = [logic.trial_record(t.number, t.params, t.state, t.objective) for t in changed]
         return base.updated(row.history_version, records, direction)
 
+    def get(self, experiment_id: int) -> SamplerHistory | None:
+        """The cached history, whatever its version."""
+        return self._entries.get(experiment_id)
+
     def remember(self, experiment_id: int, history: SamplerHistory) -> None:
         """Keep ``history`` (only call after the transaction it reflects committed)."""
         self._entries.put(experiment_id, history, keep=lambda c: c.version > history.version)
+
+    def advance(
+        self,
+        experiment_id: int,
+        version: int,
+        record: TrialRecord,
+        direction: Direction,
+    ) -> None:
+        """Apply a committed change of one trial that took the history from ``version - 1``.
+
+        Only an entry at exactly ``version - 1`` can be advanced (it then
+        misses nothing); any other is left for the next ``ask`` to refresh.
+        """
+        cached = self._entries.get(experiment_id)
+        if cached is None or cached.version != version - 1:
+            return
+        head = cached.head
+        if head is not None:
+            head = replace(head, pending=head.pending - {record.number})
+        self.remember(experiment_id, cached.updated(version, [record], direction, head))
+
+    def started(self, experiment_id: int, numbers: Iterable[int]) -> None:
+        """Trials ``numbers`` are known to have left ``pending`` (a committed report or start)."""
+        gone = frozenset(numbers)
+        cached = self._entries.get(experiment_id)
+        if cached is None or cached.head is None or cached.head.pending.isdisjoint(gone):
+            return
+        head = replace(cached.head, pending=cached.head.pending - gone)
+        version = cached.version
+        # Same version: ``keep`` must not prefer the entry this one replaces.
+        self._entries.put(
+            experiment_id, replace(cached, head=head), keep=lambda c: c.version > version
+        )
+
+
+class UidHints:
+    """Each experiment uid's (id, spec version), as this process last saw them.
+
+    Only a guess: the one-statement writes that use it check both against the
+    stored row, so a deleted, re-created or re-specified experiment takes the
+    locked path once, which corrects the guess.
+
+    Args:
+        size: Experiments kept (least recently used dropped).
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self._entries: _Lru[tuple[int, int]] = _Lru(size)
+
+    def get(self, uid: str) -> tuple[int, int] | None:
+        """(experiment id, spec version) last seen for ``uid``, if any."""
+        return self._entries.get(uid)
+
+    def put(self, uid: str, experiment_id: int, spec_version: int) -> None:
+        """Remember what a read or a write under the row's lock found (replacing any guess)."""
+        self._entries.put(uid, (experiment_id, spec_version), keep=_never)
+
+
+class Backoff:
+    """Whether to try an optimistic path for a key, given how its last tries went.
+
+    A try that loses its race (another replica changed the experiment first)
+    wastes the work done for it, a suggestion computed in vain. After ``n``
+    consecutive losses the next ``2**n - 1`` calls (at most ``limit``) skip
+    the try; a win starts over. An experiment served by one replica at a
+    time always tries; one whose replicas interleave settles on the locked
+    path, which it needs anyway.
+
+    Args:
+        limit: The most calls skipped in a row.
+        size: Keys kept (least recently used dropped).
+    """
+
+    def __init__(self, limit: int = 63, size: int = 1024) -> None:
+        self._limit = limit
+        # Per key: [consecutive losses, calls still to skip]. Updated without
+        # a lock: a lost update only shifts when the next try happens.
+        self._entries: _Lru[list[int]] = _Lru(size)
+
+    def should_try(self, key: Any) -> bool:
+        """Whether to try now (counts a skipped call)."""
+        entry = self._entries.get(key)
+        if entry is None or entry[1] <= 0:
+            return True
+        entry[1] -= 1
+        return False
+
+    def lost(self, key: Any) -> None:
+        """The try lost its race."""
+        entry = self._entries.get(key)
+        losses = 1 if entry is None else entry[0] + 1
+        self._entries.put(key, [losses, min(2**losses - 1, self._limit)], keep=_never)
+
+    def won(self, key: Any) -> None:
+        """The try went through."""
+        if self._entries.get(key) is not None:
+            self._entries.put(key, [0, 0], keep=_never)
 
 
 class EngineCache(Generic[T]):

@@ -9,6 +9,13 @@ restarted process) continues exactly where the last one stopped.
 Process-local caches (:mod:`.caches`) hold only what can be rebuilt from the
 database and are keyed so that they can never serve stale data.
 
+On PostgreSQL the hot paths first try one conditional statement in
+autocommit (:mod:`kubetune_suggestion.store.oneshot`), built from the caches:
+``ask`` when the cached history is the stored one and no trial may be
+pending, a report when no early-stopping decision is due. The statement
+writes only if what the cache assumed is still stored; otherwise it writes
+nothing and the method runs its locked transaction, as on SQLite.
+
 Errors are :class:`~.errors.ServiceError` subclasses (404 unknown, 401/403
 token, 409 conflicting state, 422 invalid input); when one is raised nothing
 has been written.
@@ -20,6 +27,7 @@ import logging
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError
@@ -30,7 +38,14 @@ from kubetune_suggestion.engine.space import SpaceError
 from kubetune_suggestion.engine.stopping import StoppingRule, make_rule
 from kubetune_suggestion.service import logic
 from kubetune_suggestion.service import metrics as prom
-from kubetune_suggestion.service.caches import EngineCache, HistoryCache
+from kubetune_suggestion.service.caches import (
+    Backoff,
+    EngineCache,
+    Head,
+    HistoryCache,
+    SamplerHistory,
+    UidHints,
+)
 from kubetune_suggestion.service.errors import (
     Conflict,
     Forbidden,
@@ -45,6 +60,8 @@ from kubetune_suggestion.service.models import (
     ExperimentSummary,
     ExperimentView,
     ObservationView,
+    StartRefusal,
+    StartResult,
     StopAnswer,
     StopListItem,
     StopOrder,
@@ -63,6 +80,8 @@ log = logging.getLogger(__name__)
 # longer mean what the sampler and the rule think it means.
 _FROZEN_SPEC_FIELDS = ("objective", "parameters", "algorithm")
 MAX_ASK = 1000
+# Tries of the unlocked finish before the locked one (a report in between costs one).
+_FINISH_TRIES = 2
 
 
 @dataclass(frozen=True)
@@ -122,6 +141,8 @@ class TuningService:
         self.secret = secret if secret else store.secret(secrets.token_hex(32))
         self._engines: EngineCache[_Compiled] = EngineCache()
         self._histories = HistoryCache()
+        self._ids = UidHints()
+        self._ask_backoff = Backoff()
 
     @classmethod
     def open(cls, url: str, *, secret: str | None = None, migrate: bool = True) -> TuningService:
@@ -182,6 +203,7 @@ class TuningService:
                     spec=spec_json,
                     spec_version=spec_version,
                 )
+        self._ids.put(uid, row.id, spec_version)
         return ExperimentView(
             uid=uid,
             name=name,
@@ -209,16 +231,88 @@ class TuningService:
         Idempotent: a retry returns the trials an earlier call handed out and
         nobody started. Never allocates beyond ``spec.maxTrials``; nothing once
         the objective target is reached or too many trials failed. Safe across
-        processes: allocation holds the experiment's row lock.
+        processes: allocation holds the experiment's row lock, or (the fast
+        path) is one statement that only writes if nothing changed since the
+        cached history.
 
         Raises:
             InvalidInput: For ``count`` outside 1..1000.
             NotFound: If there is no such experiment.
         """
-        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_ASK:
-            raise InvalidInput(
-                f"count must be a whole number from 1 to {MAX_ASK}, got {count!r}", field="count"
+        fast = self.ask_from_cache(uid, count)
+        return fast if fast is not None else self.ask_locked(uid, count)
+
+    def ask_from_cache(self, uid: str, count: int) -> AskResult | None:
+        """:meth:`ask` from the cached history, allocating with one conditional statement.
+
+        Never waits for the experiment's row lock beyond one statement: what
+        the HTTP app may run on its event loop.
+
+        Returns:
+            None, having written nothing, when the cache cannot answer alone
+            (then :meth:`ask_locked` must): not on PostgreSQL, nothing cached,
+            trials that may be pending (a retry must get them back), an
+            experiment halted, suspended or full (rare: the locked path
+            answers), or a change since the cached version (another replica's).
+
+        Raises:
+            InvalidInput: For ``count`` outside 1..1000.
+        """
+        _check_count(count)
+        if not self.store.postgres:
+            return None
+        known = self._ids.get(uid)
+        history = None if known is None else self._histories.get(known[0])
+        if known is None or history is None or history.head is None or history.head.pending:
+            return None
+        experiment_id, head = known[0], history.head
+        if not self._ask_backoff.should_try(experiment_id):
+            return None
+        compiled = self._engines.get(experiment_id, head.spec_version)
+        if compiled is None:
+            return None
+        spec = compiled.spec
+        if spec.suspend or logic.halt_reason(spec, {"failed": history.failures}, history.best):
+            return None
+        wanted = min(count, spec.maxTrials - head.next_number)
+        if wanted <= 0:
+            return None
+        records = list(history.records.values())
+        suggestions = compiled.sampler.suggest(records, wanted, head.sampler_state)
+        new = [
+            NewTrial(head.next_number + i, c) for i, c in enumerate(suggestions.configs[:wanted])
+        ]
+        with self.store.oneshot() as db:
+            allocated = db.allocate_if_current(
+                experiment_id,
+                (history.version, head.spec_version, head.next_number),
+                new,
+                suggestions.state,
             )
+        if allocated is None:
+            self._ask_backoff.lost(experiment_id)
+            return None
+        self._ask_backoff.won(experiment_id)
+        self._remember_allocation(
+            experiment_id, compiled, history, head, new, allocated.sampler_state
+        )
+        self._log_notes(uid, suggestions.notes)
+        return _ask_result(
+            [self._assignment(uid, t.number, t.params) for t in new],
+            count,
+            spec.maxTrials,
+            head.next_number + len(new),
+            suggestions.exhausted,
+        )
+
+    def ask_locked(self, uid: str, count: int) -> AskResult:
+        """:meth:`ask` in a transaction holding the experiment's row lock.
+
+        Raises:
+            InvalidInput: For ``count`` outside 1..1000.
+            NotFound: If there is no such experiment.
+        """
+        _check_count(count)
         with self.store.write() as tx:
             row = tx.lock_experiment(uid)
             if row is None:
@@ -240,44 +334,79 @@ class TuningService:
                 return AskResult(trials=[], exhausted=True, reason=halted)
             if spec.suspend:
                 return AskResult(trials=[], exhausted=False, reason="the experiment is suspended")
-            pending = [t for t in loaded if t.state == "pending"][:count]
-            assignments = [self._assignment(uid, t.number, t.params) for t in pending]
+            pending_now = [t for t in loaded if t.state == "pending"]
+            head = Head(
+                spec_version=row.spec_version,
+                next_number=row.next_number,
+                sampler_state=row.sampler_state,
+                pending=frozenset(t.number for t in pending_now),
+            )
+            history = replace(history, head=head)
+            assignments = [self._assignment(uid, t.number, t.params) for t in pending_now[:count]]
             room = spec.maxTrials - row.next_number
-            wanted = min(count - len(pending), room)
-            next_number = row.next_number
+            wanted = min(count - len(assignments), room)
             sampler_exhausted = False
             notes: list[str] = []
+            new: list[NewTrial] = []
+            stored_state = row.sampler_state
             if wanted > 0:
                 records = list(history.records.values())
                 suggestions = compiled.sampler.suggest(records, wanted, row.sampler_state)
                 sampler_exhausted = suggestions.exhausted
                 notes = suggestions.notes
-                version = row.history_version + 1
                 new = [
                     NewTrial(row.next_number + i, c)
                     for i, c in enumerate(suggestions.configs[:wanted])
                 ]
-                next_number += len(new)
-                tx.allocate(row.id, new, version, next_number, suggestions.state)
-                history = history.updated(
-                    version,
-                    (logic.trial_record(t.number, t.params, "pending", None) for t in new),
-                    spec.objective.direction,
+                stored_state = tx.allocate(
+                    row.id,
+                    new,
+                    row.history_version + 1,
+                    row.next_number + len(new),
+                    suggestions.state,
                 )
                 assignments += [self._assignment(uid, t.number, t.params) for t in new]
-                prom.SUGGESTIONS.labels(spec.algorithm.name).inc(len(new))
         # Cache only what was committed: a rolled-back allocation must not be remembered.
-        self._histories.remember(row.id, history)
+        self._ids.put(uid, row.id, row.spec_version)
+        if wanted > 0:
+            self._remember_allocation(row.id, compiled, history, head, new, stored_state)
+        else:
+            self._histories.remember(row.id, history)
+        self._log_notes(uid, notes)
+        return _ask_result(
+            assignments, count, spec.maxTrials, row.next_number + len(new), sampler_exhausted
+        )
+
+    def _remember_allocation(
+        self,
+        experiment_id: int,
+        compiled: _Compiled,
+        history: SamplerHistory,
+        head: Head,
+        new: Sequence[NewTrial],
+        sampler_state: dict[str, Any] | None,
+    ) -> None:
+        """Cache the history after a committed allocation of ``new`` from ``history``."""
+        spec = compiled.spec
+        head = Head(
+            spec_version=head.spec_version,
+            next_number=head.next_number + len(new),
+            sampler_state=sampler_state,
+            pending=head.pending.union(t.number for t in new),
+        )
+        advanced = history.updated(
+            history.version + 1,
+            (logic.trial_record(t.number, t.params, "pending", None) for t in new),
+            spec.objective.direction,
+            head,
+        )
+        self._histories.remember(experiment_id, advanced)
+        prom.SUGGESTIONS.labels(spec.algorithm.name).inc(len(new))
+
+    @staticmethod
+    def _log_notes(uid: str, notes: Sequence[str]) -> None:
         for note in notes:
             log.info("experiment %s: %s", uid, note)
-        exhausted = sampler_exhausted or next_number >= spec.maxTrials
-        reason = None
-        if len(assignments) < count:
-            if next_number >= spec.maxTrials:
-                reason = f"maxTrials ({spec.maxTrials}) reached"
-            elif sampler_exhausted:
-                reason = "the search space is exhausted"
-        return AskResult(trials=assignments, exhausted=exhausted, reason=reason)
 
     def start(self, uid: str, number: int) -> None:
         """Mark a handed-out trial as running (idempotent).
@@ -290,10 +419,54 @@ class TuningService:
             found = tx.lock_trial_of(uid, number)
             if found is None:
                 raise self._not_found(tx, uid, number)
-            _, _, trial = found
+            experiment_id, _, trial = found
             if TrialState(trial.state).finished:
                 raise Conflict(f"trial {number} already finished ({trial.state})", field="number")
             tx.mark_running(trial.id)
+        self._histories.started(experiment_id, [number])
+
+    def start_many(self, uid: str, numbers: Sequence[int]) -> StartResult:
+        """:meth:`start` for several trials of one experiment, in one transaction.
+
+        A trial that is unknown or already finished is refused on its own
+        (404 / 409 in ``refused``); the others are started.
+
+        Raises:
+            InvalidInput: For no numbers or more than 1000.
+            NotFound: If there is no such experiment.
+        """
+        wanted = sorted(set(numbers))
+        if not 1 <= len(wanted) <= MAX_ASK:
+            raise InvalidInput(f"numbers must list 1 to {MAX_ASK} trials", field="numbers")
+        refused: list[StartRefusal] = []
+        with self.store.write() as tx:
+            found = tx.lock_trials_of(uid, wanted)
+            if not found and tx.experiment_id(uid) is None:
+                raise NotFound(f"no experiment {uid!r}", field="uid")
+            ids: list[int] = []
+            started: list[int] = []
+            experiment_id = None
+            for number in wanted:
+                hit = found.get(number)
+                if hit is None:
+                    message = f"experiment {uid!r} has no trial {number}"
+                    refused.append(
+                        StartRefusal(number=number, status=404, code="not_found", message=message)
+                    )
+                    continue
+                experiment_id, _, trial = hit
+                if TrialState(trial.state).finished:
+                    message = f"trial {number} already finished ({trial.state})"
+                    refused.append(
+                        StartRefusal(number=number, status=409, code="conflict", message=message)
+                    )
+                    continue
+                ids.append(trial.id)
+                started.append(number)
+            tx.mark_running_many(ids)
+        if experiment_id is not None and started:
+            self._histories.started(experiment_id, started)
+        return StartResult(started=started, refused=refused)
 
     def report(
         self, uid: str, number: int, token: str | None, step: int, metrics: Mapping[str, Any]
@@ -361,6 +534,16 @@ class TuningService:
         results: list[StopAnswer | ServiceError | None],
     ) -> None:
         """Store checked reports and decide stops, filling ``results`` in place."""
+        if len(checked) == 1:
+            i, r, step, clean = checked[0]
+            try:
+                answer = self._report_in_one_statement(r, step, clean)
+            except ServiceError as exc:
+                results[i] = exc
+                return
+            if answer is not None:
+                results[i] = answer
+                return
         accepted: list[tuple[int, Report, int, int, _Compiled, TrialRow, float | None]] = []
         with self.store.write() as tx:
             numbers: dict[str, set[int]] = {}
@@ -368,6 +551,7 @@ class TuningService:
                 numbers.setdefault(r.uid, set()).add(r.number)
             # Experiments in a fixed order too, so batches spanning several cannot deadlock.
             found = {uid: tx.lock_trials_of(uid, sorted(numbers[uid])) for uid in sorted(numbers)}
+            seen = {uid: hit for uid, hits in found.items() for hit in hits.values()}
             rows: list[tuple[int, int, dict[str, float], float | None]] = []
             for i, r, step, clean in checked:
                 hit = found[r.uid].get(r.number)
@@ -376,11 +560,7 @@ class TuningService:
                     continue
                 experiment_id, spec_version, trial = hit
                 if TrialState(trial.state).finished:
-                    results[i] = Conflict(
-                        f"trial {r.number} already finished ({trial.state}); "
-                        "reports are no longer accepted",
-                        field="number",
-                    )
+                    results[i] = _finished_conflict(r.number, trial.state)
                     continue
                 compiled = self._compiled_for(tx, experiment_id, spec_version, None)
                 objective = clean.get(compiled.spec.objective.metric)
@@ -409,13 +589,64 @@ class TuningService:
                     results[i] = answer
                 else:
                     results[i] = StopAnswer(stop=False)
+        for uid, (experiment_id, spec_version, _) in seen.items():
+            self._ids.put(uid, experiment_id, spec_version)
+        for _, r, _, experiment_id, _, _, _ in accepted:
+            self._histories.started(experiment_id, [r.number])
         prom.OBSERVATIONS.inc(len(stored))
+
+    def report_from_cache(self, r: Report) -> StopAnswer | None:
+        """:meth:`report` with one conditional statement, when no stop decision is due.
+
+        Never waits for more than the trial's row lock during one statement:
+        what the HTTP app may run on its event loop.
+
+        Returns:
+            None, having written nothing, when :meth:`report_batch` must
+            answer: not on PostgreSQL, the experiment's id and spec are not
+            cached, a rule must decide on this report (that needs the
+            experiment's curves), or the statement found no such trial under
+            the cached id and spec version (the locked path then tells which
+            error it is, or stores it).
+
+        Raises:
+            ServiceError: As :meth:`report` does (nothing stored).
+        """
+        step, clean = self._check_report(r)
+        return self._report_in_one_statement(r, step, clean)
+
+    def _report_in_one_statement(
+        self, r: Report, step: int, clean: dict[str, float]
+    ) -> StopAnswer | None:
+        if not self.store.postgres:
+            return None
+        known = self._ids.get(r.uid)
+        compiled = None if known is None else self._engines.get(*known)
+        if known is None or compiled is None:
+            return None
+        objective = clean.get(compiled.spec.objective.metric)
+        if compiled.rule is not None and objective is not None:
+            return None
+        with self.store.oneshot() as db:
+            outcome = db.report_if_current(r.uid, r.number, known, step, clean, objective)
+        if outcome is None:
+            return None
+        if TrialState(outcome.state).finished:
+            raise _finished_conflict(r.number, outcome.state)
+        self._histories.started(known[0], [r.number])
+        prom.OBSERVATIONS.inc(int(outcome.stored))
+        if outcome.stop_reason is not None:
+            return StopAnswer(stop=True, reason=outcome.stop_reason)
+        return StopAnswer(stop=False)
 
     def finish(self, uid: str, number: int, state: str, message: str | None = None) -> TrialView:
         """End a trial; its objective comes from the stored observations.
 
         ``succeeded`` without any report of the objective metric becomes
         ``metrics_unavailable``. Finishing again in the same state is a no-op.
+        On PostgreSQL it first tries two statements without a transaction
+        (read, then end the trial if its row is still the version read); a
+        report in between sends it round again, and then to the locked path.
 
         Raises:
             InvalidInput: For a state that is not a final one.
@@ -432,6 +663,54 @@ class TuningService:
                 f"got {state!r}",
                 field="state",
             )
+        if self.store.postgres:
+            for _ in range(_FINISH_TRIES):
+                done = self._finish_unlocked(uid, number, final, message)
+                if done is not None:
+                    return done
+        return self._finish_locked(uid, number, final, message)
+
+    def _finish_unlocked(
+        self, uid: str, number: int, final: TrialState, message: str | None
+    ) -> TrialView | None:
+        """:meth:`finish` with two statements and no lock held between them.
+
+        None, having written nothing, when the trial changed between the two.
+        """
+        with self.store.oneshot() as db:
+            read = db.finish_read(uid, number)
+            if read is None:
+                if self.store.experiment(uid) is None:
+                    raise NotFound(f"no experiment {uid!r}", field="uid")
+                raise NotFound(f"experiment {uid!r} has no trial {number}", field="number")
+            compiled = self._engines.get(read.experiment_id, read.spec_version)
+            if compiled is None:
+                row = self.store.experiment(uid)
+                if row is None or (row.id, row.spec_version) != (
+                    read.experiment_id,
+                    read.spec_version,
+                ):
+                    return None  # changed since the read
+                compiled = self._compiled_from_row(row)
+            trial = read.trial
+            if _already_finished(trial, final):
+                return self._trial_view(read.experiment_id, number)
+            final, objective, message = _ending(compiled, final, message, read.observed)
+            now = utcnow()
+            version = db.finish_if_unchanged(
+                read, final.value, objective, message, trial.started_at or now, now
+            )
+        if version is None:
+            return None
+        ended = _ended(trial, final, objective, message, now)
+        return self._finished(
+            uid, read.experiment_id, read.spec_version, version, compiled, ended, read.observed
+        )
+
+    def _finish_locked(
+        self, uid: str, number: int, final: TrialState, message: str | None
+    ) -> TrialView:
+        """:meth:`finish` in a transaction holding the experiment's and the trial's row locks."""
         with self.store.write() as tx:
             # The experiment's row and the trial's, locked in that order (one round trip).
             found = tx.lock_for_finish(uid, number)
@@ -440,25 +719,11 @@ class TuningService:
                     raise NotFound(f"no experiment {uid!r}", field="uid")
                 raise NotFound(f"experiment {uid!r} has no trial {number}", field="number")
             experiment_id, spec_version, history_version, trial = found
-            current = TrialState(trial.state)
-            if current.finished:
-                if current is final or (
-                    final is TrialState.SUCCEEDED and current is TrialState.METRICS_UNAVAILABLE
-                ):
-                    return self._trial_view(experiment_id, number)
-                raise Conflict(f"trial {number} already finished ({trial.state})", field="state")
+            if _already_finished(trial, final):
+                return self._trial_view(experiment_id, number)
             compiled = self._compiled_for(tx, experiment_id, spec_version, None)
             observed = tx.observed_steps(trial.id)
-            objective = None
-            if final in (TrialState.SUCCEEDED, TrialState.PRUNED):
-                values = [(step, v) for step, v in observed if v is not None]
-                objective = logic.final_objective(values, compiled.spec.objective.strategy)
-            if final is TrialState.SUCCEEDED and objective is None:
-                final = TrialState.METRICS_UNAVAILABLE
-                message = (
-                    message
-                    or f"the trial never reported its objective {compiled.spec.objective.metric!r}"
-                )
+            final, objective, message = _ending(compiled, final, message, observed)
             version = history_version + 1
             now = utcnow()
             tx.finish_trial(
@@ -472,16 +737,30 @@ class TuningService:
                 started_at=trial.started_at or now,
                 finished_at=now,
             )
-            # Built from what this transaction knows: no re-read on the hot path.
-            ended = replace(
-                trial,
-                state=final.value,
-                objective=objective,
-                message=message,
-                started_at=trial.started_at or now,
-                finished_at=now,
-            )
-            return _trial_view(ended, observed[-1][0] if observed else None, None)
+        ended = _ended(trial, final, objective, message, now)
+        return self._finished(uid, experiment_id, spec_version, version, compiled, ended, observed)
+
+    def _finished(
+        self,
+        uid: str,
+        experiment_id: int,
+        spec_version: int,
+        version: int,
+        compiled: _Compiled,
+        ended: TrialRow,
+        observed: Sequence[tuple[int, float | None]],
+    ) -> TrialView:
+        """After a committed end (``ended``) at history ``version``: the caches, and its view."""
+        self._ids.put(uid, experiment_id, spec_version)
+        # The cached history, if it was the one just before, takes the change.
+        self._histories.advance(
+            experiment_id,
+            version,
+            logic.trial_record(ended.number, ended.params, ended.state, ended.objective),
+            compiled.spec.objective.direction,
+        )
+        # Built from what the write knew: no re-read on the hot path.
+        return _trial_view(ended, observed[-1][0] if observed else None, None)
 
     # -- reading ------------------------------------------------------------------
 
@@ -645,6 +924,95 @@ class TuningService:
         tx.add_stop_order(trial.id, reason)
         prom.STOP_DECISIONS.labels(compiled.rule.name).inc()
         return StopAnswer(stop=True, reason=reason)
+
+
+def _already_finished(trial: TrialRow, final: TrialState) -> bool:
+    """Whether finishing ``trial`` as ``final`` is a no-op.
+
+    Raises:
+        Conflict: If it already finished in another state.
+    """
+    current = TrialState(trial.state)
+    if not current.finished:
+        return False
+    if current is final or (
+        final is TrialState.SUCCEEDED and current is TrialState.METRICS_UNAVAILABLE
+    ):
+        return True
+    raise Conflict(f"trial {trial.number} already finished ({trial.state})", field="state")
+
+
+def _ending(
+    compiled: _Compiled,
+    final: TrialState,
+    message: str | None,
+    observed: Sequence[tuple[int, float | None]],
+) -> tuple[TrialState, float | None, str | None]:
+    """(state, objective, message) a trial ends with, from its reports (step, objective)."""
+    objective = None
+    if final in (TrialState.SUCCEEDED, TrialState.PRUNED):
+        values = [(step, v) for step, v in observed if v is not None]
+        objective = logic.final_objective(values, compiled.spec.objective.strategy)
+    if final is TrialState.SUCCEEDED and objective is None:
+        final = TrialState.METRICS_UNAVAILABLE
+        message = (
+            message or f"the trial never reported its objective {compiled.spec.objective.metric!r}"
+        )
+    return final, objective, message
+
+
+def _ended(
+    trial: TrialRow,
+    final: TrialState,
+    objective: float | None,
+    message: str | None,
+    now: datetime,
+) -> TrialRow:
+    """``trial`` as its end at ``now`` wrote it."""
+    return replace(
+        trial,
+        state=final.value,
+        objective=objective,
+        message=message,
+        started_at=trial.started_at or now,
+        finished_at=now,
+    )
+
+
+def _check_count(count: Any) -> None:
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_ASK:
+        raise InvalidInput(
+            f"count must be a whole number from 1 to {MAX_ASK}, got {count!r}", field="count"
+        )
+
+
+def _finished_conflict(number: int, state: str) -> Conflict:
+    """The answer to a report of a trial that finished."""
+    return Conflict(
+        f"trial {number} already finished ({state}); reports are no longer accepted",
+        field="number",
+    )
+
+
+def _ask_result(
+    assignments: list[TrialAssignment],
+    count: int,
+    max_trials: int,
+    next_number: int,
+    sampler_exhausted: bool,
+) -> AskResult:
+    """The answer to an ask for ``count`` that hands out ``assignments``."""
+    reason = None
+    if len(assignments) < count:
+        if next_number >= max_trials:
+            reason = f"maxTrials ({max_trials}) reached"
+        elif sampler_exhausted:
+            reason = "the search space is exhausted"
+    return AskResult(
+        trials=assignments,
+        exhausted=sampler_exhausted or next_number >= max_trials,
+        reason=reason,
+    )
 
 
 def _trial_view(

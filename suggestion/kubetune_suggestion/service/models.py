@@ -56,6 +56,14 @@ class AskRequest(_Request):
     )
 
 
+class StartRequest(_Request):
+    """Body of ``POST /v1/experiments/{uid}/start``."""
+
+    numbers: list[int] = Field(
+        min_length=1, max_length=1000, description="Trials handed out by ask that now run."
+    )
+
+
 class ObservationRequest(_Request):
     """Body of ``POST .../trials/{n}/observations``: one report of a running trial."""
 
@@ -159,6 +167,22 @@ class StopOrder(_Response):
 
     number: int
     reason: str
+
+
+class StartRefusal(_Response):
+    """A trial that could not be marked started, and why."""
+
+    number: int
+    status: int
+    code: str
+    message: str
+
+
+class StartResult(_Response):
+    """Answer to ``POST /v1/experiments/{uid}/start``."""
+
+    started: list[int]
+    refused: list[StartRefusal]
 
 
 class StopListItem(_Response):

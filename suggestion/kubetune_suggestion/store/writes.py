@@ -13,6 +13,7 @@ Trial rows are locked the same way by reports and by ``finish``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -97,10 +98,12 @@ _PG_ASK_TRIALS = (
 )
 _PG_ALLOCATE = (
     "WITH e AS (UPDATE experiments SET next_number = %(next)s, sampler_state = %(state)s, "
-    "history_version = %(version)s, updated_at = %(now)s WHERE id = %(eid)s) "
-    "INSERT INTO trials (experiment_id, number, params, state, history_version, created_at) "
+    "history_version = %(version)s, updated_at = %(now)s WHERE id = %(eid)s "
+    "RETURNING sampler_state), "
+    "n AS (INSERT INTO trials (experiment_id, number, params, state, history_version, created_at) "
     "SELECT %(eid)s, u.n, u.p, 'pending', %(version)s, %(now)s "
-    "FROM unnest(%(numbers)s::integer[], %(params)s::jsonb[]) AS u(n, p)"
+    "FROM unnest(%(numbers)s::integer[], %(params)s::jsonb[]) AS u(n, p)) "
+    "SELECT sampler_state FROM e"
 )
 _PG_LOCK_TRIALS_OF = (
     f"SELECT e.id, e.spec_version, {_T} FROM experiments e "
@@ -112,9 +115,12 @@ _PG_LOCK_FOR_FINISH = (
     "JOIN trials t ON t.experiment_id = e.id WHERE e.uid = %s AND t.number = %s "
     "FOR UPDATE OF e, t"
 )
+# Every reported trial's row is rewritten, not only the pending ones': the
+# optimistic finish (oneshot._FINISH_IF_UNCHANGED) relies on a report leaving
+# a new row version.
 _PG_STORE_REPORTS = (
-    "WITH r AS (UPDATE trials SET state = 'running', started_at = %(now)s "
-    "WHERE id = ANY(%(pending)s) AND state = 'pending') "
+    "WITH r AS (UPDATE trials SET state = 'running', started_at = COALESCE(started_at, %(now)s) "
+    "WHERE id = ANY(%(trials)s) AND state IN ('pending', 'running')) "
     "INSERT INTO observations (trial_id, step, metrics, objective, created_at) "
     "SELECT u.t, u.s, u.m, u.o, %(now)s "
     "FROM unnest(%(trials)s::bigint[], %(steps)s::bigint[], %(metrics)s::jsonb[], "
@@ -302,13 +308,14 @@ class WriteTxn:
         history_version: int,
         next_number: int,
         sampler_state: Any,
-    ) -> None:
+    ) -> dict[str, Any] | None:
         """Insert freshly allocated ``pending`` trials and advance the experiment, at once.
 
         :meth:`insert_trials` plus :meth:`update_experiment` (next number,
         sampler state, history version); one statement on PostgreSQL.
+        Returns the sampler state as stored, as a read would hand it back.
         """
-        if not self._postgres or not trials:
+        if not self._postgres:
             self.insert_trials(experiment_id, trials, history_version)
             self.update_experiment(
                 experiment_id,
@@ -316,10 +323,12 @@ class WriteTxn:
                 sampler_state=sampler_state,
                 history_version=history_version,
             )
-            return
+            # The JSON column stores json.dumps and reads back json.loads.
+            stored: dict[str, Any] | None = json.loads(json.dumps(sampler_state))
+            return stored
         from psycopg.types.json import Jsonb
 
-        self._pg(
+        stored = self._pg(
             _PG_ALLOCATE,
             {
                 "eid": experiment_id,
@@ -331,7 +340,8 @@ class WriteTxn:
                 "numbers": [t.number for t in trials],
                 "params": [Jsonb(dict(t.params)) for t in trials],
             },
-        )
+        ).fetchone()[0]
+        return stored
 
     def count_states(self, experiment_id: int) -> dict[str, int]:
         """How many trials are in each state."""
@@ -475,7 +485,10 @@ class WriteTxn:
         """Store reports and mark the ``pending`` trial ids running, at once.
 
         :meth:`insert_observations` plus :meth:`mark_running_many`, in one
-        statement on PostgreSQL. Returns the (trial id, step) pairs stored now.
+        statement on PostgreSQL, which rewrites every reported trial's row
+        (the pending ones become running): the optimistic finish of
+        :mod:`.oneshot` relies on a report leaving a new row version.
+        Returns the (trial id, step) pairs stored now.
         """
         if not self._postgres or not rows:
             stored = self.insert_observations(rows)
@@ -487,7 +500,6 @@ class WriteTxn:
             _PG_STORE_REPORTS,
             {
                 "now": utcnow(),
-                "pending": sorted(set(pending)),
                 "trials": [t for t, _, _, _ in rows],
                 "steps": [s for _, s, _, _ in rows],
                 "metrics": [Jsonb(dict(m)) for _, _, m, _ in rows],
@@ -529,7 +541,9 @@ class WriteTxn:
         """Store reports (trial id, step, metrics, objective) in one statement.
 
         A (trial, step) already stored is skipped. Returns the (trial id, step)
-        pairs stored now.
+        pairs stored now. The service stores reports with
+        :meth:`store_reports`, which also rewrites the trials' rows (what the
+        optimistic finish on PostgreSQL relies on).
         """
         if not rows:
             return set()

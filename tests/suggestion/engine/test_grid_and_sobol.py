@@ -18,10 +18,20 @@ CONDITIONAL = SearchSpace.from_spec(
     [
         {"name": "opt", "type": "categorical", "values": ["adam", "sgd"]},
         {"name": "layers", "type": "int", "min": 1, "max": 2},
-        {"name": "momentum", "type": "float", "min": 0.5, "max": 0.9, "step": 0.4,
-         "when": {"opt": "sgd"}},
-        {"name": "nesterov", "type": "categorical", "values": [True, False, "auto"],
-         "when": {"momentum": 0.9}},
+        {
+            "name": "momentum",
+            "type": "float",
+            "min": 0.5,
+            "max": 0.9,
+            "step": 0.4,
+            "when": {"opt": "sgd"},
+        },
+        {
+            "name": "nesterov",
+            "type": "categorical",
+            "values": [True, False, "auto"],
+            "when": {"momentum": 0.9},
+        },
     ]
 )
 

@@ -35,11 +35,21 @@ from kubetune_suggestion.engine.space import (
 
 CONDITIONAL_TAIL: list[dict[str, Any]] = [
     {"name": "optimizer", "type": "categorical", "values": ["adam", "sgd", "rmsprop"]},
-    {"name": "schedule", "type": "categorical", "values": ["constant", "cosine"],
-     "when": {"optimizer": "sgd"}},
+    {
+        "name": "schedule",
+        "type": "categorical",
+        "values": ["constant", "cosine"],
+        "when": {"optimizer": "sgd"},
+    },
     # A chain: warmup exists only for sgd with a cosine schedule.
-    {"name": "warmup", "type": "int", "min": 0, "max": 10, "step": 2,
-     "when": {"schedule": "cosine"}},
+    {
+        "name": "warmup",
+        "type": "int",
+        "min": 0,
+        "max": 10,
+        "step": 2,
+        "when": {"schedule": "cosine"},
+    },
     {"name": "batch_norm", "type": "categorical", "values": [True, False]},
     {"name": "batch", "type": "categorical", "values": [32, 64, 128]},
 ]
@@ -50,8 +60,13 @@ MIXED_SPACE: list[dict[str, Any]] = [
     {"name": "units", "type": "int", "min": 16, "max": 512, "log": True},
     {"name": "dropout", "type": "float", "min": 0.0, "max": 0.5, "step": 0.05},
     *CONDITIONAL_TAIL[:1],
-    {"name": "momentum", "type": "float", "min": 0.5, "max": 0.99,
-     "when": {"optimizer": ["sgd", "rmsprop"]}},
+    {
+        "name": "momentum",
+        "type": "float",
+        "min": 0.5,
+        "max": 0.99,
+        "when": {"optimizer": ["sgd", "rmsprop"]},
+    },
     *CONDITIONAL_TAIL[1:],
 ]
 
@@ -61,8 +76,14 @@ GRID_SPACE: list[dict[str, Any]] = [
     {"name": "units", "type": "int", "min": 16, "max": 64, "step": 16},
     {"name": "dropout", "type": "float", "min": 0.0, "max": 0.5, "step": 0.25},
     *CONDITIONAL_TAIL[:1],
-    {"name": "momentum", "type": "float", "min": 0.5, "max": 0.9, "step": 0.2,
-     "when": {"optimizer": ["sgd", "rmsprop"]}},
+    {
+        "name": "momentum",
+        "type": "float",
+        "min": 0.5,
+        "max": 0.9,
+        "step": 0.2,
+        "when": {"optimizer": ["sgd", "rmsprop"]},
+    },
     *CONDITIONAL_TAIL[1:],
 ]
 

@@ -71,8 +71,10 @@ def reason(text: str, direction: Direction) -> str:
 # were stopped, one finished. Their later values must not matter at rung 1.
 RUNG1 = [
     trial(i, {1: 0.1 * (i + 1), 2: 0.05 if i == 7 else 0.1 * (i + 1)}, state)
-    for i, state in enumerate([TrialState.SUCCEEDED, TrialState.RUNNING, TrialState.PRUNED] * 2
-                              + [TrialState.FAILED, TrialState.RUNNING])
+    for i, state in enumerate(
+        [TrialState.SUCCEEDED, TrialState.RUNNING, TrialState.PRUNED] * 2
+        + [TrialState.FAILED, TrialState.RUNNING]
+    )
 ]
 
 
@@ -127,8 +129,9 @@ def test_asha_higher_rung_compares_values_at_that_rung(direction: Direction) -> 
     others = [trial(i, {1: 0.5, 3: 0.1 * (i + 1), 9: 0.01}) for i in range(6)]
     others.append(trial(6, {1: 0.01}, TrialState.PRUNED))
     # 7 at the rung, top 2 continue: cut-off 0.2.
-    assert not decide(ASHARule, direction, ASHA_OPTIONS, trial(9, {1: 0.5, 2: 0.4, 3: 0.2}),
-                      others).stop
+    assert not decide(
+        ASHARule, direction, ASHA_OPTIONS, trial(9, {1: 0.5, 2: 0.4, 3: 0.2}), others
+    ).stop
     got = decide(ASHARule, direction, ASHA_OPTIONS, trial(9, {1: 0.5, 2: 0.1, 3: 0.25}), others)
     assert got.stop
     assert got.reason == reason(
@@ -177,8 +180,10 @@ def test_asha_ignores_a_trial_without_reports() -> None:
 # -- median -----------------------------------------------------------------------------------
 
 MEDIAN_OPTIONS = {"warmupSteps": 2, "minTrials": 3, "metric": "val_loss"}
-AT_STEP_4 = [trial(i, {s: 1.0 - 0.1 * s for s in range(1, 4)} | {4: v})
-             for i, v in enumerate([0.2, 0.3, 0.4, 0.5])]
+AT_STEP_4 = [
+    trial(i, {s: 1.0 - 0.1 * s for s in range(1, 4)} | {4: v})
+    for i, v in enumerate([0.2, 0.3, 0.4, 0.5])
+]
 
 
 @pytest.mark.parametrize("direction", list(Direction))
@@ -229,8 +234,9 @@ def test_median_uses_others_value_at_that_step(direction: Direction) -> None:
 
 @pytest.mark.parametrize("direction", list(Direction))
 def test_median_treats_nan_and_inf_as_worst(direction: Direction) -> None:
-    got = decide(MedianRule, direction, MEDIAN_OPTIONS, trial(9, {3: math.nan, 4: math.inf}),
-                 AT_STEP_4)
+    got = decide(
+        MedianRule, direction, MEDIAN_OPTIONS, trial(9, {3: math.nan, 4: math.inf}), AT_STEP_4
+    )
     assert got.stop
     assert got.reason.startswith("median rule at step 4: val_loss has no finite value so far")
     diverged = [trial(i, {4: math.nan}) for i in range(4)]
@@ -276,8 +282,9 @@ def test_hyperband_compares_a_trial_only_within_its_bracket(direction: Direction
     others = [trial(n, {1: 0.5, 3: 0.01}) for n in b1[:9]]
     others += [trial(n, {1: 0.5, 3: 0.2 + 0.1 * i}) for i, n in enumerate(b0[:8])]
     # Rung 2 of bracket 0 (step 3): 9 trials, cut-off 0.4 within bracket 0.
-    assert not decide(HyperbandRule, direction, HB_OPTIONS,
-                      trial(b0[9], {1: 0.5, 3: 0.3}), others).stop
+    assert not decide(
+        HyperbandRule, direction, HB_OPTIONS, trial(b0[9], {1: 0.5, 3: 0.3}), others
+    ).stop
     got = decide(HyperbandRule, direction, HB_OPTIONS, trial(b0[9], {1: 0.5, 3: 0.45}), others)
     assert got == StopDecision(
         True,

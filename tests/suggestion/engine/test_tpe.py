@@ -283,3 +283,41 @@ def test_sobol_startup_fills_the_space_across_calls() -> None:
     xs = sorted(c["x"] for c in first + second)
     # Eight Sobol points: one in each eighth of the range.
     assert [math.floor((x + 5) / 10 * 8) for x in xs] == list(range(8))
+
+
+@pytest.mark.parametrize("options", [{}, {"multivariate": False}, {"constant_liar": False}])
+def test_a_sampler_reused_across_a_changing_history_suggests_what_a_fresh_one_does(
+    options: dict[str, Any],
+) -> None:
+    """The columns it keeps between calls never change a suggestion.
+
+    The history grows, running trials finish (new records at the same
+    positions), some fail or are pruned, and once it shrinks: each call of
+    the one sampler must equal a fresh sampler's on the same history.
+    """
+    space = SearchSpace.from_spec(
+        [
+            {"name": "lr", "type": "float", "min": 1e-4, "max": 1e-1, "log": True},
+            {"name": "layers", "type": "int", "min": 1, "max": 4},
+            {"name": "opt", "type": "categorical", "values": ["adam", "sgd"]},
+            {"name": "momentum", "type": "float", "min": 0.5, "max": 0.9, "when": {"opt": "sgd"}},
+        ]
+    )
+    settings = {"n_startup_trials": 4, **options}
+    reused = TPESampler(space, Direction.MINIMIZE, 5, settings)
+    rng = np.random.default_rng(0)
+    history: list[TrialRecord] = []
+    state = None
+    for call in range(40):
+        for i, t in enumerate(history):
+            if t.state is TrialState.RUNNING and rng.random() < 0.5:
+                end = [TrialState.SUCCEEDED, TrialState.FAILED, TrialState.PRUNED][call % 3]
+                value = None if end is TrialState.FAILED else float(rng.random())
+                history[i] = TrialRecord(t.number, dict(t.params), end, value, steps={1: 0.5})
+        if call == 30:
+            history = history[:-3]
+        fresh = TPESampler(space, Direction.MINIMIZE, 5, settings)
+        got = reused.suggest(list(history), 1 + call % 3, state)
+        assert got == fresh.suggest(list(history), 1 + call % 3, state), f"call {call}"
+        state = got.state
+        history += [TrialRecord(len(history), c, TrialState.RUNNING) for c in got.configs]

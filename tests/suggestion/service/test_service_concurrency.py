@@ -64,15 +64,21 @@ def two_services(db_url: str, tmp_path: Any) -> Iterator[list[str]]:
             log.close()
 
 
+@pytest.mark.parametrize(
+    ("early_stopping", "ask_count"),
+    # With a rule, reports of the objective take the locked path (the rule
+    # decides); without one, reports and single asks take one statement each.
+    [(EXAMPLE_ASHA, 2), (None, 1)],
+    ids=["asha", "no-rule"],
+)
 def test_two_processes_never_duplicate_a_trial_or_lose_an_observation(
-    two_services: list[str],
+    two_services: list[str], early_stopping: dict[str, Any] | None, ask_count: int
 ) -> None:
     clients = [httpx.Client(base_url=url, timeout=60) for url in two_services]
-    body = {
-        "name": "h",
-        "namespace": "ns",
-        "spec": example_spec(maxTrials=MAX_TRIALS, earlyStopping=EXAMPLE_ASHA),
-    }
+    spec = example_spec(maxTrials=MAX_TRIALS, algorithm={"name": "tpe", "seed": 3})
+    if early_stopping is not None:
+        spec["earlyStopping"] = early_stopping
+    body = {"name": "h", "namespace": "ns", "spec": spec}
     # Both replicas register at once, as two operator workers might.
     responses = [c.put(f"/v1/experiments/{UID}", json=body) for c in clients]
     assert sorted(r.status_code for r in responses) == [200, 201]
@@ -88,7 +94,7 @@ def test_two_processes_never_duplicate_a_trial_or_lose_an_observation(
         try:
             while True:
                 client = clients[i % 2]
-                result = client.post(f"/v1/experiments/{UID}/ask", json={"count": 2})
+                result = client.post(f"/v1/experiments/{UID}/ask", json={"count": ask_count})
                 assert result.status_code == 200, result.text
                 answer = result.json()
                 for trial in answer["trials"]:

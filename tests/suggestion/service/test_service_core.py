@@ -305,3 +305,32 @@ def test_a_batch_answers_each_report_and_refuses_only_the_bad_ones(svc: TuningSe
     }
     assert stored == {(0, 1, 0.1), (1, 1, 0.9)}
     assert svc.trials("b", observations=True)[0].observations == []
+
+
+def test_start_many_starts_the_pending_and_refuses_each_bad_trial_alone(
+    svc: TuningService,
+) -> None:
+    _register(svc, maxTrials=6)
+    handed = svc.ask(UID, 4).trials
+    svc.finish(UID, handed[3].number, "failed", "exit 1")
+    result = svc.start_many(UID, [handed[0].number, handed[1].number, handed[3].number, 99])
+    assert result.started == [handed[0].number, handed[1].number]
+    assert [(r.number, r.status, r.code) for r in result.refused] == [
+        (handed[3].number, 409, "conflict"),
+        (99, 404, "not_found"),
+    ]
+    # Started trials are no longer handed out again; the one left pending is.
+    again = svc.ask(UID, 2).trials
+    assert again[0].number == handed[2].number
+    assert svc.summary(UID).counts[TrialState.RUNNING] == 2
+    # Idempotent: starting running trials again changes nothing.
+    assert svc.start_many(UID, [handed[0].number]).started == [handed[0].number]
+    assert svc.summary(UID).counts[TrialState.RUNNING] == 2
+
+
+def test_start_many_refuses_an_unknown_experiment_and_an_empty_list(svc: TuningService) -> None:
+    with pytest.raises(NotFound, match="no experiment"):
+        svc.start_many("nope", [0])
+    _register(svc)
+    with pytest.raises(InvalidInput, match="numbers must list"):
+        svc.start_many(UID, [])

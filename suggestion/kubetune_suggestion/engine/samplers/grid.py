@@ -179,9 +179,7 @@ class GridSampler(Sampler):
             notes=notes,
         )
 
-    def _collect(
-        self, start: int, stop: int, n: int, seen: set[_Key], out: list[Config]
-    ) -> int:
+    def _collect(self, start: int, stop: int, n: int, seen: set[_Key], out: list[Config]) -> int:
         """Append unseen leaves from ``start`` until ``out`` holds ``n``; return the next index."""
         k = start
         while k < stop and len(out) < n:

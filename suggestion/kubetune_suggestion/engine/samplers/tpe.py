@@ -52,10 +52,11 @@ Options (``spec.algorithm.settings``):
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from operator import attrgetter
+from operator import attrgetter, is_
 from typing import Any
 
 import numpy as np
@@ -64,7 +65,12 @@ from scipy.stats import qmc
 from kubetune_suggestion.engine.history import Direction, TrialRecord, TrialState
 from kubetune_suggestion.engine.samplers.base import JsonState, Sampler, Suggestions
 from kubetune_suggestion.engine.samplers.tpe_encoding import Encoder
-from kubetune_suggestion.engine.samplers.tpe_parzen import Bandwidth, Dims, ParzenEstimator
+from kubetune_suggestion.engine.samplers.tpe_parzen import (
+    Bandwidth,
+    Dims,
+    ParzenEstimator,
+    numeric_features,
+)
 from kubetune_suggestion.engine.space import Config, SearchSpace, SpaceError
 
 _MAX_DEDUP_TRIES = 32
@@ -166,6 +172,23 @@ def thin(n: int, max_kernels: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @dataclass(frozen=True)
+class _Rows:
+    """Per-trial columns of a history, in its order; rows of ``x`` follow ``records``.
+
+    Kept by the sampler between calls: a record object already seen is not
+    read or encoded again (records are immutable values).
+    """
+
+    records: list[TrialRecord]
+    params: list[Mapping[str, Any]]
+    state_ids: np.ndarray  # (n,) id() of each record's state (enum singletons)
+    values: np.ndarray  # (n,) objective values, NaN where None
+    numbers: np.ndarray  # (n,) trial numbers
+    x: np.ndarray  # (n, d) encoded configurations
+    floors: np.ndarray  # (n, d) cell widths along discrete columns, 0 elsewhere
+
+
+@dataclass(frozen=True)
 class _Observed:
     """The history as arrays, split; rows of ``x`` follow ``numbers``."""
 
@@ -175,10 +198,16 @@ class _Observed:
     below: np.ndarray  # (n,) bool: in the good group
     running: list[Mapping[str, Any]]  # configurations of running trials
     n_finished: int  # trials with a usable value (good or pruned)
+    bandwidth: Bandwidth  # kernel widths for this history (the clip leans on n_finished)
 
 
 class TPESampler(Sampler):
-    """TPE with a constant liar for parallel requests; see the module docstring."""
+    """TPE with a constant liar for parallel requests; see the module docstring.
+
+    Between calls it keeps the last history's columns (encoded
+    configurations, states, values), so that a call reads only the records
+    it has not seen: a cache, which never changes a suggestion.
+    """
 
     name = "tpe"
 
@@ -197,6 +226,9 @@ class TPESampler(Sampler):
             magic_clip=self.settings.magic_clip,
             consider_endpoints=self.settings.consider_endpoints,
         )
+        # The last history's columns. Replaced, never changed in place, so
+        # that concurrent calls on one instance each see a consistent one.
+        self._rows: _Rows | None = None
 
     def suggest(
         self, history: Sequence[TrialRecord], n: int, state: JsonState | None = None
@@ -225,29 +257,81 @@ class TPESampler(Sampler):
         trials = list(history)
         if not self.settings.constant_liar:
             trials = [t for t in trials if t.state is not TrialState.RUNNING]
+        rows = self._rows_of(trials)
+        loss = -rows.values if self.direction is Direction.MAXIMIZE else rows.values
+        finite = np.isfinite(loss)
+        ids = rows.state_ids
+        good = ((ids == id(TrialState.SUCCEEDED)) & finite).nonzero()[0]
+        pruned = ((ids == id(TrialState.PRUNED)) & finite).nonzero()[0]
+        n_finished = len(good) + len(pruned)
+        bandwidth = self.bandwidth
+        if self.settings.clip_by_history:
+            bandwidth = replace(
+                bandwidth, clip_count=n_finished, clip_lean=self.settings.clip_by_history
+            )
+        return _Observed(
+            x=rows.x,
+            floors=rows.floors,
+            numbers=rows.numbers,
+            below=self._split(trials, loss, good, pruned, self._n_below(n_finished)),
+            running=[rows.params[i] for i in (ids == id(TrialState.RUNNING)).nonzero()[0]],
+            n_finished=n_finished,
+            bandwidth=bandwidth,
+        )
+
+    def _rows_of(self, trials: list[TrialRecord]) -> _Rows:
+        """The columns of ``trials``, reading only the records the last call did not see.
+
+        A history grows at its end and changes a few records in place (a
+        trial finishing is a new record at the same position), so the rows of
+        the last call are reused wherever the record is the same object.
+        A row's encoding depends on its record alone, so the columns are those
+        a fresh read would give, to the bit.
+        """
+        last = self._rows
+        n = len(trials)
+        if last is None or not last.records:
+            rows = self._read(trials)
+        else:
+            m = min(n, len(last.records))
+            same = np.fromiter(map(is_, trials[:m], last.records[:m]), dtype=bool, count=m)
+            if m == n == len(last.records) and same.all():
+                return last
+            changed = np.concatenate([np.flatnonzero(~same), np.arange(m, n)]).tolist()
+            fresh = self._read([trials[i] for i in changed])
+            params = last.params[:m] + fresh.params[len(changed) - (n - m) :]
+            for i, p in zip(changed, fresh.params, strict=False):
+                if i < m:
+                    params[i] = p
+            rows = _Rows(
+                records=trials,
+                params=params,
+                state_ids=_patched(last.state_ids[:m], fresh.state_ids, changed, n),
+                values=_patched(last.values[:m], fresh.values, changed, n),
+                numbers=_patched(last.numbers[:m], fresh.numbers, changed, n),
+                x=_patched(last.x[:m], fresh.x, changed, n),
+                floors=_patched(last.floors[:m], fresh.floors, changed, n),
+            )
+        self._rows = rows
+        return rows
+
+    def _read(self, trials: Sequence[TrialRecord]) -> _Rows:
         n = len(trials)
         # One C-level pass per field; everything after is numpy.
-        states = list(map(attrgetter("state"), trials))
         params = list(map(attrgetter("params"), trials))
-        loss = np.array(list(map(attrgetter("value"), trials)), dtype=float).reshape(n)
-        numbers = np.fromiter(map(attrgetter("number"), trials), dtype=float, count=n)
-        if self.direction is Direction.MAXIMIZE:
-            loss = -loss
-        finite = np.isfinite(loss)
-        # States are enum singletons: comparing identities is exact and avoids
-        # the enum's Python-level hash, the slowest part of a 10,000-trial read.
-        ids = np.fromiter(map(id, states), dtype=np.int64, count=n)
-        good = np.flatnonzero((ids == id(TrialState.SUCCEEDED)) & finite)
-        pruned = np.flatnonzero((ids == id(TrialState.PRUNED)) & finite)
-        n_finished = len(good) + len(pruned)
         x = self.encoder.encode(params)
-        return _Observed(
+        return _Rows(
+            records=list(trials),
+            params=params,
+            # States are enum singletons: comparing identities is exact and avoids
+            # the enum's Python-level hash, the slowest part of a 10,000-trial read.
+            state_ids=np.fromiter(
+                map(id, map(attrgetter("state"), trials)), dtype=np.int64, count=n
+            ),
+            values=np.array(list(map(attrgetter("value"), trials)), dtype=float).reshape(n),
+            numbers=np.fromiter(map(attrgetter("number"), trials), dtype=float, count=n),
             x=x,
             floors=self.encoder.cell_widths(x),
-            numbers=numbers,
-            below=self._split(trials, loss, good, pruned, self._n_below(n_finished)),
-            running=[params[i] for i in np.flatnonzero(ids == id(TrialState.RUNNING))],
-            n_finished=n_finished,
         )
 
     @staticmethod
@@ -277,17 +361,17 @@ class TPESampler(Sampler):
         return min(math.ceil(self.settings.gamma * n_finished), self.settings.gamma_max, n_finished)
 
     def _below(self, obs: _Observed) -> ParzenEstimator | _Univariate:
-        return self._fit(obs, np.flatnonzero(obs.below), [])
+        return self._fit(obs, obs.below.nonzero()[0], [])
 
     def _above(self, obs: _Observed, pending: list[np.ndarray]) -> ParzenEstimator | _Univariate:
-        return self._fit(obs, np.flatnonzero(~obs.below), pending)
+        return self._fit(obs, (~obs.below).nonzero()[0], pending)
 
     def _fit(
         self, obs: _Observed, rows: np.ndarray, pending: list[np.ndarray]
     ) -> ParzenEstimator | _Univariate:
         """An estimator over history ``rows`` plus ``pending`` points (the newest of all)."""
-        order = rows[np.argsort(obs.numbers[rows], kind="stable")]
-        keep, weights = thin(len(order) + len(pending), self.settings.max_kernels)
+        order = rows[obs.numbers[rows].argsort(kind="stable")]
+        keep, weights = _thinned(len(order) + len(pending), self.settings.max_kernels)
         # Pending points are the newest, so the tail of ``keep``.
         kept = order[keep[keep < len(order)]]
         x, floors = obs.x[kept], obs.floors[kept]
@@ -296,11 +380,7 @@ class TPESampler(Sampler):
             x = np.vstack([x, extra])
             floors = np.vstack([floors, self.encoder.cell_widths(extra)])
         prior = self.settings.prior_weight
-        bandwidth = self.bandwidth
-        if self.settings.clip_by_history:
-            bandwidth = replace(
-                bandwidth, clip_count=obs.n_finished, clip_lean=self.settings.clip_by_history
-            )
+        bandwidth = obs.bandwidth
         if self.settings.multivariate:
             return ParzenEstimator(x, weights, self.encoder.dims, prior, bandwidth, floors)
         return _Univariate(x, floors, weights, self.encoder, prior, bandwidth)
@@ -331,12 +411,17 @@ class TPESampler(Sampler):
         m = self.settings.n_ei_candidates
         x = self.encoder.snap(below.sample(rng, m))
         active = self.encoder.active(x)
-        score = below.log_pdf(x, active) - above.log_pdf(x, active)
-        if isinstance(below, _Univariate):
+        rows: Iterable[np.ndarray]
+        if isinstance(below, ParzenEstimator) and isinstance(above, ParzenEstimator):
+            # Both estimators multiply the same candidate features.
+            features = numeric_features(x, active, self.encoder.dims.numeric)
+            score = below.log_pdf_of(features, x, active) - above.log_pdf_of(features, x, active)
+            # Candidates best first, taken one at a time (the first usually does).
+            rows = (x[i] for i in (-score).argsort(kind="stable"))
+        else:
+            score = below.log_pdf(x, active) - above.log_pdf(x, active)
             # Each parameter takes its own best candidate value.
             rows = [x[np.argmax(score, axis=0), np.arange(x.shape[1])]]
-        else:
-            rows = list(x[np.argsort(-score, kind="stable")])
         first: tuple[np.ndarray, Config] | None = None
         for row in rows:
             config = self.encoder.decode(row)
@@ -392,6 +477,22 @@ class _Univariate:
         return np.column_stack(
             [part.log_pdf(x[:, j : j + 1], ones) for j, part in enumerate(self.parts)]
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _thinned(n: int, max_kernels: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`thin`, read-only and cached: the good group keeps its size from call to call."""
+    keep, weights = thin(n, max_kernels)
+    keep.flags.writeable = weights.flags.writeable = False
+    return keep, weights
+
+
+def _patched(kept: np.ndarray, fresh: np.ndarray, at: Sequence[int], n: int) -> np.ndarray:
+    """``kept`` extended to ``n`` rows, rows ``at`` (in order) replaced by those of ``fresh``."""
+    out = np.empty((n, *kept.shape[1:]), dtype=kept.dtype)
+    out[: len(kept)] = kept
+    out[at] = fresh
+    return out
 
 
 def _categorical_from_unit(row: np.ndarray, encoder: Encoder) -> np.ndarray:

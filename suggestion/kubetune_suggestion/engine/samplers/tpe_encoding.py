@@ -66,6 +66,8 @@ class Encoder:
             for p in self.params
         ]
         self._position = {p.name: j for j, p in enumerate(self.params)}
+        # Columns whose values have cells (ints and stepped floats).
+        self._discrete_cols = [j for j, discrete in enumerate(self.dims.discrete) if discrete]
         self._flat_cols = [
             j
             for j, p in enumerate(self.params)
@@ -150,14 +152,17 @@ class Encoder:
     def cell_widths(self, x: np.ndarray) -> np.ndarray:
         """Widths of the cells of encoded points along discrete columns; 0 elsewhere or if NaN."""
         out = np.zeros(x.shape)
-        for j, param in enumerate(self.params):
-            cells = None
+        for j in self._discrete_cols:
+            param = self.params[j]
+            missing = np.isnan(x[:, j])
+            # Encoded values lie in [0, 1] or are NaN: NaN is the only value to stand in for.
+            u = np.where(missing, 0.5, x[:, j])
             if isinstance(param, IntParam):
-                cells = _int_cells(param, np.nan_to_num(x[:, j], nan=0.5))
-            elif isinstance(param, FloatParam) and param.step is not None:
-                cells = _step_cells(param, np.nan_to_num(x[:, j], nan=0.5))
-            if cells is not None:
-                out[:, j] = np.where(np.isnan(x[:, j]), 0.0, cells[2] - cells[1])
+                cells = _int_cells(param, u)
+            else:
+                assert isinstance(param, FloatParam)
+                cells = _step_cells(param, u)
+            out[:, j] = np.where(missing, 0.0, cells[2] - cells[1])
         return out
 
     def decode(self, row: np.ndarray) -> Config:

@@ -24,7 +24,7 @@ the cost is a few BLAS calls even for ten thousand kernels.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.special import ndtr, ndtri
@@ -76,10 +76,19 @@ class Dims:
         n_choices: Number of choices of each categorical column; 0 for numeric ones.
         discrete: True for numeric columns with a finite set of values (ints and
             stepped floats).
+        numeric: Indices of the numeric columns (derived).
+        categorical: Indices of the categorical columns (derived).
     """
 
     n_choices: np.ndarray
     discrete: np.ndarray
+    numeric: np.ndarray = field(init=False, repr=False, compare=False)
+    categorical: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Every estimator splits its columns this way: done once per space.
+        object.__setattr__(self, "numeric", np.flatnonzero(self.n_choices == 0))
+        object.__setattr__(self, "categorical", np.flatnonzero(self.n_choices > 0))
 
 
 @dataclass(frozen=True)
@@ -138,9 +147,11 @@ class ParzenEstimator:
         n = obs.shape[0]
         self.dims = dims
         w = np.append(np.asarray(weights, dtype=float)[:n], prior_weight)
-        if n == 0 or w.sum() <= 0:
+        total = w.sum()
+        if n == 0 or total <= 0:
             w = np.ones(n + 1)
-        self.weights = w / w.sum()
+            total = w.sum()
+        self.weights = w / total
         self.log_weights = np.log(np.maximum(self.weights, 1e-300))
         # The sampling CDF, normalised as numpy's Generator.choice does, so that
         # drawing with searchsorted gives the same kernels without its checks.
@@ -149,31 +160,38 @@ class ParzenEstimator:
 
         # Numeric columns, kernels in rows, the prior last; an inactive
         # observation is uniform along the column (mean 0.5, marked inactive).
-        self._num = np.flatnonzero(dims.n_choices == 0)
+        # Masking is skipped when nothing is inactive (the usual case): the
+        # masked values would be the unmasked ones.
+        self._num = dims.numeric
+        k = self._num.size
         obs_num = obs[:, self._num]
         inactive = np.isnan(obs_num)
-        self.inactive = np.vstack([inactive, np.zeros((1, self._num.size), dtype=bool)])
-        self.mus = np.full((n + 1, self._num.size), 0.5)
-        self.mus[:n] = np.where(inactive, 0.5, obs_num)
-        self.sigmas = np.ones((n + 1, self._num.size))
-        self.sigmas[:n] = _widths(obs_num, len(dims.n_choices), bandwidth)
+        self._any_inactive = bool(inactive.any())
+        self.inactive = np.concatenate([inactive, np.zeros((1, k), dtype=bool)])
+        self.mus = np.full((n + 1, k), 0.5)
+        self.mus[:n] = np.where(inactive, 0.5, obs_num) if self._any_inactive else obs_num
+        self.sigmas = np.ones((n + 1, k))
+        self.sigmas[:n] = _widths(obs_num, len(dims.n_choices), bandwidth, inactive)
         if min_widths is not None:
-            self.sigmas[:n] = np.maximum(self.sigmas[:n], min_widths[:, self._num])
+            np.maximum(self.sigmas[:n], min_widths[:, self._num], out=self.sigmas[:n])
         self.cat_logp: dict[int, np.ndarray] = {
             int(j): _categorical_table(
                 obs[:, j], ~np.isnan(obs[:, j]), int(dims.n_choices[j]), prior_weight
             )
-            for j in np.flatnonzero(dims.n_choices > 0)
+            for j in dims.categorical
         }
 
         log_z = truncnorm_log_z(self.mus, self.sigmas)
         # Pieces of the expanded quadratic form; an inactive kernel has zero
         # precision and zero constant: density 1.
-        prec = np.where(self.inactive, 0.0, 1.0 / self.sigmas**2)
-        const = np.where(self.inactive, 0.0, -np.log(self.sigmas) - _LOG_SQRT_2PI - log_z)
+        prec = 1.0 / self.sigmas**2
+        const = -np.log(self.sigmas) - _LOG_SQRT_2PI - log_z
+        if self._any_inactive:
+            prec = np.where(self.inactive, 0.0, prec)
+            const = np.where(self.inactive, 0.0, const)
         # One matrix product gives every numeric term and the log weights:
         # features [x^2, x, active, 1] times these rows.
-        self._coef = np.vstack(
+        self._coef = np.concatenate(
             [
                 -0.5 * prec.T,
                 (self.mus * prec).T,
@@ -193,8 +211,11 @@ class ParzenEstimator:
         out = np.empty((size, len(self.dims.n_choices)))
         if self._num.size:
             drawn = truncnorm_sample(rng, self.mus[k], self.sigmas[k])
+            # Drawn whether used or not: the generator's stream must not depend on it.
             uniform = rng.random(drawn.shape)
-            out[:, self._num] = np.where(self.inactive[k], uniform, drawn)
+            out[:, self._num] = (
+                np.where(self.inactive[k], uniform, drawn) if self._any_inactive else drawn
+            )
         for j, table in self.cat_logp.items():
             cdf = np.cumsum(np.exp(table[k]), axis=1)
             u = rng.random(size) * cdf[:, -1]
@@ -212,9 +233,16 @@ class ParzenEstimator:
         """
         x = np.atleast_2d(np.asarray(x, dtype=float))
         act = np.asarray(active, dtype=bool).reshape(x.shape)
-        a = act[:, self._num].astype(float)
-        xc = np.where(a > 0, x[:, self._num], 0.0)
-        features = np.hstack([xc * xc, xc, a, np.ones((x.shape[0], 1))])
+        return self.log_pdf_of(numeric_features(x, act, self._num), x, act)
+
+    def log_pdf_of(self, features: np.ndarray, x: np.ndarray, act: np.ndarray) -> np.ndarray:
+        """:meth:`log_pdf` given the candidates' :func:`numeric_features` (shared by estimators).
+
+        Args:
+            features: ``numeric_features(x, act, dims.numeric)``.
+            x: ``(m, d)`` candidates, as for :meth:`log_pdf`.
+            act: ``(m, d)`` boolean activity mask, as for :meth:`log_pdf`.
+        """
         acc = features @ self._coef
         for j, table in self.cat_logp.items():
             idx = np.where(act[:, j], x[:, j], 0).astype(int)
@@ -227,6 +255,17 @@ class ParzenEstimator:
         np.maximum(rel, -80.0, out=rel)
         np.exp(rel, out=rel)
         return np.asarray(np.log(rel.sum(axis=1, dtype=np.float64)) + top[:, 0])
+
+
+def numeric_features(x: np.ndarray, act: np.ndarray, numeric: np.ndarray) -> np.ndarray:
+    """``(m, 3k + 1)`` features ``[x^2, x, active, 1]`` of candidates' ``k`` numeric columns.
+
+    What :meth:`ParzenEstimator.log_pdf_of` multiplies its coefficients by;
+    inactive columns are zeroed.
+    """
+    a = act[:, numeric].astype(float)
+    xc = np.where(a > 0, x[:, numeric], 0.0)
+    return np.concatenate([xc * xc, xc, a, np.ones((x.shape[0], 1))], axis=1)
 
 
 def _categorical_table(
@@ -243,16 +282,22 @@ def _categorical_table(
     return np.log(np.maximum(table, 1e-300))
 
 
-def _widths(x: np.ndarray, n_dims: int, bw: Bandwidth) -> np.ndarray:
-    """Kernel widths for ``(n, k)`` numeric observations (1 where inactive)."""
+def _widths(
+    x: np.ndarray, n_dims: int, bw: Bandwidth, inactive: np.ndarray | None = None
+) -> np.ndarray:
+    """Kernel widths for ``(n, k)`` numeric observations (1 where inactive).
+
+    ``inactive`` is ``np.isnan(x)`` when the caller has it already.
+    """
     n = x.shape[0]
-    sigmas = np.ones(x.shape)
     if n == 0 or x.shape[1] == 0:
-        return sigmas
-    inactive = np.isnan(x)
+        return np.ones(x.shape)
+    if inactive is None:
+        inactive = np.isnan(x)
     partial = inactive.any(axis=0)
     if partial.any():
         # Conditional columns differ in their active rows: those one at a time.
+        sigmas = np.ones(x.shape)
         full = np.flatnonzero(~partial)
         sigmas[:, full] = _widths(x[:, full], n_dims, bw)
         for j in np.flatnonzero(partial):
@@ -264,11 +309,11 @@ def _widths(x: np.ndarray, n_dims: int, bw: Bandwidth) -> np.ndarray:
     else:
         # Column-major work on the transposed copy: sorting along contiguous rows.
         xt = np.ascontiguousarray(x.T)
-        order = np.argsort(xt, axis=1)
+        order = xt.argsort(axis=1)
         k = xt.shape[0]
         rows = np.arange(k)[:, None]
-        padded = np.hstack([np.zeros((k, 1)), xt[rows, order], np.ones((k, 1))])
-        gaps = np.diff(padded, axis=1)
+        padded = np.concatenate([np.zeros((k, 1)), xt[rows, order], np.ones((k, 1))], axis=1)
+        gaps = padded[:, 1:] - padded[:, :-1]
         sorted_w = np.maximum(gaps[:, :-1], gaps[:, 1:])
         if not bw.consider_endpoints and n >= 2:
             sorted_w[:, 0] = padded[:, 2] - padded[:, 1]

@@ -75,9 +75,7 @@ class HyperbandRule(StoppingRule):
         """ASHA for ``trial`` against the other trials of its bracket."""
         bracket = self.bracket_of(trial.number)
         others = [
-            t
-            for t in history
-            if t.number != trial.number and self.bracket_of(t.number) == bracket
+            t for t in history if t.number != trial.number and self.bracket_of(t.number) == bracket
         ]
         return successive_halving(
             trial,
