@@ -124,8 +124,10 @@ class PodTimeline:
         self.peak = 0
         self.reported: set[str] = set()
         self.stop = threading.Event()
-        # Reports go out concurrently, as fifty sidecars' would.
-        self.pool = ThreadPoolExecutor(8)
+        # Reports go out concurrently, as fifty sidecars' would; enough threads
+        # that a report is never still queued when kwok ends its Pod a second
+        # later (that trial would end MetricsUnavailable).
+        self.pool = ThreadPoolExecutor(50)
         # One keep-alive client for every report: a client per call would
         # build a TLS context each time and make this player, not the
         # operator, the busiest process on a 2-core machine.
