@@ -6,9 +6,10 @@ Two ways to run kubetune for the tests, chosen by ``KUBETUNE_E2E_STACK``:
   operator and the service run as the chart's Deployments, with its
   ServiceAccounts and RBAC. The acceptance path.
 - ``host`` (:class:`HostStack`, the default): the service and the operator as
-  processes on this machine pointed at the cluster's kubeconfig; trial Pods
-  (run by the process kubelet on the same host) reach the service on
-  loopback. The quick way to iterate.
+  processes on this machine; the operator authenticates as the chart's
+  ServiceAccount (its RBAC applied from the chart, a bearer token), so a
+  missing permission fails here too. Trial Pods (run by the process kubelet
+  on the same host) reach the service on loopback. The quick way to iterate.
 
 Both serve the same interface to the tests: ``service_url``, ``metrics()``,
 ``kill_operator()`` / ``start_operator()``.
