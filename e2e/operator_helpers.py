@@ -82,7 +82,9 @@ def operator_kubeconfig(kube: Kube, path: Path) -> Path:
     rendered = run_helm(
         kube,
         "template",
-        "kt",
+        # Not the chart-mode release's name: its cluster-scoped RBAC objects
+        # would then block a later `helm install` on the same cluster.
+        "host",
         str(REPO / "charts" / "kubetune"),
         "--namespace",
         HOST_OPERATOR_NAMESPACE,
