@@ -10,6 +10,8 @@ writer got in between, without waiting for the busy timeout.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -74,6 +76,24 @@ def is_postgres(engine: Engine | Connection) -> bool:
     return engine.dialect.name == "postgresql"
 
 
+def _enable_wal(cursor: Any, patience: float) -> None:
+    """Switch a (new) database file to WAL, waiting out other connections doing the same.
+
+    The switch needs an exclusive lock, and SQLite answers "database is
+    locked" at once, without its busy handler, when replicas open a new file
+    together (it would deadlock otherwise). Once switched, the file stays WAL.
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -81,8 +101,8 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
         # own implicit transaction handling, which cannot do BEGIN IMMEDIATE.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        _enable_wal(cursor, busy_timeout_ms / 1000)
         cursor.execute("PRAGMA foreign_keys=ON")
         # In WAL mode NORMAL loses no committed transaction on a process crash,
         # only (possibly) the last ones on a power loss; FULL costs an fsync per commit.
