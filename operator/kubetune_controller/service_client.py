@@ -72,6 +72,11 @@ class _TransportError(Exception):
     """The request did not get an answer (connection refused, reset, timeout)."""
 
 
+def _describe(exc: BaseException) -> str:
+    """``ConnectError: [Errno 111] ...``, or just the class when the error says nothing."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 class _Sender(Protocol):
     async def send(
         self,
@@ -120,9 +125,7 @@ class _AiohttpSender:
             ) as resp:
                 return resp.status, await resp.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _TransportError(
-                f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            ) from exc
+            raise _TransportError(_describe(exc)) from exc
 
     async def close(self) -> None:
         if self._session is not None:
@@ -148,9 +151,7 @@ class _HttpxSender:
                 method, path, json=body, params=params, timeout=timeout
             )
         except httpx.TransportError as exc:
-            raise _TransportError(
-                f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            ) from exc
+            raise _TransportError(_describe(exc)) from exc
         return resp.status_code, resp.content
 
     async def close(self) -> None:
