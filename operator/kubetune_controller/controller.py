@@ -565,7 +565,6 @@ class Controller:
         now = _now()
         status: dict[str, Any] = {
             "phase": phase.value,
-            "podName": trial.pod_name if trial is not None else None,
             "objective": view.objective,
             "lastStep": view.last_step,
             "message": message,
@@ -588,6 +587,7 @@ class Controller:
             status["stopReason"] = view.stop_reason or finish.reason
         if trial is None:
             return None
+        status["podName"] = trial.pod_name
         if trial.started is None and pod is not None and pod.started is not None:
             # A trial that ended before it was seen running (a short one,
             # or while the operator was down) still gets its start time.
