@@ -68,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig  # for kopf's own login too
-    app = App(settings=settings, kubeconfig=args.kubeconfig, metrics_port=args.metrics_port)
+    app = App(
+        settings=settings,
+        kubeconfig=args.kubeconfig,
+        metrics_port=args.metrics_port,
+        namespaces=[] if clusterwide else [n.strip() for n in namespaces],
+    )
     kopf.run(
         loop=_event_loop(),
         registry=build_registry(app),

@@ -1,4 +1,4 @@
-"""The operator's view of the cluster, kept current by kopf's watch events.
+"""The operator's view of the cluster, kept current by the watch streams.
 
 Reconciles read this cache instead of listing objects, so their cost does not
 grow with the number of trials an experiment has had. The cache may lag
@@ -95,6 +95,14 @@ class ClusterCache:
                 if not bucket:
                     del self._trials[(view.namespace, view.experiment)]
 
+    def replace_trials(self, views: list[TrialView], namespace: str | None) -> None:
+        """After a LIST: the Trials in ``namespace`` (every one if ``None``) become ``views``."""
+        with self._lock:
+            for key in [k for k in self._trials if namespace is None or k[0] == namespace]:
+                del self._trials[key]
+            for view in views:
+                self._trials[(view.namespace, view.experiment)][view.name] = view
+
     def trials(self, key: Key) -> dict[str, TrialView]:
         """An experiment's Trials by name (a copy)."""
         with self._lock:
@@ -122,6 +130,19 @@ class ClusterCache:
                 bucket.pop(view.name, None)
                 if not bucket:
                     del self._pods[key]
+
+    def replace_pods(self, pods: list[tuple[str, PodView]], namespace: str | None) -> None:
+        """After a LIST: the trial Pods in ``namespace`` (all if ``None``) become ``pods``.
+
+        Args:
+            pods: ``(experiment label, Pod)`` pairs.
+            namespace: The LIST's namespace, ``None`` for a cluster-wide one.
+        """
+        with self._lock:
+            for key in [k for k in self._pods if namespace is None or k[0] == namespace]:
+                del self._pods[key]
+            for label, view in pods:
+                self._pods[(view.namespace, label)][view.name] = view
 
     def pods(self, key: Key) -> dict[str, PodView]:
         """An experiment's trial Pods by name (a copy)."""

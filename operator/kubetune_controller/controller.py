@@ -154,7 +154,7 @@ class Controller:
         task.add_done_callback(self._background.discard)
         return task
 
-    # -- watch events (called by the kopf handlers) -------------------------------------------
+    # -- watch events (from kopf's handlers and the watch streams) ---------------------------
 
     def on_experiment(self, view: ExperimentView, deleted: bool) -> None:
         """An Experiment changed (or was deleted)."""
@@ -187,6 +187,26 @@ class Controller:
             self.cache.put_pod(experiment_label, view)
         if experiment:
             self.queue.add((view.namespace, experiment))
+
+    def on_trial_snapshot(self, views: list[TrialView], namespace: str | None) -> None:
+        """A fresh LIST of the Trials in ``namespace`` (all if ``None``)."""
+        self.cache.replace_trials(views, namespace)
+        self._requeue(namespace)
+
+    def on_pod_snapshot(self, pods: list[tuple[str, PodView]], namespace: str | None) -> None:
+        """A fresh LIST of the trial Pods in ``namespace`` (all if ``None``)."""
+        self.cache.replace_pods(pods, namespace)
+        self._requeue(namespace)
+
+    def _requeue(self, namespace: str | None) -> None:
+        # After a LIST any experiment may have gained or lost objects.
+        for key in self.cache.experiment_keys():
+            if namespace is None or key[0] == namespace:
+                self.queue.add(key)
+
+    def adopt(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run a long-lived task (a watch stream) until :meth:`stop`."""
+        self._tasks.append(asyncio.create_task(coro, name=name))
 
     async def _forget_in_service(self, uid: str) -> None:
         try:
@@ -423,7 +443,10 @@ class Controller:
             memory.ending,
             _now(),
             self.settings.lost_pod_grace_seconds,
+            self.settings.trial_running_delay_seconds,
         )
+        if plan.recheck_after is not None:
+            self.queue.add_after(key, plan.recheck_after)
         grace = self.settings.stop_grace_seconds
         for d in plan.delete_pods:
             self._launch(

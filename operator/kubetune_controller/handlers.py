@@ -1,15 +1,17 @@
-"""Kopf handlers: they only translate watch events and delegate.
+"""Kopf handlers and the watch streams: they only translate watch events and delegate.
 
 Every decision lives in :mod:`~kubetune_controller.reconcile`, every action in
 :mod:`~kubetune_controller.controller`. Handlers are registered on a registry
 of their own (not kopf's global one) so the operator's wiring is explicit and
-a test can build it without side effects.
+a test can build it without side effects. Kopf watches Experiments; Trials
+and trial Pods, which change by the thousand, come from the lighter streams of
+:mod:`~kubetune_controller.watch`, started at kopf's startup.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
@@ -17,7 +19,7 @@ from prometheus_client import start_http_server
 
 from kubetune_controller.cache import ClusterCache
 from kubetune_controller.controller import Controller
-from kubetune_controller.kube import Kube, load_configuration
+from kubetune_controller.kube import Kube, Obj, load_configuration
 from kubetune_controller.metrics import OperatorMetrics
 from kubetune_controller.model import ExperimentView, PodView, TrialView
 from kubetune_controller.service_client import ServiceClient
@@ -30,6 +32,7 @@ from kubetune_controller.settings import (
     VERSION,
     Settings,
 )
+from kubetune_controller.watch import ObjectStream
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,8 @@ class App:
     kubeconfig: str | None = None
     metrics_port: int | None = 9090
     controller: Controller | None = None
+    # The namespaces watched; empty for the whole cluster.
+    namespaces: list[str] = field(default_factory=list)
 
 
 def build_registry(app: App) -> kopf.OperatorRegistry:
@@ -82,9 +87,6 @@ def build_registry(app: App) -> kopf.OperatorRegistry:
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-        # Only trial Pods are streamed: selected server-side by label.
-        settings.watching.label_selectors["v1", "pods"] = LABEL_EXPERIMENT
-        settings.watching.label_selectors[GROUP, TRIALS] = LABEL_EXPERIMENT
         # Standalone: one replica, and every action is idempotent anyway.
         settings.peering.standalone = True
         # Our own Events say what happened; kopf's per-handler ones are noise.
@@ -97,9 +99,10 @@ def build_registry(app: App) -> kopf.OperatorRegistry:
         metrics = OperatorMetrics(cache.snapshot)
         if app.metrics_port is not None:
             start_http_server(app.metrics_port, registry=metrics.registry)
+        kube = Kube(load_configuration(app.kubeconfig))
         app.controller = Controller(
             app.settings,
-            Kube(load_configuration(app.kubeconfig)),
+            kube,
             ServiceClient(
                 app.settings.service_url,
                 app.settings.service_retries,
@@ -109,6 +112,8 @@ def build_registry(app: App) -> kopf.OperatorRegistry:
             metrics,
         )
         app.controller.start()
+        for stream in watch_streams(kube, app.controller, app.namespaces):
+            app.controller.adopt(stream.run(), f"watch {stream.path}")
         log.info("kubetune operator started; suggestion service at %s", app.settings.service_url)
 
     @kopf.on.cleanup(registry=registry)
@@ -121,19 +126,53 @@ def build_registry(app: App) -> kopf.OperatorRegistry:
         if app.controller is not None:
             app.controller.on_experiment(ExperimentView.from_body(body), type == "DELETED")
 
-    @kopf.on.event(
-        GROUP, VERSION, TRIALS, labels={LABEL_EXPERIMENT: kopf.PRESENT}, registry=registry
-    )
-    async def trial_event(type: str | None, body: kopf.Body, **_: Any) -> None:
-        if app.controller is not None:
-            app.controller.on_trial(TrialView.from_body(body), type == "DELETED")
-
-    @kopf.on.event("v1", "pods", labels={LABEL_EXPERIMENT: kopf.PRESENT}, registry=registry)
-    async def pod_event(type: str | None, body: kopf.Body, **_: Any) -> None:
-        if app.controller is not None:
-            meta = body.get("metadata") or {}
-            label = (meta.get("labels") or {}).get(LABEL_EXPERIMENT, "")
-            name = (meta.get("annotations") or {}).get(LABEL_EXPERIMENT) or label
-            app.controller.on_pod(label, name, PodView.from_body(body), type == "DELETED")
-
     return registry
+
+
+def watch_streams(kube: Kube, controller: Controller, namespaces: list[str]) -> list[ObjectStream]:
+    """The Trial and trial-Pod streams: one pair per namespace, or one cluster-wide."""
+    scopes: list[str | None] = list(namespaces) or [None]
+    streams = []
+    for namespace in scopes:
+        prefix = f"/namespaces/{namespace}" if namespace else ""
+
+        def trial_snapshot(items: list[Obj], namespace: str | None = namespace) -> None:
+            controller.on_trial_snapshot([TrialView.from_body(o) for o in items], namespace)
+
+        def pod_snapshot(items: list[Obj], namespace: str | None = namespace) -> None:
+            controller.on_pod_snapshot(
+                [(_pod(o)[0], PodView.from_body(o)) for o in items], namespace
+            )
+
+        def trial_event(kind: str, obj: Obj) -> None:
+            controller.on_trial(TrialView.from_body(obj), kind == "DELETED")
+
+        def pod_event(kind: str, obj: Obj) -> None:
+            label, name = _pod(obj)
+            controller.on_pod(label, name, PodView.from_body(obj), kind == "DELETED")
+
+        streams.append(
+            ObjectStream(
+                kube,
+                f"/apis/{GROUP}/{VERSION}{prefix}/{TRIALS}",
+                LABEL_EXPERIMENT,
+                trial_snapshot,
+                trial_event,
+            )
+        )
+        streams.append(
+            ObjectStream(kube, f"/api/v1{prefix}/pods", LABEL_EXPERIMENT, pod_snapshot, pod_event)
+        )
+    return streams
+
+
+def _pod(obj: Obj) -> tuple[str, str]:
+    """A trial Pod's experiment label and its experiment's full name.
+
+    The label is hashed when the name is too long for a label value; the
+    annotation of the same key keeps the name itself.
+    """
+    meta = obj.get("metadata") or {}
+    label = str((meta.get("labels") or {}).get(LABEL_EXPERIMENT, ""))
+    name = str((meta.get("annotations") or {}).get(LABEL_EXPERIMENT) or label)
+    return label, name

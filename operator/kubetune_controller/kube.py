@@ -1,9 +1,11 @@
 """All of the operator's writes and direct reads of the Kubernetes API.
 
-Watches are kopf's (see :mod:`kubetune_controller.handlers`); everything else
-the operator does to the cluster goes through :class:`Kube`, so this is the
-one module to read to know what the operator can change, and the one the
-RBAC rules in the Helm chart mirror.
+Experiments are watched by kopf (see :mod:`kubetune_controller.handlers`),
+Trials and trial Pods by :mod:`kubetune_controller.watch` through
+:meth:`Kube.get_json` and :meth:`Kube.stream`; everything else the operator
+does to the cluster goes through :class:`Kube`, so this is the one module to
+read to know what the operator can change, and the one the RBAC rules in the
+Helm chart mirror.
 
 Credentials come from the ``kubernetes`` client's loaders (in-cluster service
 account, else the kubeconfig), the same ones kopf logs in with. Requests go out
@@ -18,14 +20,15 @@ JSON merge patches of the operator's own fields.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
+import orjson
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
@@ -226,6 +229,32 @@ class Kube:
         except (KubeError, aiohttp.ClientError, TimeoutError) as exc:
             log.info("event %s not recorded: %s", body.get("reason"), exc)
 
+    async def get_json(self, path: str, params: Mapping[str, str]) -> Obj:
+        """GET ``path`` with query ``params`` (a LIST page, for the watch streams)."""
+        async with self._client().get(
+            f"{self._base}{path}", params=dict(params), headers=self._auth()
+        ) as resp:
+            raw = await resp.read()
+            if resp.status >= 300:
+                raise _error(resp.status, raw)
+            data: Obj = orjson.loads(raw)
+            return data
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self, path: str, params: Mapping[str, str], read_timeout: float
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A long-lived GET (a watch): the response, its body not yet read.
+
+        The pool's 30 s total timeout does not apply; ``read_timeout`` bounds
+        the silence between two chunks (bookmarks arrive about once a minute).
+        """
+        timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=read_timeout)
+        async with self._client().get(
+            f"{self._base}{path}", params=dict(params), headers=self._auth(), timeout=timeout
+        ) as resp:
+            yield resp
+
     # -- plumbing -----------------------------------------------------------------------
 
     async def _create(self, path: str, body: Obj) -> Obj:
@@ -249,17 +278,22 @@ class Kube:
         data = None
         if body is not None:
             headers["Content-Type"] = content_type
-            data = json.dumps(body).encode()
+            data = orjson.dumps(body)
         async with self._client().request(
             method, f"{self._base}{path}", data=data, headers=headers
         ) as resp:
             raw = await resp.read()
             if resp.status >= 300:
-                try:
-                    status = json.loads(raw)
-                except ValueError:
-                    status = {"message": raw.decode(errors="replace")}
-                raise KubeError(
-                    resp.status, str(status.get("reason", "")), str(status.get("message", ""))
-                )
-            return json.loads(raw) if raw else None
+                raise _error(resp.status, raw)
+            return orjson.loads(raw) if raw else None
+
+
+def _error(status: int, raw: bytes) -> KubeError:
+    """The error for a non-2xx answer, from its Status object when it has one."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = None
+    if not isinstance(body, dict):
+        body = {"message": raw.decode(errors="replace")}
+    return KubeError(status, str(body.get("reason", "")), str(body.get("message", "")))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -103,6 +103,8 @@ class TrialPlan:
     # Trials whose Pod is missing from the cache for a while: the controller
     # confirms with a direct read (and the service's view) before failing them.
     maybe_lost: list[TrialView] = field(default_factory=list)
+    # Seconds until a held-back Running write is due (plan again then).
+    recheck_after: float | None = None
 
 
 def plan_trials(
@@ -112,6 +114,7 @@ def plan_trials(
     ending: str | None,
     now: datetime,
     lost_grace_seconds: float,
+    running_delay_seconds: float = 0.0,
 ) -> TrialPlan:
     """Decide, for every trial of an experiment, what its Pod's state implies.
 
@@ -123,11 +126,16 @@ def plan_trials(
         now: The current time.
         lost_grace_seconds: How old a live Trial must be before a missing Pod
             counts as possibly lost.
+        running_delay_seconds: A Trial is marked Running once its Pod has
+            run this long (by the Pod's ``startTime``). A trial that ends
+            sooner gets one status write, its final one, instead of two: the
+            Job controller batches Pod updates for the same reason.
 
     Returns:
         The plan; it only names actions, the controller performs them.
     """
     plan = TrialPlan()
+    recheck: list[float] = []
     for trial in sorted(trials, key=lambda t: t.number):
         pod = pods.get(trial.pod_name)
         if trial.final:
@@ -157,9 +165,34 @@ def plan_trials(
         elif not pod.deleting:
             phase = TrialPhase.RUNNING if pod.phase == "Running" else TrialPhase.PENDING
             message = pod.waiting_message if phase is TrialPhase.PENDING else None
-            if phase != trial.phase or message != trial.message:
+            if phase == trial.phase and message == trial.message:
+                continue
+            wait = _running_wait(pod, phase, now, running_delay_seconds)
+            if wait > 0:
+                recheck.append(wait)
+            else:
                 plan.progress.append(TrialProgress(trial.name, phase, message))
-    return plan
+    return replace(plan, recheck_after=min(recheck)) if recheck else plan
+
+
+def _running_wait(pod: PodView, phase: TrialPhase, now: datetime, delay: float) -> float:
+    """Seconds to hold back a Running write; 0 to write now.
+
+    Without a start time, or with one in the future (a node's clock ahead of
+    ours), the write is not held back: a wait that might never end is worse
+    than an extra write.
+    """
+    if phase is not TrialPhase.RUNNING or delay <= 0 or pod.started is None:
+        return 0.0
+    ran = (now - pod.started).total_seconds()
+    if ran < 0:
+        return 0.0
+    # startTime has whole seconds: the Pod may have started up to a second
+    # after it says, so count from the end of that second.
+    ran -= 1.0
+    if ran >= delay:
+        return 0.0
+    return delay - ran
 
 
 def _failed(trial: TrialView, pod: PodView) -> TrialFinish:

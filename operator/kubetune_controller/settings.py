@@ -75,6 +75,11 @@ class Settings:
     # experiment: the first is written at once, the next ones within this
     # many seconds are combined into one Event.
     event_window_seconds: float = 5.0
+    # A Trial is marked Running once its Pod has run this long (counted from
+    # the end of the whole second its startTime names: 1 to 2 s with the
+    # default); a trial that ends sooner gets its final status only, one
+    # write instead of two.
+    trial_running_delay_seconds: float = 1.0
     # How often running trials' last reported step is copied to their status.
     step_refresh_seconds: float = 10.0
     # Long-poll duration of ``GET /v1/stops``.
@@ -113,6 +118,9 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
         stop_grace_seconds=int(env.get("KUBETUNE_STOP_GRACE_SECONDS", defaults.stop_grace_seconds)),
         workers=int(env.get("KUBETUNE_WORKERS", defaults.workers)),
         resync_seconds=float(env.get("KUBETUNE_RESYNC_SECONDS", defaults.resync_seconds)),
+        trial_running_delay_seconds=float(
+            env.get("KUBETUNE_TRIAL_RUNNING_DELAY_SECONDS", defaults.trial_running_delay_seconds)
+        ),
         stops_wait_seconds=float(
             env.get("KUBETUNE_STOPS_WAIT_SECONDS", defaults.stops_wait_seconds)
         ),

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
 
 from kubetune_controller import reconcile as rc
-from kubetune_controller.model import ExperimentPhase, TrialPhase
+from kubetune_controller.model import ExperimentPhase, PodView, TrialPhase
 from kubetune_suggestion.spec import parse_experiment
 from tests.controller.factories import NOW, experiment, pod, progress, spec_dict, trial
 
@@ -23,6 +24,27 @@ def test_running_pod_marks_trial_running_once():
     p = plan([trial(0, TrialPhase.PENDING)], [pod(0, "Running")])
     assert p.progress == [rc.TrialProgress("exp-0", TrialPhase.RUNNING, None)]
     assert plan([trial(0, TrialPhase.RUNNING)], [pod(0, "Running")]) == rc.TrialPlan()
+
+
+def test_running_is_written_once_the_pod_has_run_a_second_so_short_trials_write_once():
+    def started(seconds_ago: float) -> PodView:
+        return replace(pod(0, "Running"), started=NOW - timedelta(seconds=seconds_ago))
+
+    def plan_with_delay(p: PodView) -> rc.TrialPlan:
+        return rc.plan_trials([trial(0, TrialPhase.PENDING)], {p.name: p}, {}, None, NOW, 15, 1.0)
+
+    # startTime has whole seconds, so the second it names counts as not yet run.
+    young = plan_with_delay(started(1.25))
+    assert young.progress == [] and young.recheck_after == pytest.approx(0.75)
+    old = plan_with_delay(started(2.0))
+    assert old.progress == [rc.TrialProgress("exp-0", TrialPhase.RUNNING, None)]
+    assert old.recheck_after is None
+    # No start time, or one ahead of our clock: written at once, never held forever.
+    assert plan_with_delay(pod(0, "Running")).progress != []
+    assert plan_with_delay(started(-5)).progress != []
+    # A trial that ended within the second is finished directly.
+    done = replace(started(1.5), phase="Succeeded")
+    assert [f.state for f in plan_with_delay(done).finish] == ["succeeded"]
 
 
 def test_pending_pod_shows_why_it_waits():
