@@ -70,6 +70,8 @@ def run_helm(kube: Kube, *args: str, timeout: float = 300) -> str:
 
 # Where the host-mode operator's ServiceAccount lives.
 HOST_OPERATOR_NAMESPACE = "kubetune-host"
+# The admission policy and its binding, as crds/ and the chart name them.
+POLICY_NAME = "experiments.kubetune.io"
 
 
 def operator_kubeconfig(kube: Kube, path: Path) -> Path:
@@ -310,9 +312,26 @@ class ChartStack:
         """Run helm against the cluster."""
         return run_helm(self.kube, *args, timeout=timeout)
 
+    def _drop_unmanaged_policy(self) -> None:
+        """Delete the admission policy if ``crds/`` put it there (a host-mode run did).
+
+        Helm refuses to install over a cluster-wide object it does not own;
+        the chart installs the same policy again (charts/kubetune/README.md).
+        """
+        policy = self.kube.try_get("validatingadmissionpolicy", POLICY_NAME)
+        notes = ((policy or {}).get("metadata") or {}).get("annotations") or {}
+        if policy is not None and "meta.helm.sh/release-name" not in notes:
+            self.kube.kubectl(
+                "delete",
+                "validatingadmissionpolicy,validatingadmissionpolicybinding",
+                POLICY_NAME,
+                "--ignore-not-found",
+            )
+
     def start(self) -> None:
         """Install the chart and wait for both Deployments."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self._drop_unmanaged_policy()
         self.helm(
             "upgrade",
             "--install",
