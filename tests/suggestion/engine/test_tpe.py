@@ -10,9 +10,10 @@ import pytest
 from scipy import integrate, stats
 
 from kubetune_suggestion.engine.history import Direction, TrialRecord, TrialState
-from kubetune_suggestion.engine.samplers.tpe import TPESampler, default_weights, thin
+from kubetune_suggestion.engine.samplers.tpe import TPESampler, _best_first, default_weights, thin
 from kubetune_suggestion.engine.samplers.tpe_encoding import Encoder
 from kubetune_suggestion.engine.samplers.tpe_parzen import (
+    Bandwidth,
     Dims,
     ParzenEstimator,
     truncnorm_log_pdf,
@@ -321,3 +322,70 @@ def test_a_sampler_reused_across_a_changing_history_suggests_what_a_fresh_one_do
         assert got == fresh.suggest(list(history), 1 + call % 3, state), f"call {call}"
         state = got.state
         history += [TrialRecord(len(history), c, TrialState.RUNNING) for c in got.configs]
+
+
+# -- fast paths: each must give what the plain computation gives, to the bit ------
+
+
+def test_default_weights_are_numpy_linspace_to_the_bit() -> None:
+    for n in [*range(60), 199, 200, 201, 975, 1000, 9999, 10_000]:
+        expected = (
+            np.ones(n)
+            if n <= 25
+            else np.concatenate([np.linspace(1.0 / n, 1.0, num=n - 25), np.ones(25)])
+        )
+        assert default_weights(n).tobytes() == expected.tobytes(), n
+
+
+def test_estimators_fitted_together_equal_estimators_fitted_alone() -> None:
+    rng = np.random.default_rng(7)
+    dims = Dims(
+        n_choices=np.array([0, 0, 3, 0, 2]), discrete=np.array([False, True, False, False, False])
+    )
+    sizes = [0, 1, 2, 25, 199]
+    x = rng.random((sum(sizes), 5))
+    x[:, 1] = (np.floor(x[:, 1] * 4) + 0.5) / 4  # a discrete column's cell centres
+    x[:, 2] = np.floor(x[:, 2] * 3)
+    x[:, 4] = np.floor(x[:, 4] * 2)
+    x[rng.random(len(x)) < 0.2, 3] = np.nan  # a conditional column
+    x[rng.random(len(x)) < 0.1, 4] = np.nan
+    floors = np.zeros(x.shape)
+    floors[:, 1] = 0.25
+    weights = [default_weights(n) for n in sizes]
+    bandwidth = Bandwidth(clip_count=500, clip_lean=0.3)
+    together = ParzenEstimator.fit_groups(x, weights, dims, 1.0, bandwidth, floors)
+    candidates = rng.random((64, 5))
+    candidates[:, 2] = np.floor(candidates[:, 2] * 3)
+    candidates[:, 4] = np.floor(candidates[:, 4] * 2)
+    active = rng.random((64, 5)) < 0.8
+    start = 0
+    for n, w, joint in zip(sizes, weights, together, strict=True):
+        rows = slice(start, start + n)
+        alone = ParzenEstimator(x[rows], w, dims, 1.0, bandwidth, floors[rows])
+        start += n
+        assert joint.weights.tobytes() == alone.weights.tobytes()
+        got, expected = joint.log_pdf(candidates, active), alone.log_pdf(candidates, active)
+        assert got.tobytes() == expected.tobytes()
+        draws = joint.sample(np.random.default_rng(n), 64)
+        assert draws.tobytes() == alone.sample(np.random.default_rng(n), 64).tobytes()
+
+
+def test_cell_widths_of_a_few_rows_equal_those_of_many() -> None:
+    encoder = Encoder(SPACE)
+    x = encoder.encode(random_configs(300, seed=4))
+    x[::7, 2] = np.nan
+    many = encoder.cell_widths(x)
+    # Twice: the first call computes and remembers, the second looks up.
+    for _ in range(2):
+        few = np.vstack([encoder.cell_widths(x[i : i + 3]) for i in range(0, len(x), 3)])
+        assert few.tobytes() == many.tobytes()
+
+
+def test_best_candidate_first_is_the_stable_sort_of_the_scores() -> None:
+    rng = np.random.default_rng(2)
+    for trial in range(200):
+        score = np.round(rng.normal(size=16), 1)  # ties
+        if trial % 3 == 0:
+            score[rng.integers(16)] = np.nan
+        expected = (-score).argsort(kind="stable").tolist()
+        assert list(_best_first(score)) == expected

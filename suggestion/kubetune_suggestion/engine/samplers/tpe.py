@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from operator import attrgetter, is_
 from typing import Any
@@ -69,7 +69,7 @@ from kubetune_suggestion.engine.samplers.tpe_parzen import (
     Bandwidth,
     Dims,
     ParzenEstimator,
-    numeric_features,
+    candidates,
 )
 from kubetune_suggestion.engine.space import Config, SearchSpace, SpaceError
 
@@ -142,10 +142,26 @@ class TPEOptions:
 
 
 def default_weights(n: int) -> np.ndarray:
-    """Kernel weights by age (oldest first): the newest 25 count fully, older ones ramp down."""
-    if n <= 25:
-        return np.ones(n)
-    return np.concatenate([np.linspace(1.0 / n, 1.0, num=n - 25), np.ones(25)])
+    """Kernel weights by age (oldest first): the newest 25 count fully, older ones ramp down.
+
+    The ramp is ``np.linspace(1 / n, 1, n - 25)``, computed as linspace does
+    (the same values to the bit) without its argument handling, which cost
+    more than the arithmetic: the group of bad trials grows by one per call,
+    so these are computed for a new ``n`` every time.
+    """
+    weights = np.ones(n)
+    num = n - 25
+    if num <= 0:
+        return weights
+    start = 1.0 / n
+    ramp = np.arange(num, dtype=float)
+    if num > 1:
+        ramp *= (1.0 - start) / (num - 1)
+    ramp += start
+    weights[:num] = ramp
+    if num > 1:
+        weights[num - 1] = 1.0  # linspace ends exactly at its stop
+    return weights
 
 
 def thin(n: int, max_kernels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -180,12 +196,12 @@ class _Rows:
     """
 
     records: list[TrialRecord]
-    params: list[Mapping[str, Any]]
     state_ids: np.ndarray  # (n,) id() of each record's state (enum singletons)
     values: np.ndarray  # (n,) objective values, NaN where None
     numbers: np.ndarray  # (n,) trial numbers
     x: np.ndarray  # (n, d) encoded configurations
     floors: np.ndarray  # (n, d) cell widths along discrete columns, 0 elsewhere
+    ascending: bool  # numbers never decrease from row to row (the usual order)
 
 
 @dataclass(frozen=True)
@@ -195,6 +211,7 @@ class _Observed:
     x: np.ndarray  # (n, d) encoded configurations
     floors: np.ndarray  # (n, d) cell widths along discrete columns, 0 elsewhere
     numbers: np.ndarray  # (n,) trial numbers, for age weights
+    ascending: bool  # numbers never decrease from row to row: rows are in age order
     below: np.ndarray  # (n,) bool: in the good group
     running: list[Mapping[str, Any]]  # configurations of running trials
     n_finished: int  # trials with a usable value (good or pruned)
@@ -229,6 +246,8 @@ class TPESampler(Sampler):
         # The last history's columns. Replaced, never changed in place, so
         # that concurrent calls on one instance each see a consistent one.
         self._rows: _Rows | None = None
+        # The last (finished count, bandwidth): the clip leans on that count.
+        self._clip: tuple[int, Bandwidth] | None = None
 
     def suggest(
         self, history: Sequence[TrialRecord], n: int, state: JsonState | None = None
@@ -242,9 +261,10 @@ class TPESampler(Sampler):
         taken = {_config_key(params) for params in observed.running}
         configs = []
         pending: list[np.ndarray] = []
-        below = self._below(observed)
-        for _ in range(n):
-            above = self._above(observed, pending)
+        below, above = self._fit_both(observed)
+        for i in range(n):
+            if i:
+                above = self._above(observed, pending)
             row, config = self._propose(rng, below, above, taken)
             configs.append(config)
             taken.add(_config_key(config))
@@ -266,15 +286,19 @@ class TPESampler(Sampler):
         n_finished = len(good) + len(pruned)
         bandwidth = self.bandwidth
         if self.settings.clip_by_history:
-            bandwidth = replace(
-                bandwidth, clip_count=n_finished, clip_lean=self.settings.clip_by_history
-            )
+            clip = self._clip
+            if clip is None or clip[0] != n_finished:
+                lean = self.settings.clip_by_history
+                clip = (n_finished, replace(bandwidth, clip_count=n_finished, clip_lean=lean))
+                self._clip = clip
+            bandwidth = clip[1]
         return _Observed(
             x=rows.x,
             floors=rows.floors,
             numbers=rows.numbers,
+            ascending=rows.ascending,
             below=self._split(trials, loss, good, pruned, self._n_below(n_finished)),
-            running=[rows.params[i] for i in (ids == id(TrialState.RUNNING)).nonzero()[0]],
+            running=[trials[i].params for i in (ids == id(TrialState.RUNNING)).nonzero()[0]],
             n_finished=n_finished,
             bandwidth=bandwidth,
         )
@@ -292,6 +316,23 @@ class TPESampler(Sampler):
         n = len(trials)
         if last is None or not last.records:
             rows = self._read(trials)
+        elif n >= len(last.records) and all(map(is_, trials, last.records)):
+            # The usual call: the same records, new ones appended (or none).
+            m = len(last.records)
+            if n == m:
+                return last
+            fresh = self._read(trials[m:])
+            rows = _Rows(
+                records=trials,
+                state_ids=np.concatenate([last.state_ids, fresh.state_ids]),
+                values=np.concatenate([last.values, fresh.values]),
+                numbers=np.concatenate([last.numbers, fresh.numbers]),
+                x=np.concatenate([last.x, fresh.x]),
+                floors=np.concatenate([last.floors, fresh.floors]),
+                ascending=last.ascending
+                and fresh.ascending
+                and float(fresh.numbers[0]) >= float(last.numbers[-1]),
+            )
         else:
             m = min(n, len(last.records))
             same = np.fromiter(map(is_, trials[:m], last.records[:m]), dtype=bool, count=m)
@@ -299,18 +340,15 @@ class TPESampler(Sampler):
                 return last
             changed = np.concatenate([np.flatnonzero(~same), np.arange(m, n)]).tolist()
             fresh = self._read([trials[i] for i in changed])
-            params = last.params[:m] + fresh.params[len(changed) - (n - m) :]
-            for i, p in zip(changed, fresh.params, strict=False):
-                if i < m:
-                    params[i] = p
+            numbers = _patched(last.numbers[:m], fresh.numbers, changed, n)
             rows = _Rows(
                 records=trials,
-                params=params,
                 state_ids=_patched(last.state_ids[:m], fresh.state_ids, changed, n),
                 values=_patched(last.values[:m], fresh.values, changed, n),
-                numbers=_patched(last.numbers[:m], fresh.numbers, changed, n),
+                numbers=numbers,
                 x=_patched(last.x[:m], fresh.x, changed, n),
                 floors=_patched(last.floors[:m], fresh.floors, changed, n),
+                ascending=_ascending(numbers),
             )
         self._rows = rows
         return rows
@@ -318,20 +356,20 @@ class TPESampler(Sampler):
     def _read(self, trials: Sequence[TrialRecord]) -> _Rows:
         n = len(trials)
         # One C-level pass per field; everything after is numpy.
-        params = list(map(attrgetter("params"), trials))
-        x = self.encoder.encode(params)
+        x = self.encoder.encode(list(map(attrgetter("params"), trials)))
+        numbers = np.fromiter(map(attrgetter("number"), trials), dtype=float, count=n)
         return _Rows(
             records=list(trials),
-            params=params,
             # States are enum singletons: comparing identities is exact and avoids
             # the enum's Python-level hash, the slowest part of a 10,000-trial read.
             state_ids=np.fromiter(
                 map(id, map(attrgetter("state"), trials)), dtype=np.int64, count=n
             ),
             values=np.array(list(map(attrgetter("value"), trials)), dtype=float).reshape(n),
-            numbers=np.fromiter(map(attrgetter("number"), trials), dtype=float, count=n),
+            numbers=numbers,
             x=x,
             floors=self.encoder.cell_widths(x),
+            ascending=_ascending(numbers),
         )
 
     @staticmethod
@@ -360,30 +398,57 @@ class TPESampler(Sampler):
     def _n_below(self, n_finished: int) -> int:
         return min(math.ceil(self.settings.gamma * n_finished), self.settings.gamma_max, n_finished)
 
-    def _below(self, obs: _Observed) -> ParzenEstimator | _Univariate:
-        return self._fit(obs, obs.below.nonzero()[0], [])
+    def _fit_both(
+        self, obs: _Observed
+    ) -> tuple[ParzenEstimator | _Univariate, ParzenEstimator | _Univariate]:
+        """The estimators of the good and of the bad group (no pending points), fitted together."""
+        below = self._group(obs, obs.below.nonzero()[0], [])
+        above = self._group(obs, (~obs.below).nonzero()[0], [])
+        fitted = self._fit(obs, [below, above])
+        return fitted[0], fitted[1]
 
     def _above(self, obs: _Observed, pending: list[np.ndarray]) -> ParzenEstimator | _Univariate:
-        return self._fit(obs, (~obs.below).nonzero()[0], pending)
+        """The bad group's estimator with ``pending`` points (a batch's later members)."""
+        (above,) = self._fit(obs, [self._group(obs, (~obs.below).nonzero()[0], pending)])
+        return above
 
-    def _fit(
+    def _group(
         self, obs: _Observed, rows: np.ndarray, pending: list[np.ndarray]
-    ) -> ParzenEstimator | _Univariate:
-        """An estimator over history ``rows`` plus ``pending`` points (the newest of all)."""
-        order = rows[obs.numbers[rows].argsort(kind="stable")]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Kernels over history ``rows`` plus ``pending`` points (the newest of all).
+
+        Returns:
+            The kept observations (oldest first), their cell widths and weights.
+        """
+        # Oldest first; rows in age order already are what the stable sort returns.
+        order = rows if obs.ascending else rows[obs.numbers[rows].argsort(kind="stable")]
         keep, weights = _thinned(len(order) + len(pending), self.settings.max_kernels)
+        if not pending:
+            kept = order if len(keep) == len(order) else order[keep]
+            return obs.x[kept], obs.floors[kept], weights
         # Pending points are the newest, so the tail of ``keep``.
         kept = order[keep[keep < len(order)]]
-        x, floors = obs.x[kept], obs.floors[kept]
-        if pending:
-            extra = np.vstack(pending)[keep[keep >= len(order)] - len(order)]
-            x = np.vstack([x, extra])
-            floors = np.vstack([floors, self.encoder.cell_widths(extra)])
+        extra = np.vstack(pending)[keep[keep >= len(order)] - len(order)]
+        x = np.vstack([obs.x[kept], extra])
+        floors = np.vstack([obs.floors[kept], self.encoder.cell_widths(extra)])
+        return x, floors, weights
+
+    def _fit(
+        self, obs: _Observed, groups: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    ) -> list[ParzenEstimator | _Univariate]:
+        """One estimator per group of :meth:`_group`, fitted together where the model allows."""
         prior = self.settings.prior_weight
         bandwidth = obs.bandwidth
-        if self.settings.multivariate:
-            return ParzenEstimator(x, weights, self.encoder.dims, prior, bandwidth, floors)
-        return _Univariate(x, floors, weights, self.encoder, prior, bandwidth)
+        if not self.settings.multivariate:
+            return [_Univariate(x, f, w, self.encoder, prior, bandwidth) for x, f, w in groups]
+        if len(groups) == 1:
+            x, floors, _ = groups[0]
+        else:
+            x = np.concatenate([x for x, _, _ in groups])
+            floors = np.concatenate([f for _, f, _ in groups])
+        weights = [w for _, _, w in groups]
+        dims = self.encoder.dims
+        return list(ParzenEstimator.fit_groups(x, weights, dims, prior, bandwidth, floors))
 
     # -- proposals -----------------------------------------------------------
 
@@ -413,11 +478,11 @@ class TPESampler(Sampler):
         active = self.encoder.active(x)
         rows: Iterable[np.ndarray]
         if isinstance(below, ParzenEstimator) and isinstance(above, ParzenEstimator):
-            # Both estimators multiply the same candidate features.
-            features = numeric_features(x, active, self.encoder.dims.numeric)
-            score = below.log_pdf_of(features, x, active) - above.log_pdf_of(features, x, active)
+            # Both estimators read the same prepared candidates.
+            cands = candidates(x, active, self.encoder.dims)
+            score = below.log_pdf_of(cands) - above.log_pdf_of(cands)
             # Candidates best first, taken one at a time (the first usually does).
-            rows = (x[i] for i in (-score).argsort(kind="stable"))
+            rows = (x[i] for i in _best_first(score))
         else:
             score = below.log_pdf(x, active) - above.log_pdf(x, active)
             # Each parameter takes its own best candidate value.
@@ -485,6 +550,26 @@ def _thinned(n: int, max_kernels: int) -> tuple[np.ndarray, np.ndarray]:
     keep, weights = thin(n, max_kernels)
     keep.flags.writeable = weights.flags.writeable = False
     return keep, weights
+
+
+def _best_first(score: np.ndarray) -> Iterator[int]:
+    """Indices by decreasing score, ties in index order, NaN last (a stable sort of ``-score``).
+
+    The best comes from one ``argmax`` (without a NaN it is the sort's first);
+    the rest are sorted only if the best is refused.
+    """
+    best = int(score.argmax())
+    if math.isnan(score[best]):
+        yield from (-score).argsort(kind="stable").tolist()
+        return
+    yield best
+    yield from (-score).argsort(kind="stable")[1:].tolist()
+
+
+def _ascending(numbers: np.ndarray) -> bool:
+    if len(numbers) < 2:
+        return True
+    return bool(np.all(numbers[1:] >= numbers[:-1]))
 
 
 def _patched(kept: np.ndarray, fresh: np.ndarray, at: Sequence[int], n: int) -> np.ndarray:

@@ -11,6 +11,7 @@ per value.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from itertools import chain
@@ -28,6 +29,11 @@ from kubetune_suggestion.engine.space import (
     Param,
     SearchSpace,
 )
+
+# At most this many rows have their cell widths looked up rather than computed.
+_FEW_ROWS = 8
+# Cell widths remembered per column (a wide integer range need not fill memory).
+_MEMO_SIZE = 4096
 
 
 def _choice_key(value: Any) -> tuple[bool, bool, Any]:
@@ -76,6 +82,25 @@ class Encoder:
         names = [self.params[j].name for j in self._flat_cols]
         # Always a tuple, even for one parameter (itemgetter of one name is not).
         self._getter: Any = itemgetter(*names) if len(names) > 1 else lambda c: (c[names[0]],)
+        # The flat columns' maps to the unit interval, ``(log(v) or v - shift) / scale``,
+        # applied to all of them at once (the constants of :func:`_numeric_to_unit`).
+        flat = [
+            p
+            for p in (self.params[j] for j in self._flat_cols)
+            if not isinstance(p, CategoricalParam)
+        ]
+        self._flat_log = [i for i, p in enumerate(flat) if p.log]
+        self._other_cols = [j for j in range(len(self.params)) if j not in self._flat_cols]
+        cols = self._flat_cols
+        # A slice where the columns are consecutive: assigning to it is cheaper.
+        consecutive = bool(cols) and cols[-1] - cols[0] == len(cols) - 1
+        self._flat_target: slice | list[int] = slice(cols[0], cols[-1] + 1) if consecutive else cols
+        affine = [_unit_affine(p) for p in flat]
+        self._flat_shift = np.array([shift for shift, _ in affine])
+        self._flat_scale = np.array([scale for _, scale in affine])
+        # Cell widths by encoded value, per discrete column: a history grows by
+        # a row or two per call, and a discrete column takes few values.
+        self._width_memo: dict[int, dict[float, float]] = {j: {} for j in self._discrete_cols}
         # With only strings as choices a plain lookup is exact and much faster.
         self._plain = [
             {c: i for i, c in enumerate(p.choices)}
@@ -91,7 +116,8 @@ class Encoder:
 
     def encode(self, configs: Sequence[Mapping[str, Any]]) -> np.ndarray:
         """An ``(n, d)`` matrix; NaN where a parameter is absent or not a valid value."""
-        out = np.full((len(configs), self.n_dims), np.nan)
+        out = np.empty((len(configs), self.n_dims))
+        out.fill(np.nan)
         # Logs of invalid values give NaN, which is what absent values are.
         with np.errstate(divide="ignore", invalid="ignore"):
             rest = self._encode_flat(out, configs)
@@ -101,7 +127,6 @@ class Encoder:
     def _encode_flat(self, out: np.ndarray, configs: Sequence[Mapping[str, Any]]) -> list[int]:
         """Unconditional numeric columns in one pass; returns the columns left to do."""
         cols = self._flat_cols
-        others = [j for j in range(self.n_dims) if j not in cols]
         if not cols or not configs:
             return list(range(self.n_dims))
         try:
@@ -111,11 +136,15 @@ class Encoder:
             # A missing or non-numeric value somewhere: column by column.
             return list(range(self.n_dims))
         raw = raw.reshape(len(configs), len(cols))
-        for i, j in enumerate(cols):
-            param = self.params[j]
-            assert not isinstance(param, CategoricalParam)
-            out[:, j] = _numeric_to_unit(param, raw[:, i])
-        return others
+        # Column by column this is :func:`_numeric_to_unit`, to the bit.
+        for i in self._flat_log:
+            np.log(raw[:, i], out=raw[:, i])
+        raw -= self._flat_shift
+        raw /= self._flat_scale
+        np.maximum(raw, 0.0, out=raw)
+        np.minimum(raw, 1.0, out=raw)
+        out[:, self._flat_target] = raw
+        return self._other_cols
 
     def _encode_columns(
         self, out: np.ndarray, configs: Sequence[Mapping[str, Any]], columns: list[int]
@@ -142,34 +171,51 @@ class Encoder:
         Continuous columns and categorical ones (indices) pass through.
         """
         x = np.array(units, dtype=float)
-        for j, param in enumerate(self.params):
+        for j in self._discrete_cols:
+            param = self.params[j]
             if isinstance(param, IntParam):
-                x[:, j] = _int_cells(param, x[:, j])[0]
-            elif isinstance(param, FloatParam) and param.step is not None:
+                x[:, j] = _int_centre(param, x[:, j])
+            else:
+                assert isinstance(param, FloatParam)
                 x[:, j] = _step_cells(param, x[:, j])[0]
         return x
 
     def cell_widths(self, x: np.ndarray) -> np.ndarray:
         """Widths of the cells of encoded points along discrete columns; 0 elsewhere or if NaN."""
         out = np.zeros(x.shape)
+        # A few rows (a call's new trials) are looked up; a whole history is computed.
+        few = x.shape[0] <= _FEW_ROWS
         for j in self._discrete_cols:
+            memo = self._width_memo[j]
+            if few:
+                known = [memo.get(u) for u in x[:, j].tolist()]
+                if None not in known:
+                    out[:, j] = known
+                    continue
             param = self.params[j]
             missing = np.isnan(x[:, j])
             # Encoded values lie in [0, 1] or are NaN: NaN is the only value to stand in for.
             u = np.where(missing, 0.5, x[:, j])
             if isinstance(param, IntParam):
-                cells = _int_cells(param, u)
+                widths = _int_width(param, u)
             else:
                 assert isinstance(param, FloatParam)
-                cells = _step_cells(param, u)
-            out[:, j] = np.where(missing, 0.0, cells[2] - cells[1])
+                _, low, high = _step_cells(param, u)
+                widths = high - low
+            out[:, j] = np.where(missing, 0.0, widths)
+            if few and len(memo) < _MEMO_SIZE:
+                # Not NaN: a NaN key would never be found again.
+                memo.update(
+                    (u, w)
+                    for u, w in zip(x[:, j].tolist(), out[:, j].tolist(), strict=True)
+                    if u == u
+                )
         return out
 
     def decode(self, row: np.ndarray) -> Config:
         """The configuration of one encoded row (inactive columns are ignored)."""
         units: dict[str, float] = {}
-        for j, param in enumerate(self.params):
-            v = float(row[j])
+        for param, v in zip(self.params, row.tolist(), strict=True):
             if isinstance(param, CategoricalParam):
                 units[param.name] = (int(v) + 0.5) / len(param.choices)
             else:
@@ -179,21 +225,37 @@ class Encoder:
     def active(self, x: np.ndarray) -> np.ndarray:
         """``(m, d)`` mask of the columns each encoded row's configuration uses."""
         act = np.ones(x.shape, dtype=bool)
+        for j, k, allowed, parent, values in self._conditions:
+            if allowed is not None:
+                # Choice indices are whole numbers: equality is exact.
+                holds = np.zeros(x.shape[0], dtype=bool)
+                for index in allowed:
+                    holds |= x[:, k] == index
+            else:
+                # Numeric parents are rare: decode their values one by one.
+                holds = np.array([parent.from_unit(u) in values for u in x[:, k]], dtype=bool)
+            # Parents come first, so their own activity is already known.
+            act[:, j] &= act[:, k] & holds
+        return act
+
+    @functools.cached_property
+    def _conditions(self) -> list[tuple[int, int, list[int] | None, Param, tuple[Any, ...]]]:
+        """Each ``when`` condition: (column, parent column, allowed choices, parent, values).
+
+        The allowed choices are indices for a categorical parent, None for a numeric one.
+        """
+        out: list[tuple[int, int, list[int] | None, Param, tuple[Any, ...]]] = []
         for j, param in enumerate(self.params):
             for cond in param.when:
                 k = self._position[cond.parent]
                 parent = self.params[k]
-                if isinstance(parent, CategoricalParam):
-                    allowed = [parent.index(v) for v in cond.values]
-                    holds = np.isin(x[:, k], allowed)
-                else:
-                    # Numeric parents are rare: decode their values one by one.
-                    holds = np.array(
-                        [parent.from_unit(u) in cond.values for u in x[:, k]], dtype=bool
-                    )
-                # Parents come first, so their own activity is already known.
-                act[:, j] &= act[:, k] & holds
-        return act
+                allowed = (
+                    [parent.index(v) for v in cond.values]
+                    if isinstance(parent, CategoricalParam)
+                    else None
+                )
+                out.append((j, k, allowed, parent, cond.values))
+        return out
 
 
 def _column(configs: Sequence[Mapping[str, Any]], name: str, optional: bool) -> list[Any]:
@@ -219,40 +281,68 @@ def _as_floats(raw: list[Any]) -> np.ndarray:
         )
 
 
-def _numeric_to_unit(param: FloatParam | IntParam, v: np.ndarray) -> np.ndarray:
+def _unit_affine(param: FloatParam | IntParam) -> tuple[float, float]:
+    """``(shift, scale)``: ``u = (t - shift) / scale``, ``t`` the value (its log if ``log``)."""
     if isinstance(param, IntParam):
         lo, hi = param.low - 0.5 * param.step, param.high + 0.5 * param.step
         if param.log:
             lo = max(lo, 0.5)
-            u = (np.log(v) - math.log(lo)) / (math.log(hi) - math.log(lo))
-        else:
-            u = (v - lo) / (hi - lo)
-    elif param.log:
-        u = (np.log(v) - math.log(param.low)) / (math.log(param.high) - math.log(param.low))
-    else:
-        u = (v - param.low) / (param.high - param.low)
+            return math.log(lo), math.log(hi) - math.log(lo)
+        return lo, hi - lo
+    if param.log:
+        return math.log(param.low), math.log(param.high) - math.log(param.low)
+    return param.low, param.high - param.low
+
+
+def _numeric_to_unit(param: FloatParam | IntParam, v: np.ndarray) -> np.ndarray:
+    shift, scale = _unit_affine(param)
+    u = ((np.log(v) if param.log else v) - shift) / scale
     # NaN passes through minimum/maximum unchanged: absent stays absent.
     return np.asarray(np.minimum(np.maximum(u, 0.0), 1.0))
 
 
-def _int_cells(param: IntParam, u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _int_index(param: IntParam, u: np.ndarray) -> np.ndarray:
+    """Per unit coordinate, the index of the value whose cell holds it."""
     n, s = param.n_values, param.step
     u = np.minimum(np.maximum(u, 0.0), 1.0)
     if not param.log:
-        k = np.minimum(np.maximum(np.floor(u * n), 0), n - 1)
-        return (k + 0.5) / n, k / n, (k + 1) / n
-    log_lo, log_hi = math.log(max(param.low - 0.5 * s, 0.5)), math.log(param.high + 0.5 * s)
+        return np.asarray(np.minimum(np.maximum(np.floor(u * n), 0), n - 1))
+    log_lo, log_hi = _int_log_range(param)
     raw = np.exp(log_lo + u * (log_hi - log_lo))
-    k = np.minimum(np.maximum(np.round((raw - param.low) / s), 0), n - 1)
-    v = param.low + k * s
+    return np.asarray(np.minimum(np.maximum(np.round((raw - param.low) / s), 0), n - 1))
 
-    def unit(w: np.ndarray) -> np.ndarray:
-        return np.asarray(
-            (np.log(np.minimum(np.maximum(w, math.exp(log_lo)), math.exp(log_hi))) - log_lo)
-            / (log_hi - log_lo)
-        )
 
-    return unit(v), unit(v - 0.5 * s), unit(v + 0.5 * s)
+def _int_log_range(param: IntParam) -> tuple[float, float]:
+    s = param.step
+    return math.log(max(param.low - 0.5 * s, 0.5)), math.log(param.high + 0.5 * s)
+
+
+def _int_log_unit(param: IntParam, w: np.ndarray) -> np.ndarray:
+    """Unit coordinates of values ``w`` of a log-scaled integer (clipped to its range)."""
+    log_lo, log_hi = _int_log_range(param)
+    return np.asarray(
+        (np.log(np.minimum(np.maximum(w, math.exp(log_lo)), math.exp(log_hi))) - log_lo)
+        / (log_hi - log_lo)
+    )
+
+
+def _int_centre(param: IntParam, u: np.ndarray) -> np.ndarray:
+    """The centre of the cell of the value each unit coordinate falls in."""
+    k = _int_index(param, u)
+    if not param.log:
+        return np.asarray((k + 0.5) / param.n_values)
+    return _int_log_unit(param, param.low + k * param.step)
+
+
+def _int_width(param: IntParam, u: np.ndarray) -> np.ndarray:
+    """The width of the cell of the value each unit coordinate falls in."""
+    k = _int_index(param, u)
+    if not param.log:
+        n = param.n_values
+        return np.asarray((k + 1) / n - k / n)
+    v = param.low + k * param.step
+    high = _int_log_unit(param, v + 0.5 * param.step)
+    return np.asarray(high - _int_log_unit(param, v - 0.5 * param.step))
 
 
 def _step_cells(param: FloatParam, u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
