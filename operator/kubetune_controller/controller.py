@@ -124,6 +124,8 @@ class Controller:
         self._trial_slots = asyncio.Semaphore(settings.trial_concurrency)
         self._instance = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME", COMPONENT)
         self._events = EventBatcher(settings.event_window_seconds)
+        # The watch streams' "listed" flags (see adopt).
+        self._synced: list[asyncio.Event] = []
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -204,8 +206,20 @@ class Controller:
             if namespace is None or key[0] == namespace:
                 self.queue.add(key)
 
-    def adopt(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        """Run a long-lived task (a watch stream) until :meth:`stop`."""
+    def adopt(
+        self, coro: Coroutine[Any, Any, None], name: str, synced: asyncio.Event | None = None
+    ) -> None:
+        """Run a long-lived task (a watch stream) until :meth:`stop`.
+
+        Args:
+            coro: The task's work.
+            name: The task's name.
+            synced: Set once the stream has listed its objects; no reconcile
+                runs before then, because an empty cache would make the live
+                trials of an experiment look lost after a restart.
+        """
+        if synced is not None:
+            self._synced.append(synced)
         self._tasks.append(asyncio.create_task(coro, name=name))
 
     async def _forget_in_service(self, uid: str) -> None:
@@ -220,6 +234,8 @@ class Controller:
         while True:
             key = await self.queue.get()
             try:
+                for synced in self._synced:
+                    await synced.wait()
                 await self._reconcile_once(key)
             finally:
                 self.queue.done(key)

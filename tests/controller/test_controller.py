@@ -314,3 +314,22 @@ def test_running_trials_show_their_last_step(tmp_path: Path) -> None:
     h = Harness(tmp_path)
     asyncio.run(scenario())
     assert 0 < seen[0] < 300
+
+
+def test_no_reconcile_before_the_watch_streams_have_listed(tmp_path: Path) -> None:
+    """After a restart the caches are empty until the streams list: nothing may act on that."""
+    h = Harness(tmp_path)
+
+    async def scenario() -> None:
+        controller = h.start_controller()
+        listed = asyncio.Event()
+        controller.adopt(asyncio.Event().wait(), "a stream that never ends", listed)
+        h.cluster.apply_experiment("exp", simple_spec(maxTrials=2, parallelism=2))
+        await asyncio.sleep(0.5)
+        assert h.cluster.of_kind("Trial") == []
+        assert (h.experiment().get("status") or {}).get("phase") is None
+        listed.set()
+        await h.wait(lambda: len(h.cluster.of_kind("Trial")) == 2)
+        await h.kill_controller()
+
+    asyncio.run(scenario())
