@@ -66,9 +66,22 @@ def fake_nodes(count: int, pods_each: int) -> list[dict[str, Any]]:
     ]
 
 
-def trial_stages(base: Path, seconds: float, out: Path) -> Path:
-    """The kwok stages in ``base`` plus one that ends a Running trial Pod ``seconds`` later."""
+def trial_stages(base: Path, seconds: float, out: Path, parallelism: int) -> Path:
+    """The kwok stages in ``base`` plus one that ends a Running trial Pod ``seconds`` later.
+
+    ``parallelism`` is kwok's ``podPlayStageParallelism``: how many Pod
+    status changes it makes at once, for all its fake nodes together (its
+    default, 4, is fewer than the fake nodes' kubelets would make).
+    """
     stage = f"""
+---
+apiVersion: config.kwok.x-k8s.io/v1alpha1
+kind: KwokConfiguration
+options:
+  podPlayStageParallelism: {parallelism}
+  # A configuration replaces every default: kwok's own for the rest.
+  nodePlayStageParallelism: 4
+  nodeLeaseParallelism: 4
 ---
 apiVersion: kwok.x-k8s.io/v1alpha1
 kind: Stage
@@ -190,6 +203,12 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=5, help="kwok fake nodes")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument(
+        "--kwok-parallelism",
+        type=int,
+        help="Pod status changes kwok makes at once (podPlayStageParallelism); default: "
+        "--parallelism, as each trial Pod's own kubelet would work on it alone",
+    )
+    parser.add_argument(
         "--postgres",
         action="store_true",
         help="service on PostgreSQL (KUBETUNE_TEST_POSTGRES_URL, .ci/postgres.sh) with 2 workers",
@@ -203,7 +222,12 @@ def main() -> int:
     binaries = bin_dir()
     kube = Kube(cluster.kubeconfig, find_kubectl(binaries), local=True, bin_dir=binaries)
     work = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
-    stages = trial_stages(binaries / "kwok-stages.yaml", args.seconds, work / "stages.yaml")
+    stages = trial_stages(
+        binaries / "kwok-stages.yaml",
+        args.seconds,
+        work / "stages.yaml",
+        args.kwok_parallelism or args.parallelism,
+    )
     kwok = subprocess.Popen(
         [
             str(binaries / "kwok"),
@@ -257,6 +281,8 @@ def main() -> int:
         exp_path = f"/apis/kubetune.io/v1alpha1/namespaces/{NAMESPACE}/experiments/bench"
 
         def finished() -> str | None:
+            if kwok.poll() is not None:
+                raise RuntimeError(f"kwok exited with {kwok.returncode}: see {work}/kwok.log")
             got = timeline.api.get(exp_path)
             phase = (got.get("status") or {}).get("phase")
             return phase if phase in ("Succeeded", "Failed") else None

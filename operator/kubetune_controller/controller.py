@@ -581,6 +581,10 @@ class Controller:
             if logs:
                 message = f"{message}; last lines of {main}:\n{logs}"
         view = await self.service.finish(experiment.uid, finish.number, finish.state, message)
+        # The service has freed the trial's slot: its successor may be asked
+        # for while this Trial's status is written (this trial stays in
+        # flight, so that reconcile leaves it alone).
+        self.queue.add(experiment.key)
         phase = SERVICE_STATE_PHASE[view.state.value]
         if phase is TrialPhase.METRICS_UNAVAILABLE:
             if logs is None and pod is not None:
