@@ -7,6 +7,8 @@ and ConfigMaps need no node to exist.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 from e2e.helpers import Kube
@@ -43,6 +45,30 @@ class Recorder:
         )
 
 
+@contextlib.asynccontextmanager
+async def following(
+    kube: Kube, namespace: str, recorder: Recorder, **options: int
+) -> AsyncIterator[None]:
+    """An operator stream on the namespace's ConfigMaps, listed, until the block ends."""
+    client = OperatorKube(load_configuration(str(kube.kubeconfig)))
+    stream = ObjectStream(
+        client,
+        f"/api/v1/namespaces/{namespace}/configmaps",
+        LABEL,
+        recorder.snapshot,
+        recorder.event,
+        **options,
+    )
+    task = asyncio.create_task(stream.run())
+    try:
+        await asyncio.wait_for(stream.synced.wait(), 20)
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await client.close()
+
+
 async def until(check: Any, timeout: float = 20) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not check():
@@ -61,18 +87,7 @@ def test_stream_lists_in_pages_then_follows_changes(kube: Kube, namespace: str) 
     recorder = Recorder()
 
     async def scenario() -> None:
-        client = OperatorKube(load_configuration(str(kube.kubeconfig)))
-        stream = ObjectStream(
-            client,
-            f"/api/v1/namespaces/{namespace}/configmaps",
-            LABEL,
-            recorder.snapshot,
-            recorder.event,
-            page_size=2,
-        )
-        task = asyncio.create_task(stream.run())
-        try:
-            await asyncio.wait_for(stream.synced.wait(), 20)
+        async with following(kube, namespace, recorder, page_size=2):
             assert recorder.snapshots == [[f"cm-{i}" for i in range(5)]]
             await asyncio.to_thread(kube.create, configmap("cm-new"), namespace=namespace)
             await asyncio.to_thread(
@@ -92,10 +107,6 @@ def test_stream_lists_in_pages_then_follows_changes(kube: Kube, namespace: str) 
             )
             await until(lambda: len(recorder.events) >= 3)
             await asyncio.sleep(0.5)  # nothing else may follow (the unlabelled one)
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await client.close()
 
     asyncio.run(scenario())
     assert recorder.events == [
@@ -112,26 +123,11 @@ def test_a_watch_that_times_out_resumes_without_losing_or_relisting(
     recorder = Recorder()
 
     async def scenario() -> None:
-        client = OperatorKube(load_configuration(str(kube.kubeconfig)))
-        stream = ObjectStream(
-            client,
-            f"/api/v1/namespaces/{namespace}/configmaps",
-            LABEL,
-            recorder.snapshot,
-            recorder.event,
-            watch_seconds=1,
-        )
-        task = asyncio.create_task(stream.run())
-        try:
-            await asyncio.wait_for(stream.synced.wait(), 20)
+        async with following(kube, namespace, recorder, watch_seconds=1):
             for i in range(8):
                 await asyncio.to_thread(kube.create, configmap(f"cm-{i}"), namespace=namespace)
                 await asyncio.sleep(0.4)
             await until(lambda: len(recorder.events) >= 8)
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await client.close()
 
     asyncio.run(scenario())
     assert recorder.snapshots == [[]]
