@@ -874,9 +874,17 @@ class Controller:
         if reason in _COMBINED_REASONS:
             ready = self._events.add(involved, reason, message, warning, time.monotonic())
         else:
-            ready = [PendingEvent(involved, reason, message, warning)]
-        for event in ready:
-            self._spawn(self._write_event(event))
+            held = self._events.flush(involved["uid"])
+            ready = [*held, PendingEvent(involved, reason, message, warning)]
+        if len(ready) > 1:
+            # One task writes them in order: their timestamps keep that order.
+            self._spawn(self._write_events(ready))
+        elif ready:
+            self._spawn(self._write_event(ready[0]))
+
+    async def _write_events(self, events: list[PendingEvent]) -> None:
+        for event in events:
+            await self._write_event(event)
 
     async def _write_event(self, event: PendingEvent) -> None:
         body = build_event(

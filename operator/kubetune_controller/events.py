@@ -100,6 +100,22 @@ class EventBatcher:
             ready += self._close(key, now)
         return ready
 
+    def flush(self, uid: str) -> list[PendingEvent]:
+        """Every event held about the object ``uid``, combined, whatever the time.
+
+        Written before a one-off Event about the same object (the experiment
+        ending), so that ``kubectl describe`` lists the trials created and
+        pruned before the end above the end itself.
+        """
+        ready: list[PendingEvent] = []
+        for key in [k for k in self._windows if k[0] == uid]:
+            window = self._windows.pop(key)
+            if window.held:
+                ready.append(
+                    PendingEvent(window.involved, key[1], combine(window.held), window.warning)
+                )
+        return ready
+
     def drain(self) -> list[PendingEvent]:
         """Every held event, combined, whatever the time (at shutdown)."""
         return self.due(float("inf"))

@@ -157,8 +157,12 @@ def test_runs_max_trials_and_records_the_best(tmp_path: Path) -> None:
     assert status["trialsSummary"] == "6/6"
     for t in trials:
         assert t["status"]["objective"] == pytest.approx(curve(t["spec"]["params"], 3))
-    reasons = {e["reason"] for e in h.cluster.events}
-    assert {"TrialCreated", "ExperimentSucceeded"} <= reasons
+    reasons = [e["reason"] for e in h.cluster.events]
+    assert {"TrialCreated", "ExperimentSucceeded"} <= set(reasons)
+    # Trial creations held for combining were written before the end.
+    created = [i for i, r in enumerate(reasons) if r == "TrialCreated"]
+    assert max(created) < reasons.index("ExperimentSucceeded")
+    assert sum(e["message"].count("created trial") for e in h.cluster.events) == 6
 
 
 def test_killed_controller_neither_loses_nor_duplicates(tmp_path: Path) -> None:

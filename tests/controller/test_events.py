@@ -67,3 +67,28 @@ def test_combined_message_is_cut_to_the_limit_saying_how_many_are_left_out() -> 
     assert text.startswith("(combined 200): created trial exp-0 ")
     assert text.endswith(" others")
     assert combine(["only one"]) == "only one"
+
+
+def test_flushing_an_object_releases_only_its_held_events_at_once() -> None:
+    """The experiment's end is written after what was held about it, not before."""
+    b = EventBatcher(window=5.0)
+    b.add(EXP, "TrialCreated", "created e-0", False, 0.0)
+    b.add(EXP, "TrialCreated", "created e-1", False, 0.5)
+    b.add(EXP, "TrialPruned", "pruned e-0", False, 0.6)
+    b.add(EXP, "TrialPruned", "pruned e-1", True, 0.7)
+    b.add(OTHER, "TrialCreated", "created f-0", False, 0.8)
+    b.add(OTHER, "TrialCreated", "created f-1", False, 0.9)
+
+    flushed = b.flush("u1")
+    assert [(e.reason, e.message, e.warning) for e in flushed] == [
+        ("TrialCreated", "created e-1", False),
+        ("TrialPruned", "pruned e-1", True),
+    ]
+    assert b.flush("u1") == []
+    # The other experiment's window is untouched and closes on time.
+    assert b.due(4.9) == []
+    assert [e.message for e in b.due(5.8)] == ["created f-1"]
+    # A flushed object starts afresh: its next event goes out at once.
+    assert [e.message for e in b.add(EXP, "TrialCreated", "created e-2", False, 1.0)] == [
+        "created e-2"
+    ]
