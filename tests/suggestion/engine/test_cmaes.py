@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 import numpy as np
+import pytest
 
 from kubetune_suggestion.engine.history import Direction, TrialRecord, TrialState
 from kubetune_suggestion.engine.samplers.cmaes import CMAESSampler
@@ -176,3 +177,88 @@ def test_seeded_runs_are_reproducible_and_seeds_differ() -> None:
     assert [t.params for t in a] == [t.params for t in b]
     assert [t.params for t in a] != [t.params for t in c]
     assert np.isfinite([sphere(dict(t.params)) for t in a]).all()
+
+
+MIXED = SearchSpace.from_spec(
+    [
+        {"name": "k", "type": "int", "min": 0, "max": 3},
+        {"name": "x", "type": "float", "min": -1.0, "max": 1.0, "step": 0.25},
+        {"name": "y", "type": "float", "min": -1.0, "max": 1.0},
+    ]
+)
+
+
+def _mixed_loss(c: dict[str, Any]) -> float:
+    return float((c["k"] - 2) ** 2 + c["x"] ** 2 + c["y"] ** 2)
+
+
+def _drive(
+    space: SearchSpace, objective: Any, sampler_for: Any, failures: bool, calls_n: int = 90
+) -> Any:
+    """A long run with batches, out-of-order finishes, failures and restarts.
+
+    ``sampler_for(call)`` gives the sampler of each call: the same one every
+    time (it keeps its optimizer between calls) or a new one (it replays).
+    """
+    history: list[TrialRecord] = []
+    running: list[TrialRecord] = []
+    state = None
+    calls = []
+    for call in range(calls_n):
+        out = sampler_for(call).suggest(history + running, 1 + call % 4, state)
+        calls.append((out.configs, out.state, out.notes))
+        state = json.loads(json.dumps(out.state))
+        base = len(history) + len(running)
+        running += [TrialRecord(base + i, c, TrialState.RUNNING) for i, c in enumerate(out.configs)]
+        # Finish all but the newest two, newest first, one in 7 failing.
+        done, running = running[:-2], running[-2:]
+        for t in reversed(done):
+            if failures and t.number % 7 == 3:
+                history.append(TrialRecord(t.number, t.params, TrialState.FAILED))
+            else:
+                value = objective(dict(t.params))
+                history.append(TrialRecord(t.number, t.params, TrialState.SUCCEEDED, value))
+        history.sort(key=lambda t: t.number)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("space", "objective", "options", "failures"),
+    [
+        (BOX, sphere, {}, True),
+        (MIXED, _mixed_loss, {}, True),  # integers: CMA with margin
+        (BOX, lambda c: 1.0, {"popsize": 4}, False),  # flat: it restarts
+    ],
+    ids=["continuous", "integers", "restarts"],
+)
+def test_a_kept_optimizer_suggests_exactly_what_a_full_replay_does(
+    space: SearchSpace, objective: Any, options: dict[str, Any], failures: bool
+) -> None:
+    kept = CMAESSampler(space, seed=3, options=options)
+    calls = 90 if failures else 200
+    with_checkpoint = _drive(space, objective, lambda _: kept, failures, calls)
+    replayed = _drive(
+        space, objective, lambda _: CMAESSampler(space, seed=3, options=options), failures, calls
+    )
+    assert with_checkpoint == replayed
+    assert kept._checkpoint is not None and len(kept._checkpoint.asks) > 3
+    if not failures:
+        assert any("restarted" in n for _, _, notes in with_checkpoint for n in notes)
+
+
+def test_a_history_that_disagrees_with_the_kept_optimizer_is_replayed() -> None:
+    sampler = CMAESSampler(BOX, seed=1)
+    history: list[TrialRecord] = []
+    state = None
+    for _ in range(30):
+        out = sampler.suggest(history, 1, state)
+        state = out.state
+        c = out.configs[0]
+        history.append(TrialRecord(len(history), c, TrialState.SUCCEEDED, sphere(c)))
+    assert sampler._checkpoint is not None
+    # The same state with other objective values (another experiment's, or a
+    # corrected history): the kept optimizer does not apply.
+    other = [TrialRecord(t.number, t.params, t.state, -(t.value or 0.0)) for t in history]
+    fresh = CMAESSampler(BOX, seed=1).suggest(other, 2, state)
+    assert sampler.suggest(other, 2, state).configs == fresh.configs
+    assert sampler.suggest(history, 2, state).configs != fresh.configs

@@ -10,6 +10,15 @@ values found in the history. The JSON state only records how many points each
 generation handed out and, when it differs from the default, which members
 were told.
 
+To keep a call's cost from growing with the history, a sampler object keeps
+a copy of the optimizer after the closed generations it last replayed (the
+service keeps one sampler per experiment). The next call starts from that
+copy only if the state and the history agree with what was replayed: the
+same handed-out counts and told members for those generations, and every
+member matched to the same trial with the same state and value; otherwise it
+replays from the start. The copy is an optimisation, never the record: a
+restart of the process replays, and the result is the same either way.
+
 A trial is matched to the member it came from by its configuration (the CMA
 parameters, rounded to 12 significant digits), so the service's trial numbers
 do not matter. Parallel requests get distinct members of the current
@@ -38,8 +47,9 @@ Options (``spec.algorithm.settings``):
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -134,6 +144,26 @@ class Optimizer(Protocol):
         """Whether the optimizer's stopping rules fire."""
 
 
+@dataclass(frozen=True)
+class _Checkpoint:
+    """The optimizer after replaying the first ``len(asks)`` generations.
+
+    Attributes:
+        asks: Members handed out per replayed generation.
+        told: Which members each replayed generation was told (as in the state).
+        restart: The restart the optimizer belongs to.
+        optimizer: A private copy, never asked or told (copied before use).
+        matched: For each member asked during the replay, in order: its
+            matching key and the (number, state, value) of the trial it took.
+    """
+
+    asks: tuple[int, ...]
+    told: tuple[tuple[int, ...] | None, ...]
+    restart: int
+    optimizer: Any
+    matched: tuple[tuple[Hashable, tuple[int, TrialState, float | None] | None], ...]
+
+
 class CMAESSampler(Sampler):
     """IPOP-CMA-ES, replayed from the history at each call; see the module docstring."""
 
@@ -160,6 +190,12 @@ class CMAESSampler(Sampler):
         )
         ind_options = {"multivariate": False} if independent is TPESampler else {}
         self.independent = independent(space, direction, self.seed, ind_options)
+        # The optimizer after the closed generations of the last call (see the
+        # module docstring); replaced, never changed in place.
+        self._checkpoint: _Checkpoint | None = None
+        # Each history record's matching key, by identity (the service hands
+        # the same record objects to every call): keys cost float formatting.
+        self._keys: dict[int, tuple[TrialRecord, Hashable]] = {}
 
     # -- the public call -----------------------------------------------------
 
@@ -186,16 +222,27 @@ class CMAESSampler(Sampler):
 
         asks: list[int] = [int(a) for a in state.get("asks", [0])]
         told: dict[str, list[int]] = {str(k): list(v) for k, v in state.get("told", {}).items()}
-        trials = _Matcher(history, self._key)
-        opt, restart = self._fresh(0), 0
+        trials = _Matcher(history, self._trial_keys(history))
+        closed = asks[:-1]
+        told_of = [_told(told, g) for g in range(len(closed))]
+        start, opt, restart, matched = self._resume(trials, closed, told_of)
         # Replay the closed generations; a restart happens where it happened.
-        for g, n_asked in enumerate(asks[:-1]):
-            members = [(x_tell, trials.take(key)) for _, x_tell, key in self._ask(opt, n_asked)]
+        for g in range(start, len(closed)):
+            asked = self._ask(opt, closed[g])
+            members = []
+            for _, x_tell, key in asked:
+                trial = trials.take(key)
+                members.append((x_tell, trial))
+                matched.append((key, _fingerprint(trial)))
             chosen = told.get(str(g), list(range(opt.population_size)))
             opt.tell(self._solutions([members[i] for i in chosen]))
             if self._stagnated(opt):
                 restart += 1
                 opt = self._fresh(restart)
+        if len(closed) > start:
+            self._checkpoint = _Checkpoint(
+                tuple(closed), tuple(told_of), restart, _clone(opt), tuple(matched)
+            )
         # The open generation: close it once enough of its members are finished.
         g = len(asks) - 1
         members = [(x_tell, trials.take(key)) for _, x_tell, key in self._ask(opt, asks[-1])]
@@ -224,6 +271,31 @@ class CMAESSampler(Sampler):
         return Suggestions(
             configs=configs, state=self.next_state(state, asks=asks, told=told), notes=notes
         )
+
+    def _resume(
+        self,
+        trials: _Matcher,
+        closed: list[int],
+        told_of: list[tuple[int, ...] | None],
+    ) -> tuple[int, Optimizer, int, list[tuple[Hashable, Any]]]:
+        """Where the replay starts: (generation, optimizer, restart, members matched so far).
+
+        From the checkpoint when its generations are a prefix of ``closed``
+        with the same told members, and its members still match the same
+        trials, unchanged (which also advances ``trials`` past them); from
+        scratch otherwise.
+        """
+        cp = self._checkpoint
+        n = len(cp.asks) if cp is not None else 0
+        if (
+            cp is not None
+            and tuple(closed[:n]) == cp.asks
+            and tuple(told_of[:n]) == cp.told
+            and all(_fingerprint(trials.take(key)) == seen for key, seen in cp.matched)
+        ):
+            return n, _clone(cp.optimizer), cp.restart, list(cp.matched)
+        trials.reset()
+        return 0, self._fresh(0), 0, []
 
     # -- the optimizer -------------------------------------------------------
 
@@ -295,6 +367,21 @@ class CMAESSampler(Sampler):
             (x, v if math.isfinite(v) else worst) for (x, _), v in zip(members, losses, strict=True)
         ]
 
+    def _trial_keys(self, history: Sequence[TrialRecord]) -> list[Hashable]:
+        """Each trial's matching key, in history order, reusing the last call's.
+
+        The memo keeps only this history's records (so it cannot grow), and
+        holds them, so an ``id`` cannot be reused while it is there.
+        """
+        old, new, keys = self._keys, {}, []
+        for t in history:
+            hit = old.get(id(t))
+            key = hit[1] if hit is not None and hit[0] is t else self._key(t.params)
+            new[id(t)] = (t, key)
+            keys.append(key)
+        self._keys = new
+        return keys
+
     # -- configurations ------------------------------------------------------
 
     def _values(self, x: np.ndarray) -> dict[str, Any]:
@@ -321,6 +408,30 @@ class CMAESSampler(Sampler):
         return self.space.decode(units)
 
 
+def _clone(opt: Any) -> Any:
+    """An exact, independent copy of a ``cmaes`` optimizer.
+
+    Not ``copy.deepcopy``: ``cmaes`` pickles without the random generator
+    (the copy would draw other points) and with the covariance compressed.
+    """
+    clone = object.__new__(type(opt))
+    for name, value in opt.__dict__.items():
+        inner = isinstance(value, CMA | CMAwM)
+        clone.__dict__[name] = _clone(value) if inner else copy.deepcopy(value)
+    return clone
+
+
+def _told(told: Mapping[str, list[int]], generation: int) -> tuple[int, ...] | None:
+    """The members a closed generation was told, ``None`` for the default (the first ones)."""
+    chosen = told.get(str(generation))
+    return None if chosen is None else tuple(chosen)
+
+
+def _fingerprint(trial: TrialRecord | None) -> tuple[int, TrialState, float | None] | None:
+    """What of a matched trial a told generation depends on."""
+    return None if trial is None else (trial.number, trial.state, trial.value)
+
+
 def _coordinate(p: FloatParam | IntParam) -> _Coordinate:
     """The optimizer coordinate of a model parameter (the unit interval, or a grid in it)."""
     if isinstance(p, IntParam) and not p.log:
@@ -344,13 +455,15 @@ class _Matcher:
     integer parameters) pair up one to one.
     """
 
-    def __init__(
-        self, history: Sequence[TrialRecord], key: Callable[[Mapping[str, Any]], Hashable]
-    ) -> None:
+    def __init__(self, history: Sequence[TrialRecord], keys: Sequence[Hashable]) -> None:
         self._trials: dict[Hashable, list[TrialRecord]] = {}
-        for t in sorted(history, key=lambda t: t.number):
-            self._trials.setdefault(key(t.params), []).append(t)
+        for t, key in sorted(zip(history, keys, strict=True), key=lambda p: p[0].number):
+            self._trials.setdefault(key, []).append(t)
         self._taken: dict[Hashable, int] = {}
+
+    def reset(self) -> None:
+        """Forget every take: the next one of each configuration is its oldest trial again."""
+        self._taken.clear()
 
     def take(self, key: Hashable) -> TrialRecord | None:
         """The next trial with this configuration, or None if there is none (yet)."""
