@@ -872,7 +872,9 @@ class Controller:
             }
         )
         if reason in _COMBINED_REASONS:
-            ready = self._events.add(involved, reason, message, warning, time.monotonic())
+            ready = self._events.add(
+                involved, reason, message, warning, time.monotonic(), when=_now()
+            )
         else:
             held = self._events.flush(involved["uid"])
             ready = [*held, PendingEvent(involved, reason, message, warning)]
@@ -888,7 +890,14 @@ class Controller:
 
     async def _write_event(self, event: PendingEvent) -> None:
         body = build_event(
-            event.involved, event.reason, event.message, _now(), event.warning, self._instance
+            event.involved,
+            event.reason,
+            event.message,
+            event.last or _now(),
+            event.warning,
+            self._instance,
+            first=event.first,
+            count=event.count,
         )
         await self.kube.create_event(body)
 

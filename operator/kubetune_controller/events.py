@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 
 # The Event message limit the operator keeps to (kubectl shows it whole).
 MAX_MESSAGE = 1024
@@ -29,6 +30,11 @@ class PendingEvent:
     reason: str
     message: str
     warning: bool
+    # For a combined Event: when its first and last events happened, and how
+    # many it stands for (the Event's firstTimestamp, lastTimestamp, count).
+    first: datetime | None = None
+    last: datetime | None = None
+    count: int = 1
 
 
 @dataclass
@@ -37,6 +43,19 @@ class _Window:
     involved: Mapping[str, str]
     warning: bool
     held: list[str] = field(default_factory=list)
+    times: list[datetime | None] = field(default_factory=list)
+
+    def combined(self, reason: str) -> PendingEvent:
+        """One Event for every held event."""
+        return PendingEvent(
+            self.involved,
+            reason,
+            combine(self.held),
+            self.warning,
+            first=self.times[0],
+            last=self.times[-1],
+            count=len(self.held),
+        )
 
 
 def combine(messages: list[str], limit: int = MAX_MESSAGE) -> str:
@@ -81,8 +100,13 @@ class EventBatcher:
         message: str,
         warning: bool,
         now: float,
+        when: datetime | None = None,
     ) -> list[PendingEvent]:
-        """Record one event; the Events to write now (none while a window is open)."""
+        """Record one event; the Events to write now (none while a window is open).
+
+        ``now`` is the monotonic clock the windows run on; ``when``, the
+        wall-clock time the event happened, dates it if it is held.
+        """
         key = (involved.get("uid") or involved["name"], reason)
         ready = self._close(key, now)
         window = self._windows.get(key)
@@ -90,6 +114,7 @@ class EventBatcher:
             self._windows[key] = _Window(now, involved, warning)
             return [*ready, PendingEvent(involved, reason, message, warning)]
         window.held.append(message)
+        window.times.append(when)
         window.warning = window.warning or warning
         return ready
 
@@ -111,9 +136,7 @@ class EventBatcher:
         for key in [k for k in self._windows if k[0] == uid]:
             window = self._windows.pop(key)
             if window.held:
-                ready.append(
-                    PendingEvent(window.involved, key[1], combine(window.held), window.warning)
-                )
+                ready.append(window.combined(key[1]))
         return ready
 
     def drain(self) -> list[PendingEvent]:
@@ -130,4 +153,4 @@ class EventBatcher:
         # What was held opens the next window: a steady stream of events
         # becomes one Event per window.
         self._windows[key] = _Window(now, window.involved, window.warning)
-        return [PendingEvent(window.involved, key[1], combine(window.held), window.warning)]
+        return [window.combined(key[1])]

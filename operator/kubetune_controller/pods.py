@@ -233,6 +233,8 @@ def build_event(
     now: datetime,
     warning: bool = False,
     instance: str = "",
+    first: datetime | None = None,
+    count: int = 1,
 ) -> dict[str, Any]:
     """A core/v1 Event about an object, as ``kubectl describe`` shows it.
 
@@ -241,11 +243,14 @@ def build_event(
             of the object the event is about.
         reason: One CamelCase word (TrialCreated, TrialPruned, GoalReached...).
         message: What happened, for a person.
-        now: The event time.
+        now: The event time (the last one, for an Event that stands for several).
         warning: ``Warning`` instead of ``Normal``.
         instance: The reporting instance (the operator's pod name).
+        first: When the first of several happened (kubectl: "x3 over 4s").
+        count: How many events this one stands for.
     """
     stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    first_stamp = (first or now).strftime("%Y-%m-%dT%H:%M:%SZ")
     return {
         "apiVersion": "v1",
         "kind": "Event",
@@ -257,9 +262,9 @@ def build_event(
         "reason": reason,
         "message": message[:1024],
         "type": "Warning" if warning else "Normal",
-        "firstTimestamp": stamp,
+        "firstTimestamp": first_stamp,
         "lastTimestamp": stamp,
-        "count": 1,
+        "count": count,
         "source": {"component": COMPONENT},
         "reportingComponent": f"kubetune.io/{COMPONENT}",
         "reportingInstance": instance or COMPONENT,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from kubetune_controller.events import MAX_MESSAGE, EventBatcher, combine
 
 EXP = {"apiVersion": "kubetune.io/v1alpha1", "kind": "Experiment", "name": "e", "uid": "u1"}
@@ -92,3 +94,19 @@ def test_flushing_an_object_releases_only_its_held_events_at_once() -> None:
     assert [e.message for e in b.add(EXP, "TrialCreated", "created e-2", False, 1.0)] == [
         "created e-2"
     ]
+
+
+def test_a_combined_event_is_dated_by_what_it_combines() -> None:
+    b = EventBatcher(window=5.0)
+    t0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    b.add(EXP, "TrialCreated", "created e-0", False, 0.0, when=t0)
+    for i in range(1, 4):
+        b.add(
+            EXP, "TrialCreated", f"created e-{i}", False, float(i), when=t0 + timedelta(seconds=i)
+        )
+    (combined,) = b.due(5.0)
+    assert (combined.first, combined.last, combined.count) == (
+        t0 + timedelta(seconds=1),
+        t0 + timedelta(seconds=3),
+        3,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 
 import pytest
 
@@ -173,3 +174,15 @@ def test_event_shape():
     assert ev["involvedObject"] == obj
     assert len(ev["message"]) == 1024
     assert ev["metadata"]["name"].startswith("p.")
+
+
+def test_an_event_standing_for_several_says_how_many_and_over_what_time():
+    obj = {"apiVersion": "v1", "kind": "Pod", "name": "p", "namespace": "ns", "uid": "u"}
+    ev = build_event(obj, "TrialCreated", "m", NOW, first=NOW - timedelta(seconds=4), count=6)
+    assert (ev["firstTimestamp"], ev["lastTimestamp"], ev["count"]) == (
+        "2026-01-01T11:59:56Z",
+        "2026-01-01T12:00:00Z",
+        6,
+    )
+    single = build_event(obj, "TrialCreated", "m", NOW)
+    assert single["firstTimestamp"] == single["lastTimestamp"] and single["count"] == 1
