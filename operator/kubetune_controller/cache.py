@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from typing import TypeVar
 
 from kubetune_controller.metrics import ClusterSnapshot
 from kubetune_controller.model import ExperimentView, PodView, TrialView, is_older, label_value
 
 Key = tuple[str, str]
+_V = TypeVar("_V", TrialView, PodView)
 
 
 class ClusterCache:
@@ -98,10 +100,7 @@ class ClusterCache:
     def replace_trials(self, views: list[TrialView], namespace: str | None) -> None:
         """After a LIST: the Trials in ``namespace`` (every one if ``None``) become ``views``."""
         with self._lock:
-            for key in [k for k in self._trials if namespace is None or k[0] == namespace]:
-                del self._trials[key]
-            for view in views:
-                self._trials[(view.namespace, view.experiment)][view.name] = view
+            _replace(self._trials, [(view.experiment, view) for view in views], namespace)
 
     def trials(self, key: Key) -> dict[str, TrialView]:
         """An experiment's Trials by name (a copy)."""
@@ -139,10 +138,7 @@ class ClusterCache:
             namespace: The LIST's namespace, ``None`` for a cluster-wide one.
         """
         with self._lock:
-            for key in [k for k in self._pods if namespace is None or k[0] == namespace]:
-                del self._pods[key]
-            for label, view in pods:
-                self._pods[(view.namespace, label)][view.name] = view
+            _replace(self._pods, pods, namespace)
 
     def pods(self, key: Key) -> dict[str, PodView]:
         """An experiment's trial Pods by name (a copy)."""
@@ -167,3 +163,19 @@ class ClusterCache:
                 for trial in bucket.values():
                     trials[(ns, trial.phase.value if trial.phase else "Pending")] += 1
         return ClusterSnapshot(dict(experiments), dict(trials), best)
+
+
+def _replace(
+    buckets: dict[Key, dict[str, _V]],
+    entries: list[tuple[str, _V]],
+    namespace: str | None,
+) -> None:
+    """Make the buckets of ``namespace`` (all if ``None``) hold exactly ``entries``.
+
+    Each entry is (the bucket's second key part, an object with ``namespace``
+    and ``name``): buckets are keyed by (namespace, experiment name or label).
+    """
+    for key in [k for k in buckets if namespace is None or k[0] == namespace]:
+        del buckets[key]
+    for part, view in entries:
+        buckets.setdefault((view.namespace, part), {})[view.name] = view

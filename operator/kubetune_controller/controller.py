@@ -878,11 +878,9 @@ class Controller:
         else:
             held = self._events.flush(involved["uid"])
             ready = [*held, PendingEvent(involved, reason, message, warning)]
-        if len(ready) > 1:
+        if ready:
             # One task writes them in order: their timestamps keep that order.
             self._spawn(self._write_events(ready))
-        elif ready:
-            self._spawn(self._write_event(ready[0]))
 
     async def _write_events(self, events: list[PendingEvent]) -> None:
         for event in events:

@@ -231,14 +231,8 @@ class Kube:
 
     async def get_json(self, path: str, params: Mapping[str, str]) -> Obj:
         """GET ``path`` with query ``params`` (a LIST page, for the watch streams)."""
-        async with self._client().get(
-            f"{self._base}{path}", params=dict(params), headers=self._auth()
-        ) as resp:
-            raw = await resp.read()
-            if resp.status >= 300:
-                raise _error(resp.status, raw)
-            data: Obj = orjson.loads(raw)
-            return data
+        data: Obj = await self._request("GET", path, params=params)
+        return data
 
     @contextlib.asynccontextmanager
     async def stream(
@@ -272,7 +266,12 @@ class Kube:
         return {"Authorization": header} if header else {}
 
     async def _request(
-        self, method: str, path: str, body: Any = None, content_type: str = "application/json"
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        content_type: str = "application/json",
+        params: Mapping[str, str] | None = None,
     ) -> Any:
         headers = self._auth()
         data = None
@@ -280,15 +279,19 @@ class Kube:
             headers["Content-Type"] = content_type
             data = orjson.dumps(body)
         async with self._client().request(
-            method, f"{self._base}{path}", data=data, headers=headers
+            method,
+            f"{self._base}{path}",
+            data=data,
+            headers=headers,
+            params=dict(params) if params else None,
         ) as resp:
             raw = await resp.read()
             if resp.status >= 300:
-                raise _error(resp.status, raw)
+                raise kube_error(resp.status, raw)
             return orjson.loads(raw) if raw else None
 
 
-def _error(status: int, raw: bytes) -> KubeError:
+def kube_error(status: int, raw: bytes) -> KubeError:
     """The error for a non-2xx answer, from its Status object when it has one."""
     try:
         body = orjson.loads(raw)

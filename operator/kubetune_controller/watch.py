@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from kubetune_controller.kube import Kube, KubeError
+from kubetune_controller.kube import Kube, KubeError, kube_error
 
 log = logging.getLogger(__name__)
 
@@ -172,10 +172,11 @@ class ObjectStream:
         }
         lines = LineBuffer()
         async with self.kube.stream(self.path, params, self.watch_seconds + 30) as resp:
-            if resp.status == 410:
-                raise Gone(await resp.text())
             if resp.status >= 300:
-                raise KubeError(resp.status, resp.reason or "", await resp.text())
+                error = kube_error(resp.status, await resp.read())
+                if error.status == 410:
+                    raise Gone(error.message)
+                raise error
             async for chunk in resp.content.iter_any():
                 for line in lines.feed(chunk):
                     delivered = progress.accept(orjson.loads(line))

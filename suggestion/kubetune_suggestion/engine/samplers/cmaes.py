@@ -234,8 +234,9 @@ class CMAESSampler(Sampler):
                 trial = trials.take(key)
                 members.append((x_tell, trial))
                 matched.append((key, _fingerprint(trial)))
-            chosen = told.get(str(g), list(range(opt.population_size)))
-            opt.tell(self._solutions([members[i] for i in chosen]))
+            told_members = told_of[g]
+            told_now = range(opt.population_size) if told_members is None else told_members
+            opt.tell(self._solutions([members[i] for i in told_now]))
             if self._stagnated(opt):
                 restart += 1
                 opt = self._fresh(restart)
