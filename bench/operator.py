@@ -98,9 +98,10 @@ spec:
     - key: '.status.phase'
       operator: 'In'
       values: ['Running']
-    - key: '.metadata.ownerReferences.[].kind'
+    # Trial Pods and the floor run's bare Pods (see BarePods) alike.
+    - key: '.spec.nodeSelector.type'
       operator: 'In'
-      values: ['Trial']
+      values: ['kwok']
   delay:
     durationMilliseconds: {round(seconds * 1000)}
   next:
@@ -195,6 +196,94 @@ class PodTimeline:
             )
 
 
+class BarePods:
+    """The harness's floor: the same Pods kept ``parallelism`` at a time by a minimal loop.
+
+    No Trials, no suggestion service, no status: a Pod is created from a
+    copy of a real trial Pod, and each one that succeeds is replaced at
+    once, until ``total`` have run. Its time against the ideal is what the
+    control plane, kwok and this machine cost without kubetune; the
+    operator's own ratio is read against it.
+    """
+
+    LABEL = "kubetune-bench-floor"
+
+    def __init__(self, api: Api, namespace: str, trial_pod: dict[str, Any], total: int) -> None:
+        self.api = api
+        self.namespace = namespace
+        self.total = total
+        spec = dict(trial_pod["spec"])
+        for key in ("nodeName",):
+            spec.pop(key, None)
+        self.spec = spec
+        self.created = 0
+        self.succeeded = 0
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(8)
+
+    def _create(self) -> None:
+        with self.lock:
+            if self.created >= self.total:
+                return
+            number = self.created
+            self.created += 1
+        self.api.create(
+            f"/api/v1/namespaces/{self.namespace}/pods",
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": f"floor-{number}", "labels": {self.LABEL: "1"}},
+                "spec": self.spec,
+            },
+        )
+
+    def run(self, parallelism: int, timeout: float) -> float:
+        """Seconds from the first creation to the last Pod seen Succeeded."""
+        path = f"/api/v1/namespaces/{self.namespace}/pods"
+        rv = self.api.get(path)["metadata"]["resourceVersion"]
+        start = time.time()
+        for _ in range(parallelism):
+            self.pool.submit(self._create)
+        done: set[str] = set()
+        while len(done) < self.total:
+            if time.time() - start > timeout:
+                raise RuntimeError(f"floor run: {len(done)} of {self.total} Pods after {timeout} s")
+            for event in self.api.watch(path, rv, 30, labelSelector=self.LABEL):
+                pod = event["object"]
+                rv = pod["metadata"].get("resourceVersion", rv)
+                if event["type"] == "BOOKMARK":
+                    continue
+                phase = (pod.get("status") or {}).get("phase")
+                name = pod["metadata"]["name"]
+                if phase != "Succeeded" or name in done:
+                    continue
+                done.add(name)
+                self.pool.submit(self._create)
+                if len(done) % 100 == 0:
+                    print(f"  floor: {len(done)}/{self.total} Pods done", file=sys.stderr)
+                if len(done) >= self.total:
+                    break
+        elapsed = time.time() - start
+        self.pool.shutdown()
+        return elapsed
+
+
+def measure_floor(
+    kube: Kube, api: Api, args: argparse.Namespace, cleanup: contextlib.ExitStack
+) -> float:
+    """Run ``args.trials`` bare copies of a trial Pod, ``args.parallelism`` at a time."""
+    namespace = f"{NAMESPACE}-floor"
+    kube.kubectl("create", "namespace", namespace)
+    cleanup.callback(
+        kube.kubectl, "delete", "namespace", namespace, "--wait=false", "--ignore-not-found"
+    )
+    wait_for(lambda: kube.try_get("sa", "-n", namespace, "default"), 60, "default SA")
+    pods = api.get(f"/api/v1/namespaces/{NAMESPACE}/pods", limit=1)["items"]
+    print(f"floor run: {args.trials} bare Pods, {args.parallelism} at a time", file=sys.stderr)
+    bare = BarePods(api, namespace, pods[0], args.trials)
+    return bare.run(args.parallelism, args.timeout)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=1000)
@@ -207,6 +296,11 @@ def main() -> int:
         type=int,
         help="Pod status changes kwok makes at once (podPlayStageParallelism); default: "
         "--parallelism, as each trial Pod's own kubelet would work on it alone",
+    )
+    parser.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="skip the floor run (the same Pods kept running without kubetune)",
     )
     parser.add_argument(
         "--postgres",
@@ -318,6 +412,17 @@ def main() -> int:
                 f"{reconciles:.0f} ({busy / max(reconciles, 1) * 1000:.0f} ms)",
             )
         )
+        if not args.no_floor:
+            # Everything of kubetune's stops first: the floor run has the
+            # machine to itself but for the control plane and kwok.
+            timeline.stop.set()
+            stack.stop()
+            floor = measure_floor(kube, timeline.api, args, cleanup)
+            rows += [
+                ("floor: the same Pods without kubetune", f"{floor:.1f} s"),
+                ("floor ratio (control plane, kwok, machine)", f"{floor / ideal:.2f}"),
+                ("kubetune's time over the floor", f"{total / floor:.2f}x"),
+            ]
         width = max(len(k) for k, _ in rows)
         print(f"\n{'metric'.ljust(width)} | value\n{'-' * width}-|------")
         for k, v in rows:

@@ -71,13 +71,6 @@ class _Memory:
     # Trials with a task of their own running (creating, finishing, stopping):
     # a later reconcile leaves them alone until it is done.
     in_flight: set[int] = field(default_factory=set)
-    # Trials being created (Trial, Pod, start). No new ask until they are done:
-    # the service counts them as started only once created, and an ask racing
-    # a start would allocate beyond parallelism.
-    starting: set[int] = field(default_factory=set)
-    # Creations finished so far: an ask is only safe when none finished since
-    # the summary it is based on was requested.
-    started_count: int = 0
     # When running trials' last steps were last copied from the service.
     steps_copied: float = 0.0
     # A template that cannot be rendered: the experiment fails until edited.
@@ -369,15 +362,6 @@ class Controller:
                 memory.registered = experiment.generation
                 memory.exhausted = False
             self._settle_trials(key, experiment, spec, memory)
-            # Snapshot before the summary: if a creation is in progress, or one
-            # completes while the summary is on its way, the summary may count
-            # a trial as pending that is already started, and asking on it
-            # would exceed parallelism. The finishing creation requeues us.
-            # (A creation completing while the ask itself is on its way has
-            # the same effect, so no ask overlaps one: measured, asking
-            # between creations exceeded parallelism by up to 9 of 50.)
-            may_ask = not memory.starting
-            started_count = memory.started_count
             summary = await self.service.summary(experiment.uid)
             progress = _progress(summary)
             if memory.template_error:
@@ -395,9 +379,12 @@ class Controller:
                 self._settle_trials(key, experiment, spec, memory)
             elif decision.ending is None:
                 memory.ending = None
-            may_ask = may_ask and not memory.starting and started_count == memory.started_count
-            if decision.ask > 0 and may_ask:
-                await self._start_trials(experiment, memory, decision.ask)
+            if decision.ask > 0:
+                # The summary may be stale by the time the ask arrives (trials
+                # being created start, others finish): the service checks
+                # parallelism itself, with the allocation, so asks need not
+                # wait for creations in progress.
+                await self._start_trials(experiment, memory, decision.ask, spec.parallelism)
         except ServiceUnavailable as exc:
             self.metrics.service_errors.inc()
             decision = _unchanged(experiment, f"waiting for the suggestion service: {exc}")
@@ -654,35 +641,27 @@ class Controller:
                 return end.message.rstrip()[-4000:]
         return None
 
-    async def _start_trials(self, experiment: ExperimentView, memory: _Memory, count: int) -> None:
+    async def _start_trials(
+        self, experiment: ExperimentView, memory: _Memory, count: int, parallelism: int
+    ) -> None:
         """Ask for trials and create each one's Trial and Pod (idempotently)."""
-        answer = await self.service.ask(experiment.uid, count)
+        answer = await self.service.ask(experiment.uid, count, parallelism)
         if answer.exhausted:
             memory.exhausted = True
         for assignment in answer.trials:
             if assignment.number in memory.in_flight:
-                continue
-            memory.starting.add(assignment.number)
+                continue  # a pending trial whose creation is under way
             self._launch(
                 experiment.key,
                 memory,
                 assignment.number,
-                self._materialise(experiment, memory, assignment),
+                self._create_trial(experiment, memory, assignment),
             )
-
-    async def _materialise(
-        self, experiment: ExperimentView, memory: _Memory, assignment: TrialAssignment
-    ) -> None:
-        """Create a trial's Trial and Pod and mark it started; safe to repeat."""
-        try:
-            await self._create_trial(experiment, memory, assignment)
-        finally:
-            memory.starting.discard(assignment.number)
-            memory.started_count += 1
 
     async def _create_trial(
         self, experiment: ExperimentView, memory: _Memory, assignment: TrialAssignment
     ) -> None:
+        """Create a trial's Trial and Pod and mark it started; safe to repeat."""
         trial_obj, created = await self.kube.create_trial(
             build_trial(experiment, assignment.number, assignment.params)
         )

@@ -206,11 +206,10 @@ class ServiceClient:
         body = {"name": name, "namespace": namespace, "spec": dict(spec)}
         return await self._call(ExperimentView, "PUT", f"/v1/experiments/{uid}", body)
 
-    async def ask(self, uid: str, count: int) -> AskResult:
-        """Up to ``count`` trials to run (pending ones first)."""
-        return await self._call(
-            AskResult, "POST", f"/v1/experiments/{uid}/ask", {"count": min(count, 1000)}
-        )
+    async def ask(self, uid: str, count: int, parallelism: int) -> AskResult:
+        """Up to ``count`` trials to run (pending ones first), at most ``parallelism`` at once."""
+        body = {"count": min(count, 1000), "parallelism": parallelism}
+        return await self._call(AskResult, "POST", f"/v1/experiments/{uid}/ask", body)
 
     async def start(self, uid: str, number: int) -> None:
         """Mark a trial as started (idempotent).

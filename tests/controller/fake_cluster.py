@@ -39,7 +39,9 @@ def _merge(target: Obj, patch: Obj) -> None:
 class FakeCluster:
     """Experiments, Trials and Pods in dicts; watch events go to ``controller``."""
 
-    def __init__(self) -> None:
+    def __init__(self, create_delay: float = 0.0) -> None:
+        # Seconds each Trial and Pod creation takes, so that creations overlap asks.
+        self.create_delay = create_delay
         self.objects: dict[tuple[str, str, str], Obj] = {}
         self.controller: Controller | None = None
         self.pod_creates: Counter[str] = Counter()
@@ -49,10 +51,13 @@ class FakeCluster:
         self._rv = itertools.count(1)
         # Pod names ever created, to check there was never a duplicate.
         self.pods_ever: list[str] = []
+        # The most trial Pods ever live (not ended, not deleting) right after a creation.
+        self.peak_live_pods = 0
 
     # -- the Kube interface -------------------------------------------------------------
 
     async def create_trial(self, body: Obj) -> tuple[Obj, bool]:
+        await asyncio.sleep(self.create_delay)
         self.trial_creates[body["metadata"]["name"]] += 1
         meta = body["metadata"]
         created = ("Trial", meta["namespace"], meta["name"]) not in self.objects
@@ -60,11 +65,20 @@ class FakeCluster:
         return self._create("Trial", {**body, "status": {"phase": "Pending"}}), created
 
     async def create_pod(self, body: Obj) -> Obj:
+        await asyncio.sleep(self.create_delay)
         self.pod_creates[body["metadata"]["name"]] += 1
         key = ("Pod", body["metadata"]["namespace"], body["metadata"]["name"])
         if key not in self.objects:
             self.pods_ever.append(body["metadata"]["name"])
-        return self._create("Pod", body)
+        created = self._create("Pod", body)
+        live = [
+            p
+            for p in self.of_kind("Pod")
+            if not p["metadata"].get("deletionTimestamp")
+            and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+        ]
+        self.peak_live_pods = max(self.peak_live_pods, len(live))
+        return created
 
     async def get_pod(self, namespace: str, name: str) -> Obj | None:
         return copy.deepcopy(self.objects.get(("Pod", namespace, name)))

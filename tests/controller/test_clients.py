@@ -75,7 +75,7 @@ def test_4xx_is_not_retried_and_carries_the_field():
     async def go():
         c = client(handler)
         with pytest.raises(ServiceError) as err:
-            await c.ask("u", 2)
+            await c.ask("u", 2, 4)
         assert (err.value.code, err.value.field) == ("invalid", "count")
         await c.close()
 

@@ -138,6 +138,18 @@ async def run_experiment(
             await task
             if h.controller is not None:
                 await h.kill_controller()
+    assert h.cluster.peak_live_pods <= spec["parallelism"]
+
+
+def test_slow_creations_overlapping_asks_create_each_trial_once(tmp_path: Path) -> None:
+    """Trials finish, and asks go out, while others are still being created."""
+    h = Harness(tmp_path)
+    h.cluster.create_delay = 0.03
+    asyncio.run(run_experiment(h, simple_spec(maxTrials=24, parallelism=4), steps=1))
+    assert len(h.cluster.of_kind("Trial")) == 24
+    assert max(h.cluster.pod_creates.values()) == 1
+    assert max(h.cluster.trial_creates.values()) == 1
+    # run_experiment also checked that no more than 4 trial Pods were ever live.
 
 
 def test_runs_max_trials_and_records_the_best(tmp_path: Path) -> None:

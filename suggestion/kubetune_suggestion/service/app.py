@@ -248,9 +248,14 @@ class _HotRoutes:
             for route in (_ASK_ROUTE, _FINISH_ROUTE, _OBSERVATIONS_ROUTE)
         }
 
-    def _ask(self, uid: str, count: int, tried_cache: bool) -> bytes:
+    def _ask(self, uid: str, request: AskRequest, tried_cache: bool) -> bytes:
         svc = self._service
-        asked = svc.ask_locked(uid, count) if tried_cache else svc.ask(uid, count)
+        count, parallelism = request.count, request.parallelism
+        asked = (
+            svc.ask_locked(uid, count, parallelism)
+            if tried_cache
+            else svc.ask(uid, count, parallelism)
+        )
         return asked.model_dump_json().encode()
 
     def _finish(self, uid: str, number: int, request: FinishRequest) -> bytes:
@@ -358,10 +363,10 @@ class _HotRoutes:
         await asyncio.sleep(0)
         alone = self._in_flight == 1
         if isinstance(request, AskRequest):
-            asked = svc.ask_from_cache(uid, request.count) if alone else None
+            asked = svc.ask_from_cache(uid, request.count, request.parallelism) if alone else None
             if asked is not None:
                 return asked.model_dump_json().encode()
-            return await loop.run_in_executor(self._executor, self._ask, uid, request.count, alone)
+            return await loop.run_in_executor(self._executor, self._ask, uid, request, alone)
         if isinstance(request, FinishRequest):
             assert number is not None
             # On SQLite a finish may wait for another writer's database lock.
@@ -459,8 +464,12 @@ def create_app(settings: Settings, service: TuningService | None = None) -> Fast
 
     @app.post("/v1/experiments/{uid}/ask", response_model=AskResult, tags=["trials"])
     def ask(uid: Uid, body: AskRequest) -> Response:
-        """Up to ``count`` trials to run: still-pending ones first (idempotent), then new ones."""
-        return _json(svc.ask(uid, body.count))
+        """Up to ``count`` trials to run: still-pending ones first (idempotent), then new ones.
+
+        With ``parallelism``, no new trial is handed out while that many are
+        pending or running.
+        """
+        return _json(svc.ask(uid, body.count, body.parallelism))
 
     @app.get("/v1/experiments/{uid}/trials", response_model=list[TrialView], tags=["trials"])
     def trials(

@@ -64,6 +64,8 @@ class SamplerHistory:
         failures: Trials the engine sees as failed (failed, metrics_unavailable).
         best: The best finite objective of a succeeded trial, if any.
         head: The experiment row as of ``version``, when known.
+        active: Trials handed out and not finished (pending or running):
+            what counts against an experiment's parallelism.
     """
 
     version: int
@@ -71,6 +73,7 @@ class SamplerHistory:
     failures: int = 0
     best: float | None = None
     head: Head | None = None
+    active: int = 0
 
     def updated(
         self,
@@ -81,18 +84,21 @@ class SamplerHistory:
     ) -> SamplerHistory:
         """A new history with ``changed`` records replacing or adding to these, and ``head``."""
         records = dict(self.records)
-        failures, best = self.failures, self.best
+        failures, best, active = self.failures, self.best, self.active
         for record in changed:
             old = records.get(record.number)
             failures -= old is not None and old.state is TrialState.FAILED
             failures += record.state is TrialState.FAILED
+            # The engine sees pending and running trials alike as running.
+            active -= old is not None and old.state is TrialState.RUNNING
+            active += record.state is TrialState.RUNNING
             # Finished trials never change again, so the best only ever improves.
             if record.state is TrialState.SUCCEEDED and record.has_finite_value:
                 assert record.value is not None
                 if best is None or direction.better(record.value, best):
                     best = record.value
             records[record.number] = record
-        return SamplerHistory(version, records, failures, best, head)
+        return SamplerHistory(version, records, failures, best, head, active)
 
 
 class _Lru(Generic[T]):

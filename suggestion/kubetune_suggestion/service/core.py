@@ -225,24 +225,27 @@ class TuningService:
 
     # -- trials -------------------------------------------------------------------
 
-    def ask(self, uid: str, count: int) -> AskResult:
+    def ask(self, uid: str, count: int, parallelism: int | None = None) -> AskResult:
         """Up to ``count`` trials to run: still-pending ones first, then new ones.
 
         Idempotent: a retry returns the trials an earlier call handed out and
-        nobody started. Never allocates beyond ``spec.maxTrials``; nothing once
-        the objective target is reached or too many trials failed. Safe across
-        processes: allocation holds the experiment's row lock, or (the fast
-        path) is one statement that only writes if nothing changed since the
-        cached history.
+        nobody started. Never allocates beyond ``spec.maxTrials``, nor beyond
+        ``parallelism`` trials pending or running at once when it is given;
+        nothing once the objective target is reached or too many trials
+        failed. Safe across processes: allocation holds the experiment's row
+        lock, or (the fast path) is one statement that only writes if nothing
+        changed since the cached history.
 
         Raises:
             InvalidInput: For ``count`` outside 1..1000.
             NotFound: If there is no such experiment.
         """
-        fast = self.ask_from_cache(uid, count)
-        return fast if fast is not None else self.ask_locked(uid, count)
+        fast = self.ask_from_cache(uid, count, parallelism)
+        return fast if fast is not None else self.ask_locked(uid, count, parallelism)
 
-    def ask_from_cache(self, uid: str, count: int) -> AskResult | None:
+    def ask_from_cache(
+        self, uid: str, count: int, parallelism: int | None = None
+    ) -> AskResult | None:
         """:meth:`ask` from the cached history, allocating with one conditional statement.
 
         Never waits for the experiment's row lock beyond one statement: what
@@ -275,6 +278,9 @@ class TuningService:
         if spec.suspend or logic.halt_reason(spec, {"failed": history.failures}, history.best):
             return None
         wanted = min(count, spec.maxTrials - head.next_number)
+        if parallelism is not None:
+            # No trial is pending here (see above), so every active one runs.
+            wanted = min(wanted, parallelism - history.active)
         if wanted <= 0:
             return None
         records = list(history.records.values())
@@ -305,7 +311,7 @@ class TuningService:
             suggestions.exhausted,
         )
 
-    def ask_locked(self, uid: str, count: int) -> AskResult:
+    def ask_locked(self, uid: str, count: int, parallelism: int | None = None) -> AskResult:
         """:meth:`ask` in a transaction holding the experiment's row lock.
 
         Raises:
@@ -344,6 +350,11 @@ class TuningService:
             history = replace(history, head=head)
             assignments = [self._assignment(uid, t.number, t.params) for t in pending_now[:count]]
             room = spec.maxTrials - row.next_number
+            if parallelism is not None:
+                # Counted under the row lock that every allocation takes: a
+                # trial started meanwhile only moves from pending to running,
+                # and one finished meanwhile makes the count cautious.
+                room = min(room, parallelism - history.active)
             wanted = min(count - len(assignments), room)
             sampler_exhausted = False
             notes: list[str] = []

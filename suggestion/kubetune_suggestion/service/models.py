@@ -54,6 +54,14 @@ class AskRequest(_Request):
     count: int = Field(
         default=1, ge=1, le=1000, strict=True, description="How many trials at most."
     )
+    parallelism: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000,
+        strict=True,
+        description="If set, hand out no new trial while this many are pending or running "
+        "(checked with the allocation, so asks may overlap trial starts).",
+    )
 
 
 class StartRequest(_Request):

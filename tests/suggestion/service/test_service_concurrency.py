@@ -164,3 +164,61 @@ def test_two_processes_never_duplicate_a_trial_or_lose_an_observation(
     assert summary["done"] == MAX_TRIALS and summary["complete"] is True
     for c in clients:
         c.close()
+
+
+def test_two_processes_asking_with_parallelism_never_run_more_at_once(
+    two_services: list[str],
+) -> None:
+    """Asks that overlap starts and finishes, on two replicas, keep to ``parallelism``."""
+    parallelism, total = 5, 60
+    clients = [httpx.Client(base_url=url, timeout=60) for url in two_services]
+    spec = example_spec(maxTrials=total, algorithm={"name": "random", "seed": 3})
+    clients[0].put(f"/v1/experiments/{UID}", json={"name": "h", "namespace": "ns", "spec": spec})
+    lock = threading.Lock()
+    live: set[int] = set()  # handed out and not yet being finished
+    claimed: set[int] = set()  # taken by a worker (a pending trial may be handed out twice)
+    peak = [0]
+    finished: list[int] = []
+    errors: list[str] = []
+
+    def worker(i: int) -> None:
+        client = clients[i % 2]
+        try:
+            while True:
+                answer = client.post(
+                    f"/v1/experiments/{UID}/ask",
+                    json={"count": 3, "parallelism": parallelism},
+                ).json()
+                with lock:
+                    mine = [t["number"] for t in answer["trials"] if t["number"] not in claimed]
+                    claimed.update(mine)
+                    live.update(mine)
+                    peak[0] = max(peak[0], len(live))
+                if not mine:
+                    if answer["exhausted"]:
+                        return
+                    time.sleep(0.005)
+                    continue
+                client.post(f"/v1/experiments/{UID}/start", json={"numbers": mine})
+                for number in mine:
+                    with lock:
+                        live.discard(number)  # from here the service may free its slot
+                    client.post(
+                        f"/v1/experiments/{UID}/trials/{number}/finish",
+                        json={"state": "failed"},
+                    ).raise_for_status()
+                    with lock:
+                        finished.append(number)
+        except Exception as exc:  # reported below: a thread's failure must fail the test
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for c in clients:
+        c.close()
+    assert not errors
+    assert sorted(finished) == list(range(total))
+    assert 1 < peak[0] <= parallelism

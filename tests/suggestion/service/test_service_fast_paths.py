@@ -69,6 +69,30 @@ def test_the_steady_state_takes_one_statement_per_ask_and_report_on_postgres(
     assert summary.counts[TrialState.SUCCEEDED] == 4 and summary.allocated == 4
 
 
+def test_the_fast_ask_keeps_to_parallelism(
+    replicas: tuple[TuningService, TuningService],
+) -> None:
+    svc, other = replicas
+    _register(svc)
+    running = svc.ask(UID, 3, parallelism=3).trials
+    svc.start_many(UID, [t.number for t in running])
+    if svc.store.postgres:
+        # Three running, none pending: the cache answers, and has no room.
+        assert svc.ask_from_cache(UID, 5, parallelism=3) is None
+        assert svc.ask(UID, 5, parallelism=3).trials == []
+        _run(svc, running[0])
+        asked = svc.ask_from_cache(UID, 5, parallelism=3)
+        assert asked is not None and [t.number for t in asked.trials] == [3]
+        svc.start(UID, 3)
+        # A trial finished on another replica: this cache is stale, the
+        # locked path counts from the store and frees exactly that slot.
+        _run(other, running[1])
+        assert [t.number for t in svc.ask(UID, 5, parallelism=3).trials] == [4]
+    else:
+        _run(svc, running[0])
+        assert [t.number for t in svc.ask(UID, 5, parallelism=3).trials] == [3]
+
+
 def test_a_stale_cache_gives_way_to_the_locked_path(
     replicas: tuple[TuningService, TuningService],
 ) -> None:
