@@ -20,7 +20,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -117,8 +117,8 @@ class Controller:
         self._trial_slots = asyncio.Semaphore(settings.trial_concurrency)
         self._instance = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME", COMPONENT)
         self._events = EventBatcher(settings.event_window_seconds)
-        # The watch streams' "listed" flags (see adopt).
-        self._synced: list[asyncio.Event] = []
+        # The watch streams' "listed" flags and why each is failing (see adopt).
+        self._streams: list[tuple[asyncio.Event, Callable[[], str | None]]] = []
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -200,7 +200,11 @@ class Controller:
                 self.queue.add(key)
 
     def adopt(
-        self, coro: Coroutine[Any, Any, None], name: str, synced: asyncio.Event | None = None
+        self,
+        coro: Coroutine[Any, Any, None],
+        name: str,
+        synced: asyncio.Event | None = None,
+        problem: Callable[[], str | None] = lambda: None,
     ) -> None:
         """Run a long-lived task (a watch stream) until :meth:`stop`.
 
@@ -210,9 +214,11 @@ class Controller:
             synced: Set once the stream has listed its objects; no reconcile
                 runs before then, because an empty cache would make the live
                 trials of an experiment look lost after a restart.
+            problem: Why the stream cannot list, while it cannot: shown on
+                the Experiments waiting for it (e.g. RBAC that forbids it).
         """
         if synced is not None:
-            self._synced.append(synced)
+            self._streams.append((synced, problem))
         self._tasks.append(asyncio.create_task(coro, name=name))
 
     async def _forget_in_service(self, uid: str) -> None:
@@ -227,11 +233,48 @@ class Controller:
         while True:
             key = await self.queue.get()
             try:
-                for synced in self._synced:
-                    await synced.wait()
-                await self._reconcile_once(key)
+                if await self._streams_listed(key):
+                    await self._reconcile_once(key)
+                else:
+                    self.queue.add_after(key, self.settings.watch_grace_seconds)
             finally:
                 self.queue.done(key)
+
+    async def _streams_listed(self, key: Key) -> bool:
+        """Wait a while for every watch stream to have listed.
+
+        Returns:
+            False if one has not by then; if it is failing, the Experiment
+            says why (the caller tries again later).
+        """
+        for synced, problem in self._streams:
+            try:
+                await asyncio.wait_for(synced.wait(), self.settings.watch_grace_seconds)
+            except TimeoutError:
+                why = problem()
+                if why is not None:
+                    await self._report_blind(key, why)
+                return False
+        return True
+
+    async def _report_blind(self, key: Key, why: str) -> None:
+        """Show on an unfinished Experiment that its trials cannot be followed, and why."""
+        experiment = self.cache.experiment(key)
+        phase = experiment.phase if experiment is not None else None
+        if experiment is None or experiment.deleting or (phase is not None and phase.final):
+            return
+        self.metrics.reconcile_errors.labels("watch").inc()
+        decision = rc.Decision(
+            phase or ExperimentPhase.PENDING,
+            "CannotWatch",
+            f"the operator cannot follow this experiment's trials ({why}); it keeps "
+            "retrying: check that its ServiceAccount may list and watch trials and pods",
+        )
+        max_trials = int(experiment.spec.get("maxTrials") or 0)
+        try:
+            await self._write_status(experiment, max_trials, decision, None, True, "")
+        except KubeError as exc:
+            log.warning("status of %s/%s not written: %s", *key, exc)
 
     async def _reconcile_once(self, key: Key) -> None:
         started = time.monotonic()

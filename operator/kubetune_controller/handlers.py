@@ -113,7 +113,9 @@ def build_registry(app: App) -> kopf.OperatorRegistry:
         )
         app.controller.start()
         for stream in watch_streams(kube, app.controller, app.namespaces):
-            app.controller.adopt(stream.run(), f"watch {stream.path}", stream.synced)
+            app.controller.adopt(
+                stream.run(), f"watch {stream.path}", stream.synced, stream.failing
+            )
         log.info("kubetune operator started; suggestion service at %s", app.settings.service_url)
 
     @kopf.on.cleanup(registry=registry)

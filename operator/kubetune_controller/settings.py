@@ -80,6 +80,10 @@ class Settings:
     # default); a trial that ends sooner gets its final status only, one
     # write instead of two.
     trial_running_delay_seconds: float = 1.0
+    # A watch stream (Trials, trial Pods) that has not listed its objects
+    # after this long, and is failing, is reported on each Experiment's
+    # Running condition (reason CannotWatch) until it lists.
+    watch_grace_seconds: float = 10.0
     # How often running trials' last reported step is copied to their status.
     step_refresh_seconds: float = 10.0
     # Long-poll duration of ``GET /v1/stops``.

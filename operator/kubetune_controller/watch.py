@@ -125,6 +125,12 @@ class ObjectStream:
         self.page_size = page_size
         # Set once the first LIST has been delivered (readiness, tests).
         self.synced = asyncio.Event()
+        # Why the last LIST or WATCH failed, until one succeeds.
+        self.problem: str | None = None
+
+    def failing(self) -> str | None:
+        """Why the last LIST or WATCH failed, until one succeeds; ``None`` when it works."""
+        return self.problem
 
     async def run(self) -> None:
         """List and watch until cancelled; errors are logged and retried with backoff."""
@@ -134,6 +140,7 @@ class ObjectStream:
             try:
                 if progress is None:
                     progress = WatchProgress(await self._list())
+                    self.problem = None
                     self.synced.set()
                 await self._watch(progress)
                 backoff = 0.5
@@ -144,6 +151,7 @@ class ObjectStream:
                 progress = None
             except (KubeError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 log.warning("watch of %s failed (%s); retrying in %.1f s", self.path, exc, backoff)
+                self.problem = f"listing {self.path} failed: {exc}"
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
                 # A broken stream may have missed deletions: start from a LIST.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -349,3 +350,33 @@ def test_no_reconcile_before_the_watch_streams_have_listed(tmp_path: Path) -> No
         await h.kill_controller()
 
     asyncio.run(scenario())
+
+
+def test_an_experiment_says_why_while_a_watch_stream_cannot_list(tmp_path: Path) -> None:
+    """E.g. RBAC that forbids listing Pods: no trial starts, and the Experiment says why."""
+    h = Harness(tmp_path)
+
+    async def go() -> None:
+        controller = h.start_controller(replace(SETTINGS, watch_grace_seconds=0.1))
+        listed = asyncio.Event()
+        why: list[str | None] = ["listing /api/v1/pods failed: 403 Forbidden: pods is forbidden"]
+        controller.adopt(listed.wait(), "watch pods", listed, lambda: why[0])
+        h.cluster.apply_experiment("exp", simple_spec(maxTrials=2, parallelism=2))
+
+        def blind() -> bool:
+            conds = (h.experiment().get("status") or {}).get("conditions") or []
+            return any(c["type"] == "Running" and c["reason"] == "CannotWatch" for c in conds)
+
+        await h.wait(blind)
+        running = condition(h, "Running")
+        assert "403 Forbidden: pods is forbidden" in running["message"]
+        assert "list and watch trials and pods" in running["message"]
+        assert h.cluster.of_kind("Trial") == []  # nothing started blind
+        # The stream lists at last: trials start, and the condition moves on.
+        why[0] = None
+        listed.set()
+        await h.wait(lambda: len(h.cluster.of_kind("Trial")) == 2)
+        await h.wait(lambda: condition(h, "Running")["reason"] != "CannotWatch")
+        await h.kill_controller()
+
+    asyncio.run(go())

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
 from kubetune_controller.cache import ClusterCache
 from kubetune_controller.kube import KubeError
-from kubetune_controller.watch import Gone, LineBuffer, WatchProgress
+from kubetune_controller.watch import Gone, LineBuffer, ObjectStream, WatchProgress
 from tests.controller.factories import pod, trial
 
 
@@ -74,3 +77,47 @@ def test_a_relist_drops_what_was_deleted_meanwhile_in_its_namespace_only() -> No
     cache.replace_trials([], None)
     cache.replace_pods([], None)
     assert cache.trials(("other", "exp")) == {} and cache.pods(("ns", "exp")) == {}
+
+
+def test_a_stream_says_why_it_cannot_list_until_it_can() -> None:
+    class Forbidding:
+        """Refuses the first LIST (as RBAC would), then lists nothing and never watches."""
+
+        def __init__(self) -> None:
+            self.lists = 0
+            self.watching = asyncio.Event()
+
+        async def get_json(self, path: str, params: dict[str, str]) -> dict[str, Any]:
+            self.lists += 1
+            if self.lists == 1:
+                raise KubeError(403, "Forbidden", 'pods is forbidden: cannot list resource "pods"')
+            return {"items": [], "metadata": {"resourceVersion": "7"}}
+
+        def stream(self, path: str, params: dict[str, str], timeout: float) -> Any:
+            self.watching.set()
+            raise asyncio.CancelledError  # ends run(): enough for this test
+
+    async def go() -> None:
+        kube = Forbidding()
+        stream = ObjectStream(
+            kube,  # type: ignore[arg-type]
+            "/api/v1/pods",
+            "x",
+            lambda _: None,
+            lambda *_: None,
+        )
+        task = asyncio.create_task(stream.run())
+        while kube.lists < 1:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)
+        assert stream.failing() == (
+            "listing /api/v1/pods failed: 403 Forbidden: "
+            'pods is forbidden: cannot list resource "pods"'
+        )
+        assert not stream.synced.is_set()
+        await kube.watching.wait()  # retried after its backoff, listed, and went on to watch
+        assert stream.failing() is None and stream.synced.is_set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(go())
