@@ -260,3 +260,41 @@ def test_suspend_edit_and_delete(kube: Kube, namespace: str, stack: HostStack | 
         return not trials_of(kube, namespace, "edit") and not pods
 
     wait_for(gone, 120, "trials and pods of a deleted experiment to be garbage-collected")
+
+
+def test_an_operator_that_may_not_list_pods_says_so_on_the_experiment(
+    kube: Kube, namespace: str, stack: HostStack | ChartStack
+) -> None:
+    """RBAC edited by hand: no trial starts blind, the Experiment says why, and it recovers."""
+    if not isinstance(stack, HostStack):
+        pytest.skip("edits the host-mode operator's ClusterRole")
+    roles = kube.get("clusterroles", "-l", "app.kubernetes.io/instance=host")["items"]
+    role = next(r for r in roles if any(rule.get("resources") == ["pods"] for rule in r["rules"]))
+    meta = role["metadata"]
+    original = {"apiVersion": role["apiVersion"], "kind": role["kind"], "rules": role["rules"]}
+    original["metadata"] = {"name": meta["name"], "labels": meta.get("labels") or {}}
+    narrowed = json.loads(json.dumps(original))
+    for rule in narrowed["rules"]:
+        if rule.get("resources") == ["pods"]:
+            rule["verbs"] = [v for v in rule["verbs"] if v not in ("list", "watch")]
+    kube.kubectl("replace", "-f", "-", input=json.dumps(narrowed))
+    try:
+        stack.kill_operator()
+        stack.start_operator()
+        spec = synthetic_experiment("blind", max_trials=2, parallelism=2, epochs=1, sleep=0.1)
+        kube.apply(spec, namespace=namespace)
+
+        def said() -> dict | None:
+            conds = experiment(kube, namespace, "blind").get("status", {}).get("conditions", [])
+            running = next((c for c in conds if c["type"] == "Running"), None)
+            return running if running and running["reason"] == "CannotWatch" else None
+
+        running = wait_for(said, 90, "the Running condition to say CannotWatch")
+        assert "403 Forbidden" in running["message"]
+        assert 'cannot list resource "pods"' in running["message"]
+        assert trials_of(kube, namespace, "blind") == []
+    finally:
+        kube.kubectl("replace", "-f", "-", input=json.dumps(original))
+    # The stream lists at its next retry (backoff of at most 30 s).
+    wait_condition(kube, namespace, "blind", "Succeeded", 180)
+    assert len(trials_of(kube, namespace, "blind")) == 2
