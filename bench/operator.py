@@ -13,7 +13,9 @@ Pods, service calls, status) and the control plane, not training.
 The suggestion service and the operator run as host processes (see
 ``e2e/operator_helpers.py``). Printed: total time against the ideal
 ``trials / parallelism * seconds``, apply-to-first-trial-Running, and the
-peak number of trial Pods running at once.
+peak number of trial Pods running at once. Then, with kubetune stopped, the
+floor (``--no-floor`` skips it): the same number of copies of a trial Pod
+kept ``--parallelism`` at a time by a minimal loop, and kubetune's time over it.
 """
 
 from __future__ import annotations
