@@ -27,6 +27,7 @@ from typing import Any, Generic, TypeVar
 from kubetune_suggestion.engine.history import Direction, TrialRecord, TrialState
 from kubetune_suggestion.service import logic
 from kubetune_suggestion.store import ExperimentRow, TrialRow
+from kubetune_suggestion.store.oneshot import FinishRead, ReportOutcome
 
 T = TypeVar("T")
 
@@ -125,6 +126,10 @@ class _Lru(Generic[T]):
             self._items.move_to_end(key)
             while len(self._items) > self._size:
                 self._items.popitem(last=False)
+
+    def pop(self, key: Any) -> T | None:
+        with self._lock:
+            return self._items.pop(key, None)
 
 
 def _never(_: Any) -> bool:
@@ -284,3 +289,64 @@ class EngineCache(Generic[T]):
     def put(self, experiment_id: int, spec_version: int, compiled: T) -> None:
         """Cache ``compiled``."""
         self._entries.put((experiment_id, spec_version), compiled)
+
+
+class ReportedTrials:
+    """Running trials as this process's one-statement reports left them, with every report.
+
+    What a finish would read back (the trial row, its version, each report's
+    step and objective), kept so that the finish can skip that read. An entry
+    is only kept while this process stored every report of its trial: it
+    starts with a report that found none stored before, and each later
+    report extends it only if the trial row is still the version the last
+    one left (every report rewrites the row, so another process's report in
+    between breaks the chain and drops the entry). The finish still writes
+    only if the row is the version cached, so a stale entry costs a read,
+    never a wrong objective.
+
+    Args:
+        size: Trials kept (least recently used dropped).
+    """
+
+    def __init__(self, size: int = 65536) -> None:
+        self._entries: _Lru[FinishRead] = _Lru(size)
+
+    def record(
+        self,
+        uid: str,
+        number: int,
+        experiment: tuple[int, int],
+        outcome: ReportOutcome,
+        step: int,
+        objective: float | None,
+    ) -> None:
+        """Take in a committed one-statement report of trial ``number``."""
+        key = (uid, number)
+        known = self._entries.get(key)
+        chained = (
+            known is not None
+            and known.version == outcome.before
+            and len(known.observed) == outcome.reports_before
+        )
+        if outcome.after is None:
+            self._entries.pop(key)
+            return
+        if outcome.stored:
+            observed = list(known.observed) if chained and known is not None else []
+            if not chained and outcome.reports_before != 0:
+                self._entries.pop(key)
+                return
+            observed.append((step, objective))
+            observed.sort(key=lambda o: o[0])
+        elif chained and known is not None and any(s == step for s, _ in known.observed):
+            observed = list(known.observed)  # a repeated step: nothing new stored
+        else:
+            self._entries.pop(key)
+            return
+        eid, spec_version = experiment
+        read = FinishRead(eid, spec_version, outcome.after, outcome.after_version, observed)
+        self._entries.put(key, read, keep=_never)
+
+    def pop(self, uid: str, number: int) -> FinishRead | None:
+        """The entry of trial ``number``, removed (a finish uses it once)."""
+        return self._entries.pop((uid, number))

@@ -43,6 +43,7 @@ from kubetune_suggestion.service.caches import (
     EngineCache,
     Head,
     HistoryCache,
+    ReportedTrials,
     SamplerHistory,
     UidHints,
 )
@@ -72,6 +73,7 @@ from kubetune_suggestion.service.models import (
 from kubetune_suggestion.service.tokens import token_matches, trial_token
 from kubetune_suggestion.spec import ExperimentSpec, SpecError, parse_experiment
 from kubetune_suggestion.store import ExperimentRow, NewTrial, StepRow, Store, TrialRow, WriteTxn
+from kubetune_suggestion.store.oneshot import FinishRead, OneShot
 from kubetune_suggestion.store.rows import utcnow
 
 log = logging.getLogger(__name__)
@@ -143,6 +145,7 @@ class TuningService:
         self._histories = HistoryCache()
         self._ids = UidHints()
         self._ask_backoff = Backoff()
+        self._reported = ReportedTrials()
 
     @classmethod
     def open(cls, url: str, *, secret: str | None = None, migrate: bool = True) -> TuningService:
@@ -644,6 +647,7 @@ class TuningService:
             return None
         if TrialState(outcome.state).finished:
             raise _finished_conflict(r.number, outcome.state)
+        self._reported.record(r.uid, r.number, known, outcome, step, objective)
         self._histories.started(known[0], [r.number])
         prom.OBSERVATIONS.inc(int(outcome.stored))
         if outcome.stop_reason is not None:
@@ -686,8 +690,17 @@ class TuningService:
     ) -> TrialView | None:
         """:meth:`finish` with two statements and no lock held between them.
 
+        One statement when this process stored every report of the trial
+        itself (:class:`ReportedTrials`): the read is what those reports left.
+
         None, having written nothing, when the trial changed between the two.
         """
+        known = self._reported.pop(uid, number)
+        if known is not None:
+            with self.store.oneshot() as db:
+                done = self._finish_as_read(db, uid, number, final, message, known)
+            if done is not None:
+                return done
         with self.store.oneshot() as db:
             read = db.finish_read(uid, number)
             if read is None:
@@ -703,14 +716,30 @@ class TuningService:
                 ):
                     return None  # changed since the read
                 compiled = self._compiled_from_row(row)
-            trial = read.trial
-            if _already_finished(trial, final):
+            if _already_finished(read.trial, final):
                 return self._trial_view(read.experiment_id, number)
-            final, objective, message = _ending(compiled, final, message, read.observed)
-            now = utcnow()
-            version = db.finish_if_unchanged(
-                read, final.value, objective, message, trial.started_at or now, now
-            )
+            return self._finish_as_read(db, uid, number, final, message, read, compiled)
+
+    def _finish_as_read(
+        self,
+        db: OneShot,
+        uid: str,
+        number: int,
+        final: TrialState,
+        message: str | None,
+        read: FinishRead,
+        compiled: _Compiled | None = None,
+    ) -> TrialView | None:
+        """End the trial if its row is still the version ``read`` found; None if not."""
+        compiled = compiled or self._engines.get(read.experiment_id, read.spec_version)
+        trial = read.trial
+        if compiled is None or TrialState(trial.state).finished:
+            return None  # the caller reads and decides
+        final, objective, message = _ending(compiled, final, message, read.observed)
+        now = utcnow()
+        version = db.finish_if_unchanged(
+            read, final.value, objective, message, trial.started_at or now, now
+        )
         if version is None:
             return None
         ended = _ended(trial, final, objective, message, now)

@@ -48,8 +48,17 @@ _ALLOCATE_IF_CURRENT = (
 # The trial row is locked (as the locked path's lock_trials_of does) and its
 # state read as locked: a trial that finished meanwhile gets nothing stored.
 # The trial row is rewritten even when it stays running (see _FINISH_IF_UNCHANGED).
+# A trial row's columns, in TrialRow's order.
+_TRIAL_COLUMNS = (
+    "id, number, params, state, objective, message, stop_reason, history_version, "
+    "created_at, started_at, finished_at"
+)
+# Besides storing the report, it answers what a later finish needs to skip
+# its read (see ReportOutcome.after): the row version before (xmin) and the
+# number of reports stored before, as locked, and the trial row after.
 _REPORT_IF_CURRENT = (
-    "WITH t AS (SELECT t.id, t.state, t.stop_reason FROM experiments e "
+    "WITH t AS (SELECT t.id, t.state, t.stop_reason, t.xmin::text AS before, "
+    "(SELECT count(*) FROM observations WHERE trial_id = t.id) AS reports FROM experiments e "
     "JOIN trials t ON t.experiment_id = e.id WHERE e.uid = %(uid)s AND e.id = %(eid)s "
     "AND e.spec_version = %(spec_version)s AND t.number = %(number)s FOR UPDATE OF t), "
     "o AS (INSERT INTO observations (trial_id, step, metrics, objective, created_at) "
@@ -57,8 +66,10 @@ _REPORT_IF_CURRENT = (
     "%(now)s::timestamptz FROM t WHERE t.state IN ('pending', 'running') "
     "ON CONFLICT (trial_id, step) DO NOTHING RETURNING trial_id), "
     "r AS (UPDATE trials SET state = 'running', started_at = COALESCE(started_at, %(now)s) "
-    "WHERE id = (SELECT id FROM t) AND state IN ('pending', 'running')) "
-    "SELECT t.id, t.state, t.stop_reason, EXISTS (SELECT FROM o) FROM t"
+    "WHERE id = (SELECT id FROM t) AND state IN ('pending', 'running') "
+    f"RETURNING xmin::text AS after, {_TRIAL_COLUMNS}) "
+    "SELECT t.id, t.state, t.stop_reason, EXISTS (SELECT FROM o), t.before, t.reports, r.* "
+    "FROM t LEFT JOIN r ON true"
 )
 # The trial with its reports, as of one snapshot; xmin names the row version read.
 _FINISH_READ = (
@@ -185,6 +196,15 @@ class ReportOutcome:
     stop_reason: str | None
     # Whether this (trial, step) was stored now (False: stored before, or finished).
     stored: bool
+    # The trial row's version (xmin) before this report, and how many reports
+    # it had then: a process that knows every earlier report (it stored them
+    # itself, with nothing between) knows them all after this one too.
+    before: str = ""
+    reports_before: int = -1
+    # The trial row as this report left it, and its new version (None when
+    # nothing was written: a finished trial).
+    after: TrialRow | None = None
+    after_version: str = ""
 
 
 class OneShot:
@@ -334,4 +354,14 @@ class OneShot:
         ).fetchone()
         if row is None:
             return None
-        return ReportOutcome(trial_id=int(row[0]), state=row[1], stop_reason=row[2], stored=row[3])
+        after = None if row[6] is None else TrialRow(*row[7:18])
+        return ReportOutcome(
+            trial_id=int(row[0]),
+            state=row[1],
+            stop_reason=row[2],
+            stored=row[3],
+            before=row[4],
+            reports_before=int(row[5]),
+            after=after,
+            after_version=row[6] or "",
+        )

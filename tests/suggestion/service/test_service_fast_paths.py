@@ -308,17 +308,71 @@ def test_a_report_between_the_finish_read_and_write_is_counted(
     a.report(UID, trial.number, trial.token, 1, {"loss": 0.5})
     write = OneShot.finish_if_unchanged
     calls: list[int] = []
+    # a stored the only report itself: its first try uses what that report
+    # left, without a read; then come the tries that read.
+    tries = 1 + _FINISH_TRIES
 
     def racing(self: OneShot, *args: Any) -> int | None:
         calls.append(len(calls))
         n = len(calls)
-        if n <= _FINISH_TRIES:  # every unlocked try loses to a report
+        if n <= tries:  # every unlocked try loses to a report
             b.report(UID, trial.number, trial.token, 1 + n, {"loss": 0.5 - n / 10})
         return write(self, *args)
 
     monkeypatch.setattr(OneShot, "finish_if_unchanged", racing)
     view = a.finish(UID, trial.number, "succeeded")
-    assert len(calls) == _FINISH_TRIES  # then the locked path answered
-    assert view.objective == 0.5 - _FINISH_TRIES / 10 and view.last_step == 1 + _FINISH_TRIES
+    assert len(calls) == tries  # then the locked path answered
+    assert view.objective == 0.5 - tries / 10 and view.last_step == 1 + tries
     with pytest.raises(Conflict):
         b.report(UID, trial.number, trial.token, 9, {"loss": 0.0})
+
+
+@pytest.mark.parametrize("strategy", ["last", "min", "max"])
+def test_a_finish_after_this_process_stored_every_report_skips_the_read(
+    replicas: tuple[TuningService, TuningService],
+    monkeypatch: pytest.MonkeyPatch,
+    strategy: str,
+) -> None:
+    a, b = replicas
+    if not a.store.postgres:
+        pytest.skip("SQLite has no unlocked finish")
+    _register(a, objective={"metric": "loss", "direction": "minimize", "strategy": strategy})
+    reads: list[int] = []
+    read = OneShot.finish_read
+
+    def counted(self: OneShot, uid: str, number: int) -> Any:
+        reads.append(number)
+        return read(self, uid, number)
+
+    monkeypatch.setattr(OneShot, "finish_read", counted)
+    _run(a, a.ask(UID, 1).trials[0])  # warms a's caches (the first report takes the lock)
+    losses = [0.6, 0.3, 0.45]
+    expected = {"last": 0.45, "min": 0.3, "max": 0.6}[strategy]
+
+    # Every report through a, one repeated: the finish reads nothing back.
+    mine = a.ask(UID, 1).trials[0]
+    for step, loss in enumerate(losses, 1):
+        assert a.report_from_cache(_report(mine, step, loss=loss)) == StopAnswer(stop=False)
+    assert a.report_from_cache(_report(mine, 2, loss=0.1)) == StopAnswer(stop=False)  # kept 0.3
+    reads.clear()
+    view = a.finish(UID, mine.number, "succeeded")
+    assert reads == [] and view.objective == expected and view.last_step == 3
+
+    # One report through b in between: a's chain is broken, the finish reads.
+    mixed = a.ask(UID, 1).trials[0]
+    a.report_from_cache(_report(mixed, 1, loss=losses[0]))
+    b.report(UID, mixed.number, mixed.token, 2, {"loss": losses[1]})
+    a.report_from_cache(_report(mixed, 3, loss=losses[2]))
+    view = a.finish(UID, mixed.number, "succeeded")
+    assert reads == [mixed.number] and view.objective == expected and view.last_step == 3
+
+    # b's report after a's last one: a tries what it knows, loses, and reads.
+    late = a.ask(UID, 1).trials[0]
+    a.report_from_cache(_report(late, 1, loss=losses[0]))
+    a.report_from_cache(_report(late, 2, loss=losses[1]))
+    b.report(UID, late.number, late.token, 3, {"loss": losses[2]})
+    view = a.finish(UID, late.number, "succeeded")
+    assert reads == [mixed.number, late.number]
+    assert view.objective == expected and view.last_step == 3
+    stored = {t.number: t.objective for t in b.trials(UID)}
+    assert stored[mine.number] == stored[mixed.number] == stored[late.number] == expected
