@@ -175,6 +175,18 @@ EARLY_STOPPING_RULES: Final = (
     ),
 )
 
+# Rules on the whole Experiment. Its trials and their Pods are named
+# "<experiment>-<number>", numbers below maxTrials' limit of 100,000, and
+# must fit the 253 characters Kubernetes allows: refused at apply rather than
+# a trial that can never be created.
+EXPERIMENT_RULES: Final = (
+    Rule(
+        "self.metadata.name.size() <= 247",
+        "metadata.name: at most 247 characters, so that the names of its trials and "
+        "their Pods (<name>-<trial number>) fit Kubernetes' limit of 253",
+    ),
+)
+
 SPEC_RULES: Final = (
     Rule(
         "!has(self.algorithm) || !has(self.algorithm.name) || self.algorithm.name != 'grid'"

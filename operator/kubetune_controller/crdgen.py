@@ -51,6 +51,7 @@ from pydantic import BaseModel
 from kubetune_controller.crd_rules import (
     ADMISSION_RULES,
     ADMISSION_VARIABLES,
+    EXPERIMENT_RULES,
     TEMPLATE_RULES,
     Rule,
 )
@@ -178,6 +179,7 @@ def _crd(
     columns: Sequence[Schema],
     description: str,
     selectable: Sequence[str] = (),
+    rules: Sequence[Rule] = (),
 ) -> Schema:
     version: Schema = {
         "name": API_VERSION,
@@ -200,6 +202,9 @@ def _crd(
             }
         },
     }
+    if rules:
+        root = version["schema"]["openAPIV3Schema"]
+        root["x-kubernetes-validations"] = [r.to_openapi() for r in rules]
     if selectable:
         # `kubectl get trials --field-selector spec.experiment=NAME`.
         version["selectableFields"] = [{"jsonPath": path} for path in selectable]
@@ -265,6 +270,7 @@ def experiment_crd() -> Schema:
         ],
         "An Experiment: a search space, an objective and a Pod template; "
         "kubetune runs trials to optimise it.",
+        rules=EXPERIMENT_RULES,
     )
 
 
