@@ -103,10 +103,25 @@ def test_an_allocation_waiting_for_a_locked_allocation_writes_nothing(store: Sto
     assert [(t.number, t.params) for t in trials] == [(0, {"x": 1}), (1, {"x": 2})]
 
 
+def _found(outcome: ReportOutcome | None) -> tuple[Any, ...] | None:
+    """What a report found and did, without the row versions it also answers."""
+    if outcome is None:
+        return None
+    return (outcome.trial_id, outcome.state, outcome.stop_reason, outcome.stored)
+
+
 def test_a_report_is_stored_once_and_starts_a_pending_trial(store: Store) -> None:
     eid, trial_id = _experiment_with_trial(store, state="pending")
-    assert _report(store, eid) == ReportOutcome(trial_id, "pending", None, stored=True)
-    assert _report(store, eid) == ReportOutcome(trial_id, "running", None, stored=False)
+    first = _report(store, eid)
+    assert _found(first) == (trial_id, "pending", None, True)
+    again = _report(store, eid)
+    assert _found(again) == (trial_id, "running", None, False)
+    # What a finish could use instead of reading back: the row each report
+    # left, its version, and the reports stored before (a chain of versions).
+    assert first is not None and again is not None
+    assert first.reports_before == 0 and again.reports_before == 1
+    assert first.after is not None and first.after.state == "running"
+    assert again.before == first.after_version != first.before
     view = store.trial(eid, 0)
     assert view is not None and view.state == "running" and view.started_at is not None
     assert store.observations(eid) == {0: [(1, {"loss": 0.5})]}
@@ -125,7 +140,9 @@ def test_a_report_under_other_ids_or_spec_writes_nothing(store: Store) -> None:
 
 def test_a_report_of_a_finished_trial_stores_nothing(store: Store) -> None:
     eid, trial_id = _experiment_with_trial(store, state="succeeded")
-    assert _report(store, eid) == ReportOutcome(trial_id, "succeeded", None, stored=False)
+    outcome = _report(store, eid)
+    assert _found(outcome) == (trial_id, "succeeded", None, False)
+    assert outcome is not None and outcome.after is None  # nothing written
     assert store.observations(eid) == {}
 
 
@@ -148,7 +165,7 @@ def test_a_report_waiting_for_a_finishing_trial_sees_it_finished(store: Store) -
             finished_at=utcnow(),
         )
     thread.join(10)
-    assert out == [ReportOutcome(trial_id, "failed", None, stored=False)]
+    assert [_found(o) for o in out] == [(trial_id, "failed", None, False)]
     view = store.trial(eid, 0)
     assert view is not None and view.state == "failed"
     assert store.observations(eid) == {}
