@@ -102,6 +102,11 @@ class ClusterCache:
         with self._lock:
             _replace(self._trials, [(view.experiment, view) for view in views], namespace)
 
+    def trial(self, key: Key, name: str) -> TrialView | None:
+        """One of an experiment's Trials, by name."""
+        with self._lock:
+            return self._trials.get(key, {}).get(name)
+
     def trials(self, key: Key) -> dict[str, TrialView]:
         """An experiment's Trials by name (a copy)."""
         with self._lock:
@@ -139,6 +144,12 @@ class ClusterCache:
         """
         with self._lock:
             _replace(self._pods, pods, namespace)
+
+    def pod(self, key: Key, name: str) -> PodView | None:
+        """One of an experiment's trial Pods, by name."""
+        namespace, experiment = key
+        with self._lock:
+            return self._pods.get((namespace, label_value(experiment)), {}).get(name)
 
     def pods(self, key: Key) -> dict[str, PodView]:
         """An experiment's trial Pods by name (a copy)."""

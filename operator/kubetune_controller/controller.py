@@ -73,6 +73,10 @@ class _Memory:
     in_flight: set[int] = field(default_factory=set)
     # When running trials' last steps were last copied from the service.
     steps_copied: float = 0.0
+    # The spec as last parsed by a reconcile, and of which generation (what a
+    # Pod's end is settled with between reconciles).
+    spec: ExperimentSpec | None = None
+    spec_generation: int = -1
     # A template that cannot be rendered: the experiment fails until edited.
     template_error: str | None = None
     template_error_generation: int = -1
@@ -181,7 +185,51 @@ class Controller:
         else:
             self.cache.put_pod(experiment_label, view)
         if experiment:
-            self.queue.add((view.namespace, experiment))
+            key = (view.namespace, experiment)
+            if not deleted and view.phase in ("Succeeded", "Failed"):
+                self._settle_ended_pod(key, view)
+            self.queue.add(key)
+
+    def _settle_ended_pod(self, key: Key, pod: PodView) -> None:
+        """Finish the trial of a Pod that has just ended, without waiting for a reconcile.
+
+        Its successor waits for this finish (the service frees the slot), and
+        the experiment's next reconcile may be a running one's length away, or
+        ``reconcile_interval_seconds`` after the last. Only the plain case is
+        handled here: anything else (streams not listed yet, a spec not yet
+        reconciled, an experiment ending) is left to the reconcile.
+        """
+        if not all(synced.is_set() for synced, _ in self._streams):
+            return
+        experiment = self.cache.experiment(key)
+        if experiment is None or experiment.deleting:
+            return
+        memory = self._memory.get(experiment.uid)
+        if (
+            memory is None
+            or memory.spec is None
+            or memory.spec_generation != experiment.generation
+            or memory.registered != experiment.generation
+            or memory.ending is not None
+        ):
+            return
+        trial = self.cache.trial(key, pod.name)
+        if trial is None or trial.pod_name != pod.name or trial.final:
+            return
+        plan = rc.plan_trials(
+            [trial],
+            {pod.name: pod},
+            memory.stops,
+            memory.ending,
+            _now(),
+            self.settings.lost_pod_grace_seconds,
+            self.settings.trial_running_delay_seconds,
+        )
+        for f in plan.finish:
+            work = self._finish_trial(
+                experiment, memory.spec, memory, f, {trial.name: trial}, {pod.name: pod}
+            )
+            self._launch(key, memory, f.number, work)
 
     def on_trial_snapshot(self, views: list[TrialView], namespace: str | None) -> None:
         """A fresh LIST of the Trials in ``namespace`` (all if ``None``)."""
@@ -392,6 +440,7 @@ class Controller:
             )
             await self._write_status(experiment, 0, decision, None, True, "")
             return None
+        memory.spec, memory.spec_generation = spec, experiment.generation
         if memory.template_error and memory.template_error_generation != experiment.generation:
             memory.template_error = None
 
@@ -542,6 +591,11 @@ class Controller:
                 memory.in_flight.discard(number)
             if retry is None:
                 self.queue.add(key)
+                # Its Pod may have ended while this ran (a short trial still
+                # being created): settle that now, as its Pod's event would have.
+                pod = self.cache.pod(key, trial_name(key[1], number))
+                if pod is not None and pod.phase in ("Succeeded", "Failed"):
+                    self._settle_ended_pod(key, pod)
             else:
                 self.queue.add_after(key, retry)
 
@@ -613,7 +667,10 @@ class Controller:
         view = await self.service.finish(experiment.uid, finish.number, finish.state, message)
         # The service has freed the trial's slot: its successor may be asked
         # for while this Trial's status is written (this trial stays in
-        # flight, so that reconcile leaves it alone).
+        # flight, so that reconcile leaves it alone). Not asked for here, one
+        # by one: measured, an ask per finish (1,218 asks per 1,000 trials
+        # instead of about 250) cost more CPU than the wait for the next
+        # reconcile saved, and the run took 1.77x its floor instead of 1.3x.
         self.queue.add(experiment.key)
         phase = SERVICE_STATE_PHASE[view.state.value]
         if phase is TrialPhase.METRICS_UNAVAILABLE:

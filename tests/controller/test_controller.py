@@ -380,3 +380,39 @@ def test_an_experiment_says_why_while_a_watch_stream_cannot_list(tmp_path: Path)
         await h.kill_controller()
 
     asyncio.run(go())
+
+
+def test_a_trial_whose_pod_ends_is_finished_at_once_not_at_the_next_reconcile(
+    tmp_path: Path,
+) -> None:
+    """The refill of a slot waits for this finish: it must not wait for a reconcile too."""
+    h = Harness(tmp_path)
+
+    async def go() -> None:
+        # Reconciles at least 3 s apart: a finish left to the next one would take that long.
+        h.start_controller(replace(SETTINGS, reconcile_interval_seconds=3.0, resync_seconds=60))
+        h.cluster.apply_experiment("exp", simple_spec(maxTrials=2, parallelism=1))
+        await h.wait(lambda: len(h.cluster.of_kind("Pod")) == 1)
+        (pod,) = h.cluster.of_kind("Pod")
+        env = {e["name"]: e["value"] for e in pod["spec"]["initContainers"][0]["env"]}
+        h.cluster.set_pod_phase(pod, "Running")
+        async with h.client() as svc:
+            resp = await svc.post(
+                f"/v1/experiments/{env['KUBETUNE_EXPERIMENT_UID']}/trials/0/observations",
+                json={"step": 1, "metrics": {"val_loss": 0.25}},
+                headers={"Authorization": f"Bearer {env['KUBETUNE_TRIAL_TOKEN']}"},
+            )
+            assert resp.status_code == 200
+        ended = time.monotonic()
+        h.cluster.set_pod_phase(pod, "Succeeded", exit_code=0)
+
+        def finished() -> bool:
+            trial = h.cluster.objects[("Trial", "ns", "exp-0")]
+            return (trial.get("status") or {}).get("phase") == "Succeeded"
+
+        await h.wait(finished, timeout=1.5)
+        assert time.monotonic() - ended < 1.5
+        assert h.cluster.objects[("Trial", "ns", "exp-0")]["status"]["objective"] == 0.25
+        await h.kill_controller()
+
+    asyncio.run(go())
