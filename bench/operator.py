@@ -376,11 +376,17 @@ def main() -> int:
         # second would cost more CPU than some of the parts measured.
         exp_path = f"/apis/kubetune.io/v1alpha1/namespaces/{NAMESPACE}/experiments/bench"
 
+        shown = [time.time()]
+
         def finished() -> str | None:
             if kwok.poll() is not None:
                 raise RuntimeError(f"kwok exited with {kwok.returncode}: see {work}/kwok.log")
-            got = timeline.api.get(exp_path)
-            phase = (got.get("status") or {}).get("phase")
+            status = timeline.api.get(exp_path).get("status") or {}
+            if time.time() - shown[0] >= 5:
+                shown[0] = time.time()
+                done = status.get("trialsSummary", "0")
+                print(f"  kubetune: {done} trials done", file=sys.stderr)
+            phase = status.get("phase")
             return phase if phase in ("Succeeded", "Failed") else None
 
         phase = wait_for(finished, args.timeout, "the benchmark experiment to end", interval=0.25)
