@@ -73,10 +73,9 @@ class _Memory:
     in_flight: set[int] = field(default_factory=set)
     # When running trials' last steps were last copied from the service.
     steps_copied: float = 0.0
-    # The spec as last parsed by a reconcile, and of which generation (what a
-    # Pod's end is settled with between reconciles).
+    # The spec of the generation last registered (what a Pod's end is
+    # settled with between reconciles).
     spec: ExperimentSpec | None = None
-    spec_generation: int = -1
     # A template that cannot be rendered: the experiment fails until edited.
     template_error: str | None = None
     template_error_generation: int = -1
@@ -186,7 +185,7 @@ class Controller:
             self.cache.put_pod(experiment_label, view)
         if experiment:
             key = (view.namespace, experiment)
-            if not deleted and view.phase in ("Succeeded", "Failed"):
+            if not deleted and view.ended:
                 self._settle_ended_pod(key, view)
             self.queue.add(key)
 
@@ -208,7 +207,6 @@ class Controller:
         if (
             memory is None
             or memory.spec is None
-            or memory.spec_generation != experiment.generation
             or memory.registered != experiment.generation
             or memory.ending is not None
         ):
@@ -440,7 +438,6 @@ class Controller:
             )
             await self._write_status(experiment, 0, decision, None, True, "")
             return None
-        memory.spec, memory.spec_generation = spec, experiment.generation
         if memory.template_error and memory.template_error_generation != experiment.generation:
             memory.template_error = None
 
@@ -452,6 +449,7 @@ class Controller:
                     experiment.uid, experiment.name, experiment.namespace, experiment.spec
                 )
                 memory.registered = experiment.generation
+                memory.spec = spec
                 memory.exhausted = False
             self._settle_trials(key, experiment, spec, memory)
             summary = await self.service.summary(experiment.uid)
@@ -594,7 +592,7 @@ class Controller:
                 # Its Pod may have ended while this ran (a short trial still
                 # being created): settle that now, as its Pod's event would have.
                 pod = self.cache.pod(key, trial_name(key[1], number))
-                if pod is not None and pod.phase in ("Succeeded", "Failed"):
+                if pod is not None and pod.ended:
                     self._settle_ended_pod(key, pod)
             else:
                 self.queue.add_after(key, retry)

@@ -322,26 +322,24 @@ class ReportedTrials:
     ) -> None:
         """Take in a committed one-statement report of trial ``number``."""
         key = (uid, number)
-        known = self._entries.get(key)
-        chained = (
+        # Replaced below if the chain holds, else dropped.
+        known = self._entries.pop(key)
+        earlier: list[tuple[int, float | None]] | None = None  # every earlier report, if known
+        if (
             known is not None
             and known.version == outcome.before
             and len(known.observed) == outcome.reports_before
-        )
-        if outcome.after is None:
-            self._entries.pop(key)
+        ):
+            earlier = known.observed
+        elif outcome.reports_before == 0:
+            earlier = []
+        if outcome.after is None or earlier is None:
             return
         if outcome.stored:
-            observed = list(known.observed) if chained and known is not None else []
-            if not chained and outcome.reports_before != 0:
-                self._entries.pop(key)
-                return
-            observed.append((step, objective))
-            observed.sort(key=lambda o: o[0])
-        elif chained and known is not None and any(s == step for s, _ in known.observed):
-            observed = list(known.observed)  # a repeated step: nothing new stored
+            observed = sorted([*earlier, (step, objective)], key=lambda o: o[0])
+        elif any(s == step for s, _ in earlier):
+            observed = list(earlier)  # a repeated step: nothing new stored
         else:
-            self._entries.pop(key)
             return
         eid, spec_version = experiment
         read = FinishRead(eid, spec_version, outcome.after, outcome.after_version, observed)

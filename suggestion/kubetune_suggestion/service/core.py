@@ -696,12 +696,11 @@ class TuningService:
         None, having written nothing, when the trial changed between the two.
         """
         known = self._reported.pop(uid, number)
-        if known is not None:
-            with self.store.oneshot() as db:
-                done = self._finish_as_read(db, uid, number, final, message, known)
-            if done is not None:
-                return done
         with self.store.oneshot() as db:
+            if known is not None:
+                done = self._finish_as_read(db, uid, final, message, known)
+                if done is not None:
+                    return done
             read = db.finish_read(uid, number)
             if read is None:
                 if self.store.experiment(uid) is None:
@@ -718,13 +717,12 @@ class TuningService:
                 compiled = self._compiled_from_row(row)
             if _already_finished(read.trial, final):
                 return self._trial_view(read.experiment_id, number)
-            return self._finish_as_read(db, uid, number, final, message, read, compiled)
+            return self._finish_as_read(db, uid, final, message, read, compiled)
 
     def _finish_as_read(
         self,
         db: OneShot,
         uid: str,
-        number: int,
         final: TrialState,
         message: str | None,
         read: FinishRead,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
@@ -45,14 +45,11 @@ _ALLOCATE_IF_CURRENT = (
     "FROM e, unnest(%(numbers)s::integer[], %(params)s::jsonb[]) AS u(n, p)) "
     "SELECT sampler_state FROM e"
 )
+# A trial row's columns: TrialRow's fields are named after them, in order.
+_TRIAL_COLUMNS = ", ".join(f.name for f in fields(TrialRow))
 # The trial row is locked (as the locked path's lock_trials_of does) and its
 # state read as locked: a trial that finished meanwhile gets nothing stored.
 # The trial row is rewritten even when it stays running (see _FINISH_IF_UNCHANGED).
-# A trial row's columns, in TrialRow's order.
-_TRIAL_COLUMNS = (
-    "id, number, params, state, objective, message, stop_reason, history_version, "
-    "created_at, started_at, finished_at"
-)
 # Besides storing the report, it answers what a later finish needs to skip
 # its read (see ReportOutcome.after): the row version before (xmin) and the
 # number of reports stored before, as locked, and the trial row after.
