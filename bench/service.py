@@ -5,9 +5,12 @@ One command, one table:
     source .ci/postgres.sh && python bench/service.py
 
 1. Suggest-and-report round trip through HTTP with PostgreSQL, at 100, 1,000
-   and 10,000 completed trials: ``POST ask {count: 1}`` + ``POST observations``
-   (the objective, with the trial token) + ``POST finish``, on one keep-alive
-   connection, against one ``kubetune-service`` process. Completed trials are
+   and 10,000 completed trials, two ways side by side (alternating in blocks
+   of ten): ``POST ask {count: 1}`` + ``POST finish`` with the final metrics
+   and the trial token (ask + tell), and ``POST ask`` + ``POST observations``
+   (the objective, with the trial token) + ``POST finish`` (a trial with one
+   report); on one keep-alive connection, against one ``kubetune-service``
+   process. Completed trials are
    prefilled directly through the store. The sampler is TPE when registered,
    else random (the table says which). Next to it, in the same run: Optuna's
    ``study.ask`` + ``study.tell`` (TPE, same search space, same prefilled
@@ -163,13 +166,43 @@ class Http:
         return json.loads(data) if data else None
 
 
+# The two ways a trial's life can go through the API, measured side by side.
+TELL = "tell"  # ask, then finish with the final metrics: two requests, as Optuna's ask + tell
+REPORTED = "reported"  # ask, report, finish: three requests, as a trial with one report
+BLOCK = 10  # round trips of one way before switching to the other
+
+
+def _round_trip(client: Http, way: str) -> None:
+    trial = client.call("POST", f"/v1/experiments/{UID}/ask", {"count": 1})["trials"][0]
+    number = trial["number"]
+    metrics = {"loss": loss(trial["params"])}
+    finish = f"/v1/experiments/{UID}/trials/{number}/finish"
+    if way == TELL:
+        body = {"state": "succeeded", "step": 1, "metrics": metrics}
+        client.call("POST", finish, body, trial["token"])
+        return
+    client.call(
+        "POST",
+        f"/v1/experiments/{UID}/trials/{number}/observations",
+        {"step": 1, "metrics": metrics},
+        trial["token"],
+    )
+    client.call("POST", finish, {"state": "succeeded"})
+
+
 def kubetune_round_trips(
     pg_url: str, algorithm: str, n: int, rounds: int, warmup: int
-) -> tuple[list[float], float]:
-    """Round-trip times (s) through HTTP at ``n`` prefilled completed trials.
+) -> dict[str, tuple[list[float], float]]:
+    """Round-trip times (s) through HTTP at ``n`` prefilled completed trials, by way.
 
-    Also the CPU seconds per measured round trip (service + PostgreSQL + this client).
+    Both ways (:data:`TELL`, :data:`REPORTED`) run ``rounds`` times each on one
+    service and experiment, alternating in blocks of :data:`BLOCK`, so that a
+    change of the machine's speed touches both alike. With each way's times,
+    its CPU seconds per measured round trip (service + PostgreSQL + this
+    client), read between blocks.
     """
+    times: dict[str, list[float]] = {TELL: [], REPORTED: []}
+    cpu: dict[str, float] = {TELL: 0.0, REPORTED: 0.0}
     with postgres_schema(pg_url) as url:
         store = Store.open(url)
         spec = SPEC | {"algorithm": {"name": algorithm, "seed": 1}}
@@ -185,28 +218,20 @@ def kubetune_round_trips(
             configs = prefill_configs(n)
             store.bulk_insert_finished(row.id, [(i, c, loss(c)) for i, c in enumerate(configs)])
             store.close()
-            times = []
-            cpu_before = 0.0
-            for i in range(warmup + rounds):
-                if i == warmup:
-                    cpu_before = session_cpu(pid) + postgres_cpu() + time.process_time()
-                start = time.perf_counter()
-                trial = client.call("POST", f"/v1/experiments/{UID}/ask", {"count": 1})["trials"][0]
-                number = trial["number"]
-                body = {"step": 1, "metrics": {"loss": loss(trial["params"])}}
-                client.call(
-                    "POST",
-                    f"/v1/experiments/{UID}/trials/{number}/observations",
-                    body,
-                    trial["token"],
-                )
-                client.call(
-                    "POST", f"/v1/experiments/{UID}/trials/{number}/finish", {"state": "succeeded"}
-                )
-                if i >= warmup:
-                    times.append(time.perf_counter() - start)
-            cpu = session_cpu(pid) + postgres_cpu() + time.process_time() - cpu_before
-            return times, cpu / max(1, rounds)
+            for i in range(warmup):
+                _round_trip(client, (TELL, REPORTED)[i % 2])
+            block = 0
+            while min(len(t) for t in times.values()) < rounds:
+                way = (TELL, REPORTED)[block % 2]
+                block += 1
+                size = min(BLOCK, rounds - len(times[way]))
+                before = session_cpu(pid) + postgres_cpu() + time.process_time()
+                for _ in range(size):
+                    start = time.perf_counter()
+                    _round_trip(client, way)
+                    times[way].append(time.perf_counter() - start)
+                cpu[way] += session_cpu(pid) + postgres_cpu() + time.process_time() - before
+    return {way: (times[way], cpu[way] / max(1, rounds)) for way in times}
 
 
 def engine_suggest_times(algorithm: str, n: int, rounds: int) -> list[float]:
@@ -373,10 +398,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         rounds = args.rounds
         optuna_rounds = args.optuna_rounds_10k if n >= 10_000 else args.rounds
         row = [f"{n:,}"]
-        ours, ours_cpu = kubetune_round_trips(pg_url, algorithm, n, rounds, warmup=5)
-        row.append(fmt(ours))
+        measured = kubetune_round_trips(pg_url, algorithm, n, rounds, warmup=6)
+        ours = measured[TELL][0]
+        row += [fmt(measured[TELL][0]), fmt(measured[REPORTED][0])]
         row.append(fmt(engine_suggest_times(algorithm, n, min(rounds, 30))))
-        cpu_row = [f"{n:,}", f"{ours_cpu * 1000:.1f}"]
+        cpu_row = [f"{n:,}", *(f"{measured[w][1] * 1000:.1f}" for w in (TELL, REPORTED))]
         ratios = []
         if args.skip_optuna:
             row += ["-", "-"]
@@ -398,11 +424,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(row)
         cpu_rows.append(cpu_row)
         print(f"  measured {n:,} trials", file=sys.stderr)
-    print("Suggest-and-report round trip, milliseconds, p50 / p99:\n")
+    print(
+        "Suggest-and-report round trip, milliseconds, p50 / p99. kubetune over HTTP with "
+        "PostgreSQL, two ways side by side (alternating): ask + tell (finish with the final "
+        "metrics, as Optuna's ask + tell) and ask + report + finish (a trial with one "
+        "report). The ratio compares Optuna with ask + tell:\n"
+    )
     print_table(
         [
             "completed trials",
-            f"kubetune HTTP + PostgreSQL ({algorithm})",
+            f"kubetune ask + tell ({algorithm})",
+            f"kubetune ask + report + finish ({algorithm})",
             f"of which engine suggest ({algorithm})",
             "Optuna ask+tell, SQLite (TPE)",
             "Optuna ask+tell, PostgreSQL (TPE)",
@@ -418,7 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_table(
         [
             "completed trials",
-            "kubetune HTTP + PostgreSQL",
+            "kubetune ask + tell",
+            "kubetune ask + report + finish",
             "Optuna, SQLite",
             "Optuna, PostgreSQL",
         ],

@@ -23,7 +23,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Path, Query, Request
+from fastapi import FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -169,6 +169,23 @@ def _observation(raw: bytes) -> ObservationRequest:
         ) from None
 
 
+def _finish(
+    svc: TuningService, uid: str, number: int, request: FinishRequest, authorization: str | None
+) -> TrialView:
+    """The service's finish of ``request`` (its final report's token from ``authorization``)."""
+    if request.metrics is None:
+        return svc.finish(uid, number, request.state, request.message, step=request.step)
+    return svc.finish(
+        uid,
+        number,
+        request.state,
+        request.message,
+        metrics=request.metrics,
+        step=request.step,
+        token=_bearer(authorization),
+    )
+
+
 def _field(loc: tuple[int | str, ...]) -> str | None:
     parts = [p for p in loc if p not in ("body", "query", "path", "header")]
     out = ""
@@ -258,8 +275,10 @@ class _HotRoutes:
         )
         return asked.model_dump_json().encode()
 
-    def _finish(self, uid: str, number: int, request: FinishRequest) -> bytes:
-        view = self._service.finish(uid, number, request.state, request.message)
+    def _finish(
+        self, uid: str, number: int, request: FinishRequest, authorization: str | None
+    ) -> bytes:
+        view = _finish(self._service, uid, number, request, authorization)
         return view.model_dump_json().encode()
 
     async def __call__(
@@ -371,9 +390,9 @@ class _HotRoutes:
             assert number is not None
             # On SQLite a finish may wait for another writer's database lock.
             if alone and svc.store.postgres:
-                return self._finish(uid, int(number), request)
+                return self._finish(uid, int(number), request, authorization)
             return await loop.run_in_executor(
-                self._executor, self._finish, uid, int(number), request
+                self._executor, self._finish, uid, int(number), request, authorization
             )
         assert report is not None
         stop = svc.report_from_cache(report) if alone else None
@@ -528,9 +547,20 @@ def create_app(settings: Settings, service: TuningService | None = None) -> Fast
         return _json(await batcher.submit(Report(uid, n, token, body.step, body.metrics)))
 
     @app.post("/v1/experiments/{uid}/trials/{n}/finish", response_model=TrialView, tags=["trials"])
-    def finish(uid: Uid, n: Number, body: FinishRequest) -> Response:
-        """End a trial; its objective is computed from its reports."""
-        return _json(svc.finish(uid, n, body.state, body.message))
+    def finish(
+        uid: Uid,
+        n: Number,
+        body: FinishRequest,
+        authorization: Annotated[
+            str | None, Header(description="Bearer <trial token>: needed with metrics.")
+        ] = None,
+    ) -> Response:
+        """End a trial; its objective is computed from its reports.
+
+        With ``metrics``, the trial's final report is stored with its end (as
+        Optuna's ``tell``); it then needs the trial's token, as any report.
+        """
+        return _json(_finish(svc, uid, n, body, authorization))
 
     @app.get("/v1/experiments/{uid}/stops", response_model=list[StopOrder], tags=["trials"])
     def experiment_stops(uid: Uid) -> Response:

@@ -292,12 +292,13 @@ class EngineCache(Generic[T]):
 
 
 class ReportedTrials:
-    """Running trials as this process's one-statement reports left them, with every report.
+    """Live trials as this process's one-statement writes left them, with every report.
 
     What a finish would read back (the trial row, its version, each report's
     step and objective), kept so that the finish can skip that read. An entry
     is only kept while this process stored every report of its trial: it
-    starts with a report that found none stored before, and each later
+    starts with the trial's allocation here, or with a report that found
+    none stored before, and each later
     report extends it only if the trial row is still the version the last
     one left (every report rewrites the row, so another process's report in
     between breaks the chain and drops the entry). The finish still writes
@@ -344,6 +345,10 @@ class ReportedTrials:
         eid, spec_version = experiment
         read = FinishRead(eid, spec_version, outcome.after, outcome.after_version, observed)
         self._entries.put(key, read, keep=_never)
+
+    def allocated(self, uid: str, number: int, read: FinishRead) -> None:
+        """Take in a trial this process allocated (its row as inserted, with no report)."""
+        self._entries.put((uid, number), read, keep=_never)
 
     def pop(self, uid: str, number: int) -> FinishRead | None:
         """The entry of trial ``number``, removed (a finish uses it once)."""

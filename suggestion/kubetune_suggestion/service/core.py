@@ -73,7 +73,7 @@ from kubetune_suggestion.service.models import (
 from kubetune_suggestion.service.tokens import token_matches, trial_token
 from kubetune_suggestion.spec import ExperimentSpec, SpecError, parse_experiment
 from kubetune_suggestion.store import ExperimentRow, NewTrial, StepRow, Store, TrialRow, WriteTxn
-from kubetune_suggestion.store.oneshot import FinishRead, OneShot
+from kubetune_suggestion.store.oneshot import FinalReport, FinishRead, OneShot
 from kubetune_suggestion.store.rows import utcnow
 
 log = logging.getLogger(__name__)
@@ -305,6 +305,25 @@ class TuningService:
         self._remember_allocation(
             experiment_id, compiled, history, head, new, allocated.sampler_state
         )
+        # What a finish would read of each new trial, until it changes.
+        params = {t.number: t.params for t in new}
+        for number, trial_id, row_version in allocated.trials:
+            row = TrialRow(
+                trial_id,
+                number,
+                dict(params[number]),
+                TrialState.PENDING.value,
+                None,
+                None,
+                None,
+                history.version + 1,
+                allocated.created_at,
+                None,
+                None,
+            )
+            self._reported.allocated(
+                uid, number, FinishRead(experiment_id, head.spec_version, row, row_version, [])
+            )
         self._log_notes(uid, suggestions.notes)
         return _ask_result(
             [self._assignment(uid, t.number, t.params) for t in new],
@@ -654,17 +673,34 @@ class TuningService:
             return StopAnswer(stop=True, reason=outcome.stop_reason)
         return StopAnswer(stop=False)
 
-    def finish(self, uid: str, number: int, state: str, message: str | None = None) -> TrialView:
+    def finish(
+        self,
+        uid: str,
+        number: int,
+        state: str,
+        message: str | None = None,
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        step: int | None = None,
+        token: str | None = None,
+    ) -> TrialView:
         """End a trial; its objective comes from the stored observations.
 
         ``succeeded`` without any report of the objective metric becomes
         ``metrics_unavailable``. Finishing again in the same state is a no-op.
+        With ``metrics`` the trial's final report is stored with its end (the
+        two at once, as Optuna's ``tell``): it needs the trial's ``token``,
+        like any report, and its ``step`` defaults to one past the last
+        reported step (a step already reported is not stored again).
         On PostgreSQL it first tries two statements without a transaction
         (read, then end the trial if its row is still the version read); a
         report in between sends it round again, and then to the locked path.
 
         Raises:
-            InvalidInput: For a state that is not a final one.
+            InvalidInput: For a state that is not a final one, a ``step``
+                without ``metrics``, a bad step or a non-finite metric.
+            Unauthorized: For ``metrics`` without a token.
+            Forbidden: For ``metrics`` with a token of another trial.
             NotFound: If there is no such experiment or trial.
             Conflict: If the trial already finished in another state.
         """
@@ -678,27 +714,34 @@ class TuningService:
                 f"got {state!r}",
                 field="state",
             )
+        report = None
+        if metrics is not None:
+            checked_step, clean = self._check_report(Report(uid, number, token, step or 0, metrics))
+            report = _Final(None if step is None else checked_step, clean)
+        elif step is not None:
+            raise InvalidInput("step is only accepted together with metrics", field="step")
         if self.store.postgres:
             for _ in range(_FINISH_TRIES):
-                done = self._finish_unlocked(uid, number, final, message)
+                done = self._finish_unlocked(uid, number, final, message, report)
                 if done is not None:
                     return done
-        return self._finish_locked(uid, number, final, message)
+        return self._finish_locked(uid, number, final, message, report)
 
     def _finish_unlocked(
-        self, uid: str, number: int, final: TrialState, message: str | None
+        self, uid: str, number: int, final: TrialState, message: str | None, report: _Final | None
     ) -> TrialView | None:
         """:meth:`finish` with two statements and no lock held between them.
 
-        One statement when this process stored every report of the trial
-        itself (:class:`ReportedTrials`): the read is what those reports left.
+        One statement when this process allocated the trial or stored every
+        report of it itself (:class:`ReportedTrials`): the read is what those
+        writes left.
 
         None, having written nothing, when the trial changed between the two.
         """
         known = self._reported.pop(uid, number)
         with self.store.oneshot() as db:
             if known is not None:
-                done = self._finish_as_read(db, uid, final, message, known)
+                done = self._finish_as_read(db, uid, final, message, known, report)
                 if done is not None:
                     return done
             read = db.finish_read(uid, number)
@@ -717,7 +760,7 @@ class TuningService:
                 compiled = self._compiled_from_row(row)
             if _already_finished(read.trial, final):
                 return self._trial_view(read.experiment_id, number)
-            return self._finish_as_read(db, uid, final, message, read, compiled)
+            return self._finish_as_read(db, uid, final, message, read, report, compiled)
 
     def _finish_as_read(
         self,
@@ -726,6 +769,7 @@ class TuningService:
         final: TrialState,
         message: str | None,
         read: FinishRead,
+        report: _Final | None,
         compiled: _Compiled | None = None,
     ) -> TrialView | None:
         """End the trial if its row is still the version ``read`` found; None if not."""
@@ -733,20 +777,23 @@ class TuningService:
         trial = read.trial
         if compiled is None or TrialState(trial.state).finished:
             return None  # the caller reads and decides
-        final, objective, message = _ending(compiled, final, message, read.observed)
+        observed, stored = _with_final(compiled, read.observed, report)
+        final, objective, message = _ending(compiled, final, message, observed)
         now = utcnow()
         version = db.finish_if_unchanged(
-            read, final.value, objective, message, trial.started_at or now, now
+            read, final.value, objective, message, trial.started_at or now, now, stored
         )
         if version is None:
             return None
+        if stored is not None:
+            prom.OBSERVATIONS.inc()
         ended = _ended(trial, final, objective, message, now)
         return self._finished(
-            uid, read.experiment_id, read.spec_version, version, compiled, ended, read.observed
+            uid, read.experiment_id, read.spec_version, version, compiled, ended, observed
         )
 
     def _finish_locked(
-        self, uid: str, number: int, final: TrialState, message: str | None
+        self, uid: str, number: int, final: TrialState, message: str | None, report: _Final | None
     ) -> TrialView:
         """:meth:`finish` in a transaction holding the experiment's and the trial's row locks."""
         with self.store.write() as tx:
@@ -760,7 +807,9 @@ class TuningService:
             if _already_finished(trial, final):
                 return self._trial_view(experiment_id, number)
             compiled = self._compiled_for(tx, experiment_id, spec_version, None)
-            observed = tx.observed_steps(trial.id)
+            observed, stored = _with_final(compiled, tx.observed_steps(trial.id), report)
+            if stored is not None:
+                tx.store_reports([(trial.id, stored.step, stored.metrics, stored.objective)], [])
             final, objective, message = _ending(compiled, final, message, observed)
             version = history_version + 1
             now = utcnow()
@@ -775,6 +824,8 @@ class TuningService:
                 started_at=trial.started_at or now,
                 finished_at=now,
             )
+        if stored is not None:
+            prom.OBSERVATIONS.inc()
         ended = _ended(trial, final, objective, message, now)
         return self._finished(uid, experiment_id, spec_version, version, compiled, ended, observed)
 
@@ -978,6 +1029,36 @@ def _already_finished(trial: TrialRow, final: TrialState) -> bool:
     ):
         return True
     raise Conflict(f"trial {trial.number} already finished ({trial.state})", field="state")
+
+
+@dataclass(frozen=True)
+class _Final:
+    """A finish's final report, checked: its step (None: after the last) and metrics."""
+
+    step: int | None
+    metrics: dict[str, float]
+
+
+def _with_final(
+    compiled: _Compiled,
+    observed: Sequence[tuple[int, float | None]],
+    report: _Final | None,
+) -> tuple[list[tuple[int, float | None]], FinalReport | None]:
+    """The trial's reports (step, objective) with ``report``, and what of it to store.
+
+    Nothing to store without a report, or when its step was reported already
+    (a repeated step is kept as first stored, as :meth:`TuningService.report` does).
+    """
+    if report is None:
+        return list(observed), None
+    step = report.step
+    if step is None:
+        step = observed[-1][0] + 1 if observed else 0
+    elif any(s == step for s, _ in observed):
+        return list(observed), None
+    value = report.metrics.get(compiled.spec.objective.metric)
+    merged = sorted([*observed, (step, value)], key=lambda o: o[0])
+    return merged, FinalReport(step, report.metrics, value)
 
 
 def _ending(

@@ -82,10 +82,28 @@ class ObservationRequest(_Request):
 
 
 class FinishRequest(_Request):
-    """Body of ``POST .../trials/{n}/finish``."""
+    """Body of ``POST .../trials/{n}/finish``.
+
+    With ``metrics``, the finish also stores the trial's final report (what
+    Optuna calls ``tell``), which must then carry the trial's token like any
+    report; ``step`` defaults to one past the last reported step.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     state: FinishState
     message: str | None = Field(default=None, max_length=8192)
+    metrics: dict[str, float] | None = Field(
+        default=None,
+        min_length=1,
+        description="The final report's metrics (finite numbers by name); needs the token.",
+    )
+    step: int | None = Field(
+        default=None,
+        ge=0,
+        strict=True,
+        description="The final report's step (only with metrics); default: last step + 1.",
+    )
 
 
 class ExperimentView(_Response):

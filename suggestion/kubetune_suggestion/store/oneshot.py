@@ -34,7 +34,10 @@ from kubetune_suggestion.store.rows import NewTrial, TrialRow, utcnow
 
 # The experiment moves from ``expected`` to ``version`` only if nothing else
 # changed it since the caller's cache saw it; the trials are inserted only if
-# it did (``FROM e``). The stored sampler state comes back as a read gives it.
+# it did (``FROM e``). The stored sampler state comes back as a read gives it,
+# on every row, and each new trial's id and row version (xmin) with it (one
+# row with NULLs when no trial was inserted), so that a finish of a trial
+# nobody reported on can skip its read too.
 _ALLOCATE_IF_CURRENT = (
     "WITH e AS (UPDATE experiments SET next_number = %(next)s, sampler_state = %(state)s, "
     "history_version = %(version)s, updated_at = %(now)s WHERE id = %(eid)s "
@@ -42,8 +45,9 @@ _ALLOCATE_IF_CURRENT = (
     "AND next_number = %(first)s RETURNING id, sampler_state), "
     "n AS (INSERT INTO trials (experiment_id, number, params, state, history_version, created_at) "
     "SELECT e.id, u.n, u.p, 'pending', %(version)s, %(now)s "
-    "FROM e, unnest(%(numbers)s::integer[], %(params)s::jsonb[]) AS u(n, p)) "
-    "SELECT sampler_state FROM e"
+    "FROM e, unnest(%(numbers)s::integer[], %(params)s::jsonb[]) AS u(n, p) "
+    "RETURNING number, id, xmin::text AS version) "
+    "SELECT e.sampler_state, n.number, n.id, n.version FROM e LEFT JOIN n ON true"
 )
 # A trial row's columns: TrialRow's fields are named after them, in order.
 _TRIAL_COLUMNS = ", ".join(f.name for f in fields(TrialRow))
@@ -84,6 +88,8 @@ _FINISH_READ = (
 # report committed since (or still holding the row's lock, which this waits
 # for) leaves another version: then nothing is written and the caller reads
 # again. The experiment row is locked first, as the locked path locks them.
+# With a final report (``%(report)s``), its observation is stored by the same
+# statement, only if the trial was ended by it (``FROM u``).
 _FINISH_IF_UNCHANGED = (
     "WITH v AS (SELECT history_version + 1 AS version FROM experiments "
     "WHERE id = %(eid)s FOR UPDATE), "
@@ -94,7 +100,10 @@ _FINISH_IF_UNCHANGED = (
     "e AS (UPDATE experiments SET history_version = (SELECT version FROM v), "
     "updated_at = %(now)s WHERE id = %(eid)s AND EXISTS (SELECT FROM u)), "
     "s AS (DELETE FROM stop_orders WHERE trial_id = %(tid)s AND %(close)s "
-    "AND EXISTS (SELECT FROM u)) "
+    "AND EXISTS (SELECT FROM u)), "
+    "o AS (INSERT INTO observations (trial_id, step, metrics, objective, created_at) "
+    "SELECT u.id, %(step)s::bigint, %(metrics)s::jsonb, %(value)s::double precision, "
+    "%(now)s::timestamptz FROM u WHERE %(report)s ON CONFLICT (trial_id, step) DO NOTHING) "
     "SELECT version FROM v WHERE EXISTS (SELECT FROM u)"
 )
 
@@ -168,6 +177,10 @@ class Allocation:
 
     # The sampler's state as stored, as a read hands it back.
     sampler_state: dict[str, Any] | None
+    # When the trials were created (their created_at).
+    created_at: datetime
+    # Each new trial's number, id and row version (xmin).
+    trials: tuple[tuple[int, int, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -181,6 +194,16 @@ class FinishRead:
     version: str
     # (step, objective value or None) of every report, by step.
     observed: list[tuple[int, float | None]]
+
+
+@dataclass(frozen=True)
+class FinalReport:
+    """A report that a finish stores with the trial's end."""
+
+    step: int
+    metrics: Mapping[str, float]
+    # The objective metric's value in ``metrics``, if there.
+    objective: float | None
 
 
 @dataclass(frozen=True)
@@ -238,6 +261,7 @@ class OneShot:
         from psycopg.types.json import Jsonb
 
         version, spec_version, first = expected
+        now = utcnow()
         row = self._execute(
             _ALLOCATE_IF_CURRENT,
             {
@@ -249,12 +273,18 @@ class OneShot:
                 "next": first + len(trials),
                 # As SQLAlchemy's JSONB column stores it: None is a JSON null.
                 "state": Jsonb(sampler_state),
-                "now": utcnow(),
+                "now": now,
                 "numbers": [t.number for t in trials],
                 "params": [Jsonb(dict(t.params)) for t in trials],
             },
-        ).fetchone()
-        return None if row is None else Allocation(sampler_state=row[0])
+        ).fetchall()
+        if not row:
+            return None
+        return Allocation(
+            sampler_state=row[0][0],
+            created_at=now,
+            trials=tuple((int(r[1]), int(r[2]), r[3]) for r in row if r[1] is not None),
+        )
 
     def finish_read(self, uid: str, number: int) -> FinishRead | None:
         """Trial ``number`` of experiment ``uid`` with its reports; None if there is none."""
@@ -281,18 +311,22 @@ class OneShot:
         message: str | None,
         started_at: datetime,
         finished_at: datetime,
+        report: FinalReport | None = None,
     ) -> int | None:
         """End the trial of ``read``, if its row is still the version read.
 
         Sets its state, objective, message and times, bumps the experiment's
-        history version (the trial takes the new one) and removes the trial's
-        stop order if it had one.
+        history version (the trial takes the new one), removes the trial's
+        stop order if it had one, and stores ``report`` if given (a step
+        already stored is kept as it was).
 
         Returns:
             The new history version; None, having written nothing, if the
             trial changed since ``read`` (a report, a stop order, an end) or
             is gone.
         """
+        from psycopg.types.json import Jsonb
+
         row = self._execute(
             _FINISH_IF_UNCHANGED,
             {
@@ -305,6 +339,10 @@ class OneShot:
                 "message": message,
                 "started": started_at,
                 "now": finished_at,
+                "report": report is not None,
+                "step": None if report is None else report.step,
+                "metrics": None if report is None else Jsonb(dict(report.metrics)),
+                "value": None if report is None else report.objective,
             },
         ).fetchone()
         return None if row is None else int(row[0])

@@ -465,3 +465,47 @@ def test_the_hot_routes_answer_alike_on_the_fast_path_and_through_fastapi(
     before = _metric(client, name, method="POST", route=route)
     assert post(ask, {"count": 1}, True).status_code == 200
     assert _metric(client, name, method="POST", route=route) == before + 1
+
+
+def test_ask_and_tell_over_http_alike_on_the_fast_path_and_through_fastapi(
+    client: httpx.Client,
+) -> None:
+    """A finish with the final metrics (as Optuna's tell), and its errors, either way."""
+    _register(client, maxTrials=4)
+    trials = client.post(f"/v1/experiments/{UID}/ask", json={"count": 2}).json()["trials"]
+    for i, fast in enumerate((True, False)):
+        trial, other = trials[i], trials[1 - i]
+        content_type = "application/json" if fast else "application/json; x=1"
+        finish = f"/v1/experiments/{UID}/trials/{trial['number']}/finish"
+
+        def tell(body: str, token: str | None, url: str = finish, ct: str = content_type) -> Any:
+            headers = {"Content-Type": ct}
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
+            return client.post(url, content=body, headers=headers)
+
+        before = _state(client)
+        metrics = '"metrics": {"loss": 0.25}'
+        for body, token, status, field in [
+            ('{"state": "succeeded", ' + metrics + "}", None, 401, "token"),
+            ('{"state": "succeeded", ' + metrics + "}", other["token"], 403, "token"),
+            ('{"state": "succeeded", "metrics": {"loss": NaN}}', trial["token"], 422, None),
+            ('{"state": "succeeded", "step": 2}', trial["token"], 422, "step"),
+            ('{"state": "succeeded", "step": -1, ' + metrics + "}", trial["token"], 422, "step"),
+        ]:
+            response = tell(body, token)
+            assert response.status_code == status, (body, response.text)
+            error = response.json()["error"]
+            if field is not None:
+                assert error["field"] == field, body
+            else:
+                assert error["field"] == "metrics.loss" and "finite" in error["message"], error
+        assert _state(client) == before
+        told = tell('{"state": "succeeded", "step": 3, ' + metrics + "}", trial["token"])
+        assert told.status_code == 200, told.text
+        assert told.json()["objective"] == 0.25 and told.json()["last_step"] == 3
+    history = client.get(f"/v1/experiments/{UID}/trials", params={"observations": True}).json()
+    assert [[o["step"] for o in t["observations"]] for t in history] == [[3], [3]]
+    paths = client.get("/openapi.json").json()["paths"]
+    finish_doc = paths["/v1/experiments/{uid}/trials/{n}/finish"]["post"]
+    assert any(p["name"].lower() == "authorization" for p in finish_doc["parameters"])

@@ -1,0 +1,192 @@
+"""A finish that carries the trial's final metrics (ask + tell), on SQLite and PostgreSQL.
+
+The final report is stored with the trial's end, by the same rules as any
+report (the trial's token, finite numbers, a repeated step kept as first
+stored); bad input is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from kubetune_suggestion.service.core import TuningService
+from kubetune_suggestion.service.errors import Conflict, Forbidden, InvalidInput, Unauthorized
+from kubetune_suggestion.service.models import TrialAssignment, TrialState, TrialView
+from kubetune_suggestion.service.testing import example_spec
+from kubetune_suggestion.store.oneshot import OneShot
+
+UID = "tell-uid"
+
+
+@pytest.fixture
+def svc(db_url: str) -> Iterator[TuningService]:
+    service = TuningService.open(db_url)
+    yield service
+    service.close()
+
+
+def _register(svc: TuningService, strategy: str = "last", **overrides: Any) -> None:
+    objective = {"metric": "loss", "direction": "minimize", "strategy": strategy}
+    spec = {"algorithm": {"name": "tpe", "seed": 1}, "objective": objective, "maxTrials": 20}
+    svc.register(UID, "exp", "ns", example_spec(**{**spec, **overrides}))
+
+
+def _observations(svc: TuningService, number: int) -> list[tuple[int, dict[str, float]]]:
+    trial = next(t for t in svc.trials(UID, observations=True) if t.number == number)
+    assert trial.observations is not None
+    return [(o.step, dict(o.metrics)) for o in trial.observations]
+
+
+def _tell(svc: TuningService, trial: TrialAssignment, **kwargs: Any) -> TrialView:
+    kwargs.setdefault("token", trial.token)
+    return svc.finish(UID, trial.number, kwargs.pop("state", "succeeded"), **kwargs)
+
+
+def test_a_finish_with_metrics_stores_them_and_ends_the_trial(svc: TuningService) -> None:
+    _register(svc)
+    trial = svc.ask(UID, 1).trials[0]
+    view = _tell(svc, trial, metrics={"loss": 0.25, "accuracy": 0.9})
+    assert view.state is TrialState.SUCCEEDED and view.objective == 0.25 and view.last_step == 0
+    assert _observations(svc, trial.number) == [(0, {"loss": 0.25, "accuracy": 0.9})]
+    summary = svc.summary(UID)
+    assert summary.best is not None and summary.best.number == trial.number
+    # The next ask builds on it: a fresh trial, not the told one again.
+    assert [t.number for t in svc.ask(UID, 1).trials] == [trial.number + 1]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expected"), [("last", 0.1), ("min", 0.1), ("max", 0.5)], ids=str
+)
+def test_the_final_report_comes_after_the_last_step_and_counts_by_the_strategy(
+    svc: TuningService, strategy: str, expected: float
+) -> None:
+    _register(svc, strategy)
+    trial = svc.ask(UID, 1).trials[0]
+    for step, loss in [(1, 0.5), (2, 0.3)]:
+        svc.report(UID, trial.number, trial.token, step, {"loss": loss})
+    view = _tell(svc, trial, metrics={"loss": 0.1})
+    assert view.last_step == 3 and view.objective == expected
+    assert [s for s, _ in _observations(svc, trial.number)] == [1, 2, 3]
+
+
+def test_a_final_report_at_a_step_already_reported_keeps_the_first(svc: TuningService) -> None:
+    _register(svc)
+    trial = svc.ask(UID, 1).trials[0]
+    svc.report(UID, trial.number, trial.token, 4, {"loss": 0.4})
+    view = _tell(svc, trial, metrics={"loss": 0.01}, step=4)
+    assert view.objective == 0.4 and view.last_step == 4
+    assert _observations(svc, trial.number) == [(4, {"loss": 0.4})]
+
+
+def test_a_final_report_without_the_objective_leaves_metrics_unavailable(
+    svc: TuningService,
+) -> None:
+    _register(svc)
+    trial = svc.ask(UID, 1).trials[0]
+    view = _tell(svc, trial, metrics={"accuracy": 0.5}, step=7)
+    assert view.state is TrialState.METRICS_UNAVAILABLE and view.objective is None
+    assert "never reported its objective 'loss'" in (view.message or "")
+    assert _observations(svc, trial.number) == [(7, {"accuracy": 0.5})]
+
+
+def test_a_failed_trial_keeps_its_final_metrics_without_an_objective(svc: TuningService) -> None:
+    _register(svc)
+    trial = svc.ask(UID, 1).trials[0]
+    view = _tell(svc, trial, state="failed", metrics={"loss": 2.0}, message="OOM at step 9")
+    assert view.state is TrialState.FAILED and view.objective is None
+    assert view.message == "OOM at step 9"
+    assert _observations(svc, trial.number) == [(0, {"loss": 2.0})]
+
+
+def test_telling_again_is_a_no_op_and_another_state_a_conflict(svc: TuningService) -> None:
+    _register(svc)
+    trial = svc.ask(UID, 1).trials[0]
+    first = _tell(svc, trial, metrics={"loss": 0.3})
+    # A retry after a lost answer: the same trial, no second report.
+    assert _tell(svc, trial, metrics={"loss": 0.3}) == first
+    assert _observations(svc, trial.number) == [(0, {"loss": 0.3})]
+    with pytest.raises(Conflict):
+        _tell(svc, trial, state="failed", metrics={"loss": 0.3})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "field"),
+    [
+        ({"metrics": {"loss": 0.1}, "token": None}, Unauthorized, "token"),
+        ({"metrics": {"loss": 0.1}, "token": "other"}, Forbidden, "token"),
+        ({"metrics": {"loss": float("nan")}}, InvalidInput, "metrics.loss"),
+        ({"metrics": {"loss": "low"}}, InvalidInput, "metrics.loss"),
+        ({"metrics": {}}, InvalidInput, "metrics"),
+        ({"metrics": {"loss": 0.1}, "step": -1}, InvalidInput, "step"),
+        ({"step": 3}, InvalidInput, "step"),
+    ],
+    ids=[
+        "no token",
+        "another's token",
+        "NaN",
+        "not a number",
+        "empty",
+        "negative step",
+        "no metrics",
+    ],
+)
+def test_a_bad_final_report_is_refused_and_changes_nothing(
+    svc: TuningService, kwargs: dict[str, Any], error: type[Exception], field: str
+) -> None:
+    _register(svc)
+    trial, other = svc.ask(UID, 2).trials
+    if kwargs.get("token") == "other":
+        kwargs = {**kwargs, "token": other.token}
+    before = (svc.summary(UID), svc.trials(UID, observations=True))
+    with pytest.raises(error) as refused:
+        _tell(svc, trial, **kwargs)
+    assert getattr(refused.value, "field", None) == field
+    assert (svc.summary(UID), svc.trials(UID, observations=True)) == before
+
+
+def test_a_told_trial_refuses_later_reports(svc: TuningService) -> None:
+    _register(svc)
+    trial = svc.ask(UID, 1).trials[0]
+    _tell(svc, trial, metrics={"loss": 0.3})
+    with pytest.raises(Conflict):
+        svc.report(UID, trial.number, trial.token, 5, {"loss": 0.1})
+
+
+def test_ask_and_tell_take_one_statement_each_on_postgres(
+    svc: TuningService, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trial allocated here is told without a read back; another replica's write forces one."""
+    if not svc.store.postgres:
+        pytest.skip("SQLite has no unlocked finish")
+    _register(svc)
+    reads: list[int] = []
+    read = OneShot.finish_read
+
+    def counted(self: OneShot, uid: str, number: int) -> Any:
+        reads.append(number)
+        return read(self, uid, number)
+
+    monkeypatch.setattr(OneShot, "finish_read", counted)
+    _tell(svc, svc.ask(UID, 1).trials[0], metrics={"loss": 0.9})  # warms the caches
+    reads.clear()
+    for i in range(3):
+        asked = svc.ask_from_cache(UID, 1)
+        assert asked is not None, "the steady state should ask in one statement"
+        view = _tell(svc, asked.trials[0], metrics={"loss": 0.5 - i / 10})
+        assert view.objective == 0.5 - i / 10
+    assert reads == []
+    # A report stored by another replica in between: the tell reads, and counts it.
+    other = TuningService.open(db_url, migrate=False)
+    try:
+        trial = svc.ask(UID, 1).trials[0]
+        other.report(UID, trial.number, trial.token, 1, {"loss": 0.05})
+        view = _tell(svc, trial, metrics={"loss": 0.2})
+        assert reads == [trial.number]
+        assert view.last_step == 2 and view.objective == 0.2
+        assert [s for s, _ in _observations(other, trial.number)] == [1, 2]
+    finally:
+        other.close()
+    assert svc.summary(UID).counts[TrialState.SUCCEEDED] == 5
