@@ -286,14 +286,26 @@ class _HotRoutes:
     ) -> None:
         """Answer the request ``match`` matched, or hand it to ``fallback`` with its body."""
         self._in_flight += 1
+        finished = False
         try:
-            await self._handle(scope, receive, send, match, fallback)
+            finished = await self._handle(scope, receive, send, match, fallback)
         finally:
             self._in_flight -= 1
+        if finished and self._in_flight == 0:
+            # Nothing else to do: work out the next ask's suggestion now, while
+            # the client reads this answer (the loop runs it before new requests).
+            asyncio.get_running_loop().call_soon(self._prepare, match.group(1))
+
+    def _prepare(self, uid: str) -> None:
+        try:
+            self._service.prepare_ask(uid)
+        except Exception:  # only a head start: the ask works it out itself
+            log.exception("preparing the next suggestion of %s failed", uid)
 
     async def _handle(
         self, scope: Scope, receive: Receive, send: Send, match: re.Match[str], fallback: ASGIApp
-    ) -> None:
+    ) -> bool:
+        """Answer the request; whether it was a finish that ended a trial on this path."""
         start = time.perf_counter()
         content_type = authorization = None
         for name, value in scope["headers"]:
@@ -305,7 +317,7 @@ class _HotRoutes:
         while True:
             message = await receive()
             if message["type"] != "http.request":  # the client went away
-                return
+                return False
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
@@ -331,7 +343,7 @@ class _HotRoutes:
                 return {"type": "http.request", "body": body, "more_body": False}
 
             await fallback(scope, replay, send)
-            return
+            return False
         route = _ASK_ROUTE if ask else _FINISH_ROUTE if action == "finish" else _OBSERVATIONS_ROUTE
         answer: bytes | Response
         try:
@@ -361,6 +373,7 @@ class _HotRoutes:
             )
             await send({"type": "http.response.body", "body": answer})
         self._timers[route].observe(time.perf_counter() - start)
+        return action == "finish" and not isinstance(answer, Response)
 
     async def _answer(
         self,

@@ -102,7 +102,7 @@ class SamplerHistory:
         return SamplerHistory(version, records, failures, best, head, active)
 
 
-class _Lru(Generic[T]):
+class Lru(Generic[T]):
     """A small thread-safe LRU map."""
 
     def __init__(self, size: int) -> None:
@@ -111,6 +111,7 @@ class _Lru(Generic[T]):
         self._items: OrderedDict[Any, T] = OrderedDict()
 
     def get(self, key: Any) -> T | None:
+        """The item under ``key`` (now the most recently used), if any."""
         with self._lock:
             item = self._items.get(key)
             if item is not None:
@@ -128,6 +129,7 @@ class _Lru(Generic[T]):
                 self._items.popitem(last=False)
 
     def pop(self, key: Any) -> T | None:
+        """The item under ``key``, removed, if any."""
         with self._lock:
             return self._items.pop(key, None)
 
@@ -144,7 +146,7 @@ class HistoryCache:
     """
 
     def __init__(self, size: int = 256) -> None:
-        self._entries: _Lru[SamplerHistory] = _Lru(size)
+        self._entries: Lru[SamplerHistory] = Lru(size)
 
     def base(self, row: ExperimentRow) -> SamplerHistory:
         """The cached history to refresh up to ``row.history_version`` (empty if none fits)."""
@@ -220,7 +222,7 @@ class UidHints:
     """
 
     def __init__(self, size: int = 4096) -> None:
-        self._entries: _Lru[tuple[int, int]] = _Lru(size)
+        self._entries: Lru[tuple[int, int]] = Lru(size)
 
     def get(self, uid: str) -> tuple[int, int] | None:
         """(experiment id, spec version) last seen for ``uid``, if any."""
@@ -250,7 +252,7 @@ class Backoff:
         self._limit = limit
         # Per key: [consecutive losses, calls still to skip]. Updated without
         # a lock: a lost update only shifts when the next try happens.
-        self._entries: _Lru[list[int]] = _Lru(size)
+        self._entries: Lru[list[int]] = Lru(size)
 
     def should_try(self, key: Any) -> bool:
         """Whether to try now (counts a skipped call)."""
@@ -280,7 +282,7 @@ class EngineCache(Generic[T]):
     """
 
     def __init__(self, size: int = 1024) -> None:
-        self._entries: _Lru[T] = _Lru(size)
+        self._entries: Lru[T] = Lru(size)
 
     def get(self, experiment_id: int, spec_version: int) -> T | None:
         """The cached entry, if any."""
@@ -310,7 +312,7 @@ class ReportedTrials:
     """
 
     def __init__(self, size: int = 65536) -> None:
-        self._entries: _Lru[FinishRead] = _Lru(size)
+        self._entries: Lru[FinishRead] = Lru(size)
 
     def record(
         self,

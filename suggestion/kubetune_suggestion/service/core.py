@@ -32,8 +32,8 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
-from kubetune_suggestion.engine.history import Direction
-from kubetune_suggestion.engine.samplers import Sampler, make_sampler
+from kubetune_suggestion.engine.history import Direction, TrialRecord
+from kubetune_suggestion.engine.samplers import Sampler, Suggestions, make_sampler
 from kubetune_suggestion.engine.space import SpaceError
 from kubetune_suggestion.engine.stopping import StoppingRule, make_rule
 from kubetune_suggestion.service import logic
@@ -43,6 +43,7 @@ from kubetune_suggestion.service.caches import (
     EngineCache,
     Head,
     HistoryCache,
+    Lru,
     ReportedTrials,
     SamplerHistory,
     UidHints,
@@ -146,6 +147,8 @@ class TuningService:
         self._ids = UidHints()
         self._ask_backoff = Backoff()
         self._reported = ReportedTrials()
+        # The next ask's suggestion, worked out while the service had nothing to do.
+        self._prepared: Lru[_Prepared] = Lru(1024)
 
     @classmethod
     def open(cls, url: str, *, secret: str | None = None, migrate: bool = True) -> TuningService:
@@ -265,29 +268,17 @@ class TuningService:
             InvalidInput: For ``count`` outside 1..1000.
         """
         _check_count(count)
-        if not self.store.postgres:
+        cached = self._cached_ask(uid, count, parallelism)
+        if cached is None:
             return None
-        known = self._ids.get(uid)
-        history = None if known is None else self._histories.get(known[0])
-        if known is None or history is None or history.head is None or history.head.pending:
-            return None
-        experiment_id, head = known[0], history.head
-        if not self._ask_backoff.should_try(experiment_id):
-            return None
-        compiled = self._engines.get(experiment_id, head.spec_version)
-        if compiled is None:
-            return None
+        experiment_id, history, head, compiled, wanted = cached
         spec = compiled.spec
-        if spec.suspend or logic.halt_reason(spec, {"failed": history.failures}, history.best):
-            return None
-        wanted = min(count, spec.maxTrials - head.next_number)
-        if parallelism is not None:
-            # No trial is pending here (see above), so every active one runs.
-            wanted = min(wanted, parallelism - history.active)
-        if wanted <= 0:
-            return None
-        records = list(history.records.values())
-        suggestions = compiled.sampler.suggest(records, wanted, head.sampler_state)
+        prepared = self._prepared.pop(experiment_id)
+        if prepared is not None and wanted == 1 and prepared.matches(history, compiled):
+            suggestions = prepared.suggestions
+        else:
+            records = list(history.records.values())
+            suggestions = compiled.sampler.suggest(records, wanted, head.sampler_state)
         new = [
             NewTrial(head.next_number + i, c) for i, c in enumerate(suggestions.configs[:wanted])
         ]
@@ -332,6 +323,58 @@ class TuningService:
             head.next_number + len(new),
             suggestions.exhausted,
         )
+
+    def _cached_ask(
+        self, uid: str, count: int, parallelism: int | None
+    ) -> tuple[int, SamplerHistory, Head, _Compiled, int] | None:
+        """What :meth:`ask_from_cache` works from, if the caches can answer alone.
+
+        (experiment id, history, its head, compiled spec, how many trials to
+        allocate), or None (see :meth:`ask_from_cache`).
+        """
+        if not self.store.postgres:
+            return None
+        known = self._ids.get(uid)
+        history = None if known is None else self._histories.get(known[0])
+        if known is None or history is None or history.head is None or history.head.pending:
+            return None
+        experiment_id, head = known[0], history.head
+        if not self._ask_backoff.should_try(experiment_id):
+            return None
+        compiled = self._engines.get(experiment_id, head.spec_version)
+        if compiled is None:
+            return None
+        spec = compiled.spec
+        if spec.suspend or logic.halt_reason(spec, {"failed": history.failures}, history.best):
+            return None
+        wanted = min(count, spec.maxTrials - head.next_number)
+        if parallelism is not None:
+            # No trial is pending here (see above), so every active one runs.
+            wanted = min(wanted, parallelism - history.active)
+        if wanted <= 0:
+            return None
+        return experiment_id, history, head, compiled, wanted
+
+    def prepare_ask(self, uid: str) -> bool:
+        """Work out the suggestion a one-trial :meth:`ask_from_cache` would make next.
+
+        For an idle moment after a finish: the sampler's work then leaves the
+        next ask's path. Writes nothing; the ask uses it only if nothing the
+        suggestion depends on changed meanwhile (the history's records, the
+        sampler state, the spec: compared by identity, as every change
+        replaces them), so asks answer exactly as without it.
+
+        Returns:
+            Whether a suggestion was prepared.
+        """
+        cached = self._cached_ask(uid, 1, None)
+        if cached is None:
+            return False
+        experiment_id, history, head, compiled, _ = cached
+        records = list(history.records.values())
+        suggestions = compiled.sampler.suggest(records, 1, head.sampler_state)
+        self._prepared.put(experiment_id, _Prepared(history.records, head, compiled, suggestions))
+        return True
 
     def ask_locked(self, uid: str, count: int, parallelism: int | None = None) -> AskResult:
         """:meth:`ask` in a transaction holding the experiment's row lock.
@@ -1029,6 +1072,32 @@ def _already_finished(trial: TrialRow, final: TrialState) -> bool:
     ):
         return True
     raise Conflict(f"trial {trial.number} already finished ({trial.state})", field="state")
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A suggestion worked out ahead of an ask, with what it was worked out from."""
+
+    records: dict[int, TrialRecord]
+    head: Head
+    compiled: _Compiled
+    suggestions: Suggestions
+
+    def matches(self, history: SamplerHistory, compiled: _Compiled) -> bool:
+        """Whether the ask would suggest from exactly these inputs.
+
+        Every change of the records, the sampler state or the spec replaces
+        the object holding it; this entry keeps its own alive, so identity
+        cannot be a reused address.
+        """
+        head = history.head
+        return (
+            history.records is self.records
+            and head is not None
+            and head.sampler_state is self.head.sampler_state
+            and head.next_number == self.head.next_number
+            and compiled is self.compiled
+        )
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from kubetune_suggestion.engine.samplers.tpe import TPESampler
 from kubetune_suggestion.service.core import _FINISH_TRIES, Report, TuningService
 from kubetune_suggestion.service.errors import Conflict, NotFound
 from kubetune_suggestion.service.models import StopAnswer, TrialAssignment, TrialState
@@ -376,3 +377,66 @@ def test_a_finish_after_this_process_stored_every_report_skips_the_read(
     assert view.objective == expected and view.last_step == 3
     stored = {t.number: t.objective for t in b.trials(UID)}
     assert stored[mine.number] == stored[mixed.number] == stored[late.number] == expected
+
+
+def _tell(svc: TuningService, uid: str, trial: TrialAssignment, state: str = "succeeded") -> None:
+    metrics = {"loss": trial.params["lr"] * 10} if state == "succeeded" else None
+    svc.finish(uid, trial.number, state, metrics=metrics, token=trial.token)
+
+
+def test_a_prepared_suggestion_is_the_one_the_ask_would_have_made(db_url: str) -> None:
+    """Asks answer alike with and without suggestions worked out ahead of them."""
+    params: dict[str, list[dict[str, Any]]] = {}
+    for mode in ("prepared", "plain"):
+        svc = TuningService.open(db_url)
+        uid = f"{UID}-{mode}"
+        svc.register(uid, "exp", "ns", example_spec(maxTrials=30, algorithm={"name": "tpe"}))
+        params[mode] = []
+        for i in range(12):
+            # Every fourth ask wants two trials: a prepared one is then left unused.
+            for trial in svc.ask(uid, 2 if i % 4 == 3 else 1).trials:
+                params[mode].append(trial.params)
+                _tell(svc, uid, trial)
+            if mode == "prepared":
+                assert svc.prepare_ask(uid) is svc.store.postgres
+            if i % 3 == 2:  # a change after the prepare: the next ask must not use it
+                extra = svc.ask(uid, 1).trials[0]
+                params[mode].append(extra.params)
+                _tell(svc, uid, extra, "failed")
+        svc.close()
+    assert len(params["plain"]) == 19 and params["prepared"] == params["plain"]
+
+
+def test_an_ask_after_a_prepare_runs_no_sampler_unless_something_changed(
+    replicas: tuple[TuningService, TuningService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, _ = replicas
+    if not a.store.postgres:
+        pytest.skip("SQLite has no cached ask to prepare")
+    _register(a)
+    calls: list[int] = []
+    suggest = TPESampler.suggest
+
+    def counted(self: TPESampler, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return suggest(self, *args, **kwargs)
+
+    monkeypatch.setattr(TPESampler, "suggest", counted)
+    _tell(a, UID, a.ask(UID, 1).trials[0])  # warms a's caches
+    assert a.prepare_ask(UID) and len(calls) == 2
+    asked = a.ask_from_cache(UID, 1)
+    assert asked is not None and len(calls) == 2  # the prepared suggestion
+    _tell(a, UID, asked.trials[0])
+    # Prepared while another trial still runs, which then finishes: the
+    # history changed, so the ask works out a suggestion of its own.
+    running, other = a.ask(UID, 2).trials
+    a.start(UID, running.number)
+    _tell(a, UID, other)
+    assert a.prepare_ask(UID)
+    _tell(a, UID, running)
+    calls.clear()
+    asked = a.ask_from_cache(UID, 1)
+    assert asked is not None and len(calls) == 1
+    # A prepare while a trial is pending (a retry must get it back) does nothing.
+    assert a.ask(UID, 1).trials == asked.trials
+    assert not a.prepare_ask(UID) and len(calls) == 1

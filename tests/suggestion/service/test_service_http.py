@@ -509,3 +509,34 @@ def test_ask_and_tell_over_http_alike_on_the_fast_path_and_through_fastapi(
     paths = client.get("/openapi.json").json()["paths"]
     finish_doc = paths["/v1/experiments/{uid}/trials/{n}/finish"]["post"]
     assert any(p["name"].lower() == "authorization" for p in finish_doc["parameters"])
+
+
+def test_a_lone_finish_prepares_the_next_suggestion(
+    client: httpx.Client, service: TuningService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After answering a finish with nothing else in flight, the app works out the next ask."""
+    _register(client, maxTrials=4)
+    prepared: list[tuple[str, bool]] = []
+    prepare = service.prepare_ask
+
+    def spy(uid: str) -> bool:
+        done = prepare(uid)
+        prepared.append((uid, done))
+        return done
+
+    monkeypatch.setattr(service, "prepare_ask", spy)
+    for i in range(2):
+        trial = client.post(f"/v1/experiments/{UID}/ask", json={"count": 1}).json()["trials"][0]
+        finish = f"/v1/experiments/{UID}/trials/{trial['number']}/finish"
+        body = {"state": "succeeded", "metrics": {"loss": 0.5}}
+        told = client.post(finish, json=body, headers={"Authorization": f"Bearer {trial['token']}"})
+        assert told.status_code == 200
+        deadline = time.monotonic() + 5
+        while len(prepared) <= i and time.monotonic() < deadline:
+            time.sleep(0.01)
+    # Prepared after each finish (on PostgreSQL; SQLite has no cached ask to prepare).
+    assert prepared == [(UID, service.store.postgres)] * 2
+    # A finish answered with an error prepares nothing.
+    assert client.post(finish, json={"state": "failed"}).status_code == 409
+    time.sleep(0.2)
+    assert len(prepared) == 2
