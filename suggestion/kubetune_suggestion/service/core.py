@@ -500,6 +500,8 @@ class TuningService:
                 raise Conflict(f"trial {number} already finished ({trial.state})", field="number")
             tx.mark_running(trial.id)
         self._histories.started(experiment_id, [number])
+        # The row changed: what a finish would have known of it is stale.
+        self._reported.pop(uid, number)
 
     def start_many(self, uid: str, numbers: Sequence[int]) -> StartResult:
         """:meth:`start` for several trials of one experiment, in one transaction.
@@ -542,6 +544,8 @@ class TuningService:
             tx.mark_running_many(ids)
         if experiment_id is not None and started:
             self._histories.started(experiment_id, started)
+        for number in started:  # their rows changed (see start)
+            self._reported.pop(uid, number)
         return StartResult(started=started, refused=refused)
 
     def report(

@@ -190,3 +190,29 @@ def test_ask_and_tell_take_one_statement_each_on_postgres(
     finally:
         other.close()
     assert svc.summary(UID).counts[TrialState.SUCCEEDED] == 5
+
+
+def test_a_started_trial_is_finished_from_a_read_without_a_wasted_write(
+    svc: TuningService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Starting a trial rewrites its row: the finish reads it instead of trying a stale version."""
+    if not svc.store.postgres:
+        pytest.skip("SQLite has no unlocked finish")
+    _register(svc)
+    _tell(svc, svc.ask(UID, 1).trials[0], metrics={"loss": 0.9})  # warms the caches
+    writes: list[int] = []
+    write = OneShot.finish_if_unchanged
+
+    def counted(self: OneShot, *args: Any, **kwargs: Any) -> Any:
+        writes.append(1)
+        return write(self, *args, **kwargs)
+
+    monkeypatch.setattr(OneShot, "finish_if_unchanged", counted)
+    for start in (svc.start_many, lambda uid, n: svc.start(uid, n[0])):
+        asked = svc.ask_from_cache(UID, 1)
+        assert asked is not None
+        trial = asked.trials[0]
+        start(UID, [trial.number])
+        writes.clear()
+        view = svc.finish(UID, trial.number, "failed", "exit code 1")
+        assert view.state is TrialState.FAILED and writes == [1]
