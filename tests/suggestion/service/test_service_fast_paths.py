@@ -384,13 +384,23 @@ def _tell(svc: TuningService, uid: str, trial: TrialAssignment, state: str = "su
     svc.finish(uid, trial.number, state, metrics=metrics, token=trial.token)
 
 
-def test_a_prepared_suggestion_is_the_one_the_ask_would_have_made(db_url: str) -> None:
-    """Asks answer alike with and without suggestions worked out ahead of them."""
+@pytest.mark.parametrize("algorithm", ["tpe", "cmaes", "sobol", "random"])
+def test_a_prepared_suggestion_is_the_one_the_ask_would_have_made(
+    db_url: str, algorithm: str
+) -> None:
+    """Asks answer alike with and without suggestions worked out ahead of them.
+
+    Also when a prepared suggestion goes unused: working it out must leave
+    no trace in the sampler (CMA-ES keeps its optimizer between calls).
+    """
     params: dict[str, list[dict[str, Any]]] = {}
     for mode in ("prepared", "plain"):
         svc = TuningService.open(db_url)
         uid = f"{UID}-{mode}"
-        svc.register(uid, "exp", "ns", example_spec(maxTrials=30, algorithm={"name": "tpe"}))
+        algo = {"name": algorithm, "seed": 3}
+        if algorithm == "cmaes":
+            algo["settings"] = {"popsize": 4}
+        svc.register(uid, "exp", "ns", example_spec(maxTrials=30, algorithm=algo))
         params[mode] = []
         for i in range(12):
             # Every fourth ask wants two trials: a prepared one is then left unused.
