@@ -21,6 +21,7 @@ from kubetune_suggestion.service.errors import Conflict, NotFound
 from kubetune_suggestion.service.models import StopAnswer, TrialAssignment, TrialState
 from kubetune_suggestion.service.testing import EXAMPLE_ASHA, example_spec
 from kubetune_suggestion.store.oneshot import OneShot
+from tests.suggestion.service.spies import record_calls
 
 UID = "fast-uid"
 
@@ -338,14 +339,7 @@ def test_a_finish_after_this_process_stored_every_report_skips_the_read(
     if not a.store.postgres:
         pytest.skip("SQLite has no unlocked finish")
     _register(a, objective={"metric": "loss", "direction": "minimize", "strategy": strategy})
-    reads: list[int] = []
-    read = OneShot.finish_read
-
-    def counted(self: OneShot, uid: str, number: int) -> Any:
-        reads.append(number)
-        return read(self, uid, number)
-
-    monkeypatch.setattr(OneShot, "finish_read", counted)
+    reads = record_calls(monkeypatch, OneShot, "finish_read")
     _run(a, a.ask(UID, 1).trials[0])  # warms a's caches (the first report takes the lock)
     losses = [0.6, 0.3, 0.45]
     expected = {"last": 0.45, "min": 0.3, "max": 0.6}[strategy]
@@ -365,7 +359,7 @@ def test_a_finish_after_this_process_stored_every_report_skips_the_read(
     b.report(UID, mixed.number, mixed.token, 2, {"loss": losses[1]})
     a.report_from_cache(_report(mixed, 3, loss=losses[2]))
     view = a.finish(UID, mixed.number, "succeeded")
-    assert reads == [mixed.number] and view.objective == expected and view.last_step == 3
+    assert reads == [(UID, mixed.number)] and view.objective == expected and view.last_step == 3
 
     # b's report after a's last one: a tries what it knows, loses, and reads.
     late = a.ask(UID, 1).trials[0]
@@ -373,7 +367,7 @@ def test_a_finish_after_this_process_stored_every_report_skips_the_read(
     a.report_from_cache(_report(late, 2, loss=losses[1]))
     b.report(UID, late.number, late.token, 3, {"loss": losses[2]})
     view = a.finish(UID, late.number, "succeeded")
-    assert reads == [mixed.number, late.number]
+    assert reads == [(UID, mixed.number), (UID, late.number)]
     assert view.objective == expected and view.last_step == 3
     stored = {t.number: t.objective for t in b.trials(UID)}
     assert stored[mine.number] == stored[mixed.number] == stored[late.number] == expected
@@ -424,14 +418,7 @@ def test_an_ask_after_a_prepare_runs_no_sampler_unless_something_changed(
     if not a.store.postgres:
         pytest.skip("SQLite has no cached ask to prepare")
     _register(a)
-    calls: list[int] = []
-    suggest = TPESampler.suggest
-
-    def counted(self: TPESampler, *args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        return suggest(self, *args, **kwargs)
-
-    monkeypatch.setattr(TPESampler, "suggest", counted)
+    calls = record_calls(monkeypatch, TPESampler, "suggest")
     _tell(a, UID, a.ask(UID, 1).trials[0])  # warms a's caches
     assert a.prepare_ask(UID) and len(calls) == 2
     asked = a.ask_from_cache(UID, 1)

@@ -17,6 +17,7 @@ from kubetune_suggestion.service.errors import Conflict, Forbidden, InvalidInput
 from kubetune_suggestion.service.models import TrialAssignment, TrialState, TrialView
 from kubetune_suggestion.service.testing import example_spec
 from kubetune_suggestion.store.oneshot import OneShot
+from tests.suggestion.service.spies import record_calls
 
 UID = "tell-uid"
 
@@ -162,14 +163,7 @@ def test_ask_and_tell_take_one_statement_each_on_postgres(
     if not svc.store.postgres:
         pytest.skip("SQLite has no unlocked finish")
     _register(svc)
-    reads: list[int] = []
-    read = OneShot.finish_read
-
-    def counted(self: OneShot, uid: str, number: int) -> Any:
-        reads.append(number)
-        return read(self, uid, number)
-
-    monkeypatch.setattr(OneShot, "finish_read", counted)
+    reads = record_calls(monkeypatch, OneShot, "finish_read")
     _tell(svc, svc.ask(UID, 1).trials[0], metrics={"loss": 0.9})  # warms the caches
     reads.clear()
     for i in range(3):
@@ -184,7 +178,7 @@ def test_ask_and_tell_take_one_statement_each_on_postgres(
         trial = svc.ask(UID, 1).trials[0]
         other.report(UID, trial.number, trial.token, 1, {"loss": 0.05})
         view = _tell(svc, trial, metrics={"loss": 0.2})
-        assert reads == [trial.number]
+        assert reads == [(UID, trial.number)]
         assert view.last_step == 2 and view.objective == 0.2
         assert [s for s, _ in _observations(other, trial.number)] == [1, 2]
     finally:
@@ -200,14 +194,7 @@ def test_a_started_trial_is_finished_from_a_read_without_a_wasted_write(
         pytest.skip("SQLite has no unlocked finish")
     _register(svc)
     _tell(svc, svc.ask(UID, 1).trials[0], metrics={"loss": 0.9})  # warms the caches
-    writes: list[int] = []
-    write = OneShot.finish_if_unchanged
-
-    def counted(self: OneShot, *args: Any, **kwargs: Any) -> Any:
-        writes.append(1)
-        return write(self, *args, **kwargs)
-
-    monkeypatch.setattr(OneShot, "finish_if_unchanged", counted)
+    writes = record_calls(monkeypatch, OneShot, "finish_if_unchanged")
     for start in (svc.start_many, lambda uid, n: svc.start(uid, n[0])):
         asked = svc.ask_from_cache(UID, 1)
         assert asked is not None
@@ -215,4 +202,4 @@ def test_a_started_trial_is_finished_from_a_read_without_a_wasted_write(
         start(UID, [trial.number])
         writes.clear()
         view = svc.finish(UID, trial.number, "failed", "exit code 1")
-        assert view.state is TrialState.FAILED and writes == [1]
+        assert view.state is TrialState.FAILED and len(writes) == 1
