@@ -262,6 +262,11 @@ class Backoff:
         entry[1] -= 1
         return False
 
+    def skipping(self, key: Any) -> bool:
+        """Whether the next call would skip the try (counting nothing)."""
+        entry = self._entries.get(key)
+        return entry is not None and entry[1] > 0
+
     def lost(self, key: Any) -> None:
         """The try lost its race."""
         entry = self._entries.get(key)

@@ -325,12 +325,13 @@ class TuningService:
         )
 
     def _cached_ask(
-        self, uid: str, count: int, parallelism: int | None
+        self, uid: str, count: int, parallelism: int | None, *, trying: bool = True
     ) -> tuple[int, SamplerHistory, Head, _Compiled, int] | None:
         """What :meth:`ask_from_cache` works from, if the caches can answer alone.
 
         (experiment id, history, its head, compiled spec, how many trials to
-        allocate), or None (see :meth:`ask_from_cache`).
+        allocate), or None (see :meth:`ask_from_cache`). ``trying``: this is
+        the ask's try, which the backoff counts (a prepare only looks).
         """
         if not self.store.postgres:
             return None
@@ -339,7 +340,11 @@ class TuningService:
         if known is None or history is None or history.head is None or history.head.pending:
             return None
         experiment_id, head = known[0], history.head
-        if not self._ask_backoff.should_try(experiment_id):
+        backoff = self._ask_backoff
+        skip = (
+            (not backoff.should_try(experiment_id)) if trying else backoff.skipping(experiment_id)
+        )
+        if skip:
             return None
         compiled = self._engines.get(experiment_id, head.spec_version)
         if compiled is None:
@@ -367,7 +372,7 @@ class TuningService:
         Returns:
             Whether a suggestion was prepared.
         """
-        cached = self._cached_ask(uid, 1, None)
+        cached = self._cached_ask(uid, 1, None, trying=False)
         if cached is None:
             return False
         experiment_id, history, head, compiled, _ = cached

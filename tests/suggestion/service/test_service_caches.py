@@ -62,3 +62,13 @@ def test_backoff_skips_more_calls_after_each_lost_race_and_resets_on_a_win() -> 
     assert skipped == [1, 3, 5, 5]
     backoff.won("e")
     assert backoff.should_try("e") and backoff.should_try("e")
+
+
+def test_looking_at_the_backoff_counts_no_skipped_call() -> None:
+    backoff = Backoff(limit=5)
+    assert not backoff.skipping("e")
+    backoff.lost("e")
+    backoff.lost("e")  # the next 3 calls skip
+    assert all(backoff.skipping("e") for _ in range(10))
+    assert [backoff.should_try("e") for _ in range(4)] == [False, False, False, True]
+    assert not backoff.skipping("e")
