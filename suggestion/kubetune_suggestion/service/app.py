@@ -173,8 +173,8 @@ def _finish(
     svc: TuningService, uid: str, number: int, request: FinishRequest, authorization: str | None
 ) -> TrialView:
     """The service's finish of ``request`` (its final report's token from ``authorization``)."""
-    if request.metrics is None:
-        return svc.finish(uid, number, request.state, request.message, step=request.step)
+    # The header matters only with a final report, as it does for any report.
+    token = None if request.metrics is None else _bearer(authorization)
     return svc.finish(
         uid,
         number,
@@ -182,7 +182,7 @@ def _finish(
         request.message,
         metrics=request.metrics,
         step=request.step,
-        token=_bearer(authorization),
+        token=token,
     )
 
 

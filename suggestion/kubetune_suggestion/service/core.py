@@ -1121,19 +1121,19 @@ def _with_final(
     compiled: _Compiled,
     observed: Sequence[tuple[int, float | None]],
     report: _Final | None,
-) -> tuple[list[tuple[int, float | None]], FinalReport | None]:
+) -> tuple[Sequence[tuple[int, float | None]], FinalReport | None]:
     """The trial's reports (step, objective) with ``report``, and what of it to store.
 
     Nothing to store without a report, or when its step was reported already
     (a repeated step is kept as first stored, as :meth:`TuningService.report` does).
     """
     if report is None:
-        return list(observed), None
+        return observed, None
     step = report.step
     if step is None:
         step = observed[-1][0] + 1 if observed else 0
     elif any(s == step for s, _ in observed):
-        return list(observed), None
+        return observed, None
     value = report.metrics.get(compiled.spec.objective.metric)
     merged = sorted([*observed, (step, value)], key=lambda o: o[0])
     return merged, FinalReport(step, report.metrics, value)

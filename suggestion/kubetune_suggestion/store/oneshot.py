@@ -262,7 +262,7 @@ class OneShot:
 
         version, spec_version, first = expected
         now = utcnow()
-        row = self._execute(
+        rows = self._execute(
             _ALLOCATE_IF_CURRENT,
             {
                 "eid": experiment_id,
@@ -278,12 +278,12 @@ class OneShot:
                 "params": [Jsonb(dict(t.params)) for t in trials],
             },
         ).fetchall()
-        if not row:
+        if not rows:
             return None
         return Allocation(
-            sampler_state=row[0][0],
+            sampler_state=rows[0][0],
             created_at=now,
-            trials=tuple((int(r[1]), int(r[2]), r[3]) for r in row if r[1] is not None),
+            trials=tuple((int(r[1]), int(r[2]), r[3]) for r in rows if r[1] is not None),
         )
 
     def finish_read(self, uid: str, number: int) -> FinishRead | None:
