@@ -19,9 +19,22 @@ from typing import Any, TypeVar
 Obj = dict[str, Any]
 T = TypeVar("T")
 
-# The image only matters on real clusters; the process kubelet runs the
-# command with the project's Python and records the image name.
-PYTHON_IMAGE = os.environ.get("KUBETUNE_E2E_PYTHON_IMAGE", "python:3.11-slim")
+REPO = Path(__file__).resolve().parents[1]
+# The release the images are tagged with (scripts/images.sh): the chart's appVersion.
+APP_VERSION = next(
+    line.split(":", 1)[1].strip().strip('"')
+    for line in (REPO / "charts" / "kubetune" / "Chart.yaml").read_text().splitlines()
+    if line.startswith("appVersion:")
+)
+# Test Pods run `python -c ...`: scripts/images.sh builds this base image (and
+# the local cluster imports it); point it at any image with `python` elsewhere.
+PYTHON_IMAGE = os.environ.get(
+    "KUBETUNE_E2E_PYTHON_IMAGE", "localhost/kubetune/python-base:bookworm"
+)
+# The synthetic trial (trial-images/synthetic).
+TRIAL_IMAGE = os.environ.get(
+    "KUBETUNE_E2E_TRIAL_IMAGE", f"ghcr.io/kubetune/trial-synthetic:{APP_VERSION}"
+)
 
 
 class KubectlError(Exception):

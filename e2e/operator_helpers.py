@@ -1,15 +1,17 @@
 """Helpers of the operator's e2e tests: the kubetune stack and experiment manifests.
 
-Two ways to run kubetune for the tests, chosen by ``KUBETUNE_E2E_STACK``:
+Two ways to run kubetune, chosen by ``KUBETUNE_E2E_STACK``:
 
-- ``chart`` (:class:`ChartStack`): ``helm install`` of ``charts/kubetune``; the
+- ``chart`` (:class:`ChartStack`, the default): ``helm install`` of
+  ``charts/kubetune`` with the images ``scripts/images.sh`` built; the
   operator and the service run as the chart's Deployments, with its
-  ServiceAccounts and RBAC. The acceptance path.
-- ``host`` (:class:`HostStack`, the default): the service and the operator as
-  processes on this machine; the operator authenticates as the chart's
-  ServiceAccount (its RBAC applied from the chart, a bearer token), so a
-  missing permission fails here too. Trial Pods (run by the process kubelet
-  on the same host) reach the service on loopback. The quick way to iterate.
+  ServiceAccounts and RBAC. The user's path.
+- ``host`` (:class:`HostStack`): the service and the operator as processes on
+  this machine; the operator authenticates as the chart's ServiceAccount (its
+  RBAC applied from the chart, a bearer token). The service listens on the
+  host's loopback, which trial Pods in their own network namespaces cannot
+  reach: it serves the operator benchmark on kwok's fake nodes, where no
+  trial runs.
 
 Both serve the same interface to the tests: ``service_url``, ``metrics()``,
 ``kill_operator()`` / ``start_operator()``.
@@ -34,7 +36,7 @@ import httpx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from e2e.helpers import Kube, Obj, wait_for
+from e2e.helpers import TRIAL_IMAGE, Kube, Obj, wait_for
 from e2e.kube import Api, ApiError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -281,8 +283,9 @@ class HostStack:
 class ChartStack:
     """kubetune installed with its Helm chart (operator and service as Pods).
 
-    Ports are chosen free on this host: the process kubelet runs pods on the
-    host network, where fixed ports may already be taken.
+    The tests reach the service and the operator's /metrics through their
+    Services' cluster IPs, which kube-proxy routes on every node (this
+    machine is the local cluster's node).
 
     Attributes:
         kube: The cluster.
@@ -293,20 +296,23 @@ class ChartStack:
     workdir: Path
     release: str = "kt"
     namespace: str = "kubetune-system"
-    service_port: int = field(default_factory=free_port)
-    metrics_port: int = field(default_factory=free_port)
-    health_port: int = field(default_factory=free_port)
     operator_starts: int = 0
+
+    def _service_address(self, name: str) -> str:
+        svc = self.kube.get("service", "-n", self.namespace, name)
+        return f"{svc['spec']['clusterIP']}:{svc['spec']['ports'][0]['port']}"
 
     @property
     def service_url(self) -> str:
-        """The service, reached on the host (the pods share its network)."""
-        return f"http://127.0.0.1:{self.service_port}"
+        """The suggestion service, through its Service."""
+        return f"http://{self._service_address(f'{self.release}-kubetune-suggestion')}"
 
     @property
     def metrics_url(self) -> str:
-        """The operator's /metrics."""
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+        """The operator's /metrics, through its Service."""
+        return (
+            f"http://{self._service_address(f'{self.release}-kubetune-operator-metrics')}/metrics"
+        )
 
     def helm(self, *args: str, timeout: float = 300) -> str:
         """Run helm against the cluster."""
@@ -343,12 +349,6 @@ class ChartStack:
             # An emptyDir database: the test cluster has no volume provisioner.
             "--set",
             "persistence.enabled=false",
-            "--set",
-            f"suggestion.port={self.service_port}",
-            "--set",
-            f"operator.metricsPort={self.metrics_port}",
-            "--set",
-            f"operator.healthPort={self.health_port}",
         )
         for component in ("suggestion", "operator"):
             self.kube.kubectl(
@@ -408,10 +408,10 @@ class ChartStack:
 
 
 def make_stack(kube: Kube, workdir: Path) -> HostStack | ChartStack:
-    """The stack ``KUBETUNE_E2E_STACK`` asks for (``host`` unless ``chart``)."""
-    if os.environ.get("KUBETUNE_E2E_STACK", "host") == "chart":
-        return ChartStack(kube, workdir)
-    return HostStack(kube, workdir)
+    """The stack ``KUBETUNE_E2E_STACK`` asks for (``chart`` unless ``host``)."""
+    if os.environ.get("KUBETUNE_E2E_STACK", "chart") == "host":
+        return HostStack(kube, workdir)
+    return ChartStack(kube, workdir)
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -438,7 +438,7 @@ def synthetic_experiment(
     """An Experiment over the synthetic trial (``kubetune_trials.synthetic``)."""
     container: Obj = {
         "name": "train",
-        "image": "ghcr.io/kubetune/synthetic:0.1",
+        "image": TRIAL_IMAGE,
         "command": ["python", "-m", "kubetune_trials.synthetic"],
         "args": [
             "--lr=${params.lr}",

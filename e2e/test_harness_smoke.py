@@ -1,15 +1,15 @@
-"""Smoke tests of the e2e harness itself (issue 3), independent of the operator.
+"""Smoke tests of the e2e harness itself, independent of the operator.
 
 Each test asserts real cluster behaviour through kubectl only, so the file
-runs unchanged against kind or any cluster; checks that need the process
-cluster (pinned version, fake GPUs, host-side files, kwok) adapt or skip.
+runs unchanged against kind or any cluster; checks that need the local
+cluster (pinned version, containerd, fake GPUs, host-side files, kwok) adapt
+or skip.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import textwrap
 import time
@@ -43,10 +43,13 @@ def test_version_and_ready_gpu_nodes(kube: Kube) -> None:
     assert nodes and all(_ready(n) for n in nodes if "kwok" not in n["metadata"]["name"])
     if kube.local:
         ours = [n for n in nodes if n["metadata"]["labels"].get("kubetune.io/e2e-node")]
-        assert ours, "process-kubelet nodes registered"
+        assert ours, "the real node registered"
+        for node in ours:
+            info = node["status"]["nodeInfo"]
+            assert info["containerRuntimeVersion"].startswith("containerd://2."), info
+            assert info["kubeletVersion"] == K8S_VERSION, info
         gpus = {n["metadata"]["name"]: int(n["status"]["capacity"][GPU]) for n in ours}
         assert all(g >= 1 for g in gpus.values()), gpus
-        assert 1 in gpus.values(), "a one-GPU node for the scheduling test"
         # The table a user sees: Ready, with the GPU capacity column.
         table = kube.kubectl(
             "get",
@@ -79,42 +82,62 @@ def test_pod_exit_codes_and_logs(kube: Kube, namespace: str) -> None:
 
 
 # 3 -------------------------------------------------------------------------------------
-def test_gpu_visible_and_exclusive(kube: Kube, namespace: str) -> None:
-    nodes = kube.get("nodes")["items"]
-    one_gpu = [
-        n["metadata"]["name"]
-        for n in nodes
-        if n["status"].get("capacity", {}).get(GPU) == "1" and _ready(n)
-    ]
-    if not one_gpu:
-        pytest.skip("no Ready node with exactly one nvidia.com/gpu")
-    node = one_gpu[0]
-    script = textwrap.dedent(
-        """
-        import os, sys, time
-        print("CUDA_VISIBLE_DEVICES=" + os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))
-        print("NVIDIA_VISIBLE_DEVICES=" + os.environ.get("NVIDIA_VISIBLE_DEVICES", "<unset>"))
-        time.sleep(float(sys.argv[1]) if len(sys.argv) > 1 else 0)
-        """
-    )
-    extra = {"nodeSelector": {"kubernetes.io/hostname": node}}
-    gpu1 = {"limits": {GPU: "1"}}
-    first = python_pod("gpu-first", script + "\ntime.sleep(3600)", resources=gpu1, extra=extra)
-    kube.create(first, namespace=namespace)
-    kube.wait_pod_phase(namespace, "gpu-first", ("Running",))
+GPU_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time
+    for name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"):
+        print(name + "=" + os.environ.get(name, "<unset>"), flush=True)
+    time.sleep(float(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    """
+)
+
+
+def _device(kube: Kube, namespace: str, pod: str) -> str:
     logs = wait_for(
-        lambda: (lambda s: s if "CUDA" in s else None)(kube.logs(namespace, "gpu-first")),
+        lambda: (lambda s: s if "NVIDIA" in s else None)(kube.logs(namespace, pod)),
         30,
-        "gpu-first logs",
+        f"{pod} logs",
     )
     cuda = re.search(r"CUDA_VISIBLE_DEVICES=(\S+)", logs)
     assert cuda and re.fullmatch(r"\d+", cuda.group(1)), logs
     assert f"NVIDIA_VISIBLE_DEVICES={cuda.group(1)}" in logs
+    return cuda.group(1)
 
-    kube.create(python_pod("gpu-second", script, resources=gpu1, extra=extra), namespace=namespace)
+
+def test_gpu_visible_and_exclusive(kube: Kube, namespace: str) -> None:
+    """Every GPU of a node goes to one Pod at a time; the next GPU Pod waits for one."""
+    with_gpus = [
+        n
+        for n in kube.get("nodes")["items"]
+        if int(n["status"].get("capacity", {}).get(GPU, 0)) and _ready(n)
+    ]
+    if not with_gpus:
+        pytest.skip("no Ready node with nvidia.com/gpu")
+    node = with_gpus[0]["metadata"]["name"]
+    count = int(with_gpus[0]["status"]["capacity"][GPU])
+    if count > 8:
+        pytest.skip(f"{node} has {count} GPUs: too many to fill in a test")
+    extra = {"nodeSelector": {"kubernetes.io/hostname": node}}
+    gpu1 = {"limits": {GPU: "1"}}
+    holders = [f"gpu-{i}" for i in range(count)]
+    kube.create(
+        *(
+            python_pod(name, GPU_SCRIPT + "\ntime.sleep(3600)", resources=gpu1, extra=extra)
+            for name in holders
+        ),
+        namespace=namespace,
+    )
+    for name in holders:
+        kube.wait_pod_phase(namespace, name, ("Running",))
+    devices = {name: _device(kube, namespace, name) for name in holders}
+    assert len(set(devices.values())) == count, f"each Pod its own device: {devices}"
+
+    kube.create(
+        python_pod("gpu-waits", GPU_SCRIPT, resources=gpu1, extra=extra), namespace=namespace
+    )
 
     def unschedulable() -> bool:
-        pod = kube.pod(namespace, "gpu-second")
+        pod = kube.pod(namespace, "gpu-waits")
         conds = {c["type"]: c for c in pod["status"].get("conditions", [])}
         sched = conds.get("PodScheduled", {})
         return bool(
@@ -123,18 +146,16 @@ def test_gpu_visible_and_exclusive(kube: Kube, namespace: str) -> None:
             and sched.get("reason") == "Unschedulable"
         )
 
-    wait_for(unschedulable, 60, "gpu-second to be Unschedulable")
-    # Still pending a moment later: the one GPU is taken.
+    wait_for(unschedulable, 60, "gpu-waits to be Unschedulable")
+    # Still pending a moment later: every GPU is taken.
     time.sleep(2)
-    assert kube.pod(namespace, "gpu-second")["status"]["phase"] == "Pending"
+    assert kube.pod(namespace, "gpu-waits")["status"]["phase"] == "Pending"
 
-    kube.kubectl("delete", "pod", "-n", namespace, "gpu-first", "--grace-period=1")
-    second = kube.wait_pod_phase(namespace, "gpu-second", ("Succeeded", "Failed"), timeout=120)
-    assert second["status"]["phase"] == "Succeeded"
-    assert second["spec"]["nodeName"] == node
-    logs2 = kube.logs(namespace, "gpu-second")
-    cuda2 = re.search(r"CUDA_VISIBLE_DEVICES=(\S+)", logs2)
-    assert cuda2 and re.fullmatch(r"\d+", cuda2.group(1)), logs2
+    kube.kubectl("delete", "pod", "-n", namespace, holders[0], "--grace-period=1")
+    last = kube.wait_pod_phase(namespace, "gpu-waits", ("Succeeded", "Failed"), timeout=120)
+    assert last["status"]["phase"] == "Succeeded"
+    assert last["spec"]["nodeName"] == node
+    assert _device(kube, namespace, "gpu-waits") == devices[holders[0]], "the freed device"
 
 
 # 4 -------------------------------------------------------------------------------------
@@ -377,23 +398,16 @@ def test_service_account_token_and_rbac(kube: Kube, namespace: str) -> None:
 
 
 # 8 -------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_deployment_and_service_name(kube: Kube, namespace: str) -> None:
-    # Pods of the process cluster share the host network: pick free ports.
-    target = _free_port() if kube.local else 8080
-    port = _free_port() if kube.local else 80
+    """Two replicas serve one port on one node (each Pod its own network); DNS finds the Service."""
+    target, port = 8080, 80
     labels = {"app": "web"}
     web = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {"name": "web"},
         "spec": {
-            "replicas": 1,
+            "replicas": 2,
             "selector": {"matchLabels": labels},
             "template": {
                 "metadata": {"labels": labels},
@@ -450,14 +464,20 @@ def test_deployment_and_service_name(kube: Kube, namespace: str) -> None:
     kube.kubectl("rollout", "status", "-n", namespace, "deployment/sleepers", "--timeout=120s")
     kube.kubectl("rollout", "status", "-n", namespace, "deployment/web", "--timeout=120s")
     assert kube.get("deployment", "-n", namespace, "sleepers")["status"]["readyReplicas"] == 3
+    web_pods = kube.get("pods", "-n", namespace, "-l", "app=web")["items"]
+    assert len({p["status"]["podIP"] for p in web_pods}) == 2, "each replica its own IP"
+    if kube.local:
+        assert len({p["spec"]["nodeName"] for p in web_pods}) == 1, "both on the one node"
 
     client = textwrap.dedent(
         f"""
         import socket, time, urllib.request
         print("web resolves to " + socket.gethostbyname("web"), flush=True)
+        fqdn = "web.{namespace}.svc.cluster.local"
+        print("fqdn resolves to " + socket.gethostbyname(fqdn), flush=True)
         for attempt in range(60):
             try:
-                with urllib.request.urlopen("http://web:{port}/", timeout=5) as r:
+                with urllib.request.urlopen("http://" + fqdn + ":{port}/", timeout=5) as r:
                     print("HTTP", r.status, flush=True)
                     break
             except OSError as exc:
@@ -469,7 +489,9 @@ def test_deployment_and_service_name(kube: Kube, namespace: str) -> None:
     done = kube.wait_pod_phase(namespace, "client", ("Succeeded", "Failed"), timeout=120)
     logs = kube.logs(namespace, "client")
     assert done["status"]["phase"] == "Succeeded", logs
-    assert "web resolves to " in logs
+    cluster_ip = kube.get("service", "-n", namespace, "web")["spec"]["clusterIP"]
+    assert f"web resolves to {cluster_ip}" in logs, logs
+    assert f"fqdn resolves to {cluster_ip}" in logs, logs
     assert "HTTP 200" in logs, logs
 
 
@@ -577,8 +599,8 @@ def test_kwok_fake_nodes_run_500_pods(kube: Kube, namespace: str, tmp_path: Path
             str(kwok_bin),
             f"--kubeconfig={kube.kubeconfig}",
             f"--config={stages}",
-            # Only nodes carrying kwok's annotation: our process kubelet's
-            # nodes (and any real node) are never touched.
+            # Only nodes carrying kwok's annotation: the real node is never
+            # touched.
             "--manage-all-nodes=false",
             "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
             "--cidr=10.128.0.0/16",
@@ -627,8 +649,8 @@ def test_kwok_fake_nodes_run_500_pods(kube: Kube, namespace: str, tmp_path: Path
         assert {p["spec"]["nodeName"] for p in running} <= fake_names
         assert kwok.poll() is None, read_text(tmp_path / "kwok.log")
 
-        # The process kubelet's nodes: no fake pods, no kwok marks, still
-        # reported Ready by the process kubelet itself.
+        # The real node: no fake pods, no kwok marks, still reported Ready
+        # by its own kubelet.
         for name, old in before.items():
             node = kube.get("node", name)
             assert not any(
@@ -637,7 +659,7 @@ def test_kwok_fake_nodes_run_500_pods(kube: Kube, namespace: str, tmp_path: Path
             assert _ready(node)
             if kube.local:
                 ready = next(c for c in node["status"]["conditions"] if c["type"] == "Ready")
-                assert "process kubelet" in ready["message"]
+                assert ready["reason"] == "KubeletReady", ready
                 assert node["status"]["nodeInfo"] == old["status"]["nodeInfo"]
             on_node = kube.get(
                 "pods", "-n", namespace, "--field-selector", f"spec.nodeName={name}"

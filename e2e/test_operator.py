@@ -1,10 +1,9 @@
 """The operator on the real control plane (issue 5's acceptance).
 
-The operator and the suggestion service run either from the Helm chart
-(``KUBETUNE_E2E_STACK=chart``: both as Deployments with the chart's
-ServiceAccounts and RBAC) or as host processes pointed at the cluster (the
-default, quicker to iterate); see :mod:`e2e.operator_helpers`. Trials run as
-real Pods of the process kubelet, each with the metrics collector as a native
+The operator and the suggestion service run from the Helm chart, as
+Deployments of the kubetune image with the chart's ServiceAccounts and RBAC
+(see :mod:`e2e.operator_helpers`). Trials run as real containers of the
+trial image on the real node, each with the metrics collector as a native
 sidecar streaming to the service. Everything is checked through kubectl, the
 operator's /metrics and the service's API.
 """
@@ -266,9 +265,8 @@ def test_an_operator_that_may_not_list_pods_says_so_on_the_experiment(
     kube: Kube, namespace: str, stack: HostStack | ChartStack
 ) -> None:
     """RBAC edited by hand: no trial starts blind, the Experiment says why, and it recovers."""
-    if not isinstance(stack, HostStack):
-        pytest.skip("edits the host-mode operator's ClusterRole")
-    roles = kube.get("clusterroles", "-l", "app.kubernetes.io/instance=host")["items"]
+    release = stack.release if isinstance(stack, ChartStack) else "host"
+    roles = kube.get("clusterroles", "-l", f"app.kubernetes.io/instance={release}")["items"]
     role = next(r for r in roles if any(rule.get("resources") == ["pods"] for rule in r["rules"]))
     meta = role["metadata"]
     original = {"apiVersion": role["apiVersion"], "kind": role["kind"], "rules": role["rules"]}

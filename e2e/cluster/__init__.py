@@ -1,4 +1,4 @@
-"""A local Kubernetes control plane from the pinned upstream binaries.
+"""A local Kubernetes cluster (control plane and one real node) from the pinned upstream binaries.
 
 Use ``python -m e2e.cluster up|down|status|env`` or :class:`Cluster`.
 """
@@ -7,10 +7,8 @@ from e2e.cluster.cluster import (
     K8S_VERSION,
     Cluster,
     ClusterError,
-    NodeSpec,
     bin_dir,
     missing_binaries,
-    parse_nodes,
     state_dir,
 )
 
@@ -18,9 +16,7 @@ __all__ = [
     "K8S_VERSION",
     "Cluster",
     "ClusterError",
-    "NodeSpec",
     "bin_dir",
     "missing_binaries",
-    "parse_nodes",
     "state_dir",
 ]

@@ -4,6 +4,14 @@
 #
 #   ${KUBETUNE_E2E_CACHE:-$HOME/.cache/kubetune-e2e}/<k8s-version>/bin/
 #     kube-apiserver kube-controller-manager kube-scheduler kubectl
+#     kubelet kube-proxy                       (the real node)
+#     containerd containerd-shim-runc-v2 ctr   (its container runtime)
+#     cni/{bridge,host-local,loopback,portmap} (its pod network)
+#     coredns                                  (cluster DNS)
+#     gpu-plugin                               (fake nvidia.com/gpu devices:
+#                                               gpu-plugin/main.go)
+#     pause.tar                                (the sandbox image, built from
+#                                               the Kubernetes sources)
 #     etcd helm kwok
 #
 # Idempotent: a binary whose stamp file records the same version and build
@@ -28,6 +36,9 @@ K8S_VERSION="${KUBETUNE_K8S_VERSION:-v1.36.3}"
 ETCD_VERSION="${KUBETUNE_ETCD_VERSION:-v3.6.16}"
 HELM_VERSION="${KUBETUNE_HELM_VERSION:-v3.22.0}"
 KWOK_VERSION="${KUBETUNE_KWOK_VERSION:-v0.8.0}"
+CONTAINERD_VERSION="${KUBETUNE_CONTAINERD_VERSION:-v2.4.2}"
+CNI_PLUGINS_VERSION="${KUBETUNE_CNI_PLUGINS_VERSION:-v1.10.0}"
+COREDNS_VERSION="${KUBETUNE_COREDNS_VERSION:-v1.15.0}"
 
 CACHE_ROOT="${KUBETUNE_E2E_CACHE:-$HOME/.cache/kubetune-e2e}"
 CACHE="$CACHE_ROOT/$K8S_VERSION"
@@ -68,7 +79,7 @@ write_if_changed() {
 k8s_minor="${K8S_VERSION#v1.}"; k8s_minor="${k8s_minor%%.*}"
 k8s_patch="${K8S_VERSION##*.}"
 staging_version="v0.${k8s_minor}.${k8s_patch}"
-K8S_CMDS=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+K8S_CMDS=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy)
 
 build_k8s() {
   local dir="$SRC/kubernetes"
@@ -186,13 +197,57 @@ EOF
 }
 
 # --- helm and kwok: their go.mod files have no replaces, go install works ----
-go_install() {  # NAME PACKAGE@VERSION LDFLAGS
+go_install() {  # NAME PACKAGE@VERSION LDFLAGS [MORE PACKAGES@VERSION...]
   local name=$1 target=$2 ldflags=$3 stamp="$2 $3"
+  shift 3
   if stamp_ok "$name" "$stamp"; then log "$name up to date"; return 0; fi
-  log "building $name ($target) ..."
-  GOBIN="$BIN" go install -trimpath -ldflags "$ldflags" "$target"
+  log "building $name ($target $*) ..."
+  GOBIN="${GOBIN_DIR:-$BIN}" go install -trimpath -ldflags "$ldflags" "$target" "$@"
   write_stamp "$name" "$stamp"
   log "built $name"
+}
+
+# The fake GPU device plugin: our own source, built against the kubelet's
+# device-plugin API of the pinned release.
+build_gpu_plugin() {
+  local dir="$SRC/gpu-plugin" main stamp
+  main="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/gpu-plugin/main.go"
+  stamp="gpu-plugin $K8S_VERSION $(sha256sum "$main" | cut -c1-16)"
+  if stamp_ok gpu-plugin "$stamp"; then log "gpu-plugin up to date"; return 0; fi
+  mkdir -p "$dir"
+  cp "$main" "$dir/main.go"
+  printf 'module kubetune.local/e2e-gpu-plugin\n\ngo 1.26.0\n\nrequire k8s.io/kubelet %s\n' \
+    "$staging_version" | write_if_changed "$dir/go.mod.template"
+  if [[ ! -f "$dir/go.sum" || "$dir/go.mod.template" -nt "$dir/go.sum" ]]; then
+    cp "$dir/go.mod.template" "$dir/go.mod"
+    (cd "$dir" && go mod tidy && touch go.sum)
+  fi
+  (cd "$dir" && go build -trimpath -ldflags "-s -w" -o "$BIN/gpu-plugin" .)
+  write_stamp gpu-plugin "$stamp"
+  log "built gpu-plugin"
+}
+
+# The pause (sandbox) image: no registry is reachable, so it is compiled from
+# build/pause/linux/pause.c of the pinned Kubernetes module and packed as a
+# one-layer OCI image archive that `ctr images import` takes. A static binary
+# and a hand-written manifest: no image builder needed.
+PAUSE_IMAGE="registry.k8s.io/pause:3.10-kubetune"
+build_pause() {
+  local stamp="pause $K8S_VERSION $PAUSE_IMAGE" src work
+  if [[ -f "$BIN/pause.tar" && -f "$BIN/.pause.stamp" && "$(cat "$BIN/.pause.stamp")" == "$stamp" ]]; then
+    log "pause image up to date"; return 0
+  fi
+  src="$(go env GOMODCACHE)/k8s.io/kubernetes@$K8S_VERSION/build/pause/linux/pause.c"
+  [[ -f "$src" ]] || (cd "$SRC" && go mod download "k8s.io/kubernetes@$K8S_VERSION")
+  command -v gcc >/dev/null || { echo "build.sh: gcc is needed for the pause image" >&2; return 1; }
+  work=$(mktemp -d)
+  mkdir -p "$work/rootfs"
+  gcc -Os -static -Wall -DVERSION="\"$K8S_VERSION-kubetune\"" -o "$work/rootfs/pause" "$src"
+  strip "$work/rootfs/pause" 2>/dev/null || true
+  python3 "$(dirname "${BASH_SOURCE[0]}")/oci_archive.py" "$work/rootfs" "$PAUSE_IMAGE" /pause "$BIN/pause.tar"
+  rm -rf "$work"
+  write_stamp pause "$stamp"
+  log "built the pause image ($PAUSE_IMAGE)"
 }
 
 # The standalone kwok binary has no built-in behaviour: it needs Stage
@@ -214,7 +269,7 @@ kwok_stages() {
   log "wrote kwok stages: $out"
 }
 
-only="${KUBETUNE_BUILD_ONLY:-etcd kwok helm kubernetes}"
+only="${KUBETUNE_BUILD_ONLY:-etcd kwok helm containerd cni coredns kubernetes pause gpu-plugin}"
 for what in $only; do
   case $what in
     kubernetes) build_k8s ;;
@@ -224,6 +279,20 @@ for what in $only; do
     # kwok's version is a constant in its source: no flags to stamp.
     kwok) go_install kwok "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" "-s -w"
           kwok_stages ;;
+    containerd)
+      cpkg=github.com/containerd/containerd/v2
+      go_install containerd "$cpkg/cmd/containerd@$CONTAINERD_VERSION" \
+        "-s -w -X $cpkg/version.Version=$CONTAINERD_VERSION -X $cpkg/version.Package=$cpkg" \
+        "$cpkg/cmd/containerd-shim-runc-v2@$CONTAINERD_VERSION" "$cpkg/cmd/ctr@$CONTAINERD_VERSION" ;;
+    cni)
+      mkdir -p "$BIN/cni"
+      ppkg=github.com/containernetworking/plugins/plugins
+      GOBIN_DIR="$BIN/cni" go_install cni "$ppkg/main/bridge@$CNI_PLUGINS_VERSION" "-s -w" \
+        "$ppkg/ipam/host-local@$CNI_PLUGINS_VERSION" "$ppkg/main/loopback@$CNI_PLUGINS_VERSION" \
+        "$ppkg/meta/portmap@$CNI_PLUGINS_VERSION" ;;
+    coredns) go_install coredns "github.com/coredns/coredns@$COREDNS_VERSION" "-s -w" ;;
+    pause) build_pause ;;
+    gpu-plugin) build_gpu_plugin ;;
     *) echo "unknown component $what" >&2; exit 2 ;;
   esac
 done
@@ -233,6 +302,10 @@ K8S_VERSION=$K8S_VERSION
 ETCD_VERSION=$ETCD_VERSION
 HELM_VERSION=$HELM_VERSION
 KWOK_VERSION=$KWOK_VERSION
+CONTAINERD_VERSION=$CONTAINERD_VERSION
+CNI_PLUGINS_VERSION=$CNI_PLUGINS_VERSION
+COREDNS_VERSION=$COREDNS_VERSION
+PAUSE_IMAGE=$PAUSE_IMAGE
 EOF
 log "done: $BIN"
 ls -la "$BIN"

@@ -1,10 +1,11 @@
-"""The local control plane: etcd, kube-apiserver, controller manager, scheduler.
+"""The local cluster: etcd, kube-apiserver, controller manager, scheduler and a real node.
 
 ``Cluster.up`` generates the PKI and kubeconfigs, starts the upstream binaries
-built by ``build.sh`` on loopback with free ports, waits for ``/readyz``,
-starts one process kubelet per configured node plus the service proxy, and
-waits until the nodes are Ready and schedulable. ``Cluster.down`` stops all of
-it, including any pod process a kubelet could not stop itself.
+built by ``build.sh`` with free ports, waits for ``/readyz``, starts the real
+node (containerd, kubelet, kube-proxy, CoreDNS, the fake GPU device plugin:
+see :mod:`e2e.cluster.node`), imports the images, and waits until the node is
+Ready, schedulable and shows its GPUs. ``Cluster.down`` stops all of it and
+puts the host back as it was (:mod:`e2e.cluster.host`).
 """
 
 from __future__ import annotations
@@ -14,21 +15,20 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
+import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from e2e.cluster import host
+from e2e.cluster.node import COREDNS_RBAC, COREDNS_USER, RealNode
 from e2e.cluster.pki import CertPair, Pki
-from e2e.cluster.processes import ProcessTable, _start_ticks
+from e2e.cluster.processes import ProcessTable
 from e2e.kube import Api, ApiError
-from e2e.kubelet.kubelet import detect_node_ip
-from e2e.kubelet.volumes import remove_created_mountpoints
 
 # Keep in sync with build.sh (both honour KUBETUNE_K8S_VERSION).
 K8S_VERSION = os.environ.get("KUBETUNE_K8S_VERSION", "v1.36.3")
@@ -84,49 +84,58 @@ def state_dir() -> Path:
     return Path(os.environ.get("KUBETUNE_E2E_STATE", "/var/lib/kubetune-e2e"))
 
 
-REQUIRED_BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
+REQUIRED_BINARIES = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubectl",
+    "kubelet",
+    "kube-proxy",
+    "containerd",
+    "containerd-shim-runc-v2",
+    "ctr",
+    "coredns",
+    "gpu-plugin",
+    "cni/bridge",
+    "cni/host-local",
+    "cni/loopback",
+    "cni/portmap",
+)
+NODE_NAME = "kubetune-node-0"
+# Two fake GPUs: enough for parallel GPU trials, few enough that the tests
+# can fill the node and see the next GPU Pod wait.
+DEFAULT_GPUS = 2
 
 
 def missing_binaries(directory: Path | None = None) -> list[str]:
-    """Names of the required binaries not (yet) built."""
+    """Names of the required binaries not (yet) built (runc comes from Debian's package)."""
     d = directory or bin_dir()
-    return [b for b in (*REQUIRED_BINARIES, "kubectl") if not os.access(d / b, os.X_OK)]
+    missing = [b for b in REQUIRED_BINARIES if not os.access(d / b, os.X_OK)]
+    return missing + ([] if shutil.which("runc") else ["runc (apt-get install runc)"])
 
 
-@dataclass(frozen=True)
-class NodeSpec:
-    """A node the process kubelet registers.
+def detect_node_ip() -> str:
+    """The host's first global IPv4 address (``KUBETUNE_E2E_NODE_IP`` overrides).
 
-    Attributes:
-        name: Node name.
-        gpus: Number of fake ``nvidia.com/gpu`` devices.
-        cpu: CPU capacity (Kubernetes quantity).
-        memory: Memory capacity (Kubernetes quantity).
-        pods: Pod capacity.
+    Pods reach the API server and cluster DNS there; it cannot be a loopback
+    address (pods have their own network namespaces).
     """
-
-    name: str
-    gpus: int
-    cpu: str = "16"
-    memory: str = "64Gi"
-    pods: int = 110
-
-
-DEFAULT_NODES = "kubetune-node-0=1,kubetune-node-1=4"
-
-
-def parse_nodes(spec: str) -> list[NodeSpec]:
-    """Parse ``name=gpus[,name=gpus...]`` (``KUBETUNE_E2E_NODES``).
-
-    Node 0 has one GPU by default so the smoke test can show that two
-    one-GPU pods do not run there at once; node 1 gives the operator's tests
-    room for parallel GPU trials.
-    """
-    nodes = []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        name, _, gpus = item.partition("=")
-        nodes.append(NodeSpec(name.strip(), int(gpus or 0)))
-    return nodes
+    override = os.environ.get("KUBETUNE_E2E_NODE_IP")
+    if override:
+        return override
+    with contextlib.suppress(OSError):
+        out = subprocess.run(
+            ["ip", "-4", "-o", "addr", "show", "scope", "global"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        for line in out.splitlines():
+            parts = line.split()
+            if "inet" in parts and parts[1] != host.BRIDGE:
+                return parts[parts.index("inet") + 1].split("/")[0]
+    raise ClusterError("no global IPv4 address for the node: set KUBETUNE_E2E_NODE_IP")
 
 
 def free_port() -> int:
@@ -178,9 +187,9 @@ class Cluster:
     """A local control plane rooted in a state directory.
 
     Args:
-        state: State directory (PKI, etcd data, logs, kubeconfigs, pods).
+        state: State directory (PKI, etcd data, logs, kubeconfigs, the node's files).
         binaries: Directory holding the upstream binaries.
-        nodes: Nodes the process kubelets register.
+        gpus: Fake GPUs of the node (``KUBETUNE_E2E_GPUS``, default 2).
         log: Progress printer.
     """
 
@@ -188,12 +197,14 @@ class Cluster:
         self,
         state: Path | None = None,
         binaries: Path | None = None,
-        nodes: list[NodeSpec] | None = None,
+        gpus: int | None = None,
         log: Any = None,
     ) -> None:
         self.state = state or state_dir()
         self.bin = binaries or bin_dir()
-        self.nodes = nodes or parse_nodes(os.environ.get("KUBETUNE_E2E_NODES", DEFAULT_NODES))
+        self.gpus = (
+            gpus if gpus is not None else int(os.environ.get("KUBETUNE_E2E_GPUS", DEFAULT_GPUS))
+        )
         self.procs = ProcessTable(self.state)
         self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self._t0 = time.monotonic()
@@ -220,6 +231,11 @@ class Cluster:
         """Print a progress line with the elapsed time."""
         self._log(f"[e2e.cluster +{time.monotonic() - self._t0:5.1f}s] {msg}")
 
+    def node(self, ip: str | None = None) -> RealNode:
+        """The cluster's node (its IP as recorded when ``ip`` is not given)."""
+        ip = ip if ip is not None else self.info().get("node", {}).get("ip", "")
+        return RealNode(NODE_NAME, self.gpus, ip, self.state, self.bin)
+
     # --- lifecycle ---------------------------------------------------------
     def is_up(self) -> bool:
         """Whether the recorded API server process is alive."""
@@ -244,6 +260,7 @@ class Cluster:
         if self.is_up():
             self.log("already up")
             return self.kubeconfig
+        self._refuse_a_second_node()
         self.down(quiet=True)
         # A fresh state every time: a test session must not see objects left
         # by an earlier one, and etcd/PKI creation costs well under a second.
@@ -260,6 +277,26 @@ class Cluster:
         self.log(f"up; export KUBECONFIG={self.kubeconfig}")
         return self.kubeconfig
 
+    def _refuse_a_second_node(self) -> None:
+        """One real node per machine: refuse a live one, clean a dead one's leftovers."""
+        other = host.owner().get("state")
+        if other and other != str(self.state):
+            if Cluster(Path(other), self.bin).is_up():
+                raise ClusterError(
+                    f"a real-node cluster already runs on this machine (state {other}); "
+                    "there can be one per machine (the node's iptables chains, bridge and "
+                    f"device-plugin directory are machine-wide): stop it with "
+                    f"KUBETUNE_E2E_STATE={other} python -m e2e.cluster down"
+                )
+            self.log(f"cleaning the leftovers of a dead cluster in {other}")
+            Cluster(Path(other), self.bin).down(quiet=True)
+        kubelets = host.running_kubelets()
+        if kubelets:
+            raise ClusterError(
+                "a kubelet already runs on this machine, and there can be one per machine: "
+                + "; ".join(kubelets)
+            )
+
     def _up(self, deadline: float) -> None:
         pki_dir = self.state / "pki"
         pki = Pki(pki_dir)
@@ -269,10 +306,13 @@ class Cluster:
             "apiserver": free_port(),
             "controller-manager": free_port(),
             "scheduler": free_port(),
+            "kube-proxy-healthz": free_port(),
+            "kube-proxy-metrics": free_port(),
         }
-        for node in self.nodes:
-            ports[f"kubelet-{node.name}"] = free_port()
         server = f"https://127.0.0.1:{ports['apiserver']}"
+        node = self.node(detect_node_ip())
+        node_ip = node.ip
+        host.claim(self.state)
         self.log(f"generating certificates in {pki_dir}")
         serving = pki.issue(
             "apiserver",
@@ -285,7 +325,7 @@ class Cluster:
                 "kubernetes.default.svc",
                 "kubernetes.default.svc.cluster.local",
             ),
-            ip_addresses=("127.0.0.1", KUBERNETES_SERVICE_IP),
+            ip_addresses=("127.0.0.1", KUBERNETES_SERVICE_IP, node_ip),
         )
         kubelet_client = pki.issue(
             "apiserver-kubelet-client",
@@ -305,9 +345,9 @@ class Cluster:
             "controller-manager": ("system:kube-controller-manager", ()),
             "scheduler": ("system:kube-scheduler", ()),
             "kube-proxy": ("system:kube-proxy", ()),
+            "coredns": (COREDNS_USER, ()),
+            f"node-{node.name}": (f"system:node:{node.name}", ("system:nodes",)),
         }
-        for node in self.nodes:
-            identities[f"node-{node.name}"] = (f"system:node:{node.name}", ("system:nodes",))
         for name, (cn, orgs) in identities.items():
             pair = pki.issue(name, cn, orgs, client=True)
             write_kubeconfig(kcfg / f"{name}.kubeconfig", server, pki.ca.cert, pair, cn)
@@ -318,9 +358,14 @@ class Cluster:
             "server": server,
             "ports": ports,
             "bin": str(self.bin),
-            "nodes": [n.__dict__ for n in self.nodes],
+            "node": {"name": node.name, "gpus": node.gpus, "ip": node_ip},
         }
         self.info_path.write_text(json.dumps(info, indent=1))
+
+        # containerd first: it needs nothing else, and the images import
+        # while the control plane starts.
+        self.log("starting containerd")
+        node.start_runtime(self.procs)
 
         self.log("starting etcd")
         etcd_url = f"http://127.0.0.1:{ports['etcd']}"
@@ -352,8 +397,10 @@ class Cluster:
             [
                 str(self.bin / "kube-apiserver"),
                 f"--etcd-servers={etcd_url}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                # Pods reach the API server through the "kubernetes" Service
+                # (10.96.0.1), which kube-proxy sends to the node IP.
+                "--bind-address=0.0.0.0",
+                f"--advertise-address={node_ip}",
                 f"--secure-port={ports['apiserver']}",
                 f"--tls-cert-file={serving.cert}",
                 f"--tls-private-key-file={serving.key}",
@@ -376,10 +423,6 @@ class Cluster:
                 "--requestheader-extra-headers-prefix=X-Remote-Extra-",
                 f"--proxy-client-cert-file={front_proxy.cert}",
                 f"--proxy-client-key-file={front_proxy.key}",
-                # The "kubernetes" Service cannot get a loopback endpoint (the
-                # API rejects loopback addresses in Endpoints); pods reach the
-                # API server through KUBERNETES_SERVICE_HOST instead.
-                "--endpoint-reconciler-type=none",
                 f"--cert-dir={p}",
                 # Profiling on demand (go tool pprof against /debug/pprof).
                 f"--profiling={str(os.environ.get('KUBETUNE_E2E_PROFILING') == '1').lower()}",
@@ -435,60 +478,39 @@ class Cluster:
             ],
         )
 
-        self.log(f"starting process kubelets for {', '.join(n.name for n in self.nodes)}")
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])
+        self._kubectl_apply(COREDNS_RBAC)
+        images = node.import_images()
+        self.log(f"imported {len(images)} images into containerd: {', '.join(images)}")
+        self.log(
+            f"starting the node {node.name} (kubelet, kube-proxy, CoreDNS, {node.gpus} fake GPUs)"
         )
-        env["PYTHONUNBUFFERED"] = "1"
-        env["KUBETUNE_E2E_K8S_VERSION"] = K8S_VERSION  # reported as the kubelet version
-        node_ip = detect_node_ip()
-        info["node_ip"] = node_ip
-        self.info_path.write_text(json.dumps(info, indent=1))
-        for node in self.nodes:
-            serving_node = pki.issue(
-                f"kubelet-serving-{node.name}",
-                f"system:node:{node.name}",
-                ("system:nodes",),
-                server=True,
-                dns_names=(node.name, "localhost"),
-                ip_addresses=tuple({"127.0.0.1", node_ip}),
-            )
-            self.procs.start(
-                f"kubelet-{node.name}",
-                [
-                    sys.executable,
-                    "-m",
-                    "e2e.kubelet",
-                    f"--kubeconfig={kcfg / f'node-{node.name}.kubeconfig'}",
-                    f"--node-name={node.name}",
-                    f"--gpus={node.gpus}",
-                    f"--cpu={node.cpu}",
-                    f"--memory={node.memory}",
-                    f"--max-pods={node.pods}",
-                    f"--port={ports[f'kubelet-{node.name}']}",
-                    f"--serving-cert={serving_node.cert}",
-                    f"--serving-key={serving_node.key}",
-                    f"--client-ca={pki.ca.cert}",
-                    f"--root-dir={self.state / 'kubelet' / node.name}",
-                    f"--node-ip={node_ip}",
-                ],
-                env=env,
-            )
-        self.procs.start(
-            "service-proxy",
-            [
-                sys.executable,
-                "-m",
-                "e2e.kubelet.proxy",
-                f"--kubeconfig={kcfg / 'kube-proxy.kubeconfig'}",
-                *(["--loopback-fallback"] if node_ip.startswith("127.") else []),
-            ],
-            env=env,
+        serving_node = pki.issue(
+            f"kubelet-serving-{node.name}",
+            f"system:node:{node.name}",
+            ("system:nodes",),
+            server=True,
+            dns_names=(node.name, "localhost"),
+            ip_addresses=tuple({"127.0.0.1", node_ip}),
+        )
+        node.start_node(
+            self.procs,
+            ca=pki.ca.cert,
+            kubeconfigs=kcfg,
+            serving=(serving_node.cert, serving_node.key),
+            ports=ports,
         )
         self._wait_nodes(admin, deadline)
         self._wait_default_service_account(admin, deadline)
         admin.close()
+
+    def _kubectl_apply(self, manifest: str) -> None:
+        subprocess.run(
+            [str(self.bin / "kubectl"), f"--kubeconfig={self.kubeconfig}", "apply", "-f", "-"],
+            input=manifest,
+            text=True,
+            capture_output=True,
+            check=True,
+        )
 
     def _check_alive(self, component: str) -> None:
         for rec in self.procs.load():
@@ -523,26 +545,28 @@ class Cluster:
             time.sleep(0.25)
 
     def _wait_nodes(self, api: Api, deadline: float) -> None:
-        want = {n.name for n in self.nodes}
+        state = "not registered"
         while True:
             self._check_alive("nodes")
-            ready = set()
             with contextlib.suppress(ApiError):
-                for node in api.get("/api/v1/nodes")["items"]:
-                    conds = {c["type"]: c["status"] for c in node["status"].get("conditions", [])}
-                    taints = [t["key"] for t in node["spec"].get("taints", [])]
-                    # The node-lifecycle controller removes the not-ready
-                    # taint once it sees Ready: only then can pods land.
-                    if (
-                        conds.get("Ready") == "True"
-                        and "node.kubernetes.io/not-ready" not in taints
-                    ):
-                        ready.add(node["metadata"]["name"])
-            if want <= ready:
-                self.log(f"nodes ready: {', '.join(sorted(ready))}")
-                return
+                node = api.get(f"/api/v1/nodes/{NODE_NAME}")
+                conds = {c["type"]: c["status"] for c in node["status"].get("conditions", [])}
+                taints = [t["key"] for t in node["spec"].get("taints", [])]
+                gpus = int(node["status"].get("allocatable", {}).get("nvidia.com/gpu", "0"))
+                # The node-lifecycle controller removes the not-ready taint
+                # once it sees Ready: only then can pods land. The GPUs appear
+                # once the device plugin has registered.
+                if conds.get("Ready") != "True":
+                    state = "not Ready"
+                elif "node.kubernetes.io/not-ready" in taints:
+                    state = "still tainted not-ready"
+                elif gpus != self.gpus:
+                    state = f"{gpus} of {self.gpus} GPUs allocatable"
+                else:
+                    self.log(f"node {NODE_NAME} ready with {gpus} GPUs")
+                    return
             if time.monotonic() > deadline:
-                raise ClusterError(f"nodes not ready ({sorted(ready)} of {sorted(want)})")
+                raise ClusterError(f"node {NODE_NAME} {state}; see {self.state / 'logs'}")
             time.sleep(0.25)
 
     def _wait_default_service_account(self, api: Api, deadline: float) -> None:
@@ -559,34 +583,23 @@ class Cluster:
                 time.sleep(0.25)
 
     def down(self, quiet: bool = False, keep_state: bool = False) -> None:
-        """Stop every process of this state directory (and their pods)."""
+        """Stop every process of this state directory, its containers, and clean the host."""
         stopped = self.procs.stop_all()
-        self._kill_stray_pods()
-        self._remove_created_mountpoints()
+        # The host's chains, bridge and mounts are shared with whichever node
+        # runs on this machine: only its owner (or a dead one) cleans them.
+        if (
+            host.owner().get("state", str(self.state)) == str(self.state)
+            and not host.running_kubelets()
+        ):
+            self.node().clean_host()
+        host.release(self.state)
         if not quiet:
             self.log(f"stopped {', '.join(stopped) or 'nothing (not running)'}")
-        if not keep_state and os.environ.get("KUBETUNE_E2E_KEEP_STATE") != "1":
-            self._unmount_and_remove()
-
-    def _kill_stray_pods(self) -> None:
-        """Kill pod process groups a kubelet recorded but could not stop (e.g. SIGKILLed)."""
-        for pidfile in self.state.glob("kubelet/*/pods/*/containers/*.pid"):
-            try:
-                pid_s, ticks_s = pidfile.read_text().split()
-                pid, ticks = int(pid_s), int(ticks_s)
-            except (OSError, ValueError):
-                continue
-            if _start_ticks(pid) == ticks:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pid, signal.SIGKILL)
-
-    def _remove_created_mountpoints(self) -> None:
-        remove_created_mountpoints(list(self.state.glob("kubelet/*/created-mountpoints")))
-
-    def _unmount_and_remove(self) -> None:
-        # Pod mounts live in private mount namespaces that die with their
-        # processes, so nothing is mounted here any more; remove the tree.
-        if self.state.exists():
+        if (
+            not keep_state
+            and os.environ.get("KUBETUNE_E2E_KEEP_STATE") != "1"
+            and self.state.exists()
+        ):
             shutil.rmtree(self.state, ignore_errors=True)
 
     def status(self) -> dict[str, Any]:

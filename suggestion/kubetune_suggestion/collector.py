@@ -35,6 +35,7 @@ _EARLY_SIGNALS: list[int] = []
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, lambda signum, frame: _EARLY_SIGNALS.append(signum))
 
+import argparse
 import os
 import random
 import sys
@@ -451,9 +452,31 @@ def run_sidecar(config: SidecarConfig, reporter: Reporter | None = None) -> int:
     return 0
 
 
+def _parser() -> argparse.ArgumentParser:
+    settings = [
+        (ENV_SERVICE_URL, "the suggestion service's base URL"),
+        (ENV_EXPERIMENT_UID, "the Experiment's uid"),
+        (ENV_TRIAL_NUMBER, "the trial number"),
+        (ENV_TRIAL_TOKEN, "the trial's token (reports of this trial only)"),
+        (ENV_METRICS_FILE, "the file the trial appends its reports to"),
+        (ENV_POLL_INTERVAL, "seconds between reads (default 0.2)"),
+        (ENV_DRAIN_TIMEOUT, "seconds to deliver what is left after SIGTERM (default 20)"),
+    ]
+    width = max(len(name) for name, _ in settings)
+    return argparse.ArgumentParser(
+        prog="python -m kubetune_suggestion.collector",
+        description="kubetune's metrics collector, the trial Pod's sidecar: it tails the\n"
+        "metrics file and posts each report to the suggestion service; on SIGTERM\n"
+        "it delivers what is left in the file and exits 0.",
+        epilog="configured by the environment only (the operator sets it):\n"
+        + "\n".join(f"  {name:<{width}}  {text}" for name, text in settings),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m kubetune_suggestion.collector``."""
-    del argv  # configured by env only, like any sidecar
+    _parser().parse_args(argv)  # --help only: configured by env, like any sidecar
     try:
         config = SidecarConfig.from_env(dict(os.environ))
     except ValueError as exc:

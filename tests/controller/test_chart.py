@@ -94,7 +94,7 @@ def test_default_render(helm: str) -> None:
     svc = deployment(docs, "suggestion")["spec"]["template"]["spec"]
     (op_c,) = op["containers"]
     (svc_c,) = svc["containers"]
-    # The e2e kubelet runs commands on the host: plain `python -m` invocations.
+    # The kubetune image runs each component by command (one image for all).
     assert op_c["command"] == ["python", "-m", "kubetune_controller"]
     assert op_c["args"] == ["--all-namespaces"]
     assert svc_c["command"] == ["python", "-m", "kubetune_suggestion.service"]

@@ -10,7 +10,6 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from e2e.cluster.cluster import parse_nodes
 from e2e.cluster.pki import Pki
 from e2e.cluster.processes import ProcessTable
 
@@ -55,8 +54,3 @@ def test_process_table_stops_groups_and_survives_reload(tmp_path: Path) -> None:
     assert table.stop_all(timeout=5) == ["sleeper"]
     assert not rec.alive()
     assert ProcessTable(tmp_path).load() == []
-
-
-def test_parse_nodes() -> None:
-    nodes = parse_nodes("a=1, b=4,c")
-    assert [(n.name, n.gpus) for n in nodes] == [("a", 1), ("b", 4), ("c", 0)]

@@ -26,6 +26,7 @@ from kubetune_suggestion.metrics_protocol import Report
 from kubetune_suggestion.service.core import TuningService
 from kubetune_suggestion.service.testing import free_port
 from kubetune_suggestion.service.tokens import trial_token
+from tests import sigterm
 
 SECRET = "collector-test-secret"
 SPEC: dict[str, Any] = {
@@ -287,3 +288,92 @@ def test_sidecar_stopped_right_after_start_still_delivers_the_file(tmp_path: Pat
         assert [o["step"] for o in trials[0]["observations"]] == [1, 2]
     finally:
         _stop(server)
+
+
+# -- as a container's PID 1 -------------------------------------------------------------
+
+
+def _sidecar_env(url: str, uid: str, metrics: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "KUBETUNE_SERVICE_URL": url,
+        "KUBETUNE_EXPERIMENT_UID": uid,
+        "KUBETUNE_TRIAL_NUMBER": "0",
+        "KUBETUNE_TRIAL_TOKEN": trial_token(SECRET, uid, 0),
+        "KUBETUNE_METRICS_FILE": str(metrics),
+        "KUBETUNE_COLLECTOR_POLL_SECONDS": "0.05",
+    }
+
+
+def test_sidecar_as_pid1_ships_what_is_left_and_exits_promptly_at_sigterm(tmp_path: Path) -> None:
+    # The kubelet stops the native sidecar with SIGTERM once the trial has
+    # exited: it must deliver the last lines and end, not wait out the grace period.
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    metrics = tmp_path / "metrics"
+    metrics.write_text('{"step": 1, "loss": 0.9}\n')
+    server = _start_service(tmp_path / "store.db", port)
+    try:
+        _wait_ready(url, server)
+        client = httpx.Client(base_url=url, timeout=10.0)
+        client.put("/v1/experiments/exp-pid1", json={"name": "exp", "spec": SPEC})
+        client.post("/v1/experiments/exp-pid1/ask", json={"count": 1})
+
+        def stored() -> list[int]:
+            trials = client.get(
+                "/v1/experiments/exp-pid1/trials", params={"observations": "true"}
+            ).json()
+            return [o["step"] for o in trials[0]["observations"] or []]
+
+        sidecar = sigterm.start(
+            [sys.executable, "-m", "kubetune_suggestion.collector"],
+            env=_sidecar_env(url, "exp-pid1", metrics),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            _wait_for(lambda: stored() == [1])
+            assert sigterm.catches_sigterm(sidecar.pid)
+            with metrics.open("a") as f:
+                f.write("step=2 loss=0.8\nstep=3 loss=0.7\n")
+            code, seconds = sidecar.sigterm()
+        finally:
+            sidecar.kill()
+        out = sidecar.popen.stdout.read() if sidecar.popen.stdout else ""
+        assert code == 0, out
+        assert seconds < sigterm.PROMPT_SECONDS
+        assert stored() == [1, 2, 3]
+        assert "stopping after 3 report(s)" in out
+    finally:
+        _stop(server)
+
+
+def test_sidecar_as_pid1_with_nothing_to_ship_exits_at_once(tmp_path: Path) -> None:
+    # No reports pending: nothing to retry, even with the service unreachable.
+    metrics = tmp_path / "metrics"
+    sidecar = sigterm.start(
+        [sys.executable, "-m", "kubetune_suggestion.collector"],
+        env=_sidecar_env(f"http://127.0.0.1:{free_port()}", "exp-idle", metrics),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        sigterm.wait_until(lambda: sigterm.catches_sigterm(sidecar.pid), 30, "the handler")
+        code, seconds = sidecar.sigterm()
+    finally:
+        sidecar.kill()
+    out = sidecar.popen.stdout.read() if sidecar.popen.stdout else ""
+    assert code == 0, out
+    assert seconds < sigterm.PROMPT_SECONDS
+
+
+def test_sidecar_help_names_its_settings() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "kubetune_suggestion.collector", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0
+    for name in ("KUBETUNE_SERVICE_URL", "KUBETUNE_TRIAL_TOKEN", "KUBETUNE_METRICS_FILE"):
+        assert name in result.stdout

@@ -16,6 +16,10 @@ roughly the way the final ones do (the premise of ASHA and the median rule).
 Noise is deterministic (seeded by the parameters and the step), so a rerun of
 the same configuration reports the same numbers.
 
+SIGTERM (a pruned trial's Pod being deleted) ends the run at once with exit
+status 143, also as a container's PID 1, where a signal without a handler is
+ignored and the deletion would wait out the Pod's grace period.
+
 Flags for testing the operator's failure paths: ``--fail-at=N`` exits 1 after
 step N, ``--no-objective`` reports only ``accuracy`` (the trial ends
 MetricsUnavailable when the objective is val_loss), ``--format=kv`` writes
@@ -29,9 +33,13 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
 
 # The loss at the optimum after infinitely many steps.
 BEST_LOSS = 0.05
@@ -40,6 +48,29 @@ BEST_LAYERS = 4
 BEST_DROPOUT = 0.2
 # The value every configuration starts from at step 0.
 START_LOSS = 1.0
+# The exit status after SIGTERM: 128 + the signal, as a shell reports it.
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(Exception):
+    """SIGTERM arrived: the trial is being stopped."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated(signum)
+
+
+@contextmanager
+def stops_at_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` inside the block (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def floor_loss(lr: float, layers: int, dropout: float, optimizer: str, momentum: float) -> float:
@@ -121,7 +152,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the simulated training; the exit status is the trial's outcome."""
-    args = parse_args(argv)
+    with stops_at_sigterm():
+        try:
+            return _train(parse_args(argv))
+        except Terminated:
+            print("synthetic trial: stopped by SIGTERM", file=sys.stderr, flush=True)
+            return EXIT_TERMINATED
+
+
+def _train(args: argparse.Namespace) -> int:
     floor = floor_loss(args.lr, args.layers, args.dropout, args.optimizer, args.momentum)
     rate = convergence_rate(args.lr, args.layers)
     seed = f"{args.lr!r}/{args.layers}/{args.dropout!r}/{args.optimizer}/{args.momentum!r}"
