@@ -39,6 +39,7 @@ usage() {
 Options:
   --all               also build the pytorch-mlp trial images (CPU and GPU; gigabytes)
   --print-archives    print the archive paths of the selected images and exit
+  --print-images      print the names of the selected images and exit (for `kind load`)
   --base IMAGE        the base image (KUBETUNE_BASE_IMAGE); "mmdebstrap": the local Debian one
   --builder NAME      docker or buildah (KUBETUNE_IMAGES_BUILDER)
   --host-wheels       install the kubetune image's Python packages from wheels
@@ -55,11 +56,13 @@ builder=${KUBETUNE_IMAGES_BUILDER:-}
 host_wheels=${KUBETUNE_IMAGES_HOST_WHEELS:-0}
 all=0
 print_archives=0
+print_images=0
 
 while (($#)); do
     case $1 in
         --all) all=1 ;;
         --print-archives) print_archives=1 ;;
+        --print-images) print_images=1 ;;
         --base) base_choice=${2:?--base needs an image}; shift ;;
         --base=*) base_choice=${1#--base=} ;;
         --builder) builder=${2:?--builder needs docker or buildah}; shift ;;
@@ -100,10 +103,10 @@ if ((all)); then
     )
 fi
 
-if ((print_archives)); then
+if ((print_archives || print_images)); then
     for entry in "${images[@]}"; do
-        IFS='|' read -r _ _ _ archive <<<"$entry"
-        echo "$out/$archive"
+        IFS='|' read -r _ tag _ archive <<<"$entry"
+        if ((print_images)); then echo "$tag"; else echo "$out/$archive"; fi
     done
     exit 0
 fi
