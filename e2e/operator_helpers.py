@@ -532,6 +532,19 @@ class PodWatch:
         """When each Pod disappeared."""
         return {o["metadata"]["name"]: ts for ts, t, o in self.events if t == "DELETED"}
 
+    def stopped_at(self, container: str) -> dict[str, float]:
+        """When each Pod's ``container`` was first seen terminated (or the Pod gone)."""
+        seen: dict[str, float] = {}
+        for ts, kind, obj in self.events:
+            name = obj["metadata"]["name"]
+            statuses = (obj.get("status") or {}).get("containerStatuses") or []
+            ended = any(
+                c["name"] == container and "terminated" in (c.get("state") or {}) for c in statuses
+            )
+            if name not in seen and (ended or kind == "DELETED"):
+                seen[name] = ts
+        return seen
+
     def max_concurrent(self, resource: str | None = None) -> int:
         """Most Pods (requesting ``resource``, if given) in phase Running at one time."""
         running: set[str] = set()

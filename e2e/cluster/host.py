@@ -24,6 +24,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from e2e.cluster.processes import _start_ticks
+
 # The sysctls the kubelet (kernel defaults it wants) and the bridge plugin
 # (ip_forward) set; their earlier values are saved before the node starts.
 SYSCTLS = ("vm.overcommit_memory", "kernel.panic", "kernel.panic_on_oops", "net.ipv4.ip_forward")
@@ -173,10 +175,17 @@ def remove_bridge() -> None:
 
 
 def remove_device_plugin_sockets() -> None:
-    """Remove the sockets a kubelet and our GPU plugin left in the fixed directory."""
-    for sock in DEVICE_PLUGIN_DIR.glob("*.sock"):
+    """Remove what a kubelet and our GPU plugin left in the fixed directory.
+
+    The sockets, and the device manager's checkpoint: a next kubelet would
+    otherwise restore allocations to Pods of this cluster.
+    """
+    for leftover in [
+        *DEVICE_PLUGIN_DIR.glob("*.sock"),
+        DEVICE_PLUGIN_DIR / "kubelet_internal_checkpoint",
+    ]:
         with contextlib.suppress(OSError):
-            sock.unlink()
+            leftover.unlink()
 
 
 def clean(state: Path, containerd_address: Path) -> None:
@@ -224,6 +233,7 @@ def running_kubelets() -> list[str]:
         if not proc.name.isdigit():
             continue
         with contextlib.suppress(OSError):
-            if (proc / "comm").read_text().strip() == "kubelet":
+            # A zombie (stopped, not yet reaped by its parent) is not running.
+            if (proc / "comm").read_text().strip() == "kubelet" and _start_ticks(int(proc.name)):
                 found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip())
     return found
