@@ -11,6 +11,7 @@ operator's /metrics and the service's API.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,6 +125,24 @@ def test_experiment_runs_to_max_trials(
     )
     key = ("kubetune_experiment_best_objective", (("experiment", "rand"), ("namespace", namespace)))
     assert samples[key] == pytest.approx(exp["status"]["bestObjective"])
+
+
+def test_chart_components_run_as_the_image_user(kube: Kube, stack: HostStack | ChartStack) -> None:
+    """The operator and the service run as uid 65532 of the kubetune image, read-only root."""
+    if not isinstance(stack, ChartStack):
+        pytest.skip("the chart's Deployments only")
+    for component in ("operator", "suggestion"):
+        target = f"deploy/{stack.release}-kubetune-{component}"
+        uid = kube.kubectl("exec", "-n", stack.namespace, target, "--", "id", "-u")
+        assert uid.strip() == "65532", (component, uid)
+        touch = subprocess.run(
+            [kube.kubectl_bin, "exec", "-n", stack.namespace, target, "--", "touch", "/x"],
+            capture_output=True,
+            text=True,
+            env=kube.env(),
+            check=False,
+        )
+        assert touch.returncode != 0 and "Read-only file system" in touch.stderr, touch.stderr
 
 
 def test_asha_prunes_within_two_seconds(
