@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 from e2e.cluster import Cluster, bin_dir  # noqa: E402
 from e2e.helpers import Kube, find_kubectl, wait_for  # noqa: E402
 from e2e.kube import Api  # noqa: E402
-from e2e.operator_helpers import HostStack, synthetic_experiment  # noqa: E402
+from e2e.operator_helpers import ChartStack, HostStack, synthetic_experiment  # noqa: E402
 from kubetune_suggestion.store import testing  # noqa: E402
 
 NAMESPACE = f"kubetune-bench-{uuid.uuid4().hex[:5]}"
@@ -132,9 +132,12 @@ spec:
 class PodTimeline:
     """Watches trial Pods: first Running time, peak concurrency, and fake-sidecar reports."""
 
-    def __init__(self, kube: Kube, service_url: str) -> None:
+    def __init__(self, kube: Kube, service_url: str, play: bool = True) -> None:
         self.api = Api.from_kubeconfig(kube.kubeconfig)
         self.service_url = service_url
+        # On kwok's nodes no sidecar runs: this plays its part. A real node's
+        # sidecars report for themselves.
+        self.play = play
         self.first_running: float | None = None
         self.running: set[str] = set()
         self.peak = 0
@@ -174,7 +177,7 @@ class PodTimeline:
                     if self.first_running is None:
                         self.first_running = time.time()
                     self.running.add(name)
-                    if name not in self.reported:
+                    if self.play and name not in self.reported:
                         self.reported.add(name)
                         self.pool.submit(self.play_trial, pod)
                 else:
@@ -309,7 +312,15 @@ def main() -> int:
         action="store_true",
         help="service on PostgreSQL (KUBETUNE_TEST_POSTGRES_URL, .ci/postgres.sh) with 2 workers",
     )
+    parser.add_argument(
+        "--real-node",
+        action="store_true",
+        help="run the trials as real containers on the cluster's real node, kubetune installed "
+        "by its chart (no kwok, no floor run); e.g. --trials 200 --parallelism 20",
+    )
     args = parser.parse_args()
+    if args.real_node:
+        args.no_floor = True
 
     cluster = Cluster()
     if not cluster.is_up():
@@ -318,40 +329,46 @@ def main() -> int:
     binaries = bin_dir()
     kube = Kube(cluster.kubeconfig, find_kubectl(binaries), local=True, bin_dir=binaries)
     work = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
-    stages = trial_stages(
-        binaries / "kwok-stages.yaml",
-        args.seconds,
-        work / "stages.yaml",
-        args.kwok_parallelism or args.parallelism,
+    kwok: subprocess.Popen[bytes] | None = None
+    if not args.real_node:
+        stages = trial_stages(
+            binaries / "kwok-stages.yaml",
+            args.seconds,
+            work / "stages.yaml",
+            args.kwok_parallelism or args.parallelism,
+        )
+        kwok = subprocess.Popen(
+            [
+                str(binaries / "kwok"),
+                f"--kubeconfig={kube.kubeconfig}",
+                # kwok's own "fast" stages (copied by e2e/cluster/build.sh) and
+                # one that ends trial Pods.
+                f"--config={stages}",
+                "--manage-all-nodes=false",
+                f"--manage-nodes-with-annotation-selector={TAINT}=fake",
+                "--cidr=10.128.0.0/16",
+                "--node-lease-duration-seconds=40",
+            ],
+            stdout=(work / "kwok.log").open("w"),
+            stderr=subprocess.STDOUT,
+            env=kube.env(),
+        )
+    stack: HostStack | ChartStack = (
+        ChartStack(kube, work) if args.real_node else HostStack(kube, work)
     )
-    kwok = subprocess.Popen(
-        [
-            str(binaries / "kwok"),
-            f"--kubeconfig={kube.kubeconfig}",
-            # kwok's own "fast" stages (copied by e2e/cluster/build.sh) and
-            # one that ends trial Pods.
-            f"--config={stages}",
-            "--manage-all-nodes=false",
-            f"--manage-nodes-with-annotation-selector={TAINT}=fake",
-            "--cidr=10.128.0.0/16",
-            "--node-lease-duration-seconds=40",
-        ],
-        stdout=(work / "kwok.log").open("w"),
-        stderr=subprocess.STDOUT,
-        env=kube.env(),
-    )
-    stack = HostStack(kube, work)
     cleanup = contextlib.ExitStack()
     if args.postgres:
         base = testing.postgres_base_url()
         if base is None:
             print("KUBETUNE_TEST_POSTGRES_URL is unset: source .ci/postgres.sh", file=sys.stderr)
             return 2
+        assert isinstance(stack, HostStack), "--postgres is for the host stack"
         stack.db_url = cleanup.enter_context(testing.postgres_schema(base))
         stack.service_workers = 2
     timeline: PodTimeline | None = None
     try:
-        kube.apply(*fake_nodes(args.nodes, args.parallelism * 2))
+        if not args.real_node:
+            kube.apply(*fake_nodes(args.nodes, args.parallelism * 2))
         kube.kubectl("create", "namespace", NAMESPACE)
         wait_for(lambda: kube.try_get("sa", "-n", NAMESPACE, "default"), 60, "default SA")
         stack.start()
@@ -362,11 +379,12 @@ def main() -> int:
             epochs=1,
             sleep=args.seconds,
         )
-        exp["spec"]["template"]["spec"].update(
-            nodeSelector={"type": "kwok"},
-            tolerations=[{"key": TAINT, "operator": "Exists", "effect": "NoSchedule"}],
-        )
-        timeline = PodTimeline(kube, stack.service_url)
+        if not args.real_node:
+            exp["spec"]["template"]["spec"].update(
+                nodeSelector={"type": "kwok"},
+                tolerations=[{"key": TAINT, "operator": "Exists", "effect": "NoSchedule"}],
+            )
+        timeline = PodTimeline(kube, stack.service_url, play=not args.real_node)
         timeline.thread.start()
         time.sleep(1)
         applied = time.time()
@@ -379,7 +397,7 @@ def main() -> int:
         shown = [time.time()]
 
         def finished() -> str | None:
-            if kwok.poll() is not None:
+            if kwok is not None and kwok.poll() is not None:
                 raise RuntimeError(f"kwok exited with {kwok.returncode}: see {work}/kwok.log")
             status = timeline.api.get(exp_path).get("status") or {}
             if time.time() - shown[0] >= 5:
@@ -399,6 +417,7 @@ def main() -> int:
             ("trials (created / max)", f"{trials} / {args.trials}"),
             ("parallelism", str(args.parallelism)),
             ("trial duration", f"{args.seconds:g} s"),
+            ("nodes", "the real node (containerd)" if args.real_node else f"{args.nodes} kwok"),
             ("service database", "PostgreSQL, 2 workers" if args.postgres else "SQLite, 1 worker"),
             ("experiment phase", f"{phase} ({status.get('trialsSummary')})"),
             (
@@ -444,8 +463,9 @@ def main() -> int:
         kube.kubectl("delete", "namespace", NAMESPACE, "--wait=false", "--ignore-not-found")
         for i in range(args.nodes):
             kube.kubectl("delete", "node", f"kwok-bench-{i}", "--ignore-not-found", "--wait=false")
-        kwok.terminate()
-        kwok.wait(10)
+        if kwok is not None:
+            kwok.terminate()
+            kwok.wait(10)
         print(f"logs: {work}", file=sys.stderr)
 
 
