@@ -20,6 +20,7 @@ Both serve the same interface to the tests: ``service_url``, ``metrics()``,
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -36,6 +37,7 @@ import httpx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from e2e.cluster import Cluster
 from e2e.helpers import TRIAL_IMAGE, Kube, Obj, wait_for
 from e2e.kube import Api, ApiError
 
@@ -545,6 +547,15 @@ class PodWatch:
                 seen[name] = ts
         return seen
 
+    def container_ids(self, container: str) -> dict[str, str]:
+        """The runtime's ID of each Pod's ``container`` (``containerd://`` and the like cut)."""
+        ids: dict[str, str] = {}
+        for _, _, obj in self.events:
+            for c in (obj.get("status") or {}).get("containerStatuses") or []:
+                if c["name"] == container and c.get("containerID"):
+                    ids[obj["metadata"]["name"]] = c["containerID"].split("://", 1)[-1]
+        return ids
+
     def max_concurrent(self, resource: str | None = None) -> int:
         """Most Pods (requesting ``resource``, if given) in phase Running at one time."""
         running: set[str] = set()
@@ -570,6 +581,56 @@ def _requests(pod: Obj, resource: str) -> int:
             or (res.get("requests") or {}).get(resource, 0)
         )
     return total
+
+
+class TaskExits:
+    """When each container's process exited, as containerd reports it (``ctr events``).
+
+    The kubelet reports a container's end only at its next relist (every
+    second), so a Pod's status says late when the process stopped; containerd's
+    exit event carries the exit time itself, to the nanosecond, on this
+    machine's clock. Only for the local cluster, whose containerd is ours.
+    """
+
+    def __init__(self, ctr: Path, socket: Path) -> None:
+        self.exited: dict[str, float] = {}
+        self._proc = subprocess.Popen(
+            [str(ctr), "--address", str(socket), "events"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> TaskExits:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._proc.terminate()
+        self._proc.wait(10)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            # "<date> <time> +0000 UTC <namespace> /tasks/exit {json}"
+            _, _, payload = line.partition(" /tasks/exit ")
+            if not payload:
+                continue
+            event = json.loads(payload)
+            at = event["exited_at"]
+            # The container's own process (its id is the container's); exec'd
+            # processes exit with ids of their own.
+            if event["id"] == event["container_id"]:
+                self.exited[event["container_id"]] = at["seconds"] + at.get("nanos", 0) / 1e9
+
+
+def task_exits(kube: Kube) -> contextlib.AbstractContextManager[TaskExits | None]:
+    """The local node's containerd exit events (``None`` on other clusters)."""
+    if not kube.local or kube.bin_dir is None:
+        return contextlib.nullcontext()
+    return TaskExits(kube.bin_dir / "ctr", Cluster().node().containerd_socket)
 
 
 class StopRecorder:
