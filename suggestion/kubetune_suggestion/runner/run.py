@@ -6,8 +6,11 @@ in-process: the ``TuningService`` over a SQLite store under ``--dir`` asks,
 records and decides, and a :class:`~kubetune_suggestion.collector.Collector`
 per trial tails its metrics file exactly as the cluster sidecar does.
 
-The loop is single-threaded and polls (every 0.1 s by default): trials report
-at most a few times a second, and one thread leaves nothing to lock.
+The loop is single-threaded and polls (every 0.02 s by default): a stop the
+service decides on a trial's report reaches the trial within a poll of that
+report, and one thread leaves nothing to lock. The stop itself is sent the
+moment the service answers the deciding report (:class:`_StopOnAnswer`), not
+after the rest of the trial's new reports were forwarded.
 
 Files, for experiment ``NAME`` under ``--dir`` (default ``.kubetune``)::
 
@@ -47,7 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final, Protocol
 
-from kubetune_suggestion.collector import Collector, Delivery, ServiceReporter
+from kubetune_suggestion.collector import Ack, Collector, Delivery, Reporter, ServiceReporter
+from kubetune_suggestion.metrics_protocol import Report
 from kubetune_suggestion.runner.manifest import Manifest
 from kubetune_suggestion.runner.outcome import ExperimentOutcome, experiment_outcome, trial_end
 from kubetune_suggestion.runner.process import TrialProcess, describe_exit, resolve_command, tail
@@ -265,7 +269,7 @@ class LocalRunner:
         token: Callable[[int], str],
         *,
         grace: float = 5.0,
-        poll_interval: float = 0.1,
+        poll_interval: float = 0.02,
     ) -> None:
         """Set up a run.
 
@@ -297,7 +301,6 @@ class LocalRunner:
         self.started = time.monotonic()
         self._summary: ExperimentSummary | None = None
         self._summary_at = 0.0
-        self._stops_at = 0.0
         self._exhausted = False
         self._container = self._first_container()
 
@@ -441,7 +444,10 @@ class LocalRunner:
         log_handle = _LineLog(log_path)
         collector = Collector(
             metrics_path,
-            ServiceReporter(self.service, self.uid, number, token),
+            _StopOnAnswer(
+                ServiceReporter(self.service, self.uid, number, token),
+                lambda reason: self._stop_early(number, reason),
+            ),
             log_handle.write,
             # A busy store is retried, but Ctrl-C must still get through.
             interrupted=lambda: self.interrupted > 0,
@@ -454,19 +460,21 @@ class LocalRunner:
     # -- watching trials ----------------------------------------------------
 
     def _poll_all(self) -> None:
-        stops: dict[int, str] | None = None
-        if self.active and time.monotonic() - self._stops_at >= _SUMMARY_INTERVAL:
-            # A stop order may come from elsewhere than this trial's own report.
-            stops = {s.number: s.reason for s in self.service.stops(self.uid)}
-            self._stops_at = time.monotonic()
+        # No polling of the service's stop orders: here every stop is decided
+        # on the trial's own report, and its answer stops the trial (_StopOnAnswer).
         for trial in list(self.active.values()):
             self._take(trial, trial.collector.collect())
-            if stops and trial.number in stops and trial.stop_reason is None:
-                trial.stop_reason = stops[trial.number]
-                trial.process.terminate(self.grace)
             code = trial.process.poll()
             if code is not None:
                 self._finish(trial, code)
+
+    def _stop_early(self, number: int, reason: str) -> None:
+        """The early-stopping rule stopped trial ``number``: SIGTERM it now."""
+        trial = self.active.get(number)
+        if trial is None or trial.stop_reason is not None or trial.interrupted:
+            return
+        trial.stop_reason = reason or "stopped by the early-stopping rule"
+        trial.process.terminate(self.grace)
 
     def _take(self, trial: _Active, deliveries: list[Delivery]) -> None:
         for delivery in deliveries:
@@ -475,9 +483,6 @@ class LocalRunner:
                 trial.saw_objective = True
                 trial.last_step = report.step
                 trial.last_value = report.metrics[self.metric]
-            if delivery.ack.stop and trial.stop_reason is None and not trial.interrupted:
-                trial.stop_reason = delivery.ack.reason or "stopped by the early-stopping rule"
-                trial.process.terminate(self.grace)
 
     def _finish(self, trial: _Active, code: int) -> None:
         # The writer is gone: whatever it left, even without a final newline, counts.
@@ -596,6 +601,26 @@ class LocalRunner:
             paths=self.paths,
             elapsed=time.monotonic() - self.started,
         )
+
+
+class _StopOnAnswer:
+    """A trial's reporter that acts on a stop answer the moment the service gives it.
+
+    The collector forwards a batch of reports before handing back their
+    answers; a trial behind by a few reports would otherwise keep training
+    while the rest of its batch is stored.
+    """
+
+    def __init__(self, reporter: Reporter, stop: Callable[[str], None]) -> None:
+        self.reporter = reporter
+        self.stop = stop
+
+    def send(self, report: Report) -> Ack:
+        """Forward ``report``; stop the trial if the answer says so."""
+        ack = self.reporter.send(report)
+        if ack.stop:
+            self.stop(ack.reason)
+        return ack
 
 
 class _LineLog:

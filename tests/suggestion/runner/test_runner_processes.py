@@ -1,0 +1,104 @@
+"""The runner and its trial processes: stop latency, dying with the runner, duplicates."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from kubetune_suggestion.runner.manifest import Manifest, parse_manifest
+from kubetune_suggestion.runner.progress import Quiet
+from kubetune_suggestion.runner.run import LocalRunner, RunPaths
+from kubetune_suggestion.service.core import TuningService
+from kubetune_suggestion.service.models import StopAnswer
+
+# Trial 0 is good, every later trial worse than all before it: ASHA stops them at rung 1. Each trial
+# notes when it reported step 1 and when SIGTERM reached it (wall clock,
+# comparable across processes).
+EPOCHS = """
+import os, signal, sys, time
+import kubetune
+
+number = int(os.environ["KUBETUNE_TRIAL_NUMBER"])
+
+def on_term(signum, frame):
+    with open(f"sigterm-{number}", "w") as handle:
+        handle.write(repr(time.time()))
+    sys.exit(0)
+
+signal.signal(signal.SIGTERM, on_term)
+for step in range(1, 101):
+    time.sleep(0.01)
+    kubetune.report(step=step, loss=0.1 if number == 0 else 5.0 + number)
+    if step == 1:
+        with open(f"reported-{number}", "w") as handle:
+            handle.write(repr(time.time()))
+"""
+
+
+def _manifest(tmp_path: Path, script: str, **spec: Any) -> Manifest:
+    (tmp_path / "t.py").write_text(script)
+    body = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "Experiment",
+        "metadata": {"name": "procs"},
+        "spec": {
+            "objective": {"metric": "loss", "direction": "minimize"},
+            "parameters": [{"name": "x", "type": "float", "min": 0.0, "max": 1.0}],
+            "algorithm": {"name": "random", "seed": 0},
+            "maxTrials": 2,
+            "parallelism": 1,
+            "template": {"spec": {"containers": [{"name": "t", "command": ["python", "t.py"]}]}},
+            **spec,
+        },
+    }
+    return parse_manifest(body, tmp_path / "procs.yaml")
+
+
+class _DecisionClock:
+    """The service, noting when it first decided that each trial should stop."""
+
+    def __init__(self, service: TuningService) -> None:
+        self.service = service
+        self.decided: dict[int, float] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.service, name)
+
+    def report(
+        self, uid: str, number: int, token: str, step: int, metrics: dict[str, float]
+    ) -> StopAnswer:
+        answer = self.service.report(uid, number, token, step, metrics)
+        if answer.stop:
+            self.decided.setdefault(number, time.time())
+        return answer
+
+
+def test_a_stop_reaches_the_trial_within_50_ms_of_the_decision(tmp_path: Path) -> None:
+    manifest = _manifest(
+        tmp_path,
+        EPOCHS,
+        earlyStopping={"name": "asha", "minResource": 1, "maxResource": 100},
+        maxTrials=6,
+    )
+    paths = RunPaths(tmp_path / "state", "procs")
+    paths.root.mkdir()
+    service = TuningService.open(paths.database_url)
+    try:
+        clock = _DecisionClock(service)
+        # The CLI's poll interval: the stop must not wait for the next poll.
+        runner = LocalRunner(
+            manifest, clock, paths, Quiet(), lambda n: service.token(manifest.uid, n)
+        )
+        result = runner.run()
+    finally:
+        service.close()
+    counts = {str(state): n for state, n in result.summary.counts.items()}
+    assert (counts["succeeded"], counts["pruned"]) == (1, 5)
+    assert sorted(clock.decided) == [1, 2, 3, 4, 5]
+    for number, decided in clock.decided.items():
+        signalled = float((tmp_path / f"sigterm-{number}").read_text())
+        reported = float((tmp_path / f"reported-{number}").read_text())
+        assert 0 <= signalled - decided < 0.05
+        # The decision is due once the trial reported rung 1: no waiting for a slow poll either.
+        assert signalled - reported < 0.05
