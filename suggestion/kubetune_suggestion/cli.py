@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Sequence
@@ -178,7 +179,7 @@ def _print_result(result: RunResult, manifest_path: Path, out: TextIO) -> None:
         out.write(
             f"\nInterrupted after {result.elapsed:.1f}s; {summary.done}/{summary.max_trials} "
             f"trials done. Run the same command to continue:\n"
-            f"  kubetune run {manifest_path}\n"
+            f"  kubetune run {_quote(manifest_path)} --dir {_quote(result.paths.root)}\n"
         )
         return
     verdict = "succeeded" if result.status == "succeeded" else "FAILED"
@@ -196,9 +197,14 @@ def _print_result(result: RunResult, manifest_path: Path, out: TextIO) -> None:
             out.write(f"    {name:<{width}} = {value}\n")
     out.write(
         f"  store: {result.paths.database}   logs: {result.paths.trials}/\n"
-        f"  history: kubetune trials {manifest_path} --dir {result.paths.root}\n"
+        f"  history: kubetune trials {_quote(manifest_path)} --dir {_quote(result.paths.root)}\n"
     )
     out.flush()
+
+
+def _quote(path: Path) -> str:
+    # The hints are commands to paste: a path with a space must stay one word.
+    return shlex.quote(str(path))
 
 
 def _counts_text(summary: ExperimentSummary) -> str:

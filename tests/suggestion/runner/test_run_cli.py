@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -348,3 +349,31 @@ def test_live_table_on_a_terminal(tmp_path: Path) -> None:
         line.split() == ["trial", "time", "step", "loss", "params"] for line in screen.splitlines()
     )
     assert "Experiment tiny succeeded" in screen
+
+
+def test_the_resume_hint_after_ctrl_c_continues_the_same_experiment(tmp_path: Path) -> None:
+    manifest = _manifest(tmp_path, args=["--steps=3", "--delay=0.3"], maxTrials=1)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubetune_suggestion.cli", "run", "tiny.yaml", "--dir", "my state"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "my state" / "tiny" / "trial-0.log").exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    lines = out.splitlines()
+    (at,) = [i for i, line in enumerate(lines) if line.endswith("the same command to continue:")]
+    hint = lines[at + 1]
+    command = shlex.split(hint)
+    assert command[:2] == ["kubetune", "run"]
+    resumed = _kubetune(*command[1:], cwd=tmp_path)  # run as printed
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "continuing: 0/1 trials already done, 1 interrupted to re-run" in resumed.stdout
+    assert not (tmp_path / ".kubetune").exists()  # nothing started elsewhere
+    assert manifest.exists()
