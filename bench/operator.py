@@ -42,6 +42,7 @@ from e2e.cluster import Cluster, bin_dir  # noqa: E402
 from e2e.helpers import Kube, find_kubectl, wait_for  # noqa: E402
 from e2e.kube import Api  # noqa: E402
 from e2e.operator_helpers import ChartStack, HostStack, synthetic_experiment  # noqa: E402
+from kubetune_controller.pods import COLLECTOR_NAME  # noqa: E402
 from kubetune_suggestion.store import testing  # noqa: E402
 
 NAMESPACE = f"kubetune-bench-{uuid.uuid4().hex[:5]}"
@@ -111,6 +112,21 @@ spec:
       {{{{ $now := Now }}}}
       containerStatuses:
       {{{{ range $item := .spec.containers }}}}
+      - image: {{{{ $item.image | Quote }}}}
+        name: {{{{ $item.name | Quote }}}}
+        ready: false
+        restartCount: 0
+        started: false
+        state:
+          terminated:
+            exitCode: 0
+            finishedAt: {{{{ $now | Quote }}}}
+            reason: Completed
+            startedAt: {{{{ $now | Quote }}}}
+      {{{{ end }}}}
+      # The collector sidecar stops after the training, as the kubelet does it.
+      initContainerStatuses:
+      {{{{ range $item := .spec.initContainers }}}}
       - image: {{{{ $item.image | Quote }}}}
         name: {{{{ $item.name | Quote }}}}
         ready: false
@@ -205,10 +221,10 @@ class BarePods:
     """The harness's floor: the same Pods kept ``parallelism`` at a time by a minimal loop.
 
     No Trials, no suggestion service, no status: a Pod is created from a
-    copy of a real trial Pod, and each one that succeeds is replaced at
-    once, until ``total`` have run. Its time against the ideal is what the
-    control plane, kwok and this machine cost without kubetune; the
-    operator's own ratio is read against it.
+    copy of a real trial Pod less kubetune's collector sidecar, and each one
+    that succeeds is replaced at once, until ``total`` have run. Its time
+    against the ideal is what the control plane, the node and this machine
+    cost without kubetune; the operator's own ratio is read against it.
     """
 
     LABEL = "kubetune-bench-floor"
@@ -218,8 +234,11 @@ class BarePods:
         self.namespace = namespace
         self.total = total
         spec = dict(trial_pod["spec"])
-        for key in ("nodeName",):
-            spec.pop(key, None)
+        spec.pop("nodeName", None)
+        # The training alone: kubetune's collector sidecar is kubetune's cost.
+        spec["initContainers"] = [
+            c for c in spec.get("initContainers") or [] if c["name"] != COLLECTOR_NAME
+        ]
         self.spec = spec
         self.created = 0
         self.succeeded = 0
@@ -316,11 +335,9 @@ def main() -> int:
         "--real-node",
         action="store_true",
         help="run the trials as real containers on the cluster's real node, kubetune installed "
-        "by its chart (no kwok, no floor run); e.g. --trials 200 --parallelism 20",
+        "by its chart (no kwok); e.g. --trials 200 --parallelism 20",
     )
     args = parser.parse_args()
-    if args.real_node:
-        args.no_floor = True
 
     cluster = Cluster()
     if not cluster.is_up():

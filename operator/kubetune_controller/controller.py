@@ -469,6 +469,7 @@ class Controller:
                 self._settle_trials(key, experiment, spec, memory)
             elif decision.ending is None:
                 memory.ending = None
+            decision = rc.hold_until_trials_end(decision, self.cache.trials(key).values())
             if decision.ask > 0:
                 # The summary may be stale by the time the ask arrives (trials
                 # being created start, others finish): the service checks

@@ -220,6 +220,10 @@ class PodView:
     waiting_message: str | None = None
     # Terminated non-sidecar containers, in spec order.
     ended_containers: tuple[ContainerEnd, ...] = field(default=())
+    # Whether a sidecar (the metrics collector) still runs. The Pod is
+    # Succeeded once its main containers are; its sidecars are stopped after
+    # that, and the collector delivers the reports it has not sent yet then.
+    sidecar_running: bool = False
     resource_version: str = ""
 
     @classmethod
@@ -252,6 +256,10 @@ class PodView:
             started=parse_time(status.get("startTime")),
             waiting_message=waiting,
             ended_containers=tuple(ended),
+            sidecar_running=any(
+                "running" in (cs.get("state") or {})
+                for cs in status.get("initContainerStatuses") or []
+            ),
             resource_version=str(meta.get("resourceVersion") or ""),
         )
 

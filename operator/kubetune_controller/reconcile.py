@@ -147,8 +147,13 @@ def plan_trials(
             continue
         stop = stops.get(trial.number) or ending or trial.stop_reason
         if pod is not None and pod.phase == "Succeeded":
-            # Finished on its own before (or while) the stop arrived: a result.
-            plan.finish.append(TrialFinish(trial.number, trial.name, "succeeded", "Completed", ""))
+            # Finished on its own before (or while) the stop arrived: a result,
+            # once the collector has delivered the last reports (it drains
+            # when the kubelet stops it, just after the training exits).
+            if not pod.sidecar_running:
+                plan.finish.append(
+                    TrialFinish(trial.number, trial.name, "succeeded", "Completed", "")
+                )
         elif stop:
             if pod is None or pod.ended or pod.deleting:
                 plan.finish.append(
@@ -274,6 +279,25 @@ class Decision:
     ask: int = 0
     # Set when the experiment has ended: live trials are stopped with it.
     ending: str | None = None
+
+
+def hold_until_trials_end(decision: Decision, trials: Iterable[TrialView]) -> Decision:
+    """A decision to end, held at ``Running`` until every Trial shows its own end.
+
+    The service counts a trial done as soon as it is finished there; its
+    Trial's status is written just after (and a stopped trial's Pod goes a
+    little later). ``Succeeded`` or ``Failed`` written before that would show
+    trials still running under an ended experiment, to ``kubectl wait`` too.
+    """
+    live = sum(1 for t in trials if not t.final)
+    if not decision.phase.final or live == 0:
+        return decision
+    return replace(
+        decision,
+        phase=ExperimentPhase.RUNNING,
+        reason="Ending",
+        message=f"{decision.message}; waiting for {live} trial{'s' if live > 1 else ''} to end",
+    )
 
 
 def goal_reached(spec: ExperimentSpec, best: float | None) -> bool:

@@ -47,7 +47,6 @@ from types import FrameType
 from typing import Any, Final, Protocol
 
 import httpx
-import sqlalchemy.exc
 
 from kubetune_suggestion.metrics_protocol import (
     MetricsFileReader,
@@ -292,6 +291,10 @@ class ServiceReporter:
             ReportRejected: The service refused it (a finished trial, a bad value).
             ReporterUnavailable: The database is busy (SQLite locked by another process).
         """
+        # Here, not at the top: the sidecar never needs it, and its import is
+        # most of the sidecar's start-up time when a node starts many at once.
+        import sqlalchemy.exc
+
         try:
             answer = self.service.report(
                 self.uid, self.number, self.token, report.step, report.metrics

@@ -42,6 +42,9 @@ class FakeCluster:
     def __init__(self, create_delay: float = 0.0) -> None:
         # Seconds each Trial and Pod creation takes, so that creations overlap asks.
         self.create_delay = create_delay
+        # Seconds each Trial status write takes: a finished trial's Trial
+        # shows its end a moment after the service counted it done.
+        self.status_delay = 0.0
         self.objects: dict[tuple[str, str, str], Obj] = {}
         self.controller: Controller | None = None
         self.pod_creates: Counter[str] = Counter()
@@ -97,6 +100,7 @@ class FakeCluster:
         return "epoch 1\nepoch 2\ndone"
 
     async def patch_trial_status(self, namespace: str, name: str, status: Obj) -> Obj:
+        await asyncio.sleep(self.status_delay)
         return self._patch_status("Trial", namespace, name, status)
 
     async def patch_experiment_status(self, namespace: str, name: str, status: Obj) -> Obj:

@@ -47,6 +47,44 @@ def test_running_is_written_once_the_pod_has_run_a_second_so_short_trials_write_
     assert [f.state for f in plan_with_delay(done).finish] == ["succeeded"]
 
 
+def test_succeeded_pod_is_finished_once_its_collector_has_delivered_the_last_reports():
+    # The kubelet marks the Pod Succeeded as the training exits and only then
+    # stops the collector, which sends what it has not sent yet: a finish
+    # before that would miss the final objective (MetricsUnavailable).
+    body = {
+        "metadata": {"name": "exp-0", "namespace": "ns", "uid": "p-0"},
+        "status": {
+            "phase": "Succeeded",
+            "initContainerStatuses": [
+                {"name": "kubetune-collector", "state": {"running": {}}},
+            ],
+            "containerStatuses": [
+                {"name": "train", "state": {"terminated": {"exitCode": 0}}},
+            ],
+        },
+    }
+    draining = PodView.from_body(body)
+    assert draining.sidecar_running
+    assert plan([trial(0)], [draining]).finish == []
+    assert plan([trial(0)], [draining], stops={0: "asha"}) == rc.TrialPlan()
+    body["status"]["initContainerStatuses"][0]["state"] = {"terminated": {"exitCode": 0}}
+    done = PodView.from_body(body)
+    assert not done.sidecar_running
+    assert [f.state for f in plan([trial(0)], [done]).finish] == ["succeeded"]
+
+
+def test_an_ending_experiment_stays_running_until_its_trials_show_their_end():
+    done = rc.Decision(ExperimentPhase.SUCCEEDED, "MaxTrialsReached", "6 of 6 done", ending="x")
+    held = rc.hold_until_trials_end(done, [trial(0, TrialPhase.SUCCEEDED), trial(1)])
+    assert held.phase is ExperimentPhase.RUNNING
+    assert held.message == "6 of 6 done; waiting for 1 trial to end"
+    assert held.ending == "x"
+    final = [trial(0, TrialPhase.SUCCEEDED), trial(1, TrialPhase.PRUNED)]
+    assert rc.hold_until_trials_end(done, final) is done
+    running = rc.Decision(ExperimentPhase.RUNNING, "Running", "2 running")
+    assert rc.hold_until_trials_end(running, [trial(1)]) is running
+
+
 def test_pending_pod_shows_why_it_waits():
     why = "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
     p = plan([trial(0, None)], [pod(0, "Pending", waiting=why)])
