@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, Final, TextIO
+from typing import Final, TextIO
 
 from kubetune_suggestion.runner.manifest import Manifest, experiment_uid, load_manifest
 from kubetune_suggestion.runner.progress import format_objective, format_params, make_display
@@ -33,9 +33,10 @@ from kubetune_suggestion.runner.run import (
     RunPaths,
     RunResult,
     experiment_lock,
+    stored_result,
 )
 from kubetune_suggestion.service.errors import ServiceError
-from kubetune_suggestion.service.models import ExperimentSummary, TrialView
+from kubetune_suggestion.service.models import TrialView
 from kubetune_suggestion.spec import SpecError
 from kubetune_suggestion.template import TemplateError, check_pod_spec
 
@@ -177,15 +178,15 @@ def _print_result(result: RunResult, manifest_path: Path, out: TextIO) -> None:
     summary = result.summary
     if result.status == "interrupted":
         out.write(
-            f"\nInterrupted after {result.elapsed:.1f}s; {summary.done}/{summary.max_trials} "
+            f"\nInterrupted after {result.elapsed or 0:.1f}s; {summary.done}/{summary.max_trials} "
             f"trials done. Run the same command to continue:\n"
             f"  kubetune run {_quote(manifest_path)} --dir {_quote(result.paths.root)}\n"
         )
         return
     verdict = "succeeded" if result.status == "succeeded" else "FAILED"
     out.write(
-        f"\nExperiment {result.name} {verdict} after {result.elapsed:.1f}s: {result.reason}\n"
-        f"  {_counts_text(summary)}\n"
+        f"\nExperiment {result.name} {verdict} after {result.elapsed or 0:.1f}s: {result.reason}\n"
+        f"  {_counts_text(result)}\n"
     )
     if summary.best is None:
         out.write(f"  no trial reported {result.metric}\n")
@@ -207,11 +208,12 @@ def _quote(path: Path) -> str:
     return shlex.quote(str(path))
 
 
-def _counts_text(summary: ExperimentSummary) -> str:
-    counts = {str(state): n for state, n in summary.counts.items()}
+def _counts_text(result: RunResult) -> str:
+    counts = result.counts
     parts = [f"{counts.get(state, 0)} {state.replace('_', ' ')}" for state in _STATE_ORDER]
     shown = [p for p, state in zip(parts, _STATE_ORDER, strict=True) if counts.get(state, 0)]
-    return f"{summary.done}/{summary.max_trials} trials done: " + (", ".join(shown) or "none yet")
+    done = f"{result.summary.done}/{result.summary.max_trials} trials done: "
+    return done + (", ".join(shown) or "none yet")
 
 
 _STATE_ORDER: Final = (
@@ -220,8 +222,11 @@ _STATE_ORDER: Final = (
     "failed",
     "metrics_unavailable",
     "running",
+    "interrupted",
     "pending",
 )
+# How `kubetune status` words each status.
+_VERDICTS: Final = {"succeeded": "succeeded", "failed": "FAILED"}
 
 
 # -- status and trials ------------------------------------------------------------
@@ -248,67 +253,56 @@ def _inspect(command: str, experiment: str, root: Path, output: str) -> int:
         try:
             summary = service.summary(uid)
             trials = service.trials(uid)
-            metric = service.experiment_spec(uid).objective.metric
+            spec = service.experiment_spec(uid)
         except ServiceError as exc:
             return _error(exc.message, EXIT_USAGE)
     finally:
         service.close()
+    result = stored_result(name, summary, spec, paths)
     if command == "status":
-        _print_status(summary, metric, paths, output)
+        _print_status(result, output)
     else:
-        _print_trials(trials, summary, metric, output)
+        _print_trials(trials, result, output)
     return EXIT_OK
 
 
-def _print_status(summary: ExperimentSummary, metric: str, paths: RunPaths, output: str) -> None:
+def _print_status(result: RunResult, output: str) -> None:
     if output == "json":
-        document: dict[str, Any] = {
-            "experiment": summary.name,
-            "uid": summary.uid,
-            "complete": summary.complete,
-            "reason": summary.complete_reason,
-            "best": None
-            if summary.best is None
-            else {
-                "trial": summary.best.number,
-                "params": summary.best.params,
-                "objective": summary.best.objective,
-            },
-            "counts": {str(state): n for state, n in summary.counts.items()},
-            "trials": summary.done,
-            "maxTrials": summary.max_trials,
-            "store": str(paths.database),
-        }
-        print(json.dumps(document, indent=2))
+        print(json.dumps(result.to_json(), indent=2))
         return
-    state = f"complete: {summary.complete_reason}" if summary.complete else "not complete"
-    print(f"Experiment {summary.name} ({state})")
-    print(f"  {_counts_text(summary)}")
-    if summary.best is not None:
-        best = summary.best
+    verdict = _VERDICTS.get(result.status, result.status)
+    print(f"Experiment {result.name} {verdict}: {result.reason}")
+    print(f"  {_counts_text(result)}")
+    if result.summary.best is not None:
+        best = result.summary.best
         print(
-            f"  best: trial {best.number}, {metric} = {best.objective:.6g}  "
+            f"  best: trial {best.number}, {result.metric} = {best.objective:.6g}  "
             f"{format_params(best.params)}"
         )
-    print(f"  store: {paths.database}")
+    print(f"  store: {result.paths.database}")
 
 
-def _print_trials(
-    trials: list[TrialView], summary: ExperimentSummary, metric: str, output: str
-) -> None:
+def _print_trials(trials: list[TrialView], result: RunResult, output: str) -> None:
+    documents = [t.model_dump(mode="json") for t in trials]
+    if result.status != "running":
+        # Left `running` in the store by an interrupted run: see shown_counts.
+        for document in documents:
+            if document["state"] == "running":
+                document["state"] = "interrupted"
     if output == "json":
-        print(json.dumps([t.model_dump(mode="json") for t in trials], indent=2))
+        print(json.dumps(documents, indent=2))
         return
+    summary = result.summary
     best = summary.best.number if summary.best is not None else None
-    rows = [("trial", "state", metric, "step", "params", "note")]
-    for t in trials:
+    rows = [("trial", "state", result.metric, "step", "params", "note")]
+    for t, document in zip(trials, documents, strict=True):
         lines = (t.stop_reason or t.message or "").splitlines()
         note = lines[0] if lines else ""
         mark = "*" if t.number == best else ""
         rows.append(
             (
                 f"{t.number}{mark}",
-                str(t.state),
+                document["state"],
                 format_objective(t.objective),
                 "-" if t.last_step is None else str(t.last_step),
                 format_params(t.params),

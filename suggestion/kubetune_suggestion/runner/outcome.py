@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from kubetune_suggestion.engine.history import Direction
+from kubetune_suggestion.engine.samplers.grid import GridSampler
 from kubetune_suggestion.runner.process import describe_exit
 from kubetune_suggestion.spec import ExperimentSpec
 
@@ -20,6 +21,8 @@ __all__ = [
     "ExperimentOutcome",
     "TrialEnd",
     "experiment_outcome",
+    "grid_exhausted",
+    "shown_counts",
     "trial_end",
 ]
 
@@ -133,3 +136,25 @@ def experiment_outcome(
             return ExperimentOutcome(False, f"{why}, but no trial produced the objective")
         return ExperimentOutcome(True, why)
     return None
+
+
+def grid_exhausted(spec: ExperimentSpec, allocated: int) -> bool:
+    """Whether a grid experiment handed out every configuration before ``maxTrials``.
+
+    What ``ask`` tells a run; ``kubetune status`` works it out from the store.
+    """
+    if spec.algorithm.name != "grid" or allocated >= spec.maxTrials:
+        return False
+    return allocated >= GridSampler(spec.search_space()).grid.size
+
+
+def shown_counts(counts: Mapping[str, int], *, runner_alive: bool) -> dict[str, int]:
+    """Trials by state as users see them: ``running`` only while a runner runs them.
+
+    A run that was interrupted (or killed) leaves its trials ``running`` in the
+    store, so that the next run re-runs them; they are ``interrupted`` meanwhile.
+    """
+    shown = dict(counts)
+    if not runner_alive:
+        shown["interrupted"] = shown.get("interrupted", 0) + shown.pop("running", 0)
+    return shown

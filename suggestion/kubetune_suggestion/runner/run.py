@@ -53,7 +53,13 @@ from typing import IO, Any, Final, Protocol
 from kubetune_suggestion.collector import Ack, Collector, Delivery, Reporter, ServiceReporter
 from kubetune_suggestion.metrics_protocol import Report
 from kubetune_suggestion.runner.manifest import Manifest
-from kubetune_suggestion.runner.outcome import ExperimentOutcome, experiment_outcome, trial_end
+from kubetune_suggestion.runner.outcome import (
+    ExperimentOutcome,
+    experiment_outcome,
+    grid_exhausted,
+    shown_counts,
+    trial_end,
+)
 from kubetune_suggestion.runner.process import TrialProcess, describe_exit, resolve_command, tail
 from kubetune_suggestion.runner.progress import (
     Best,
@@ -74,11 +80,23 @@ from kubetune_suggestion.service.models import (
 from kubetune_suggestion.spec import ExperimentSpec
 from kubetune_suggestion.template import TemplateError, render_container, trial_env
 
-__all__ = ["LocalRunner", "RunPaths", "RunResult", "RunnerBusy", "TuningServiceLike"]
+__all__ = [
+    "LocalRunner",
+    "RunPaths",
+    "RunResult",
+    "RunnerBusy",
+    "TuningServiceLike",
+    "experiment_lock",
+    "runner_of",
+    "stored_result",
+]
 
 LOCAL_NAMESPACE: Final = "local"
 # Refresh the counts and best trial from the store this often (seconds).
 _SUMMARY_INTERVAL: Final = 0.5
+# How long a starting run waits for the lock: `kubetune status` holds it for a
+# moment to see whether a run is going.
+_LOCK_PATIENCE: Final = 0.5
 
 
 class TuningServiceLike(Protocol):
@@ -169,9 +187,7 @@ def experiment_lock(paths: RunPaths) -> Iterator[None]:
     paths.root.mkdir(parents=True, exist_ok=True)
     handle: IO[str] = paths.lock.open("a+")
     try:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_lock(handle.fileno(), fcntl.LOCK_EX, patience=_LOCK_PATIENCE):
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             raise RunnerBusy(
@@ -187,20 +203,51 @@ def experiment_lock(paths: RunPaths) -> Iterator[None]:
         handle.close()  # closing releases the lock
 
 
+def runner_of(paths: RunPaths) -> str | None:
+    """Who runs the experiment now (``pid N``), or None when no run is going.
+
+    The lock, not the pid it names, tells: the kernel releases it when the
+    runner exits, however it exits (``kill -9`` included).
+    """
+    try:
+        handle = paths.lock.open("r")
+    except FileNotFoundError:
+        return None
+    with handle:
+        if _try_lock(handle.fileno(), fcntl.LOCK_SH, patience=0.0):
+            return None  # closing the file releases the probe at once
+        return handle.read().strip() or "another process"
+
+
+def _try_lock(fd: int, kind: int, *, patience: float) -> bool:
+    """Take ``flock(kind)`` without blocking, retrying for ``patience`` seconds."""
+    end = time.monotonic() + patience
+    while True:
+        try:
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.02)
+
+
 @dataclass(frozen=True)
 class RunResult:
-    """How a run ended.
+    """How a run ended, or where a stored experiment stands (``kubetune status``).
 
     Attributes:
         name: The experiment's name.
         uid: Its UID in the store.
-        status: ``succeeded``, ``failed`` or ``interrupted``.
+        status: ``succeeded``, ``failed``, ``interrupted`` (it has not ended
+            and no run is going: run the manifest again to continue) or
+            ``running`` (a ``kubetune run`` is running it now).
         reason: In words.
         summary: The store's summary at the end.
         metric: The objective metric's name.
         direction: ``minimize`` or ``maximize``.
         paths: Where its files are.
-        elapsed: Seconds this run took.
+        elapsed: Seconds this run took (None from ``kubetune status``).
     """
 
     name: str
@@ -211,15 +258,21 @@ class RunResult:
     metric: str
     direction: str
     paths: RunPaths
-    elapsed: float
+    elapsed: float | None
 
     @property
     def exit_code(self) -> int:
         """0 succeeded, 1 failed, 130 interrupted (the shell's code for Ctrl-C)."""
         return {"succeeded": 0, "failed": 1}.get(self.status, 130)
 
+    @property
+    def counts(self) -> dict[str, int]:
+        """Trials by state (``interrupted`` for those an ended run left ``running``)."""
+        stored = {str(state): n for state, n in self.summary.counts.items()}
+        return shown_counts(stored, runner_alive=self.status == "running")
+
     def to_json(self) -> dict[str, Any]:
-        """The ``-o json`` document."""
+        """The ``-o json`` document of ``run`` and ``status`` alike (the README's schema)."""
         best = self.summary.best
         return {
             "experiment": self.name,
@@ -230,13 +283,43 @@ class RunResult:
             "best": None
             if best is None
             else {"trial": best.number, "params": best.params, "objective": best.objective},
-            "counts": {str(state): n for state, n in self.summary.counts.items()},
+            "counts": self.counts,
             "trials": self.summary.done,
             "maxTrials": self.summary.max_trials,
             "store": str(self.paths.database),
             "logs": str(self.paths.trials),
-            "elapsedSeconds": round(self.elapsed, 3),
+            "elapsedSeconds": None if self.elapsed is None else round(self.elapsed, 3),
         }
+
+
+def stored_result(
+    name: str, summary: ExperimentSummary, spec: ExperimentSpec, paths: RunPaths
+) -> RunResult:
+    """Where a stored experiment stands, decided as ``kubetune run`` decides its end."""
+    holder = runner_of(paths)
+    counts = {str(state): n for state, n in summary.counts.items()}
+    best = summary.best.objective if summary.best is not None else None
+    unfinished = counts.get("running", 0) + counts.get("pending", 0)
+    exhausted = not unfinished and grid_exhausted(spec, summary.allocated)
+    outcome = experiment_outcome(spec, counts, best, exhausted=exhausted)
+    if holder is not None:
+        status, reason = "running", f"{holder} is running it"
+    elif outcome is None:
+        status, reason = "interrupted", "not ended; run its manifest again to continue"
+    else:
+        status = "succeeded" if outcome.succeeded else "failed"
+        reason = outcome.reason
+    return RunResult(
+        name=name,
+        uid=summary.uid,
+        status=status,
+        reason=reason,
+        summary=summary,
+        metric=spec.objective.metric,
+        direction=str(spec.objective.direction),
+        paths=paths,
+        elapsed=None,
+    )
 
 
 @dataclass

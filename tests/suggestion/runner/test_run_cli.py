@@ -275,11 +275,14 @@ def test_ctrl_c_then_rerun_continues_without_repeating_finished_trials(tmp_path:
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert json.loads(out)["status"] == "interrupted"
+    doc = json.loads(out)
+    assert doc["status"] == "interrupted"
+    assert "running" not in doc["counts"]  # nothing runs once the run is over
     before = {t["number"]: t for t in _trials(manifest, tmp_path)}
-    finished = {n: t for n, t in before.items() if t["state"] not in ("running", "pending")}
-    interrupted = sorted(n for n, t in before.items() if t["state"] == "running")
+    finished = {n: t for n, t in before.items() if t["state"] not in ("interrupted", "pending")}
+    interrupted = sorted(n for n, t in before.items() if t["state"] == "interrupted")
     assert finished and interrupted
+    assert doc["counts"]["interrupted"] == len(interrupted)
     # Interrupted trial processes are gone: nothing is left writing to their logs.
     sizes = {n: (logs / f"trial-{n}.log").stat().st_size for n in interrupted}
     time.sleep(0.6)
@@ -377,3 +380,25 @@ def test_the_resume_hint_after_ctrl_c_continues_the_same_experiment(tmp_path: Pa
     assert "continuing: 0/1 trials already done, 1 interrupted to re-run" in resumed.stdout
     assert not (tmp_path / ".kubetune").exists()  # nothing started elsewhere
     assert manifest.exists()
+
+
+def test_status_tells_the_outcome_the_run_ended_with_in_the_same_json_schema(
+    tmp_path: Path,
+) -> None:
+    manifest = _manifest(tmp_path, args=["--silent=1"], maxTrials=2)
+    run = _kubetune("run", manifest, "-o", "json", cwd=tmp_path)
+    assert run.returncode == 1, run.stdout + run.stderr
+    ran = json.loads(run.stdout)
+    assert ran["status"] == "failed"
+    assert ran["reason"] == "maxTrials (2) reached, but no trial produced the objective"
+    status = _kubetune("status", manifest, "-o", "json", cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    told = json.loads(status.stdout)
+    assert list(told) == list(ran)  # one schema
+    assert told["elapsedSeconds"] is None  # only a run knows how long it took
+    for key in ("experiment", "uid", "status", "reason", "objective", "best", "counts"):
+        assert told[key] == ran[key], key
+    table = _kubetune("status", manifest, cwd=tmp_path)
+    assert table.stdout.splitlines()[0] == (
+        "Experiment tiny FAILED: maxTrials (2) reached, but no trial produced the objective"
+    )

@@ -8,7 +8,12 @@ from typing import Any
 import pytest
 
 from kubetune_suggestion.runner.manifest import experiment_uid, parse_manifest
-from kubetune_suggestion.runner.outcome import experiment_outcome, trial_end
+from kubetune_suggestion.runner.outcome import (
+    experiment_outcome,
+    grid_exhausted,
+    shown_counts,
+    trial_end,
+)
 from kubetune_suggestion.runner.process import describe_exit, resolve_command
 from kubetune_suggestion.runner.progress import (
     Best,
@@ -149,3 +154,22 @@ def test_small_helpers() -> None:
     assert resolve_command(["python", "t.py"]) == [sys.executable, "t.py"]
     assert resolve_command(["python3", "-m", "x"])[0] == sys.executable
     assert resolve_command(["bash", "-c", "python x"]) == ["bash", "-c", "python x"]
+
+
+def test_grid_exhaustion_and_interrupted_counts() -> None:
+    grid = _spec(
+        maxTrials=10,
+        algorithm={"name": "grid"},
+        parameters=[{"name": "k", "type": "int", "min": 1, "max": 3}],
+    )
+    assert not grid_exhausted(grid, 2)
+    assert grid_exhausted(grid, 3)
+    assert not grid_exhausted(_spec(maxTrials=10), 3)  # only a grid runs dry
+    assert shown_counts({"running": 2, "succeeded": 1}, runner_alive=True) == {
+        "running": 2,
+        "succeeded": 1,
+    }
+    assert shown_counts({"running": 2, "succeeded": 1}, runner_alive=False) == {
+        "interrupted": 2,
+        "succeeded": 1,
+    }
