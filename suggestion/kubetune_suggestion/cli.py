@@ -295,9 +295,10 @@ def _print_trials(trials: list[TrialView], result: RunResult, output: str) -> No
     summary = result.summary
     best = summary.best.number if summary.best is not None else None
     rows = [("trial", "state", result.metric, "step", "params", "note")]
+    # The note's further lines (a failed trial's last log lines), under its row.
+    details: list[list[str]] = [[]]
     for t, document in zip(trials, documents, strict=True):
         lines = (t.stop_reason or t.message or "").splitlines()
-        note = lines[0] if lines else ""
         mark = "*" if t.number == best else ""
         rows.append(
             (
@@ -306,13 +307,16 @@ def _print_trials(trials: list[TrialView], result: RunResult, output: str) -> No
                 format_objective(t.objective),
                 "-" if t.last_step is None else str(t.last_step),
                 format_params(t.params),
-                note[:80],
+                lines[0] if lines else "",
             )
         )
+        details.append(lines[1:])
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    for row in rows:
+    for row, more in zip(rows, details, strict=True):
         cells = [row[i].ljust(widths[i]) if i != 2 else row[i].rjust(widths[i]) for i in range(5)]
         print("  ".join([*cells, row[5]]).rstrip())
+        for line in more:
+            print(f"    {line}")
     if best is not None:
         print(f"* best trial ({summary.name})")
 

@@ -84,7 +84,9 @@ def trial_end(
 def _with_tail(message: str, log_tail: Sequence[str]) -> str:
     if not log_tail:
         return message + "\n(its log is empty)"
-    return message + "; last lines of its log:\n" + "\n".join(f"  {line}" for line in log_tail)
+    # After lines of the metrics file, a heading line of its own.
+    glue = "\n" if "\n" in message else "; "
+    return message + glue + "last lines of its log:\n" + "\n".join(f"  {line}" for line in log_tail)
 
 
 @dataclass(frozen=True)

@@ -595,9 +595,9 @@ class LocalRunner:
                 where = f"at step {trial.last_step}"
             text = f"pruned {where}: {end.message}"
         else:
-            lines = (view.message or end.message or "").splitlines()
-            first = lines[0] if lines else ""
-            text = f"{view.state}: {first} (log: {self.paths.log(trial.number)})"
+            # The whole message: its first line ends "last lines of its log:".
+            message = view.message or end.message or ""
+            text = f"{view.state} (log: {self.paths.log(trial.number)}): {message}"
         self._event(f"trial {trial.number} {text}")
 
     def _stop_all(self, reason: str | None) -> None:

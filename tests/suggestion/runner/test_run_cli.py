@@ -30,6 +30,8 @@ print("trial", number, "of", name, "x", x, flush=True)
 if args.get("fail") == "always":
     print("boom: this trial is meant to fail", file=sys.stderr)
     sys.exit(3)
+if args.get("nan"):
+    kubetune.report(step=1, loss=float("nan"))
 if args.get("silent"):
     print("training without reporting anything")
     sys.exit(0)
@@ -402,3 +404,23 @@ def test_status_tells_the_outcome_the_run_ended_with_in_the_same_json_schema(
     assert table.stdout.splitlines()[0] == (
         "Experiment tiny FAILED: maxTrials (2) reached, but no trial produced the objective"
     )
+
+
+@pytest.mark.parametrize(
+    ("arg", "last_line"),
+    [
+        ("--fail=always", "boom: this trial is meant to fail"),
+        ("--nan=1", "ValueError: metric 'loss' must be finite, got nan"),
+    ],
+)
+def test_a_crash_shows_the_last_lines_of_its_log(tmp_path: Path, arg: str, last_line: str) -> None:
+    manifest = _manifest(tmp_path, args=[arg], maxTrials=1)
+    result = _kubetune("run", manifest, cwd=tmp_path)
+    assert result.returncode == 1
+    live = result.stdout.splitlines()
+    (at,) = [i for i, line in enumerate(live) if "trial 0 failed" in line]
+    assert live[at].endswith("last lines of its log:")
+    assert f"  {last_line}" in live[at + 1 : at + 12]
+    table = _kubetune("trials", manifest, cwd=tmp_path).stdout.splitlines()
+    assert table[1].endswith("last lines of its log:")
+    assert f"      {last_line}" in table[2:]
