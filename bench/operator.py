@@ -464,7 +464,7 @@ def main() -> int:
             floor = measure_floor(kube, timeline.api, args, cleanup)
             rows += [
                 ("floor: the same Pods without kubetune", f"{floor:.1f} s"),
-                ("floor ratio (control plane, kwok, machine)", f"{floor / ideal:.2f}"),
+                ("floor ratio (control plane, node(s), machine)", f"{floor / ideal:.2f}"),
                 ("kubetune's time over the floor", f"{total / floor:.2f}x"),
             ]
         width = max(len(k) for k, _ in rows)
