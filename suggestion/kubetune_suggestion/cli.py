@@ -34,6 +34,7 @@ from kubetune_suggestion.runner.run import (
     RunResult,
     experiment_lock,
     stored_result,
+    trial_container,
 )
 from kubetune_suggestion.service.errors import ServiceError
 from kubetune_suggestion.service.models import TrialView
@@ -130,6 +131,7 @@ def _run(manifest_path: Path, root: Path, output: str, grace: float) -> int:
     manifest = load_manifest(manifest_path)
     declared = [p.name for p in manifest.spec.parameters]
     check_pod_spec(manifest.spec.template.get("spec") or {}, declared)
+    trial_container(manifest)
     paths = RunPaths(root, manifest.name)
     from kubetune_suggestion.service.core import TuningService  # heavy: after validation
 
@@ -258,7 +260,7 @@ def _inspect(command: str, experiment: str, root: Path, output: str) -> int:
             return _error(exc.message, EXIT_USAGE)
     finally:
         service.close()
-    result = stored_result(name, summary, spec, paths)
+    result = stored_result(name, summary, trials, spec, paths)
     if command == "status":
         _print_status(result, output)
     else:

@@ -16,12 +16,16 @@ from kubetune_suggestion.runner.process import describe_exit
 from kubetune_suggestion.spec import ExperimentSpec
 
 __all__ = [
+    "EXPERIMENT_ENDED",
     "FAILED_STATES",
+    "FAILURE_STREAK_LIMIT",
     "FINISHED_STATES",
     "ExperimentOutcome",
     "TrialEnd",
     "experiment_outcome",
+    "failure_streak",
     "grid_exhausted",
+    "next_streak",
     "shown_counts",
     "trial_end",
 ]
@@ -29,6 +33,12 @@ __all__ = [
 FINISHED_STATES: Final = ("succeeded", "failed", "pruned", "metrics_unavailable")
 # What maxFailedTrials counts: a trial that produced no result.
 FAILED_STATES: Final = ("failed", "metrics_unavailable")
+# With maxFailedTrials unset, kubetune run ends the experiment after this many
+# failures in a row: a broken command or script fails every trial, and would
+# otherwise "run" all of maxTrials. (The operator keeps no such limit.)
+FAILURE_STREAK_LIMIT: Final = 5
+# How the message of a trial stopped because the experiment ended begins.
+EXPERIMENT_ENDED: Final = "the experiment ended"
 
 
 @dataclass(frozen=True)
@@ -108,6 +118,7 @@ def experiment_outcome(
     best_objective: float | None,
     *,
     exhausted: bool = False,
+    streak: int = 0,
 ) -> ExperimentOutcome | None:
     """Whether the experiment has ended, from its trial counts and best objective.
 
@@ -117,6 +128,8 @@ def experiment_outcome(
         best_objective: The best finished trial's objective, if any.
         exhausted: Nothing runs and the service will hand out no new trial
             although fewer than ``maxTrials`` were allocated (a finished grid).
+        streak: The latest trials to finish that failed, in a row (see
+            :func:`failure_streak`).
 
     Returns:
         None while it should go on.
@@ -126,6 +139,12 @@ def experiment_outcome(
     if spec.maxFailedTrials is not None and failed > spec.maxFailedTrials:
         return ExperimentOutcome(
             False, f"{failed} trials failed, more than maxFailedTrials ({spec.maxFailedTrials})"
+        )
+    if spec.maxFailedTrials is None and streak >= FAILURE_STREAK_LIMIT:
+        return ExperimentOutcome(
+            False,
+            f"{streak} trials failed in a row (with maxFailedTrials unset, kubetune run stops "
+            f"after {FAILURE_STREAK_LIMIT}; set it to go on after failures)",
         )
     target = spec.objective.target
     if target is not None and best_objective is not None and math.isfinite(best_objective):
@@ -138,6 +157,27 @@ def experiment_outcome(
             return ExperimentOutcome(False, f"{why}, but no trial produced the objective")
         return ExperimentOutcome(True, why)
     return None
+
+
+def next_streak(streak: int, state: str, message: str | None) -> int:
+    """The count of failures in a row once one more trial ended in ``state``.
+
+    A trial stopped because the experiment ended says nothing about the trials
+    (the streak may be what ended it): it leaves the count as it is.
+    """
+    if state in FAILED_STATES:
+        return streak + 1
+    if state == "pruned" and (message or "").startswith(EXPERIMENT_ENDED):
+        return streak
+    return 0
+
+
+def failure_streak(ends: Sequence[tuple[str, str | None]]) -> int:
+    """Failures in a row at the end of ``ends``: (state, message) of trials in finish order."""
+    streak = 0
+    for state, message in ends:
+        streak = next_streak(streak, state, message)
+    return streak
 
 
 def grid_exhausted(spec: ExperimentSpec, allocated: int) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-__all__ = ["TrialProcess", "describe_exit", "resolve_command", "tail"]
+__all__ = ["TrialProcess", "describe_exit", "missing_executable", "resolve_command", "tail"]
 
 # How a manifest names the interpreter; locally it means the one running
 # kubetune, so the trial sees the same installed packages (kubetune's SDK too).
@@ -32,6 +33,27 @@ def resolve_command(argv: Sequence[str]) -> list[str]:
     if out and out[0] in _PYTHON_NAMES:
         out[0] = sys.executable
     return out
+
+
+def missing_executable(program: str, cwd: Path, search_path: str | None) -> str | None:
+    """Why ``program`` cannot be started from ``cwd``, or None when it can.
+
+    Args:
+        program: ``argv[0]``: a path (with a ``/``, relative to ``cwd``) or a
+            name looked up on ``search_path`` (the trial's ``PATH``).
+        cwd: Where the trial runs.
+        search_path: The ``PATH`` the trial gets.
+    """
+    if "/" in program:
+        path = cwd / program
+        if not path.is_file():
+            return f"{program!r} does not exist (relative to {cwd})"
+        if not os.access(path, os.X_OK):
+            return f"{program!r} is not executable"
+        return None
+    if shutil.which(program, path=search_path) is None:
+        return f"{program!r} is not on PATH ({search_path or ''})"
+    return None
 
 
 def tail(path: Path, lines: int = 10, max_bytes: int = 16 * 1024) -> list[str]:

@@ -45,7 +45,7 @@ import contextlib
 import fcntl
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final, Protocol
@@ -54,13 +54,22 @@ from kubetune_suggestion.collector import Ack, Collector, Delivery, Reporter, Se
 from kubetune_suggestion.metrics_protocol import Report
 from kubetune_suggestion.runner.manifest import Manifest
 from kubetune_suggestion.runner.outcome import (
+    EXPERIMENT_ENDED,
     ExperimentOutcome,
     experiment_outcome,
+    failure_streak,
     grid_exhausted,
+    next_streak,
     shown_counts,
     trial_end,
 )
-from kubetune_suggestion.runner.process import TrialProcess, describe_exit, resolve_command, tail
+from kubetune_suggestion.runner.process import (
+    TrialProcess,
+    describe_exit,
+    missing_executable,
+    resolve_command,
+    tail,
+)
 from kubetune_suggestion.runner.progress import (
     Best,
     Display,
@@ -89,6 +98,8 @@ __all__ = [
     "experiment_lock",
     "runner_of",
     "stored_result",
+    "streak_of",
+    "trial_container",
 ]
 
 LOCAL_NAMESPACE: Final = "local"
@@ -232,6 +243,38 @@ def _try_lock(fd: int, kind: int, *, patience: float) -> bool:
             time.sleep(0.02)
 
 
+def trial_container(manifest: Manifest) -> Mapping[str, Any]:
+    """The container a trial process is started from, once its program is known to exist.
+
+    Checked before any trial starts: a missing program would fail every trial
+    within a second.
+
+    Raises:
+        TemplateError: Naming the field: no command, or a program that cannot start.
+    """
+    field = "spec.template.spec.containers[0]"
+    containers = (manifest.spec.template.get("spec") or {}).get("containers") or []
+    container = containers[0]
+    if not isinstance(container, Mapping):
+        raise TemplateError(field, "must be a container")
+    argv = [*(container.get("command") or []), *(container.get("args") or [])]
+    if not argv:
+        raise TemplateError(
+            f"{field}.command",
+            "kubetune run needs a command: an image's entrypoint does not exist locally",
+        )
+    program = resolve_command(argv)[0]
+    if "${" in program:
+        return container  # a parameter picks the program: each trial finds out
+    env = {e.get("name"): e.get("value") for e in container.get("env") or [] if "value" in e}
+    search_path = env.get("PATH") or os.environ.get("PATH")
+    problem = missing_executable(program, manifest.directory, search_path)
+    if problem is not None:
+        where = "command[0]" if container.get("command") else "args[0]"
+        raise TemplateError(f"{field}.{where}", problem)
+    return container
+
+
 @dataclass(frozen=True)
 class RunResult:
     """How a run ended, or where a stored experiment stands (``kubetune status``).
@@ -292,8 +335,22 @@ class RunResult:
         }
 
 
+def streak_of(trials: Sequence[TrialView]) -> int:
+    """How many of the last trials to finish failed in a row."""
+    ended = sorted(
+        (t.finished_at, t.number, str(t.state), t.message)
+        for t in trials
+        if t.finished_at is not None
+    )
+    return failure_streak([(state, message) for _, _, state, message in ended])
+
+
 def stored_result(
-    name: str, summary: ExperimentSummary, spec: ExperimentSpec, paths: RunPaths
+    name: str,
+    summary: ExperimentSummary,
+    trials: Sequence[TrialView],
+    spec: ExperimentSpec,
+    paths: RunPaths,
 ) -> RunResult:
     """Where a stored experiment stands, decided as ``kubetune run`` decides its end."""
     holder = runner_of(paths)
@@ -301,7 +358,7 @@ def stored_result(
     best = summary.best.objective if summary.best is not None else None
     unfinished = counts.get("running", 0) + counts.get("pending", 0)
     exhausted = not unfinished and grid_exhausted(spec, summary.allocated)
-    outcome = experiment_outcome(spec, counts, best, exhausted=exhausted)
+    outcome = experiment_outcome(spec, counts, best, exhausted=exhausted, streak=streak_of(trials))
     if holder is not None:
         status, reason = "running", f"{holder} is running it"
     elif outcome is None:
@@ -385,7 +442,9 @@ class LocalRunner:
         self._summary: ExperimentSummary | None = None
         self._summary_at = 0.0
         self._exhausted = False
-        self._container = self._first_container()
+        # Failures in a row, for the limit that applies without maxFailedTrials.
+        self._streak = 0
+        self._container = trial_container(manifest)
 
     # -- entry point --------------------------------------------------------
 
@@ -401,6 +460,7 @@ class LocalRunner:
         self.paths.trials.mkdir(parents=True, exist_ok=True)
         view = self.service.register(self.uid, self.manifest.name, LOCAL_NAMESPACE, self.spec)
         self._resume()
+        self._streak = streak_of(self.service.trials(self.uid))
         spec = self.spec
         rule = spec.earlyStopping.name
         self._event(
@@ -432,7 +492,7 @@ class LocalRunner:
             if outcome is not None:
                 if not self.active:
                     break
-                self._stop_all(f"the experiment ended: {outcome.reason}")
+                self._stop_all(f"{EXPERIMENT_ENDED}: {outcome.reason}")
             elif not self._fill() and not self.active:
                 # Nothing running and nothing handed out: the service will
                 # start no more trials (it halted, or every number is taken).
@@ -448,18 +508,6 @@ class LocalRunner:
         return self._result("succeeded" if outcome.succeeded else "failed", outcome.reason, summary)
 
     # -- starting trials ----------------------------------------------------
-
-    def _first_container(self) -> Mapping[str, Any]:
-        containers = (self.spec.template.get("spec") or {}).get("containers") or []
-        container = containers[0]
-        if not isinstance(container, Mapping):
-            raise TemplateError("spec.template.spec.containers[0]", "must be a container")
-        if not container.get("command") and not container.get("args"):
-            raise TemplateError(
-                "spec.template.spec.containers[0].command",
-                "kubetune run needs a command: an image's entrypoint does not exist locally",
-            )
-        return container
 
     def _resume(self) -> None:
         """Queue trials a previous, interrupted run left running."""
@@ -522,6 +570,8 @@ class LocalRunner:
         except OSError as exc:
             message = f"cannot start {argv[0]!r}: {exc.strerror or exc}"
             self.service.finish(self.uid, number, "failed", message)
+            self._streak = next_streak(self._streak, "failed", message)
+            self._summary_at = 0.0  # counts changed
             self._event(f"trial {number} failed: {message}")
             return
         log_handle = _LineLog(log_path)
@@ -585,6 +635,7 @@ class LocalRunner:
         )
         view = self.service.finish(self.uid, trial.number, end.state, end.message)
         self._summary_at = 0.0  # counts changed
+        self._streak = next_streak(self._streak, view.state, end.message)
         if view.state == "succeeded":
             text = f"succeeded: {self.metric}={format_objective(view.objective)}"
             if view.last_step is not None:
@@ -640,7 +691,7 @@ class LocalRunner:
             and not self.resume_queue
             and summary.allocated < self.spec.maxTrials
         )
-        return experiment_outcome(self.spec, counts, best, exhausted=exhausted)
+        return experiment_outcome(self.spec, counts, best, exhausted=exhausted, streak=self._streak)
 
     def _snapshot(self) -> Snapshot:
         summary = self._summary_now()

@@ -184,16 +184,36 @@ def test_reaching_the_target_ends_the_experiment_and_stops_running_trials(tmp_pa
     assert len(trials) < 6
 
 
-def test_a_command_that_cannot_start_fails_the_trial(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("command", "field"),
+    [
+        ("- ./no-such-program\n", "command[0]: './no-such-program' does not exist"),
+        ("- no-such-program\n", "command[0]: 'no-such-program' is not on PATH"),
+    ],
+)
+def test_a_command_that_cannot_start_is_refused_before_any_trial(
+    tmp_path: Path, command: str, field: str
+) -> None:
     manifest = _manifest(tmp_path, maxTrials=1)
-    manifest.write_text(manifest.read_text().replace("- python\n", "- ./no-such-program\n"))
+    manifest.write_text(manifest.read_text().replace("- python\n", command))
     result = _kubetune("run", manifest, cwd=tmp_path)
-    assert result.returncode == 1
-    assert (
-        "trial 0 failed: cannot start './no-such-program': No such file or directory"
-        in result.stdout
-    )
-    assert "Experiment tiny FAILED" in result.stdout
+    assert result.returncode == 2
+    assert f"kubetune: error: spec.template.spec.containers[0].{field}" in result.stderr
+    assert not (tmp_path / ".kubetune" / "tiny.db").exists()
+
+
+def test_without_max_failed_trials_five_failures_in_a_row_end_the_run(tmp_path: Path) -> None:
+    manifest = _manifest(tmp_path, args=["--fail=always"], maxTrials=40, parallelism=2)
+    result = _kubetune("run", manifest, "-o", "json", cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["status"] == "failed"
+    # 5, or 6 when the trial running beside the fifth failed in the same moment.
+    assert doc["reason"].startswith(f"{doc['counts']['failed']} trials failed in a row")
+    assert "maxFailedTrials unset" in doc["reason"]
+    assert doc["counts"]["failed"] in (5, 6)
+    status = json.loads(_kubetune("status", manifest, "-o", "json", cwd=tmp_path).stdout)
+    assert (status["status"], status["reason"]) == ("failed", doc["reason"])
 
 
 def test_a_trial_that_never_reports_ends_metrics_unavailable(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import pytest
 from kubetune_suggestion.runner.manifest import experiment_uid, parse_manifest
 from kubetune_suggestion.runner.outcome import (
     experiment_outcome,
+    failure_streak,
     grid_exhausted,
     shown_counts,
     trial_end,
@@ -173,3 +174,18 @@ def test_grid_exhaustion_and_interrupted_counts() -> None:
         "interrupted": 2,
         "succeeded": 1,
     }
+
+
+def test_failures_in_a_row_end_a_run_without_max_failed_trials() -> None:
+    ends = [("failed", None), ("succeeded", None), ("failed", None), ("metrics_unavailable", "")]
+    assert failure_streak(ends) == 2
+    assert failure_streak([("failed", None), ("pruned", "ASHA: rung 1")]) == 0
+    # Stopped because the streak ended the experiment: the streak stands.
+    assert failure_streak([("failed", None), ("pruned", "the experiment ended: ...")]) == 1
+    unset = _spec(maxTrials=40)
+    assert experiment_outcome(unset, {"failed": 4}, None, streak=4) is None
+    ended = experiment_outcome(unset, {"failed": 5}, None, streak=5)
+    assert ended is not None and not ended.succeeded
+    assert ended.reason.startswith("5 trials failed in a row")
+    # A limit the user set is theirs: no streak rule then.
+    assert experiment_outcome(_spec(maxTrials=40, maxFailedTrials=9), {}, None, streak=8) is None
