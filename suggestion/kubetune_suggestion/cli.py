@@ -25,6 +25,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Final, TextIO
 
+import sqlalchemy.exc
+
 from kubetune_suggestion.runner.manifest import Manifest, experiment_uid, load_manifest
 from kubetune_suggestion.runner.progress import format_objective, format_params, make_display
 from kubetune_suggestion.runner.run import (
@@ -117,6 +119,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         # any Unix tool, and keep Python from complaining at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
+    except OSError as exc:
+        # Typically a read-only or missing --dir (lock file, logs, metrics files).
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _error(f"{where}{exc.strerror or exc} (--dir {args.dir})", EXIT_USAGE)
+    except sqlalchemy.exc.OperationalError as exc:
+        # SQLite writes even to read (its WAL files), so a read-only store fails here.
+        problem = str(exc.orig or exc).splitlines()[0]
+        return _error(
+            f"the store under --dir {args.dir}: {problem} (SQLite writes even to read: "
+            "the folder and its files must be writable)",
+            EXIT_USAGE,
+        )
 
 
 def _error(message: str, code: int) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -444,3 +445,42 @@ def test_a_crash_shows_the_last_lines_of_its_log(tmp_path: Path, arg: str, last_
     table = _kubetune("trials", manifest, cwd=tmp_path).stdout.splitlines()
     assert table[1].endswith("last lines of its log:")
     assert f"      {last_line}" in table[2:]
+
+
+def _without_root_powers() -> list[str]:
+    """A prefix that makes file modes bind this process even as root (no CAP_DAC_OVERRIDE)."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: a read-only folder would still be writable")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
+
+
+def test_a_read_only_dir_gives_a_one_line_error(tmp_path: Path) -> None:
+    manifest = _manifest(tmp_path, maxTrials=1)
+    assert _kubetune("run", manifest, cwd=tmp_path).returncode == 0
+    (tmp_path / "locked").mkdir()
+    paths = [tmp_path / "locked", *(tmp_path / ".kubetune").rglob("*"), tmp_path / ".kubetune"]
+    for path in paths:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        for args in (
+            ["status", "tiny"],
+            ["trials", "tiny"],
+            ["run", manifest.name],
+            ["run", manifest.name, "--dir", "locked/state"],
+        ):
+            result = subprocess.run(
+                [*_without_root_powers(), sys.executable, "-m", "kubetune_suggestion.cli", *args],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert result.returncode == 2, (args, result.stderr)
+            (line,) = result.stderr.splitlines()  # one line, no traceback
+            assert line.startswith("kubetune: error: "), args
+            assert "Permission denied" in line or "readonly database" in line, args
+    finally:
+        for path in paths:
+            path.chmod(0o755 if path.is_dir() else 0o644)
