@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -169,6 +170,20 @@ def _observation(raw: bytes) -> ObservationRequest:
         ) from None
 
 
+_AskMethod = Callable[..., AskResult | None]
+
+
+def _ask(ask: _AskMethod, uid: str, request: AskRequest) -> AskResult | None:
+    """One of the service's ask methods called with ``request``'s fields."""
+    return ask(
+        uid,
+        request.count,
+        request.parallelism,
+        ask_id=request.ask_id,
+        lease_seconds=request.lease_seconds,
+    )
+
+
 def _finish(
     svc: TuningService, uid: str, number: int, request: FinishRequest, authorization: str | None
 ) -> TrialView:
@@ -266,13 +281,9 @@ class _HotRoutes:
         }
 
     def _ask(self, uid: str, request: AskRequest, tried_cache: bool) -> bytes:
-        svc = self._service
-        count, parallelism = request.count, request.parallelism
-        asked = (
-            svc.ask_locked(uid, count, parallelism)
-            if tried_cache
-            else svc.ask(uid, count, parallelism)
-        )
+        ask = self._service.ask_locked if tried_cache else self._service.ask
+        asked = _ask(ask, uid, request)
+        assert asked is not None  # only ask_from_cache may leave an ask unanswered
         return asked.model_dump_json().encode()
 
     def _finish(
@@ -395,7 +406,7 @@ class _HotRoutes:
         await asyncio.sleep(0)
         alone = self._in_flight == 1
         if isinstance(request, AskRequest):
-            asked = svc.ask_from_cache(uid, request.count, request.parallelism) if alone else None
+            asked = _ask(svc.ask_from_cache, uid, request) if alone else None
             if asked is not None:
                 return asked.model_dump_json().encode()
             return await loop.run_in_executor(self._executor, self._ask, uid, request, alone)
@@ -463,7 +474,7 @@ def create_app(settings: Settings, service: TuningService | None = None) -> Fast
         field = _field(tuple(first.get("loc", ())))
         message = str(first.get("msg", "invalid"))
         if first.get("type") == "missing":
-            message = "required"
+            message = "required" if field else "a JSON request body is required"
         text = f"{field}: {message}" if field else message
         return _error(422, "invalid", text, field)
 
@@ -495,13 +506,18 @@ def create_app(settings: Settings, service: TuningService | None = None) -> Fast
         return Response(status_code=204)
 
     @app.post("/v1/experiments/{uid}/ask", response_model=AskResult, tags=["trials"])
-    def ask(uid: Uid, body: AskRequest) -> Response:
-        """Up to ``count`` trials to run: still-pending ones first (idempotent), then new ones.
+    def ask(uid: Uid, body: AskRequest | None = None) -> Response:
+        """Up to ``count`` trials to run that no other ask returned (no body: one trial).
 
-        With ``parallelism``, no new trial is handed out while that many are
-        pending or running.
+        With ``ask_id``, the trials earlier asks with that id handed out and
+        nobody started come first (idempotent). With ``parallelism``, no new
+        trial is handed out while that many are pending or running. With
+        ``lease_seconds``, a trial not started, reported or finished in time
+        is failed as abandoned.
         """
-        return _json(svc.ask(uid, body.count, body.parallelism))
+        asked = _ask(svc.ask, uid, body or AskRequest())
+        assert asked is not None  # only ask_from_cache may leave an ask unanswered
+        return _json(asked)
 
     @app.get("/v1/experiments/{uid}/trials", response_model=list[TrialView], tags=["trials"])
     def trials(

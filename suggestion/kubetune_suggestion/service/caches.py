@@ -67,6 +67,11 @@ class SamplerHistory:
         head: The experiment row as of ``version``, when known.
         active: Trials handed out and not finished (pending or running):
             what counts against an experiment's parallelism.
+        lease_deadline: The earliest a lease of an open trial can run out
+            (seconds since the epoch), or None if no open trial has a lease.
+            Renewals only postpone leases, and every new lease comes with an
+            allocation (a new version), so the value stays a safe bound for
+            as long as the version does: until then, no sweep is due.
     """
 
     version: int
@@ -75,6 +80,7 @@ class SamplerHistory:
     best: float | None = None
     head: Head | None = None
     active: int = 0
+    lease_deadline: float | None = None
 
     def updated(
         self,
@@ -99,7 +105,7 @@ class SamplerHistory:
                 if best is None or direction.better(record.value, best):
                     best = record.value
             records[record.number] = record
-        return SamplerHistory(version, records, failures, best, head, active)
+        return SamplerHistory(version, records, failures, best, head, active, self.lease_deadline)
 
 
 class Lru(Generic[T]):

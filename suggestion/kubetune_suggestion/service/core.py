@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -73,7 +74,15 @@ from kubetune_suggestion.service.models import (
 )
 from kubetune_suggestion.service.tokens import token_matches, trial_token
 from kubetune_suggestion.spec import ExperimentSpec, SpecError, parse_experiment
-from kubetune_suggestion.store import ExperimentRow, NewTrial, StepRow, Store, TrialRow, WriteTxn
+from kubetune_suggestion.store import (
+    AskedBy,
+    ExperimentRow,
+    NewTrial,
+    StepRow,
+    Store,
+    TrialRow,
+    WriteTxn,
+)
 from kubetune_suggestion.store.oneshot import FinalReport, FinishRead, OneShot
 from kubetune_suggestion.store.rows import utcnow
 
@@ -83,6 +92,13 @@ log = logging.getLogger(__name__)
 # longer mean what the sampler and the rule think it means.
 _FROZEN_SPEC_FIELDS = ("objective", "parameters", "algorithm")
 MAX_ASK = 1000
+# The longest lease an ask may give (a week): longer is no lease at all.
+MAX_LEASE_SECONDS = 7 * 24 * 3600
+# The ask id of an ask that gives none but caps ``parallelism``: the
+# operator's client before it sent an ask id of its own. The operator needs
+# its pending trials back after a restart or a failed Pod creation, so its
+# asks keep that behaviour; it should send this id itself (see CONTRACT.md).
+SCHEDULER_ASK_ID = "operator"
 # Tries of the unlocked finish before the locked one (a report in between costs one).
 _FINISH_TRIES = 2
 
@@ -231,26 +247,53 @@ class TuningService:
 
     # -- trials -------------------------------------------------------------------
 
-    def ask(self, uid: str, count: int, parallelism: int | None = None) -> AskResult:
-        """Up to ``count`` trials to run: still-pending ones first, then new ones.
+    def ask(
+        self,
+        uid: str,
+        count: int,
+        parallelism: int | None = None,
+        *,
+        ask_id: str | None = None,
+        lease_seconds: int | None = None,
+    ) -> AskResult:
+        """Up to ``count`` trials to run that no other ask has returned.
 
-        Idempotent: a retry returns the trials an earlier call handed out and
-        nobody started. Never allocates beyond ``spec.maxTrials``, nor beyond
-        ``parallelism`` trials pending or running at once when it is given;
-        nothing once the objective target is reached or too many trials
-        failed. Safe across processes: allocation holds the experiment's row
-        lock, or (the fast path) is one statement that only writes if nothing
-        changed since the cached history.
+        Every ask allocates: two asks never get the same trial. With
+        ``ask_id``, the ask is idempotent for that id: the trials an earlier
+        ask with the same id handed out and nobody started yet come first
+        (a retry, or a scheduler restarting, gets its trials back), then new
+        ones. Without it, only new trials. An ask that caps ``parallelism``
+        and gives no ``ask_id`` asks as :data:`SCHEDULER_ASK_ID` (the
+        operator). With ``lease_seconds``, each new trial must be started,
+        report or finish within that many seconds of its ask or of its last
+        start or report, or the next ask fails it as abandoned (its slot is
+        freed); without it, trials never expire. Never allocates beyond
+        ``spec.maxTrials``, nor beyond ``parallelism`` trials pending or
+        running at once when it is given; nothing once the objective target
+        is reached or too many trials failed. Safe across processes:
+        allocation holds the experiment's row lock, or (the fast path) is one
+        statement that only writes if nothing changed since the cached history.
 
         Raises:
-            InvalidInput: For ``count`` outside 1..1000.
+            InvalidInput: For ``count`` outside 1..1000, an ``ask_id`` that
+                is not 1-128 characters, ``lease_seconds`` outside 1..604800.
             NotFound: If there is no such experiment.
         """
-        fast = self.ask_from_cache(uid, count, parallelism)
-        return fast if fast is not None else self.ask_locked(uid, count, parallelism)
+        fast = self.ask_from_cache(
+            uid, count, parallelism, ask_id=ask_id, lease_seconds=lease_seconds
+        )
+        if fast is not None:
+            return fast
+        return self.ask_locked(uid, count, parallelism, ask_id=ask_id, lease_seconds=lease_seconds)
 
     def ask_from_cache(
-        self, uid: str, count: int, parallelism: int | None = None
+        self,
+        uid: str,
+        count: int,
+        parallelism: int | None = None,
+        *,
+        ask_id: str | None = None,
+        lease_seconds: int | None = None,
     ) -> AskResult | None:
         """:meth:`ask` from the cached history, allocating with one conditional statement.
 
@@ -260,14 +303,15 @@ class TuningService:
         Returns:
             None, having written nothing, when the cache cannot answer alone
             (then :meth:`ask_locked` must): not on PostgreSQL, nothing cached,
-            trials that may be pending (a retry must get them back), an
-            experiment halted, suspended or full (rare: the locked path
-            answers), or a change since the cached version (another replica's).
+            trials that may be pending (a retry must get them back), a lease
+            that may have run out (the locked path sweeps), an experiment
+            halted, suspended or full (rare: the locked path answers), or a
+            change since the cached version (another replica's).
 
         Raises:
-            InvalidInput: For ``count`` outside 1..1000.
+            InvalidInput: As :meth:`ask`.
         """
-        _check_count(count)
+        asked = _asked_by(count, parallelism, ask_id, lease_seconds)
         cached = self._cached_ask(uid, count, parallelism)
         if cached is None:
             return None
@@ -288,13 +332,14 @@ class TuningService:
                 (history.version, head.spec_version, head.next_number),
                 new,
                 suggestions.state,
+                asked,
             )
         if allocated is None:
             self._ask_backoff.lost(experiment_id)
             return None
         self._ask_backoff.won(experiment_id)
         self._remember_allocation(
-            experiment_id, compiled, history, head, new, allocated.sampler_state
+            experiment_id, compiled, history, head, new, allocated.sampler_state, asked
         )
         # What a finish would read of each new trial, until it changes.
         params = {t.number: t.params for t in new}
@@ -339,6 +384,8 @@ class TuningService:
         history = None if known is None else self._histories.get(known[0])
         if known is None or history is None or history.head is None or history.head.pending:
             return None
+        if history.lease_deadline is not None and time.time() >= history.lease_deadline:
+            return None
         experiment_id, head = known[0], history.head
         backoff = self._ask_backoff
         skip = (
@@ -381,30 +428,44 @@ class TuningService:
         self._prepared.put(experiment_id, _Prepared(history.records, head, compiled, suggestions))
         return True
 
-    def ask_locked(self, uid: str, count: int, parallelism: int | None = None) -> AskResult:
+    def ask_locked(
+        self,
+        uid: str,
+        count: int,
+        parallelism: int | None = None,
+        *,
+        ask_id: str | None = None,
+        lease_seconds: int | None = None,
+    ) -> AskResult:
         """:meth:`ask` in a transaction holding the experiment's row lock.
 
+        First fails the trials whose lease ran out (their slots are then free).
+
         Raises:
-            InvalidInput: For ``count`` outside 1..1000.
+            InvalidInput: As :meth:`ask`.
             NotFound: If there is no such experiment.
         """
-        _check_count(count)
+        asked = _asked_by(count, parallelism, ask_id, lease_seconds)
         with self.store.write() as tx:
             row = tx.lock_experiment(uid)
             if row is None:
                 raise NotFound(f"no experiment {uid!r}", field="uid")
             compiled = self._compiled_for(tx, row.id, row.spec_version, row.spec)
             spec = compiled.spec
+            expired, lease_deadline = tx.expire_leases(row.id, time.time(), row.history_version + 1)
+            if expired:
+                row = replace(row, history_version=row.history_version + 1)
             # One query for both what changed since the cached history and
             # which trials are still pending.
             base = self._histories.base(row)
-            loaded = tx.ask_trials(row.id, base.version)
+            loaded, mine = tx.ask_trials(row.id, base.version, asked.ask_id)
             history = self._histories.refresh(
                 base,
                 row,
                 (t for t in loaded if t.history_version > base.version),
                 spec.objective.direction,
             )
+            history = replace(history, lease_deadline=lease_deadline)
             halted = logic.halt_reason(spec, {"failed": history.failures}, history.best)
             if halted is not None:
                 return AskResult(trials=[], exhausted=True, reason=halted)
@@ -418,7 +479,9 @@ class TuningService:
                 pending=frozenset(t.number for t in pending_now),
             )
             history = replace(history, head=head)
-            assignments = [self._assignment(uid, t.number, t.params) for t in pending_now[:count]]
+            assignments = [
+                self._assignment(uid, t.number, t.params) for t in pending_now if t.number in mine
+            ][:count]
             room = spec.maxTrials - row.next_number
             if parallelism is not None:
                 # Counted under the row lock that every allocation takes: a
@@ -445,14 +508,22 @@ class TuningService:
                     row.history_version + 1,
                     row.next_number + len(new),
                     suggestions.state,
+                    asked,
                 )
                 assignments += [self._assignment(uid, t.number, t.params) for t in new]
         # Cache only what was committed: a rolled-back allocation must not be remembered.
         self._ids.put(uid, row.id, row.spec_version)
         if wanted > 0:
-            self._remember_allocation(row.id, compiled, history, head, new, stored_state)
+            self._remember_allocation(row.id, compiled, history, head, new, stored_state, asked)
         else:
             self._histories.remember(row.id, history)
+        for trial in expired:
+            log.info(
+                "experiment %s: trial %d failed: lease of %d s expired",
+                uid,
+                trial.number,
+                trial.lease_seconds,
+            )
         self._log_notes(uid, notes)
         return _ask_result(
             assignments, count, spec.maxTrials, row.next_number + len(new), sampler_exhausted
@@ -466,8 +537,9 @@ class TuningService:
         head: Head,
         new: Sequence[NewTrial],
         sampler_state: dict[str, Any] | None,
+        asked: AskedBy,
     ) -> None:
-        """Cache the history after a committed allocation of ``new`` from ``history``."""
+        """Cache the history after a committed allocation of ``new`` (by ``asked``)."""
         spec = compiled.spec
         head = Head(
             spec_version=head.spec_version,
@@ -481,6 +553,10 @@ class TuningService:
             spec.objective.direction,
             head,
         )
+        expires, deadline = asked.expires_at, history.lease_deadline
+        if new and expires is not None:
+            earliest = expires if deadline is None else min(deadline, expires)
+            advanced = replace(advanced, lease_deadline=earliest)
         self._histories.remember(experiment_id, advanced)
         prom.SUGGESTIONS.labels(spec.algorithm.name).inc(len(new))
 
@@ -651,9 +727,8 @@ class TuningService:
                 objective = clean.get(compiled.spec.objective.metric)
                 rows.append((trial.id, step, clean, objective))
                 accepted.append((i, r, step, experiment_id, compiled, trial, objective))
-            stored = tx.store_reports(
-                rows, [t.id for *_, t, _ in accepted if t.state == TrialState.PENDING]
-            )
+            # Every reporting trial: a report renews its lease, and starts it if pending.
+            stored = tx.store_reports(rows, [t.id for *_, t, _ in accepted])
             # One load of intermediate values per experiment serves every decision.
             top_step: dict[int, int] = {}
             for _, _, step, experiment_id, compiled, _, objective in accepted:
@@ -1176,11 +1251,32 @@ def _ended(
     )
 
 
-def _check_count(count: Any) -> None:
+def _asked_by(count: Any, parallelism: int | None, ask_id: Any, lease_seconds: Any) -> AskedBy:
+    """Who an ask's new trials are asked by (its arguments checked), leased from now.
+
+    Raises:
+        InvalidInput: Naming the argument out of range.
+    """
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_ASK:
         raise InvalidInput(
             f"count must be a whole number from 1 to {MAX_ASK}, got {count!r}", field="count"
         )
+    if ask_id is not None and (not isinstance(ask_id, str) or not 1 <= len(ask_id) <= 128):
+        raise InvalidInput(f"ask_id must be 1-128 characters, got {ask_id!r}", field="ask_id")
+    if lease_seconds is not None and (
+        isinstance(lease_seconds, bool)
+        or not isinstance(lease_seconds, int)
+        or not 1 <= lease_seconds <= MAX_LEASE_SECONDS
+    ):
+        raise InvalidInput(
+            f"lease_seconds must be a whole number from 1 to {MAX_LEASE_SECONDS}, "
+            f"got {lease_seconds!r}",
+            field="lease_seconds",
+        )
+    if ask_id is None and parallelism is not None:
+        ask_id = SCHEDULER_ASK_ID
+    expires = None if lease_seconds is None else time.time() + lease_seconds
+    return AskedBy(ask_id, lease_seconds, expires)
 
 
 def _finished_conflict(number: int, state: str) -> Conflict:

@@ -49,7 +49,7 @@ class RegisterRequest(_Request):
 
 
 class AskRequest(_Request):
-    """Body of ``POST /v1/experiments/{uid}/ask``."""
+    """Body of ``POST /v1/experiments/{uid}/ask`` (no body at all: every field's default)."""
 
     count: int = Field(
         default=1, ge=1, le=1000, strict=True, description="How many trials at most."
@@ -61,6 +61,23 @@ class AskRequest(_Request):
         strict=True,
         description="If set, hand out no new trial while this many are pending or running "
         "(checked with the allocation, so asks may overlap trial starts).",
+    )
+    ask_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="Idempotency key: an ask with the same id first gets back the trials "
+        "earlier asks with it handed out that nobody started. Without one, every ask gets "
+        "new trials only (with parallelism and no ask_id: the id 'operator').",
+    )
+    lease_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=604_800,
+        strict=True,
+        description="Each new trial must start, report or finish within this many seconds "
+        "of the ask and of each start or report, or it is failed as abandoned and its slot "
+        "freed. Without it, trials never expire.",
     )
 
 
@@ -126,7 +143,7 @@ class TrialAssignment(_Response):
 
 
 class AskResult(_Response):
-    """Answer to ``ask``: pending trials first, then new ones."""
+    """Answer to ``ask``: the ask id's pending trials first, then new ones."""
 
     trials: list[TrialAssignment]
     exhausted: bool = Field(description="No trial will ever be allocated again.")

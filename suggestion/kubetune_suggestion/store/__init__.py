@@ -8,11 +8,21 @@ startup (:func:`~kubetune_suggestion.store.migrate.upgrade`).
 from kubetune_suggestion.store.db import UnsupportedDatabase, make_engine
 from kubetune_suggestion.store.migrate import upgrade
 from kubetune_suggestion.store.repository import Store
-from kubetune_suggestion.store.rows import ExperimentRow, NewTrial, StepRow, StopRow, TrialRow
+from kubetune_suggestion.store.rows import (
+    AskedBy,
+    ExperimentRow,
+    ExpiredTrial,
+    NewTrial,
+    StepRow,
+    StopRow,
+    TrialRow,
+)
 from kubetune_suggestion.store.writes import WriteTxn
 
 __all__ = [
+    "AskedBy",
     "ExperimentRow",
+    "ExpiredTrial",
     "NewTrial",
     "StepRow",
     "StopRow",

@@ -15,6 +15,10 @@ Design notes:
   the version of its last such change, so a sampler's history can be refreshed
   incrementally (``WHERE history_version > cached``) instead of reloaded.
 * Trial tokens are not stored: they are an HMAC of the trial identity.
+* A trial's lease (``lease_seconds``, ``lease_expires_at``) and the ``ask_id``
+  it was asked under are columns of ``trials`` read only by ``ask`` and its
+  lease sweep, so :class:`~kubetune_suggestion.store.rows.TrialRow` (what
+  every other path reads) does not carry them.
 * Each observation keeps the objective metric's value in its own column so
   history loads and final-objective computation never parse metrics JSON.
 """
@@ -111,6 +115,15 @@ class Trial(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The ``ask_id`` of the ask that handed it out: a repeated ask with that id
+    # gets the trial back while it is pending. None: nobody gets it back.
+    ask_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # The lease the ask gave, in seconds (None: none, the trial never expires).
+    lease_seconds: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # When the lease runs out, in seconds since the epoch: a number, not a
+    # timestamp, so a renewal is ``now + lease_seconds`` in SQL on SQLite and
+    # PostgreSQL alike (and NULL stays NULL without a lease).
+    lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Observation(Base):

@@ -25,12 +25,13 @@ no report can slip in between unnoticed.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
-from kubetune_suggestion.store.rows import NewTrial, TrialRow, utcnow
+from kubetune_suggestion.store.rows import ANONYMOUS, AskedBy, NewTrial, TrialRow, utcnow
 
 # The experiment moves from ``expected`` to ``version`` only if nothing else
 # changed it since the caller's cache saw it; the trials are inserted only if
@@ -43,8 +44,9 @@ _ALLOCATE_IF_CURRENT = (
     "history_version = %(version)s, updated_at = %(now)s WHERE id = %(eid)s "
     "AND history_version = %(expected)s AND spec_version = %(spec_version)s "
     "AND next_number = %(first)s RETURNING id, sampler_state), "
-    "n AS (INSERT INTO trials (experiment_id, number, params, state, history_version, created_at) "
-    "SELECT e.id, u.n, u.p, 'pending', %(version)s, %(now)s "
+    "n AS (INSERT INTO trials (experiment_id, number, params, state, history_version, created_at, "
+    "ask_id, lease_seconds, lease_expires_at) "
+    "SELECT e.id, u.n, u.p, 'pending', %(version)s, %(now)s, %(ask_id)s, %(lease)s, %(expires)s "
     "FROM e, unnest(%(numbers)s::integer[], %(params)s::jsonb[]) AS u(n, p) "
     "RETURNING number, id, xmin::text AS version) "
     "SELECT e.sampler_state, n.number, n.id, n.version FROM e LEFT JOIN n ON true"
@@ -57,6 +59,7 @@ _TRIAL_COLUMNS = ", ".join(f.name for f in fields(TrialRow))
 # Besides storing the report, it answers what a later finish needs to skip
 # its read (see ReportOutcome.after): the row version before (xmin) and the
 # number of reports stored before, as locked, and the trial row after.
+# A report renews the trial's lease (NULL stays NULL).
 _REPORT_IF_CURRENT = (
     "WITH t AS (SELECT t.id, t.state, t.stop_reason, t.xmin::text AS before, "
     "(SELECT count(*) FROM observations WHERE trial_id = t.id) AS reports FROM experiments e "
@@ -66,7 +69,8 @@ _REPORT_IF_CURRENT = (
     "SELECT t.id, %(step)s::bigint, %(metrics)s::jsonb, %(objective)s::double precision, "
     "%(now)s::timestamptz FROM t WHERE t.state IN ('pending', 'running') "
     "ON CONFLICT (trial_id, step) DO NOTHING RETURNING trial_id), "
-    "r AS (UPDATE trials SET state = 'running', started_at = COALESCE(started_at, %(now)s) "
+    "r AS (UPDATE trials SET state = 'running', started_at = COALESCE(started_at, %(now)s), "
+    "lease_expires_at = %(epoch)s::double precision + lease_seconds "
     "WHERE id = (SELECT id FROM t) AND state IN ('pending', 'running') "
     f"RETURNING xmin::text AS after, {_TRIAL_COLUMNS}) "
     "SELECT t.id, t.state, t.stop_reason, EXISTS (SELECT FROM o), t.before, t.reports, r.* "
@@ -245,6 +249,7 @@ class OneShot:
         expected: tuple[int, int, int],
         trials: Sequence[NewTrial],
         sampler_state: Any,
+        asked: AskedBy = ANONYMOUS,
     ) -> Allocation | None:
         """Insert ``trials`` as pending and advance the experiment, if it is as expected.
 
@@ -254,6 +259,7 @@ class OneShot:
                 assumes are stored; the trials are numbered from that next number.
             trials: The new trials (possibly none: the sampler state still advances).
             sampler_state: The sampler's new state.
+            asked: The ask id and lease the new trials get.
 
         Returns:
             None, having written nothing, if the experiment is gone or differs.
@@ -276,6 +282,9 @@ class OneShot:
                 "now": now,
                 "numbers": [t.number for t in trials],
                 "params": [Jsonb(dict(t.params)) for t in trials],
+                "ask_id": asked.ask_id,
+                "lease": asked.lease_seconds,
+                "expires": asked.expires_at,
             },
         ).fetchall()
         if not rows:
@@ -385,6 +394,7 @@ class OneShot:
                 "metrics": Jsonb(dict(metrics)),
                 "objective": objective,
                 "now": utcnow(),
+                "epoch": time.time(),
             },
         ).fetchone()
         if row is None:

@@ -79,6 +79,30 @@ class NewTrial:
 
 
 @dataclass(frozen=True)
+class AskedBy:
+    """Who asked for new trials, and the lease they get (see ``models.Trial``)."""
+
+    # The ask's idempotency key (None: no later ask gets these trials back).
+    ask_id: str | None = None
+    # The lease in seconds (None: no lease, the trials never expire).
+    lease_seconds: int | None = None
+    # When it runs out, in seconds since the epoch (None without a lease).
+    expires_at: float | None = None
+
+
+# New trials with no ask id and no lease.
+ANONYMOUS = AskedBy()
+
+
+@dataclass(frozen=True)
+class ExpiredTrial:
+    """A trial whose lease ran out, failed by the lease sweep."""
+
+    number: int
+    lease_seconds: int
+
+
+@dataclass(frozen=True)
 class StopRow:
     """An open stop order."""
 

@@ -14,23 +14,21 @@ Trial rows are locked the same way by reports and by ``finish``.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Table, bindparam, delete, insert, or_, select, update
+from sqlalchemy import Table, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from kubetune_suggestion.store.db import is_postgres
-from kubetune_suggestion.store.rows import EXPERIMENT_COLUMNS as _EXPERIMENT_COLUMNS
-from kubetune_suggestion.store.rows import EXPERIMENTS as _experiments
-from kubetune_suggestion.store.rows import OBSERVATIONS as _observations
-from kubetune_suggestion.store.rows import SETTINGS as _settings
-from kubetune_suggestion.store.rows import STOP_ORDERS as _stop_orders
-from kubetune_suggestion.store.rows import TRIAL_COLUMNS as _TRIAL_COLUMNS
-from kubetune_suggestion.store.rows import TRIALS as _trials
 from kubetune_suggestion.store.rows import (
+    ANONYMOUS,
+    OPEN_STATES,
+    AskedBy,
     ExperimentRow,
+    ExpiredTrial,
     NewTrial,
     StepRow,
     TrialRow,
@@ -39,6 +37,13 @@ from kubetune_suggestion.store.rows import (
     trial_row,
     utcnow,
 )
+from kubetune_suggestion.store.rows import EXPERIMENT_COLUMNS as _EXPERIMENT_COLUMNS
+from kubetune_suggestion.store.rows import EXPERIMENTS as _experiments
+from kubetune_suggestion.store.rows import OBSERVATIONS as _observations
+from kubetune_suggestion.store.rows import SETTINGS as _settings
+from kubetune_suggestion.store.rows import STOP_ORDERS as _stop_orders
+from kubetune_suggestion.store.rows import TRIAL_COLUMNS as _TRIAL_COLUMNS
+from kubetune_suggestion.store.rows import TRIALS as _trials
 
 
 def _insert_for(connection: Connection) -> Any:
@@ -92,17 +97,21 @@ _PG_LOCK_EXPERIMENT = (
     "SELECT id, uid, name, namespace, spec, spec_version, sampler_state, next_number, "
     "history_version, created_at FROM experiments WHERE uid = %s FOR UPDATE"
 )
+# The last column: whether a pending trial was handed out under the ask id
+# given (false for every trial when it is NULL).
 _PG_ASK_TRIALS = (
-    f"SELECT {_T} FROM trials t WHERE t.experiment_id = %s "
-    "AND (t.history_version > %s OR t.state = 'pending') ORDER BY t.number"
+    f"SELECT {_T}, COALESCE(t.state = 'pending' AND t.ask_id = %s, false) FROM trials t "
+    "WHERE t.experiment_id = %s AND (t.history_version > %s OR t.state = 'pending') "
+    "ORDER BY t.number"
 )
 _PG_ALLOCATE = (
     "WITH e AS (UPDATE experiments SET next_number = %(next)s, sampler_state = %(state)s, "
     "history_version = %(version)s, updated_at = %(now)s WHERE id = %(eid)s "
     "RETURNING sampler_state), "
-    "n AS (INSERT INTO trials (experiment_id, number, params, state, history_version, created_at) "
-    "SELECT %(eid)s, u.n, u.p, 'pending', %(version)s, %(now)s "
-    "FROM unnest(%(numbers)s::integer[], %(params)s::jsonb[]) AS u(n, p)) "
+    "n AS (INSERT INTO trials (experiment_id, number, params, state, history_version, created_at, "
+    "ask_id, lease_seconds, lease_expires_at) "
+    "SELECT %(eid)s, u.n, u.p, 'pending', %(version)s, %(now)s, %(ask_id)s, %(lease)s, "
+    "%(expires)s FROM unnest(%(numbers)s::integer[], %(params)s::jsonb[]) AS u(n, p)) "
     "SELECT sampler_state FROM e"
 )
 _PG_LOCK_TRIALS_OF = (
@@ -117,9 +126,10 @@ _PG_LOCK_FOR_FINISH = (
 )
 # Every reported trial's row is rewritten, not only the pending ones': the
 # optimistic finish (oneshot._FINISH_IF_UNCHANGED) relies on a report leaving
-# a new row version.
+# a new row version. A report renews the trial's lease (NULL stays NULL).
 _PG_STORE_REPORTS = (
-    "WITH r AS (UPDATE trials SET state = 'running', started_at = COALESCE(started_at, %(now)s) "
+    "WITH r AS (UPDATE trials SET state = 'running', started_at = COALESCE(started_at, %(now)s), "
+    "lease_expires_at = %(epoch)s::double precision + lease_seconds "
     "WHERE id = ANY(%(trials)s) AND state IN ('pending', 'running')) "
     "INSERT INTO observations (trial_id, step, metrics, objective, created_at) "
     "SELECT u.t, u.s, u.m, u.o, %(now)s "
@@ -135,6 +145,13 @@ _PG_FINISH = (
     "WHERE id = %(tid)s"
 )
 _PG_OBSERVED_STEPS = "SELECT step, objective FROM observations WHERE trial_id = %s ORDER BY step"
+
+
+def lease_expired_message(lease_seconds: int) -> str:
+    """The message of a trial failed because its lease ran out."""
+    return (
+        f"lease expired: no start, report or finish within {lease_seconds} s; failed as abandoned"
+    )
 
 
 def _trial(row: Sequence[Any], at: int = 0) -> TrialRow:
@@ -276,18 +293,27 @@ class WriteTxn:
         )
         return [trial_row(r) for r in rows]
 
-    def ask_trials(self, experiment_id: int, version: int) -> list[TrialRow]:
+    def ask_trials(
+        self, experiment_id: int, version: int, ask_id: str | None = None
+    ) -> tuple[list[TrialRow], frozenset[int]]:
         """Trials changed after history ``version`` or still pending, by number, in one query.
 
         What ``ask`` needs: :meth:`history_since` and :meth:`pending_trials`
-        together (the caller tells them apart by ``history_version`` and ``state``).
+        together (the caller tells them apart by ``history_version`` and
+        ``state``), and the numbers of the pending ones handed out under
+        ``ask_id`` (none when it is None).
         """
         if self._postgres:
-            return [_trial(r) for r in self._pg(_PG_ASK_TRIALS, (experiment_id, version))]
+            found = [
+                (_trial(r), bool(r[11]))
+                for r in self._pg(_PG_ASK_TRIALS, (ask_id, experiment_id, version))
+            ]
+            return [t for t, _ in found], frozenset(t.number for t, mine in found if mine)
+        mine = (_trials.c.state == "pending") & (_trials.c.ask_id == bindparam("ask_id"))
         rows = self._run(
             "ask_trials",
             lambda: (
-                select(*_TRIAL_COLUMNS)
+                select(*_TRIAL_COLUMNS, func.coalesce(mine, False).label("mine"))
                 .where(
                     _trials.c.experiment_id == bindparam("eid"),
                     or_(
@@ -297,9 +323,76 @@ class WriteTxn:
                 )
                 .order_by(_trials.c.number)
             ),
-            {"eid": experiment_id, "version": version},
+            {"eid": experiment_id, "version": version, "ask_id": ask_id},
         )
-        return [trial_row(r) for r in rows]
+        found = [(trial_row(r), bool(r.mine)) for r in rows]
+        return [t for t, _ in found], frozenset(t.number for t, m in found if m)
+
+    def expire_leases(
+        self, experiment_id: int, now: float, history_version: int
+    ) -> tuple[list[ExpiredTrial], float | None]:
+        """Fail the experiment's open trials whose lease ran out by ``now``.
+
+        Each is failed with the reason as its message, its stop order (if
+        any) closed, and the experiment moved to ``history_version`` (when
+        one expired), as a finish would. The caller holds the experiment's
+        row lock.
+
+        Args:
+            experiment_id: The experiment.
+            now: The time, in seconds since the epoch.
+            history_version: The experiment's next history version.
+
+        Returns:
+            The trials failed now, and the earliest expiry of the leases still
+            running (None if no open trial has one).
+        """
+        rows = self._run(
+            "leased_trials",
+            lambda: select(
+                _trials.c.id, _trials.c.number, _trials.c.lease_seconds, _trials.c.lease_expires_at
+            ).where(
+                _trials.c.experiment_id == bindparam("eid"),
+                _trials.c.state.in_(OPEN_STATES),
+                _trials.c.lease_expires_at.is_not(None),
+            ),
+            {"eid": experiment_id},
+        ).all()
+        expired = [r for r in rows if r.lease_expires_at <= now]
+        live = [float(r.lease_expires_at) for r in rows if r.lease_expires_at > now]
+        if expired:
+            at = utcnow()
+            self._run(
+                "expire_lease",
+                lambda: (
+                    update(_trials)
+                    .where(_trials.c.id == bindparam("b_id"))
+                    .values(
+                        state="failed",
+                        message=bindparam("b_message"),
+                        history_version=bindparam("b_version"),
+                        started_at=func.coalesce(_trials.c.started_at, bindparam("b_now")),
+                        finished_at=bindparam("b_now"),
+                    )
+                ),
+                [
+                    {
+                        "b_id": r.id,
+                        "b_message": lease_expired_message(r.lease_seconds),
+                        "b_version": history_version,
+                        "b_now": at,
+                    }
+                    for r in expired
+                ],
+            )
+            self.connection.execute(
+                delete(_stop_orders).where(_stop_orders.c.trial_id.in_([r.id for r in expired]))
+            )
+            self.update_experiment(experiment_id, history_version=history_version)
+        return (
+            [ExpiredTrial(int(r.number), int(r.lease_seconds)) for r in expired],
+            min(live, default=None),
+        )
 
     def allocate(
         self,
@@ -308,6 +401,7 @@ class WriteTxn:
         history_version: int,
         next_number: int,
         sampler_state: Any,
+        asked: AskedBy = ANONYMOUS,
     ) -> dict[str, Any] | None:
         """Insert freshly allocated ``pending`` trials and advance the experiment, at once.
 
@@ -316,7 +410,7 @@ class WriteTxn:
         Returns the sampler state as stored, as a read would hand it back.
         """
         if not self._postgres:
-            self.insert_trials(experiment_id, trials, history_version)
+            self.insert_trials(experiment_id, trials, history_version, asked)
             self.update_experiment(
                 experiment_id,
                 next_number=next_number,
@@ -339,6 +433,9 @@ class WriteTxn:
                 "now": utcnow(),
                 "numbers": [t.number for t in trials],
                 "params": [Jsonb(dict(t.params)) for t in trials],
+                "ask_id": asked.ask_id,
+                "lease": asked.lease_seconds,
+                "expires": asked.expires_at,
             },
         ).fetchone()[0]
         return stored
@@ -348,9 +445,13 @@ class WriteTxn:
         return count_states(self.connection, experiment_id)
 
     def insert_trials(
-        self, experiment_id: int, trials: Sequence[NewTrial], history_version: int
+        self,
+        experiment_id: int,
+        trials: Sequence[NewTrial],
+        history_version: int,
+        asked: AskedBy = ANONYMOUS,
     ) -> None:
-        """Insert freshly allocated trials as ``pending``."""
+        """Insert freshly allocated trials as ``pending`` (asked by ``asked``)."""
         if not trials:
             return
         now = utcnow()
@@ -365,6 +466,9 @@ class WriteTxn:
                     "state": "pending",
                     "history_version": history_version,
                     "created_at": now,
+                    "ask_id": asked.ask_id,
+                    "lease_seconds": asked.lease_seconds,
+                    "lease_expires_at": asked.expires_at,
                 }
                 for t in trials
             ],
@@ -480,19 +584,20 @@ class WriteTxn:
     def store_reports(
         self,
         rows: Sequence[tuple[int, int, Mapping[str, float], float | None]],
-        pending: Iterable[int],
+        reporting: Iterable[int],
     ) -> set[tuple[int, int]]:
-        """Store reports and mark the ``pending`` trial ids running, at once.
+        """Store reports and mark the ``reporting`` trial ids running, at once.
 
-        :meth:`insert_observations` plus :meth:`mark_running_many`, in one
-        statement on PostgreSQL, which rewrites every reported trial's row
-        (the pending ones become running): the optimistic finish of
-        :mod:`.oneshot` relies on a report leaving a new row version.
-        Returns the (trial id, step) pairs stored now.
+        :meth:`insert_observations` plus :meth:`mark_running_many` (which
+        also renews their leases), in one statement on PostgreSQL, which
+        rewrites every reported trial's row (the pending ones become
+        running): the optimistic finish of :mod:`.oneshot` relies on a
+        report leaving a new row version. Returns the (trial id, step)
+        pairs stored now.
         """
         if not self._postgres or not rows:
             stored = self.insert_observations(rows)
-            self.mark_running_many(pending)
+            self.mark_running_many(reporting)
             return stored
         from psycopg.types.json import Jsonb
 
@@ -504,6 +609,7 @@ class WriteTxn:
                 "steps": [s for _, s, _, _ in rows],
                 "metrics": [Jsonb(dict(m)) for _, _, m, _ in rows],
                 "objectives": [o for _, _, _, o in rows],
+                "epoch": time.time(),
             },
         )
         return {(int(t), int(s)) for t, s in result}
@@ -532,7 +638,7 @@ class WriteTxn:
         )
 
     def mark_running(self, trial_id: int) -> None:
-        """Move a pending trial to running (no-op in any other state)."""
+        """Move a pending trial to running and renew its lease (no-op once finished)."""
         self.mark_running_many([trial_id])
 
     def insert_observations(
@@ -563,7 +669,11 @@ class WriteTxn:
         return {(int(r.trial_id), int(r.step)) for r in result}
 
     def mark_running_many(self, trial_ids: Iterable[int]) -> None:
-        """Move pending trials to running (no-op for any other state)."""
+        """Move pending trials to running and renew their leases (no-op once finished).
+
+        A running trial keeps its start time; its lease is renewed too (a
+        start or a report is a sign of life).
+        """
         ids = sorted(set(trial_ids))
         if ids:
             self._run(
@@ -572,11 +682,15 @@ class WriteTxn:
                     update(_trials)
                     .where(
                         _trials.c.id.in_(bindparam("ids", expanding=True)),
-                        _trials.c.state == "pending",
+                        _trials.c.state.in_(OPEN_STATES),
                     )
-                    .values(state="running", started_at=bindparam("now"))
+                    .values(
+                        state="running",
+                        started_at=func.coalesce(_trials.c.started_at, bindparam("now")),
+                        lease_expires_at=bindparam("epoch") + _trials.c.lease_seconds,
+                    )
                 ),
-                {"ids": ids, "now": utcnow()},
+                {"ids": ids, "now": utcnow(), "epoch": time.time()},
             )
 
     def observed_steps(self, trial_id: int) -> list[tuple[int, float | None]]:

@@ -53,18 +53,21 @@ def test_ask_hands_out_dense_numbers_never_beyond_max_trials(svc: TuningService)
     assert summary.allocated == 5 and summary.counts[TrialState.RUNNING] == 5
 
 
-def test_ask_returns_pending_trials_again_after_a_crash(db_url: str) -> None:
+def test_ask_with_an_ask_id_returns_its_pending_trials_again_after_a_crash(db_url: str) -> None:
     before = TuningService.open(db_url)
     _register(before)
-    handed_out = before.ask(UID, 3).trials
+    handed_out = before.ask(UID, 3, ask_id="worker-1").trials
     before.start(UID, handed_out[0].number)
     before.close()  # the process dies; its caches die with it
     after = TuningService.open(db_url)
-    again = after.ask(UID, 2).trials
+    again = after.ask(UID, 2, ask_id="worker-1").trials
     # Pending ones first, same numbers, same params, same tokens.
     assert again == handed_out[1:3]
-    more = after.ask(UID, 4).trials
+    more = after.ask(UID, 4, ask_id="worker-1").trials
     assert [t.number for t in more] == [1, 2, 3, 4]
+    # Another ask id, or none, never gets them.
+    assert [t.number for t in after.ask(UID, 1, ask_id="worker-2").trials] == [5]
+    assert [t.number for t in after.ask(UID, 1).trials] == [6]
     after.close()
 
 
@@ -92,9 +95,12 @@ def test_ask_with_parallelism_counts_pending_and_running_trials(db_url: str) -> 
     svc.finish(UID, 1, "succeeded")
     svc.finish(UID, 2, "failed")
     assert [t.number for t in svc.ask(UID, 10, parallelism=5).trials] == [6, 7]
-    # Without parallelism the caller's count alone limits, as `kubetune run` uses it.
-    assert [t.number for t in svc.ask(UID, 2).trials] == [6, 7]
-    assert [t.number for t in svc.ask(UID, 3).trials] == [6, 7, 8]
+    # Without parallelism (nor an ask id) the caller's count alone limits, as
+    # `kubetune run` uses it, and every ask gets new trials.
+    assert [t.number for t in svc.ask(UID, 2).trials] == [8, 9]
+    assert [t.number for t in svc.ask(UID, 3).trials] == [10, 11, 12]
+    # An ask with parallelism and no ask id is the operator's: its pending ones come back.
+    assert [t.number for t in svc.ask(UID, 2, ask_id="operator").trials] == [6, 7]
     svc.close()
 
 
@@ -246,7 +252,7 @@ def test_register_is_an_upsert_and_spec_edits_take_effect(svc: TuningService) ->
     assert [t.number for t in svc.ask(UID, 5).trials] == [0, 1]
     view = svc.register(UID, "exp", "team-a", example_spec(maxTrials=4))
     assert not view.created and view.spec_version == 2
-    assert [t.number for t in svc.ask(UID, 5).trials] == [0, 1, 2, 3]
+    assert [t.number for t in svc.ask(UID, 5).trials] == [2, 3]
     # Same spec again: nothing changes.
     assert svc.register(UID, "exp", "team-a", example_spec(maxTrials=4)).spec_version == 2
     with pytest.raises(Conflict) as err:
@@ -341,7 +347,7 @@ def test_start_many_starts_the_pending_and_refuses_each_bad_trial_alone(
     svc: TuningService,
 ) -> None:
     _register(svc, maxTrials=6)
-    handed = svc.ask(UID, 4).trials
+    handed = svc.ask(UID, 4, ask_id="w").trials
     svc.finish(UID, handed[3].number, "failed", "exit 1")
     result = svc.start_many(UID, [handed[0].number, handed[1].number, handed[3].number, 99])
     assert result.started == [handed[0].number, handed[1].number]
@@ -350,7 +356,7 @@ def test_start_many_starts_the_pending_and_refuses_each_bad_trial_alone(
         (99, 404, "not_found"),
     ]
     # Started trials are no longer handed out again; the one left pending is.
-    again = svc.ask(UID, 2).trials
+    again = svc.ask(UID, 2, ask_id="w").trials
     assert again[0].number == handed[2].number
     assert svc.summary(UID).counts[TrialState.RUNNING] == 2
     # Idempotent: starting running trials again changes nothing.

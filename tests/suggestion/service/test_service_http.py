@@ -92,9 +92,9 @@ def test_register_ask_report_finish_summary_history(client: httpx.Client) -> Non
         {"step": 2, "metrics": {"loss": 0.25}},
     ]
     assert client.get(f"/v1/experiments/{UID}/trials/1").json()["state"] == "pending"
-    # The pending trial comes back first, then the last one maxTrials allows.
+    # Only new trials: the last one maxTrials allows (trial 1 stays with its asker).
     again = client.post(f"/v1/experiments/{UID}/ask", json={"count": 5}).json()
-    assert [t["number"] for t in again["trials"]] == [1, 2] and again["exhausted"] is True
+    assert [t["number"] for t in again["trials"]] == [2] and again["exhausted"] is True
     assert client.delete(f"/v1/experiments/{UID}").status_code == 204
     assert client.get(f"/v1/experiments/{UID}").status_code == 404
 
@@ -425,11 +425,12 @@ def test_the_hot_routes_answer_alike_on_the_fast_path_and_through_fastapi(
             headers["Authorization"] = f"Bearer {token}"
         return client.post(url, content=json.dumps(body), headers=headers)
 
-    fast_trial = post(ask, {"count": 1}, True).json()["trials"][0]
-    # Idempotent either way: the pending trial again, until it starts.
-    assert post(ask, {"count": 1}, False).json()["trials"][0] == fast_trial
+    keyed = {"count": 1, "ask_id": "w"}
+    fast_trial = post(ask, keyed, True).json()["trials"][0]
+    # Idempotent either way with an ask id: the pending trial again, until it starts.
+    assert post(ask, keyed, False).json()["trials"][0] == fast_trial
     assert client.post(f"/v1/experiments/{UID}/trials/0/start").status_code == 204
-    slow_trial = post(ask, {"count": 1}, False).json()["trials"][0]
+    slow_trial = post(ask, keyed, False).json()["trials"][0]
     assert (fast_trial["number"], slow_trial["number"]) == (0, 1)
     for trial, fast in [(fast_trial, True), (slow_trial, False)]:
         n = trial["number"]

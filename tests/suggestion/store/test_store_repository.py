@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
 from sqlalchemy.exc import IntegrityError
 
-from kubetune_suggestion.store import NewTrial, Store
+from kubetune_suggestion.store import AskedBy, ExpiredTrial, NewTrial, Store
 
 SPEC = {"objective": {"metric": "loss"}}
 
@@ -123,10 +124,12 @@ def test_merged_hot_path_writes_match_the_separate_ones(store: Store) -> None:
     assert (row.next_number, row.history_version, row.sampler_state) == (2, 1, {"seed": 3})
     with store.write() as tx:
         # Nothing changed since version 1, but both trials are pending.
-        assert [(t.number, t.state, t.params) for t in tx.ask_trials(eid, 1)] == [
+        trials, mine = tx.ask_trials(eid, 1)
+        assert [(t.number, t.state, t.params) for t in trials] == [
             (0, "pending", {"x": 1}),
             (1, "pending", {"x": 2.5}),
         ]
+        assert mine == frozenset()  # allocated under no ask id
         locked = tx.lock_trials_of("uid-1", [1, 0, 7])
         assert sorted(locked) == [0, 1]
         t0 = locked[0][2]
@@ -160,14 +163,61 @@ def test_merged_hot_path_writes_match_the_separate_ones(store: Store) -> None:
             finished_at=trial.started_at,
         )
         # Only what changed after version 1 (trial 0), and what is still pending (trial 1).
-        assert [(t.number, t.state) for t in tx.ask_trials(eid, 1)] == [
+        assert [(t.number, t.state) for t in tx.ask_trials(eid, 1)[0]] == [
             (0, "pruned"),
             (1, "pending"),
         ]
-        assert [t.number for t in tx.ask_trials(eid, 2)] == [1]
+        assert [t.number for t in tx.ask_trials(eid, 2)[0]] == [1]
     assert store.open_stops() == []
     ended = store.trial(eid, 0)
     assert ended is not None
     assert (ended.state, ended.objective, ended.stop_reason) == ("pruned", 0.5, "too slow")
     row = store.experiment("uid-1")
     assert row is not None and row.history_version == 2 and row.next_number == 2
+
+
+def test_ask_trials_tells_the_pending_trials_of_an_ask_id(store: Store) -> None:
+    eid = _experiment(store)
+    with store.write() as tx:
+        tx.allocate(eid, [NewTrial(0, {"x": 1})], 1, 1, None, AskedBy("op"))
+        tx.allocate(eid, [NewTrial(1, {"x": 2})], 2, 2, None, AskedBy("other"))
+        tx.allocate(eid, [NewTrial(2, {"x": 3})], 3, 3, None)
+        assert tx.ask_trials(eid, 3, "op") == (tx.ask_trials(eid, 3)[0], frozenset({0}))
+        assert tx.ask_trials(eid, 3, "other")[1] == frozenset({1})
+        assert tx.ask_trials(eid, 3, "nobody")[1] == frozenset()
+        tx.mark_running(tx.ask_trials(eid, 3)[0][0].id)
+        assert tx.ask_trials(eid, 3, "op")[1] == frozenset()  # started: not handed out again
+
+
+def test_expire_leases_fails_the_silent_trials_and_tells_the_next_deadline(store: Store) -> None:
+    eid = _experiment(store)
+    now = time.time()
+    with store.write() as tx:
+        tx.allocate(eid, [NewTrial(0, {})], 1, 1, None, AskedBy(None, 10, now - 1))
+        tx.allocate(eid, [NewTrial(1, {})], 2, 2, None, AskedBy(None, 60, now + 59))
+        tx.allocate(eid, [NewTrial(2, {})], 3, 3, None)
+        t0 = tx.lock_trial(eid, 0)
+        assert t0 is not None
+        tx.add_stop_order(t0.id, "worse than its rung")
+        expired, deadline = tx.expire_leases(eid, now, 4)
+    assert expired == [ExpiredTrial(0, 10)]
+    assert deadline == pytest.approx(now + 59)
+    failed = store.trial(eid, 0)
+    assert failed is not None
+    assert (failed.state, failed.history_version) == ("failed", 4)
+    assert failed.message is not None
+    assert failed.message.startswith("lease expired: no start, report or finish within 10 s")
+    assert store.open_stops() == []
+    row = store.experiment("uid-1")
+    assert row is not None and row.history_version == 4
+    with store.write() as tx:
+        # Nothing more to expire: nothing written.
+        expired, deadline = tx.expire_leases(eid, now, 5)
+        assert expired == [] and deadline == pytest.approx(now + 59)
+        # A start renews the lease from now: past the old expiry.
+        t1 = tx.lock_trial(eid, 1)
+        assert t1 is not None
+        tx.mark_running(t1.id)
+        assert tx.expire_leases(eid, now + 59.5, 5)[0] == []
+    row = store.experiment("uid-1")
+    assert row is not None and row.history_version == 4
