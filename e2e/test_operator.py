@@ -14,6 +14,7 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -196,6 +197,31 @@ def test_asha_prunes_within_two_seconds(
     exp = experiment(kube, namespace, "asha")
     assert exp["status"]["pruned"] == len(pruned)
     described_events(kube, namespace, "asha", "TrialPruned")
+
+
+def test_a_trial_past_its_time_limit_is_stopped_and_fails_as_timed_out(
+    kube: Kube, namespace: str, stack: HostStack | ChartStack
+) -> None:
+    spec = synthetic_experiment(
+        "slow", max_trials=1, parallelism=1, epochs=100, sleep=0.5, trialTimeoutSeconds=3
+    )
+    kube.apply(spec, namespace=namespace)
+    wait_condition(kube, namespace, "slow", "Failed", 120)
+    (trial,) = trials_of(kube, namespace, "slow")
+    status = trial["status"]
+    assert status["phase"] == "Failed", status
+    assert condition(trial, "Failed")["reason"] == "TimedOut", status
+    assert "trialTimeoutSeconds" in status["message"], status
+    # The kubelet stopped it at the deadline, not after its 50 s of training.
+    pod = kube.pod(namespace, status["podName"])
+    train = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert pod["status"]["reason"] == "DeadlineExceeded", pod["status"]
+    ran = _seconds(train["finishedAt"]) - _seconds(pod["status"]["startTime"])
+    assert ran < 15, pod["status"]
+
+
+def _seconds(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
 def test_gpu_trials_never_exceed_capacity(

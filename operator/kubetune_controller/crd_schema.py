@@ -344,6 +344,9 @@ EXPERIMENT_OVERLAY: Final[Mapping[str, Schema]] = {
     "suspend": {
         "description": "true pauses the experiment: no new trials start, running ones finish."
     },
+    "trialTimeoutSeconds": {
+        "description": "A trial running longer than this is stopped and ends Failed (TimedOut)."
+    },
 }
 
 

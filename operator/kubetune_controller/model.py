@@ -224,6 +224,8 @@ class PodView:
     # Succeeded once its main containers are; its sidecars are stopped after
     # that, and the collector delivers the reports it has not sent yet then.
     sidecar_running: bool = False
+    # Why the Pod as a whole failed (e.g. DeadlineExceeded, Evicted).
+    reason: str | None = None
     resource_version: str = ""
 
     @classmethod
@@ -260,6 +262,7 @@ class PodView:
                 "running" in (cs.get("state") or {})
                 for cs in status.get("initContainerStatuses") or []
             ),
+            reason=status.get("reason"),
             resource_version=str(meta.get("resourceVersion") or ""),
         )
 

@@ -192,6 +192,12 @@ def build_trial_pod(
     # A trial runs once: a restarted container would report its steps again
     # from zero and corrupt the learning curve early stopping compares.
     spec["restartPolicy"] = "Never"
+    timeout = experiment.spec.get("trialTimeoutSeconds")
+    if timeout:
+        # The kubelet enforces it (stops the containers, the Pod fails with
+        # reason DeadlineExceeded), also while the operator is down.
+        own = spec.get("activeDeadlineSeconds")
+        spec["activeDeadlineSeconds"] = min(int(timeout), int(own)) if own else int(timeout)
 
     return {
         "apiVersion": "v1",

@@ -201,6 +201,9 @@ def _running_wait(pod: PodView, phase: TrialPhase, now: datetime, delay: float) 
 
 
 def _failed(trial: TrialView, pod: PodView) -> TrialFinish:
+    if pod.reason == "DeadlineExceeded":
+        what = "ran longer than spec.trialTimeoutSeconds (its Pod's activeDeadlineSeconds)"
+        return TrialFinish(trial.number, trial.name, "failed", "TimedOut", what, wants_logs=True)
     ends = [c for c in pod.ended_containers if c.exit_code != 0] or list(pod.ended_containers)
     if ends:
         end = ends[0]

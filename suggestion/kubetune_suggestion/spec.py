@@ -138,6 +138,7 @@ class ExperimentSpec(_Model):
     maxTrials: int = Field(default=10, ge=1, le=100_000)
     parallelism: int = Field(default=1, ge=1, le=10_000)
     maxFailedTrials: int | None = Field(default=None, ge=0)
+    trialTimeoutSeconds: int | None = Field(default=None, ge=1)
     suspend: bool = False
     template: dict[str, Any] = Field(description="A Pod template; ${params.NAME} is substituted.")
 

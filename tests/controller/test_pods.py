@@ -17,7 +17,7 @@ from kubetune_controller.pods import (
     build_trial_pod,
 )
 from kubetune_controller.settings import Settings
-from tests.controller.factories import NOW, experiment
+from tests.controller.factories import NOW, experiment, spec_dict
 
 SETTINGS = Settings(
     service_url="http://svc:8000",
@@ -74,6 +74,16 @@ def test_gpu_request_kept_and_restart_never():
     spec = render()["spec"]
     assert spec["containers"][0]["resources"] == {"limits": {"nvidia.com/gpu": 1}}
     assert spec["restartPolicy"] == "Never"
+
+
+def test_trial_timeout_is_the_pods_active_deadline():
+    assert "activeDeadlineSeconds" not in render()["spec"]
+    assert render(trialTimeoutSeconds=600)["spec"]["activeDeadlineSeconds"] == 600
+    # The template's own deadline, when shorter, still holds.
+    template = spec_dict()["template"]
+    template["spec"]["activeDeadlineSeconds"] = 60
+    pod = render(trialTimeoutSeconds=600, template=template)
+    assert pod["spec"]["activeDeadlineSeconds"] == 60
 
 
 def test_metrics_file_shared_between_trial_and_native_sidecar():

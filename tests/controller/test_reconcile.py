@@ -85,6 +85,13 @@ def test_an_ending_experiment_stays_running_until_its_trials_show_their_end():
     assert rc.hold_until_trials_end(running, [trial(1)]) is running
 
 
+def test_a_pod_past_its_deadline_fails_the_trial_as_timed_out():
+    late = replace(pod(0, "Failed", exit_code=137), reason="DeadlineExceeded")
+    (finish,) = plan([trial(0)], [late]).finish
+    assert (finish.state, finish.reason) == ("failed", "TimedOut")
+    assert "spec.trialTimeoutSeconds" in finish.message
+
+
 def test_pending_pod_shows_why_it_waits():
     why = "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
     p = plan([trial(0, None)], [pod(0, "Pending", waiting=why)])
