@@ -4,11 +4,17 @@ Each trial runs in its own session (process group), so a Ctrl-C typed at the
 terminal reaches ``kubetune run`` only, which then stops every trial cleanly,
 and so stopping a trial also stops anything it spawned (data loader workers,
 a shell's children).
+
+On Linux a trial also dies with the runner (``PR_SET_PDEATHSIG``): after a
+``kill -9`` of ``kubetune run`` nothing is left holding the GPU or writing to
+the metrics file the next run uses. That reaches the trial's own process,
+not what it spawned: :func:`group_alive` tells the next run about those.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -20,11 +26,42 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-__all__ = ["TrialProcess", "describe_exit", "missing_executable", "resolve_command", "tail"]
+__all__ = [
+    "TrialProcess",
+    "describe_exit",
+    "group_alive",
+    "missing_executable",
+    "resolve_command",
+    "tail",
+]
 
 # How a manifest names the interpreter; locally it means the one running
 # kubetune, so the trial sees the same installed packages (kubetune's SDK too).
 _PYTHON_NAMES: Final = frozenset({"python", "python3", f"python3.{sys.version_info.minor}"})
+
+
+_PR_SET_PDEATHSIG: Final = 1
+# Loaded before any fork: the child of a fork should only call into it.
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the forked child, before exec: SIGKILL when the runner goes away."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)  # the runner died before the signal was armed
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of process group ``pgid`` (a trial and its children) still runs."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive, and not ours to signal
+    return True
 
 
 def resolve_command(argv: Sequence[str]) -> list[str]:
@@ -103,6 +140,7 @@ class TrialProcess:
             stamp = datetime.now(UTC).isoformat(timespec="seconds")
             log.write(f"--- {stamp} {header}: {' '.join(argv)}\n".encode())
             log.flush()
+            parent = os.getpid()
             self.popen = subprocess.Popen(
                 list(argv),
                 env=dict(env),
@@ -111,6 +149,7 @@ class TrialProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=lambda: _die_with_parent(parent),
             )
 
     @property

@@ -66,6 +66,7 @@ from kubetune_suggestion.runner.outcome import (
 from kubetune_suggestion.runner.process import (
     TrialProcess,
     describe_exit,
+    group_alive,
     missing_executable,
     resolve_command,
     tail,
@@ -149,7 +150,7 @@ class TuningServiceLike(Protocol):
 
 
 class RunnerBusy(RuntimeError):
-    """Another ``kubetune run`` is running the same experiment."""
+    """Another ``kubetune run`` is running the same experiment, or one of its trials."""
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,10 @@ class RunPaths:
     def metrics(self, number: int) -> Path:
         """Trial ``number``'s metrics file."""
         return self.trials / f"trial-{number}.metrics"
+
+    def pid(self, number: int) -> Path:
+        """The process id of trial ``number``'s running attempt (gone once it ended)."""
+        return self.trials / f"trial-{number}.pid"
 
     @property
     def database_url(self) -> str:
@@ -516,10 +521,30 @@ class LocalRunner:
             return
         stops = {s.number: s.reason for s in self.service.stops(self.uid)}
         for trial in orphans:
+            self._check_gone(trial.number)
+        for trial in orphans:
             if trial.number in stops:
                 self.service.finish(self.uid, trial.number, "pruned", stops[trial.number])
             else:
                 self.resume_queue.append(trial)
+
+    def _check_gone(self, number: int) -> None:
+        """Refuse to go on while an earlier run's process of trial ``number`` is alive.
+
+        A second copy would train beside it and write into the same metrics file.
+
+        Raises:
+            RunnerBusy: Naming the process group to stop.
+        """
+        try:
+            pid = int(self.paths.pid(number).read_text())
+        except (FileNotFoundError, ValueError):
+            return
+        if group_alive(pid):
+            raise RunnerBusy(
+                f"trial {number} of an earlier run is still running (process group {pid}); "
+                f"stop it (kill -- -{pid}) and run again"
+            )
 
     def _fill(self) -> bool:
         """Start trials up to ``parallelism``; whether any was handed out."""
@@ -574,6 +599,7 @@ class LocalRunner:
             self._summary_at = 0.0  # counts changed
             self._event(f"trial {number} failed: {message}")
             return
+        self.paths.pid(number).write_text(f"{process.pid}\n")
         log_handle = _LineLog(log_path)
         collector = Collector(
             metrics_path,
@@ -621,6 +647,7 @@ class LocalRunner:
         # The writer is gone: whatever it left, even without a final newline, counts.
         self._take(trial, trial.collector.collect(final=True))
         del self.active[trial.number]
+        self.paths.pid(trial.number).unlink(missing_ok=True)
         if trial.interrupted:
             # Left running in the store: the next run re-runs it.
             self._event(f"trial {trial.number} interrupted ({describe_exit(code)}); it will re-run")

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from kubetune_suggestion.runner.manifest import Manifest, parse_manifest
 from kubetune_suggestion.runner.progress import Quiet
@@ -102,3 +108,80 @@ def test_a_stop_reaches_the_trial_within_50_ms_of_the_decision(tmp_path: Path) -
         assert 0 <= signalled - decided < 0.05
         # The decision is due once the trial reported rung 1: no waiting for a slow poll either.
         assert signalled - reported < 0.05
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone but not yet reaped
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kubetune_suggestion.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_trials_die_with_a_killed_runner_and_a_survivor_blocks_a_rerun(tmp_path: Path) -> None:
+    manifest = _manifest(tmp_path, "import time\ntime.sleep(600)\n", parallelism=2)
+    (tmp_path / "procs.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kubetune.io/v1alpha1",
+                "kind": "Experiment",
+                "metadata": {"name": "procs"},
+                "spec": manifest.raw_spec,
+            }
+        )
+    )
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "kubetune_suggestion.cli", "run", "procs.yaml"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    trials = tmp_path / ".kubetune" / "procs"
+    pid_files = [trials / "trial-0.pid", trials / "trial-1.pid"]
+    deadline = time.monotonic() + 60
+    try:
+        while not all(p.exists() and p.read_text().strip() for p in pid_files):
+            assert time.monotonic() < deadline and runner.poll() is None
+            time.sleep(0.05)
+    except AssertionError:
+        runner.terminate()  # it stops its trials
+        runner.wait(timeout=60)
+        raise
+    pids = [int(p.read_text()) for p in pid_files]
+    assert all(_alive(pid) for pid in pids)
+    runner.send_signal(signal.SIGKILL)
+    runner.wait(timeout=10)
+    deadline = time.monotonic() + 2
+    while any(_alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, "trial processes outlived their runner"
+        time.sleep(0.02)
+    # Nothing runs them any more: they do not show as running.
+    shown = json.loads(_cli("trials", "procs", "-o", "json", cwd=tmp_path).stdout)
+    assert [t["state"] for t in shown] == ["interrupted", "interrupted"]
+    status = json.loads(_cli("status", "procs", "-o", "json", cwd=tmp_path).stdout)
+    assert status["status"] == "interrupted" and status["counts"]["interrupted"] == 2
+
+    # A trial process that survived anyway (here: a stand-in) keeps a re-run from duplicating it.
+    survivor = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        pid_files[1].write_text(f"{survivor.pid}\n")
+        again = _cli("run", "procs.yaml", cwd=tmp_path)
+        assert again.returncode == 1
+        assert (
+            f"trial 1 of an earlier run is still running (process group {survivor.pid})"
+            in again.stderr
+        )
+        assert not (trials / "trial-0.log").read_text().count("re-run after an interrupted run")
+    finally:
+        survivor.kill()
+        survivor.wait()
