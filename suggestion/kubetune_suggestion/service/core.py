@@ -885,7 +885,9 @@ class TuningService:
                 ):
                     return None  # changed since the read
                 compiled = self._compiled_from_row(row)
-            if _already_finished(read.trial, final):
+            _check_final_report(compiled, final, report)
+            if TrialState(read.trial.state).finished:
+                _check_repeat(compiled, read.trial, final, message, report, read.observed)
                 return self._trial_view(read.experiment_id, number)
             return self._finish_as_read(db, uid, final, message, read, report, compiled)
 
@@ -905,7 +907,7 @@ class TuningService:
         if compiled is None or TrialState(trial.state).finished:
             return None  # the caller reads and decides
         observed, stored = _with_final(compiled, read.observed, report)
-        final, objective, message = _ending(compiled, final, message, observed)
+        final, objective, message = _ending(compiled, final, message, observed, trial.stop_reason)
         now = utcnow()
         version = db.finish_if_unchanged(
             read, final.value, objective, message, trial.started_at or now, now, stored
@@ -931,13 +933,18 @@ class TuningService:
                     raise NotFound(f"no experiment {uid!r}", field="uid")
                 raise NotFound(f"experiment {uid!r} has no trial {number}", field="number")
             experiment_id, spec_version, history_version, trial = found
-            if _already_finished(trial, final):
-                return self._trial_view(experiment_id, number)
             compiled = self._compiled_for(tx, experiment_id, spec_version, None)
-            observed, stored = _with_final(compiled, tx.observed_steps(trial.id), report)
+            _check_final_report(compiled, final, report)
+            reported = tx.observed_steps(trial.id)
+            if TrialState(trial.state).finished:
+                _check_repeat(compiled, trial, final, message, report, reported)
+                return self._trial_view(experiment_id, number)
+            observed, stored = _with_final(compiled, reported, report)
             if stored is not None:
                 tx.store_reports([(trial.id, stored.step, stored.metrics, stored.objective)], [])
-            final, objective, message = _ending(compiled, final, message, observed)
+            final, objective, message = _ending(
+                compiled, final, message, observed, trial.stop_reason
+            )
             version = history_version + 1
             now = utcnow()
             tx.finish_trial(
@@ -1142,20 +1149,68 @@ class TuningService:
         return StopAnswer(stop=True, reason=reason)
 
 
-def _already_finished(trial: TrialRow, final: TrialState) -> bool:
-    """Whether finishing ``trial`` as ``final`` is a no-op.
+def _check_repeat(
+    compiled: _Compiled,
+    trial: TrialRow,
+    final: TrialState,
+    message: str | None,
+    report: _Final | None,
+    observed: Sequence[tuple[int, float | None]],
+) -> None:
+    """Check that finishing the finished ``trial`` again so would record what it did.
+
+    A repeat is compared with what the first finish recorded: the state it
+    would end in (so ``succeeded`` again of a trial that became
+    ``metrics_unavailable`` is the same finish), the message when it gives
+    one, and with a final report, the objective value stored at its step (the
+    last one when it names none).
 
     Raises:
-        Conflict: If it already finished in another state.
+        Conflict: Saying what is stored, if anything differs.
     """
-    current = TrialState(trial.state)
-    if not current.finished:
-        return False
-    if current is final or (
-        final is TrialState.SUCCEEDED and current is TrialState.METRICS_UNAVAILABLE
-    ):
-        return True
-    raise Conflict(f"trial {trial.number} already finished ({trial.state})", field="state")
+    objective_metric = compiled.spec.objective.metric
+    differs = []
+    state, _, recorded = _ending(compiled, final, message, observed, trial.stop_reason)
+    if state.value != trial.state:
+        differs.append(f"state ({final.value})")
+    elif message is not None and recorded != trial.message:
+        differs.append("message")
+    if report is not None:
+        values = dict(observed)
+        step = report.step if report.step is not None else max(values, default=None)
+        value = report.metrics.get(objective_metric)
+        if step is None or step not in values or values[step] != value:
+            differs.append(f"final report ({objective_metric}={value} at step {step})")
+    if not differs:
+        return
+    stored = f"state {trial.state}, objective {trial.objective}"
+    if trial.message:
+        text = trial.message if len(trial.message) <= 200 else trial.message[:200] + "..."
+        stored += f", message {text!r}"
+    raise Conflict(
+        f"trial {trial.number} already finished ({stored}); "
+        f"this finish differs in its {' and '.join(differs)}",
+        field="state" if state.value != trial.state else "metrics" if report else "message",
+    )
+
+
+def _check_final_report(compiled: _Compiled, final: TrialState, report: _Final | None) -> None:
+    """Refuse the final report of a ``succeeded`` finish that lacks the objective.
+
+    Stored, it would end the trial ``metrics_unavailable`` for good over what
+    is most likely a misspelt metric name. Other ends may carry any metrics
+    (a failed trial's last report rarely has a result).
+
+    Raises:
+        InvalidInput: Naming the objective metric.
+    """
+    metric = compiled.spec.objective.metric
+    if final is TrialState.SUCCEEDED and report is not None and metric not in report.metrics:
+        raise InvalidInput(
+            f"metrics must include the objective {metric!r} "
+            f"(got {', '.join(sorted(report.metrics))})",
+            field=f"metrics.{metric}",
+        )
 
 
 @dataclass(frozen=True)
@@ -1219,8 +1274,17 @@ def _ending(
     final: TrialState,
     message: str | None,
     observed: Sequence[tuple[int, float | None]],
+    stop_reason: str | None,
 ) -> tuple[TrialState, float | None, str | None]:
-    """(state, objective, message) a trial ends with, from its reports (step, objective)."""
+    """(state, objective, message) a trial ends with, from its reports (step, objective).
+
+    A ``pruned`` trial that had reported its objective at its last step
+    (``maxResource``) ran to its end before its stop took effect: it ends
+    ``succeeded``, the stop withdrawn (see :func:`logic.ran_to_the_end`).
+    """
+    if final is TrialState.PRUNED and logic.ran_to_the_end(compiled.spec, observed):
+        final = TrialState.SUCCEEDED
+        message = logic.stop_not_applied(compiled.spec, stop_reason)
     objective = None
     if final in (TrialState.SUCCEEDED, TrialState.PRUNED):
         values = [(step, v) for step, v in observed if v is not None]

@@ -92,6 +92,31 @@ def final_objective(values: Sequence[tuple[int, float]], strategy: Strategy) -> 
     return max(values, key=lambda sv: sv[0])[1]
 
 
+def ran_to_the_end(spec: ExperimentSpec, observed: Iterable[tuple[int, float | None]]) -> bool:
+    """Whether a trial reported its objective at its last step (``maxResource``) or later.
+
+    Stops are asynchronous: a trial ordered to stop may run all its steps
+    before the order reaches it. Its last report is then a result at full
+    budget, as good as any trial's that was never stopped. Without
+    ``maxResource`` there is no known last step, so never.
+
+    Args:
+        spec: The experiment's spec.
+        observed: The trial's reports, (step, objective value or None).
+    """
+    last = spec.earlyStopping.maxResource
+    return last is not None and any(s >= last and v is not None for s, v in observed)
+
+
+def stop_not_applied(spec: ExperimentSpec, stop_reason: str | None) -> str:
+    """The message of a trial that ran to its end before its stop took effect."""
+    why = f" ({stop_reason})" if stop_reason else ""
+    return (
+        f"reported its last step (maxResource {spec.earlyStopping.maxResource}) before "
+        f"its stop{why} took effect: the stop was not applied"
+    )
+
+
 def reached_target(spec: ExperimentSpec, best: float | None) -> bool:
     """Whether the best objective so far reaches ``spec.objective.target``."""
     target = spec.objective.target

@@ -541,3 +541,22 @@ def test_a_lone_finish_prepares_the_next_suggestion(
     assert client.post(finish, json={"state": "failed"}).status_code == 409
     time.sleep(0.2)
     assert len(prepared) == 2
+
+
+def test_finish_answers_409_for_other_content_and_422_for_a_result_without_objective(
+    client: httpx.Client,
+) -> None:
+    _register(client)
+    (trial,) = client.post(f"/v1/experiments/{UID}/ask", json={"count": 1}).json()["trials"]
+    url = f"/v1/experiments/{UID}/trials/{trial['number']}/finish"
+    auth = {"Authorization": f"Bearer {trial['token']}"}
+    typo = client.post(url, json={"state": "succeeded", "metrics": {"los": 0.5}}, headers=auth)
+    assert typo.status_code == 422
+    assert typo.json()["error"]["field"] == "metrics.loss"
+    assert "'loss'" in typo.json()["error"]["message"]
+    body = {"state": "succeeded", "metrics": {"loss": 0.5}}
+    assert client.post(url, json=body, headers=auth).status_code == 200
+    assert client.post(url, json=body, headers=auth).status_code == 200
+    other = client.post(url, json={"state": "succeeded", "metrics": {"loss": 0.4}}, headers=auth)
+    assert other.status_code == 409
+    assert "state succeeded, objective 0.5" in other.json()["error"]["message"]

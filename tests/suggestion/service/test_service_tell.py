@@ -15,7 +15,7 @@ import pytest
 from kubetune_suggestion.service.core import TuningService
 from kubetune_suggestion.service.errors import Conflict, Forbidden, InvalidInput, Unauthorized
 from kubetune_suggestion.service.models import TrialAssignment, TrialState, TrialView
-from kubetune_suggestion.service.testing import example_spec
+from kubetune_suggestion.service.testing import EXAMPLE_ASHA, example_spec
 from kubetune_suggestion.store.oneshot import OneShot
 from tests.suggestion.service.spies import record_calls
 
@@ -82,15 +82,22 @@ def test_a_final_report_at_a_step_already_reported_keeps_the_first(svc: TuningSe
     assert _observations(svc, trial.number) == [(4, {"loss": 0.4})]
 
 
-def test_a_final_report_without_the_objective_leaves_metrics_unavailable(
-    svc: TuningService,
-) -> None:
+def test_a_succeeded_final_report_without_the_objective_is_refused(svc: TuningService) -> None:
     _register(svc)
     trial = svc.ask(UID, 1).trials[0]
-    view = _tell(svc, trial, metrics={"accuracy": 0.5}, step=7)
-    assert view.state is TrialState.METRICS_UNAVAILABLE and view.objective is None
+    with pytest.raises(InvalidInput) as err:
+        _tell(svc, trial, metrics={"los": 0.5}, step=7)
+    # Not ended metrics_unavailable for good over a typo: nothing stored.
+    assert err.value.field == "metrics.loss"
+    assert "must include the objective 'loss' (got los)" in err.value.message
+    assert svc.trial(UID, trial.number).state is TrialState.PENDING
+    assert _observations(svc, trial.number) == []
+    assert _tell(svc, trial, metrics={"loss": 0.5}, step=7).objective == 0.5
+    # Without metrics at all (the operator's finish) it is no error.
+    other = svc.ask(UID, 1).trials[0]
+    view = svc.finish(UID, other.number, "succeeded")
+    assert view.state is TrialState.METRICS_UNAVAILABLE
     assert "never reported its objective 'loss'" in (view.message or "")
-    assert _observations(svc, trial.number) == [(7, {"accuracy": 0.5})]
 
 
 def test_a_failed_trial_keeps_its_final_metrics_without_an_objective(svc: TuningService) -> None:
@@ -203,3 +210,59 @@ def test_a_started_trial_is_finished_from_a_read_without_a_wasted_write(
         writes.clear()
         view = svc.finish(UID, trial.number, "failed", "exit code 1")
         assert view.state is TrialState.FAILED and len(writes) == 1
+
+
+def test_a_repeated_finish_must_say_the_same_or_is_a_conflict(svc: TuningService) -> None:
+    _register(svc)
+    reported, told, failed = svc.ask(UID, 3).trials
+    svc.report(UID, reported.number, reported.token, 1, {"loss": 0.3})
+    first = svc.finish(UID, reported.number, "succeeded")
+    assert svc.finish(UID, reported.number, "succeeded") == first  # identical: idempotent
+    with pytest.raises(Conflict, match=r"already finished \(state succeeded, objective 0.3\)"):
+        svc.finish(UID, reported.number, "failed", "exit 1")
+    # A repeated tell: the same value is a retry, another value is refused.
+    assert _tell(svc, told, metrics={"loss": 0.2}).objective == 0.2
+    assert _tell(svc, told, metrics={"loss": 0.2}).objective == 0.2
+    assert _tell(svc, told, metrics={"loss": 0.2}, step=0).objective == 0.2
+    with pytest.raises(Conflict) as err:
+        _tell(svc, told, metrics={"loss": 0.1})
+    assert "objective 0.2" in err.value.message and "loss=0.1" in err.value.message
+    assert err.value.field == "metrics"
+    assert svc.trial(UID, told.number).objective == 0.2
+    # The message too, when the repeat gives one.
+    svc.finish(UID, failed.number, "failed", "exit 1")
+    assert svc.finish(UID, failed.number, "failed", "exit 1").message == "exit 1"
+    assert svc.finish(UID, failed.number, "failed").message == "exit 1"
+    with pytest.raises(Conflict, match="message 'exit 1'") as err:
+        svc.finish(UID, failed.number, "failed", "exit 2")
+    assert err.value.field == "message"
+
+
+def test_a_pruned_finish_after_the_last_step_ends_succeeded(svc: TuningService) -> None:
+    """A stop that arrived after the trial ran all its steps is not applied."""
+    svc.register(UID, "exp", "ns", example_spec(earlyStopping=EXAMPLE_ASHA, maxTrials=10))
+    good, late, stopped = svc.ask(UID, 3).trials
+    assert not svc.report(UID, good.number, good.token, 1, {"loss": 0.1}).stop
+    assert svc.report(UID, late.number, late.token, 1, {"loss": 0.9}).stop
+    assert svc.report(UID, stopped.number, stopped.token, 1, {"loss": 0.8}).stop
+    # The stop reached `late` only after its last step (maxResource 9), as
+    # with epochs of a few milliseconds: the runner finishes it pruned.
+    for step in range(2, 10):
+        svc.report(UID, late.number, late.token, step, {"loss": 0.9 - step / 100})
+    reason = svc.trial(UID, late.number).stop_reason
+    view = svc.finish(UID, late.number, "pruned", reason)
+    assert view.state is TrialState.SUCCEEDED and view.objective == pytest.approx(0.81)
+    assert "before its stop" in (view.message or "") and "not applied" in (view.message or "")
+    assert late.number not in {s.number for s in svc.stops(UID)}  # the order is withdrawn
+    assert svc.finish(UID, late.number, "pruned", reason) == view  # a retry agrees
+    # Stopped on time: pruned, and its value does not compete for the best.
+    assert svc.finish(UID, stopped.number, "pruned", "asha").state is TrialState.PRUNED
+    svc.finish(UID, good.number, "failed", "exit 1")
+    best = svc.summary(UID).best
+    assert best is not None and best.number == late.number
+    # Finished succeeded (its Pod ended on its own) with a stop pending: succeeded.
+    (other,) = svc.ask(UID, 1).trials
+    svc.report(UID, other.number, other.token, 1, {"loss": 0.95})
+    assert svc.report(UID, other.number, other.token, 1, {"loss": 0.95}).stop
+    assert svc.finish(UID, other.number, "succeeded").state is TrialState.SUCCEEDED
+    assert svc.stops(UID) == []
