@@ -15,6 +15,7 @@ interrupted by Ctrl-C (run the same command again to continue).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import shlex
@@ -57,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="kubetune",
         description="Hyperparameter tuning: run an Experiment manifest locally and inspect it.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(sub: argparse.ArgumentParser) -> None:
@@ -84,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     common(run)
     run.add_argument(
         "--grace",
-        type=float,
+        type=_seconds,
         default=5.0,
         metavar="SECONDS",
         help="how long a stopped trial gets between SIGTERM and SIGKILL (default: 5)",
@@ -97,6 +99,23 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("experiment", help="the Experiment manifest or the experiment's name")
         common(sub)
     return parser
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:  # rejects NaN too
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text}")
+    return value
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("kubetune")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

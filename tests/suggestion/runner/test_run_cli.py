@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shlex
@@ -484,3 +485,14 @@ def test_a_read_only_dir_gives_a_one_line_error(tmp_path: Path) -> None:
     finally:
         for path in paths:
             path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def test_grace_must_not_be_negative_and_version_is_known(tmp_path: Path) -> None:
+    manifest = _manifest(tmp_path)
+    result = _kubetune("run", manifest, "--grace", "-1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "argument --grace: must be 0 or more seconds, got -1" in result.stderr
+    assert not (tmp_path / ".kubetune").exists()
+    version = _kubetune("--version", cwd=tmp_path)
+    assert version.returncode == 0
+    assert version.stdout.strip() == f"kubetune {importlib.metadata.version('kubetune')}"
