@@ -515,8 +515,12 @@ class LocalRunner:
     # -- starting trials ----------------------------------------------------
 
     def _resume(self) -> None:
-        """Queue trials a previous, interrupted run left running."""
-        orphans = [t for t in self.service.trials(self.uid) if t.state == "running"]
+        """Queue trials a previous, interrupted run left running, or asked for and never started.
+
+        Every ask allocates new trials, so the ones a run was handed before it
+        died are only ever this run's to start.
+        """
+        orphans = [t for t in self.service.trials(self.uid) if t.state in ("pending", "running")]
         if not orphans:
             return
         stops = {s.number: s.reason for s in self.service.stops(self.uid)}

@@ -61,3 +61,43 @@ def test_resume_reruns_interrupted_trials_and_prunes_those_ordered_to_stop(tmp_p
     assert "re-run after an interrupted run" in paths.log(first.number).read_text()
     assert not paths.log(second.number).exists()  # pruned without running again
     assert result.summary.best is not None and result.summary.best.number == first.number
+
+
+def test_resume_runs_trials_asked_for_but_never_started(tmp_path: Path) -> None:
+    # Every ask allocates new trials: one a run asked for and died before
+    # starting is the resumed run's to start, or the experiment never ends.
+    (tmp_path / "t.py").write_text(SCRIPT)
+    body = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "Experiment",
+        "metadata": {"name": "asked"},
+        "spec": {
+            "objective": {"metric": "loss", "direction": "minimize"},
+            "parameters": [{"name": "x", "type": "float", "min": 0.0, "max": 1.0}],
+            "algorithm": {"name": "random", "seed": 0},
+            "maxTrials": 2,
+            "template": {
+                "spec": {
+                    "containers": [{"name": "t", "command": ["python", "t.py", "${params.x}"]}]
+                }
+            },
+        },
+    }
+    manifest = parse_manifest(body, tmp_path / "asked.yaml")
+    paths = RunPaths(tmp_path / "state", "asked")
+    paths.root.mkdir()
+    service = TuningService.open(paths.database_url)
+    try:
+        uid = manifest.uid
+        service.register(uid, "asked", "local", manifest.spec)
+        (pending,) = service.ask(uid, 1).trials
+        runner = LocalRunner(
+            manifest, service, paths, Quiet(), lambda n: service.token(uid, n), poll_interval=0.02
+        )
+        result = runner.run()
+    finally:
+        service.close()
+    assert result.status == "succeeded", result
+    counts = {str(state): n for state, n in result.summary.counts.items()}
+    assert counts.get("succeeded") == 2 and counts.get("pending", 0) == 0, counts
+    assert paths.log(pending.number).exists()
