@@ -31,6 +31,7 @@ from kubetune_suggestion.engine.space import (
     FloatParam,
     IntParam,
     SearchSpace,
+    SpaceError,
 )
 
 CONDITIONAL_TAIL: list[dict[str, Any]] = [
@@ -178,6 +179,14 @@ def test_suggestions_are_valid_configurations(name: str, direction: Direction) -
         assert ("schedule" in config) == (config["optimizer"] == "sgd")
         assert ("warmup" in config) == (config.get("schedule") == "cosine")
         assert ("momentum" in config) == (config["optimizer"] in ("sgd", "rmsprop"))
+
+
+@pytest.mark.parametrize("setting", ["foo", "seed"])
+def test_an_unknown_setting_is_refused_naming_it(name: str, setting: str) -> None:
+    with pytest.raises(SpaceError) as refused:
+        make_sampler(name, space_for(name), seed=SEED, options={setting: 1})
+    assert refused.value.field == f"algorithm.settings.{setting}"
+    assert f"unknown setting for {name} (known: " in refused.value.problem
 
 
 def test_log_scale_is_respected(name: str) -> None:

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from kubetune_suggestion.engine.history import Direction, TrialRecord
-from kubetune_suggestion.engine.space import Config, SearchSpace
+from kubetune_suggestion.engine.space import Config, SearchSpace, SpaceError
 
 JsonState = dict[str, Any]
 
@@ -45,6 +45,8 @@ class Sampler(abc.ABC):
     """
 
     name: ClassVar[str]
+    # The keys ``spec.algorithm.settings`` may hold for this sampler.
+    settings_names: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
         self,
@@ -57,6 +59,23 @@ class Sampler(abc.ABC):
         self.direction = direction
         self.seed = 0 if seed is None else int(seed)
         self.options = dict(options or {})
+        self._refuse_unknown_settings()
+
+    def _refuse_unknown_settings(self) -> None:
+        """Refuse a setting this sampler does not read: a typo must not pass silently.
+
+        Raises:
+            SpaceError: Naming the first unknown setting and the known ones.
+        """
+        for key in self.options:
+            if key in self.settings_names:
+                continue
+            known = ", ".join(sorted(self.settings_names)) or "none"
+            hint = "; the seed is algorithm.seed" if key == "seed" else ""
+            raise SpaceError(
+                f"algorithm.settings.{key}",
+                f"unknown setting for {self.name} (known: {known}){hint}",
+            )
 
     @abc.abstractmethod
     def suggest(
