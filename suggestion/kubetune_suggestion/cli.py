@@ -5,6 +5,7 @@
     kubetune run experiment.yaml [--dir .kubetune] [-o table|json]
     kubetune status experiment.yaml|NAME [--dir .kubetune] [-o table|json]
     kubetune trials experiment.yaml|NAME [--dir .kubetune] [-o table|json]
+    kubetune curves experiment.yaml|NAME [--dir .kubetune] [-o table|csv|json]
 
 Exit codes: 0 the experiment succeeded (or the command did its job), 1 the
 experiment failed (too many failed trials, no result) or another run holds
@@ -15,6 +16,7 @@ interrupted by Ctrl-C (run the same command again to continue).
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.metadata
 import json
 import os
@@ -24,11 +26,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Final, TextIO
+from typing import Any, Final, TextIO
 
 import sqlalchemy.exc
 
+from kubetune_suggestion.runner.curves import csv_rows, curves_of, render_curves
 from kubetune_suggestion.runner.manifest import Manifest, experiment_uid, load_manifest
+from kubetune_suggestion.runner.outcome import shown_state
 from kubetune_suggestion.runner.progress import format_objective, format_params, make_display
 from kubetune_suggestion.runner.run import (
     LocalRunner,
@@ -61,7 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(sub: argparse.ArgumentParser) -> None:
+    json_help = "table for people (default), json for scripts: one document at the end"
+
+    def common(sub: argparse.ArgumentParser, formats: Sequence[str], output_help: str) -> None:
         sub.add_argument(
             "--dir",
             type=Path,
@@ -71,9 +77,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "-o",
             "--output",
-            choices=("table", "json"),
+            choices=formats,
             default="table",
-            help="table for people (default), json for scripts: one document at the end",
+            help=output_help,
         )
 
     run = commands.add_parser(
@@ -83,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
         "manifest continues its experiment.",
     )
     run.add_argument("manifest", type=Path, help="the Experiment manifest (YAML)")
-    common(run)
+    common(run, ("table", "json"), json_help)
     run.add_argument(
         "--grace",
         type=_seconds,
@@ -91,13 +97,25 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long a stopped trial gets between SIGTERM and SIGKILL (default: 5)",
     )
-    for name, text in (
-        ("status", "summarise a local experiment: counts and best trial"),
-        ("trials", "list a local experiment's trials"),
+    for name, text, formats, output_help in (
+        (
+            "status",
+            "summarise a local experiment: counts and best trial",
+            ("table", "json"),
+            json_help,
+        ),
+        ("trials", "list a local experiment's trials", ("table", "json"), json_help),
+        (
+            "curves",
+            "learning curves: every value each trial reported, step by step",
+            ("table", "csv", "json"),
+            "table for people (default), csv (one row per trial and step) or json "
+            "(the trials -o json documents with their observations) for scripts",
+        ),
     ):
         sub = commands.add_parser(name, help=text, description=text)
         sub.add_argument("experiment", help="the Experiment manifest or the experiment's name")
-        common(sub)
+        common(sub, formats, output_help)
     return parser
 
 
@@ -287,7 +305,7 @@ def _inspect(command: str, experiment: str, root: Path, output: str) -> int:
         uid = experiment_uid(name)
         try:
             summary = service.summary(uid)
-            trials = service.trials(uid)
+            trials = service.trials(uid, observations=command == "curves")
             spec = service.experiment_spec(uid)
         except ServiceError as exc:
             return _error(exc.message, EXIT_USAGE)
@@ -296,8 +314,10 @@ def _inspect(command: str, experiment: str, root: Path, output: str) -> int:
     result = stored_result(name, summary, trials, spec, paths)
     if command == "status":
         _print_status(result, output)
-    else:
+    elif command == "trials":
         _print_trials(trials, result, output)
+    else:
+        _print_curves(trials, result, output)
     return EXIT_OK
 
 
@@ -317,13 +337,15 @@ def _print_status(result: RunResult, output: str) -> None:
     print(f"  store: {result.paths.database}")
 
 
-def _print_trials(trials: list[TrialView], result: RunResult, output: str) -> None:
+def _trial_documents(trials: list[TrialView], result: RunResult) -> list[dict[str, Any]]:
     documents = [t.model_dump(mode="json") for t in trials]
-    if result.status != "running":
-        # Left `running` in the store by an interrupted run: see shown_counts.
-        for document in documents:
-            if document["state"] == "running":
-                document["state"] = "interrupted"
+    for document in documents:
+        document["state"] = shown_state(document["state"], runner_alive=result.status == "running")
+    return documents
+
+
+def _print_trials(trials: list[TrialView], result: RunResult, output: str) -> None:
+    documents = _trial_documents(trials, result)
     if output == "json":
         print(json.dumps(documents, indent=2))
         return
@@ -354,6 +376,19 @@ def _print_trials(trials: list[TrialView], result: RunResult, output: str) -> No
             print(f"    {line}")
     if best is not None:
         print(f"* best trial ({summary.name})")
+
+
+def _print_curves(trials: list[TrialView], result: RunResult, output: str) -> None:
+    if output == "json":
+        # The `trials -o json` documents, each with its "observations".
+        print(json.dumps(_trial_documents(trials, result), indent=2))
+        return
+    curves = curves_of(trials, result.metric, runner_alive=result.status == "running")
+    if output == "csv":
+        csv.writer(sys.stdout, lineterminator="\n").writerows(csv_rows(curves))
+        return
+    best = result.summary.best.number if result.summary.best is not None else None
+    print("\n".join(render_curves(curves, best)))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ __all__ = [
     "grid_exhausted",
     "next_streak",
     "shown_counts",
+    "shown_state",
     "trial_end",
 ]
 
@@ -200,3 +201,8 @@ def shown_counts(counts: Mapping[str, int], *, runner_alive: bool) -> dict[str, 
     if not runner_alive:
         shown["interrupted"] = shown.get("interrupted", 0) + shown.pop("running", 0)
     return shown
+
+
+def shown_state(state: str, *, runner_alive: bool) -> str:
+    """One trial's state as users see it: ``interrupted`` for one an ended run left running."""
+    return "interrupted" if state == "running" and not runner_alive else state

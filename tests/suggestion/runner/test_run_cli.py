@@ -39,7 +39,9 @@ if args.get("silent"):
     sys.exit(0)
 for step in range(1, steps + 1):
     time.sleep(delay)
-    kubetune.report(step=step, loss=(x - 0.3) ** 2 + 1.0 / step)
+    # --extra=1: a second metric, on even steps only.
+    extra = {"acc": x * step} if args.get("extra") and step % 2 == 0 else {}
+    kubetune.report(step=step, loss=(x - 0.3) ** 2 + 1.0 / step, **extra)
 """
 
 
