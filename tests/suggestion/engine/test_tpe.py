@@ -229,6 +229,53 @@ def test_a_batch_spreads_out_around_running_trials() -> None:
     assert sum(abs(x - 1.3) < 0.05 for x in xs) < 8
 
 
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("direction", list(Direction))
+def test_good_group_is_optunas_with_pruned_trials(seed: int, direction: Direction) -> None:
+    """Few succeeded trials and many pruned at rungs 1, 3 and 9: the split is Optuna's.
+
+    Optuna's ``_split_trials`` ranks pruned trials below every complete one,
+    those that reported a later step first, then by their last value.
+    """
+    import optuna
+    from optuna.samplers._tpe.sampler import _split_trials
+
+    rng = np.random.default_rng(seed)
+    history: list[TrialRecord] = []
+    frozen: list[optuna.trial.FrozenTrial] = []
+    for number in range(int(rng.integers(12, 60))):
+        x = float(rng.uniform(-5, 5))
+        state, value, steps = TrialState.PRUNED, None, {}
+        kind = rng.random()
+        if kind < 0.1:
+            state, value = TrialState.SUCCEEDED, float(rng.random())
+        elif kind < 0.15:
+            state = TrialState.RUNNING
+        else:
+            # A falling curve whose last value overlaps other rungs' values.
+            depth = int(rng.choice([1, 3, 9]))
+            steps = {s: float(rng.random()) + 1.0 / s for s in range(1, depth + 1)}
+            value = steps[depth]
+        history.append(TrialRecord(number, {"x": x}, state, value, steps))
+        optuna_state = {
+            TrialState.SUCCEEDED: optuna.trial.TrialState.COMPLETE,
+            TrialState.PRUNED: optuna.trial.TrialState.PRUNED,
+            TrialState.RUNNING: optuna.trial.TrialState.RUNNING,
+        }[state]
+        trial = optuna.trial.create_trial(
+            state=optuna_state,
+            value=value if state is TrialState.SUCCEEDED else None,
+            intermediate_values=steps,
+        )
+        trial.number = number
+        frozen.append(trial)
+    study = optuna.create_study(direction=direction.value)
+    sampler = TPESampler(LINE, direction, seed=0)
+    obs = sampler._observe(history)
+    below, _ = _split_trials(study, frozen, sampler._n_below(obs.n_finished))
+    assert {history[i].number for i in np.flatnonzero(obs.below)} == {t.number for t in below}
+
+
 @pytest.mark.parametrize(
     "gamma,expected",
     [(0.2, {7}), (0.4, {7, 0}), (0.6, {7, 0, 5}), (0.8, {7, 0, 5, 4}), (1.0, {7, 0, 5, 4, 3})],
