@@ -8,7 +8,7 @@ Simulation Experiments (Surjanovic & Bingham, sfu.ca/~ssurjano).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,3 +151,116 @@ PROBLEMS: dict[str, Problem] = {
         Problem("hpo_mixed", HPO_PARAMS, hpo_mixed, 0.07, continuous=False),
     )
 }
+
+
+MLP_PARAMS: list[dict[str, Any]] = [
+    {"name": "lr", "type": "float", "min": 1e-4, "max": 1.0, "log": True},
+    {"name": "momentum", "type": "float", "min": 0.0, "max": 0.99},
+    {"name": "hidden", "type": "int", "min": 4, "max": 128, "log": True},
+    {"name": "batch_size", "type": "int", "min": 16, "max": 256, "log": True},
+    {"name": "weight_decay", "type": "float", "min": 1e-6, "max": 1e-1, "log": True},
+]
+
+# A diverged network reports this loss (ten times an untrained one's) rather
+# than NaN, so that every method sees a finite, very bad value.
+MLP_DIVERGED = 10 * math.log(4)
+
+
+@dataclass(frozen=True)
+class MLPData:
+    """A 4-class problem from a random teacher network, with label noise.
+
+    Attributes:
+        x_train, y_train: The training set (inputs, class indices).
+        x_val, y_val: The held-out validation set.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+
+def mlp_data(seed: int, n_train: int = 600, n_val: int = 400, d: int = 12) -> MLPData:
+    """Inputs from a standard normal, labels from a tanh teacher, 15% of them flipped.
+
+    The noise puts a floor under the validation loss that only a well-tuned
+    network (enough capacity, a learning rate that neither crawls nor
+    diverges, enough weight decay not to memorise the noise) gets near.
+    """
+    rng = np.random.default_rng([seed, 0x3A1])
+    classes, teacher_hidden = 4, 16
+    w1 = rng.standard_normal((d, teacher_hidden)) / math.sqrt(d)
+    w2 = rng.standard_normal((teacher_hidden, classes)) * 1.5
+    x = rng.standard_normal((n_train + n_val, d))
+    y = np.argmax(np.tanh(x @ w1) @ w2, axis=1)
+    flip = rng.random(len(y)) < 0.15
+    y[flip] = rng.integers(0, classes, flip.sum())
+    return MLPData(x[:n_train], y[:n_train], x[n_train:], y[n_train:])
+
+
+def train_mlp(data: MLPData, config: Mapping[str, Any], epochs: int) -> Iterator[float]:
+    """Train a one-hidden-layer ReLU network with SGD and momentum, epoch by epoch.
+
+    Yields the validation cross-entropy after each epoch. Deterministic in
+    (data, config): the initial weights and each epoch's shuffle come from
+    fixed seeds, so a configuration learns the same curve in every method.
+    """
+    d = data.x_train.shape[1]
+    classes = int(max(data.y_train.max(), data.y_val.max())) + 1
+    hidden, batch = int(config["hidden"]), int(config["batch_size"])
+    lr, momentum, decay = config["lr"], config["momentum"], config["weight_decay"]
+    init = np.random.default_rng([hidden, 0x1717])
+    params = [
+        init.standard_normal((d, hidden)) * math.sqrt(2.0 / d),
+        np.zeros(hidden),
+        init.standard_normal((hidden, classes)) * math.sqrt(1.0 / hidden),
+        np.zeros(classes),
+    ]
+    velocity = [np.zeros_like(p) for p in params]
+    n = len(data.y_train)
+    diverged = False
+    for epoch in range(epochs):
+        order = np.random.default_rng([epoch, 0x5EED]).permutation(n)
+        for start in range(0, n, batch):
+            if diverged:
+                break
+            idx = order[start : start + batch]
+            grads = _mlp_grads(params, data.x_train[idx], data.y_train[idx])
+            for p, v, g in zip(params, velocity, grads, strict=True):
+                v *= momentum
+                v -= lr * (g + decay * p)
+                p += v
+            diverged = not all(np.isfinite(p).all() for p in params)
+        loss = MLP_DIVERGED if diverged else _cross_entropy(params, data.x_val, data.y_val)
+        yield min(loss, MLP_DIVERGED)
+
+
+def _mlp_logits(params: list[np.ndarray], x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    w1, b1, w2, b2 = params
+    h = np.maximum(x @ w1 + b1, 0.0)
+    return h, h @ w2 + b2
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    shifted = z - z.max(axis=1, keepdims=True)
+    out: np.ndarray = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return out
+
+
+def _cross_entropy(params: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
+    with np.errstate(all="ignore"):
+        _, z = _mlp_logits(params, x)
+        loss = float(-_log_softmax(z)[np.arange(len(y)), y].mean())
+    return loss if math.isfinite(loss) else MLP_DIVERGED
+
+
+def _mlp_grads(params: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
+    _, _, w2, _ = params
+    with np.errstate(all="ignore"):
+        h, z = _mlp_logits(params, x)
+        dz = np.exp(_log_softmax(z))
+        dz[np.arange(len(y)), y] -= 1.0
+        dz /= len(y)
+        dh = (dz @ w2.T) * (h > 0)
+        return [x.T @ dh, dh.sum(axis=0), h.T @ dz, dz.sum(axis=0)]

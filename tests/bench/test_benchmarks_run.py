@@ -42,6 +42,15 @@ def test_the_early_stopping_benchmark_runs() -> None:
     assert re.search(r"\| optuna Median +\|", out)
 
 
+def test_the_real_training_benchmark_runs() -> None:
+    out = run_bench(
+        "early_stopping.py",
+        *("--training", "--seeds", "1", "--trials", "12", "--epochs", "9", "--epoch-sleep", "0"),
+    )
+    assert re.search(r"^\| kubetune tpe\+asha +\| +[0-9.]+ \| +[0-9]+ \|", out, re.MULTILINE)
+    assert re.search(r"^\| optuna tpe\+Median +\|", out, re.MULTILINE)
+
+
 def test_the_service_benchmark_runs() -> None:
     if testing.postgres_base_url() is None:
         if testing.postgres_required():
