@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 
 _M = TypeVar("_M", bound=BaseModel)
 
+# The ask id of every operator replica: a new leader finds the trials the old
+# one was handed and never started.
+ASK_ID = "operator"
+
 
 class ServiceUnavailable(Exception):
     """The service could not be reached (or kept failing) after every retry."""
@@ -207,8 +211,13 @@ class ServiceClient:
         return await self._call(ExperimentView, "PUT", f"/v1/experiments/{uid}", body)
 
     async def ask(self, uid: str, count: int, parallelism: int) -> AskResult:
-        """Up to ``count`` trials to run (pending ones first), at most ``parallelism`` at once."""
-        body = {"count": min(count, 1000), "parallelism": parallelism}
+        """Up to ``count`` trials to run (pending ones first), at most ``parallelism`` at once.
+
+        Every ask allocates; the operator's fixed ``ask_id`` gets back the
+        trials it was handed and has not started yet (a restart between ask
+        and Pod creation, a refused creation), whichever replica asks.
+        """
+        body = {"count": min(count, 1000), "parallelism": parallelism, "ask_id": ASK_ID}
         return await self._call(AskResult, "POST", f"/v1/experiments/{uid}/ask", body)
 
     async def start(self, uid: str, number: int) -> None:

@@ -94,11 +94,6 @@ _FROZEN_SPEC_FIELDS = ("objective", "parameters", "algorithm")
 MAX_ASK = 1000
 # The longest lease an ask may give (a week): longer is no lease at all.
 MAX_LEASE_SECONDS = 7 * 24 * 3600
-# The ask id of an ask that gives none but caps ``parallelism``: the
-# operator's client before it sent an ask id of its own. The operator needs
-# its pending trials back after a restart or a failed Pod creation, so its
-# asks keep that behaviour; it should send this id itself (see CONTRACT.md).
-SCHEDULER_ASK_ID = "operator"
 # Tries of the unlocked finish before the locked one (a report in between costs one).
 _FINISH_TRIES = 2
 
@@ -262,9 +257,7 @@ class TuningService:
         ``ask_id``, the ask is idempotent for that id: the trials an earlier
         ask with the same id handed out and nobody started yet come first
         (a retry, or a scheduler restarting, gets its trials back), then new
-        ones. Without it, only new trials. An ask that caps ``parallelism``
-        and gives no ``ask_id`` asks as :data:`SCHEDULER_ASK_ID` (the
-        operator). With ``lease_seconds``, each new trial must be started,
+        ones. Without it, only new trials. With ``lease_seconds``, each new trial must be started,
         report or finish within that many seconds of its ask or of its last
         start or report, or the next ask fails it as abandoned (its slot is
         freed); without it, trials never expire. Never allocates beyond
@@ -1337,8 +1330,6 @@ def _asked_by(count: Any, parallelism: int | None, ask_id: Any, lease_seconds: A
             f"got {lease_seconds!r}",
             field="lease_seconds",
         )
-    if ask_id is None and parallelism is not None:
-        ask_id = SCHEDULER_ASK_ID
     expires = None if lease_seconds is None else time.time() + lease_seconds
     return AskedBy(ask_id, lease_seconds, expires)
 

@@ -108,8 +108,6 @@ def test_a_repeated_ask_with_the_same_ask_id_returns_the_same_trials(svc: Tuning
     _register(svc, maxTrials=20)
     first = svc.ask(UID, 3, parallelism=4, ask_id="operator").trials
     assert svc.ask(UID, 3, parallelism=4, ask_id="operator").trials == first
-    # The operator's client before ask ids: parallelism and no ask id is the same asker.
-    assert svc.ask(UID, 3, parallelism=4).trials == first
     svc.start(UID, first[0].number)
     # Started: not handed out again; one new trial fills the freed count.
     again = svc.ask(UID, 3, parallelism=4, ask_id="operator").trials
@@ -168,9 +166,9 @@ def test_trials_without_a_lease_never_expire(
 ) -> None:
     clock = _Clock(monkeypatch)
     _register(svc, maxTrials=10)
-    (trial,) = svc.ask(UID, 1, parallelism=2).trials
+    (trial,) = svc.ask(UID, 1, parallelism=2, ask_id="op").trials
     clock.advance(365 * 24 * 3600)
-    assert svc.ask(UID, 1, parallelism=2).trials[0] == trial
+    assert svc.ask(UID, 1, parallelism=2, ask_id="op").trials[0] == trial
     assert svc.trial(UID, trial.number).state is TrialState.PENDING
 
 

@@ -74,33 +74,33 @@ def test_ask_with_an_ask_id_returns_its_pending_trials_again_after_a_crash(db_ur
 def test_ask_with_parallelism_counts_pending_and_running_trials(db_url: str) -> None:
     svc = TuningService.open(db_url)
     _register(svc, maxTrials=20)
-    first = svc.ask(UID, 5, parallelism=5).trials
+    first = svc.ask(UID, 5, parallelism=5, ask_id="op").trials
     assert [t.number for t in first] == [0, 1, 2, 3, 4]
     svc.start(UID, 0)
     svc.start(UID, 1)
     # 2 running + 3 pending fill 5 slots: a retry gets the pending ones, no more.
-    again = svc.ask(UID, 10, parallelism=5).trials
+    again = svc.ask(UID, 10, parallelism=5, ask_id="op").trials
     assert [t.number for t in again] == [2, 3, 4]
     svc.finish(UID, 0, "failed")
     # One slot freed: one new trial, after the still-pending ones.
-    assert [t.number for t in svc.ask(UID, 10, parallelism=5).trials] == [2, 3, 4, 5]
+    assert [t.number for t in svc.ask(UID, 10, parallelism=5, ask_id="op").trials] == [2, 3, 4, 5]
     # Parallelism lowered below what is active: pending ones come back, nothing new.
-    assert [t.number for t in svc.ask(UID, 10, parallelism=2).trials] == [2, 3, 4, 5]
+    assert [t.number for t in svc.ask(UID, 10, parallelism=2, ask_id="op").trials] == [2, 3, 4, 5]
     svc.close()
     # A fresh process (no caches) counts the same from the store.
     svc = TuningService.open(db_url)
     for n in (2, 3, 4, 5):
         svc.start(UID, n)
-    assert svc.ask(UID, 10, parallelism=5).trials == []
+    assert svc.ask(UID, 10, parallelism=5, ask_id="op").trials == []
     svc.finish(UID, 1, "succeeded")
     svc.finish(UID, 2, "failed")
-    assert [t.number for t in svc.ask(UID, 10, parallelism=5).trials] == [6, 7]
+    assert [t.number for t in svc.ask(UID, 10, parallelism=5, ask_id="op").trials] == [6, 7]
     # Without parallelism (nor an ask id) the caller's count alone limits, as
     # `kubetune run` uses it, and every ask gets new trials.
     assert [t.number for t in svc.ask(UID, 2).trials] == [8, 9]
     assert [t.number for t in svc.ask(UID, 3).trials] == [10, 11, 12]
-    # An ask with parallelism and no ask id is the operator's: its pending ones come back.
-    assert [t.number for t in svc.ask(UID, 2, ask_id="operator").trials] == [6, 7]
+    # An asker's pending trials come back to the same ask id only.
+    assert [t.number for t in svc.ask(UID, 2, ask_id="op").trials] == [6, 7]
     svc.close()
 
 
