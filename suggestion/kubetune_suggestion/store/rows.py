@@ -68,8 +68,6 @@ class TrialRow:
     created_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
-    # See ``models.Trial.stop_step``.
-    stop_step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -122,8 +120,6 @@ class StepRow:
     objective: float | None
     step: int
     value: float
-    # The trial's ``stop_step``: its values after it do not count (unless it succeeded).
-    stop_step: int | None = None
 
 
 EXPERIMENT_COLUMNS = (
@@ -150,7 +146,6 @@ TRIAL_COLUMNS = (
     TRIALS.c.created_at,
     TRIALS.c.started_at,
     TRIALS.c.finished_at,
-    TRIALS.c.stop_step,
 )
 
 
@@ -184,7 +179,6 @@ def trial_row(row: Any) -> TrialRow:
         created_at=_aware(row.created_at),
         started_at=_aware(row.started_at),
         finished_at=_aware(row.finished_at),
-        stop_step=row.stop_step,
     )
 
 
