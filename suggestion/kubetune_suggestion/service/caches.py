@@ -171,7 +171,10 @@ class HistoryCache:
         """``base`` with the trials changed since its version (the caller loaded them)."""
         if base.version == row.history_version:
             return base
-        records = [logic.trial_record(t.number, t.params, t.state, t.objective) for t in changed]
+        records = [
+            logic.trial_record(t.number, t.params, t.state, t.objective, t.stop_step)
+            for t in changed
+        ]
         return base.updated(row.history_version, records, direction)
 
     def get(self, experiment_id: int) -> SamplerHistory | None:

@@ -739,6 +739,11 @@ class TuningService:
                     answer = self._decide(tx, compiled, curves[experiment_id], trial, step)
                     if answer.stop:
                         stopped[trial.id] = answer.reason
+                        # Its later reports in this batch no longer count for the others.
+                        curves[experiment_id] = [
+                            replace(c, stop_step=step) if c.number == trial.number else c
+                            for c in curves[experiment_id]
+                        ]
                     results[i] = answer
                 else:
                     results[i] = StopAnswer(stop=False)
@@ -900,16 +905,16 @@ class TuningService:
         if compiled is None or TrialState(trial.state).finished:
             return None  # the caller reads and decides
         observed, stored = _with_final(compiled, read.observed, report)
-        final, objective, message = _ending(compiled, final, message, observed, trial.stop_reason)
+        final, objective, message, stop_step = _ending(compiled, final, message, observed, trial)
         now = utcnow()
         version = db.finish_if_unchanged(
-            read, final.value, objective, message, trial.started_at or now, now, stored
+            read, final.value, objective, message, trial.started_at or now, now, stored, stop_step
         )
         if version is None:
             return None
         if stored is not None:
             prom.OBSERVATIONS.inc()
-        ended = _ended(trial, final, objective, message, now)
+        ended = _ended(trial, final, objective, message, now, stop_step)
         return self._finished(
             uid, read.experiment_id, read.spec_version, version, compiled, ended, observed
         )
@@ -935,8 +940,8 @@ class TuningService:
             observed, stored = _with_final(compiled, reported, report)
             if stored is not None:
                 tx.store_reports([(trial.id, stored.step, stored.metrics, stored.objective)], [])
-            final, objective, message = _ending(
-                compiled, final, message, observed, trial.stop_reason
+            final, objective, message, stop_step = _ending(
+                compiled, final, message, observed, trial
             )
             version = history_version + 1
             now = utcnow()
@@ -945,6 +950,7 @@ class TuningService:
                 trial.id,
                 version,
                 trial.stop_reason is not None,
+                stop_step,
                 state=final.value,
                 objective=objective,
                 message=message,
@@ -953,7 +959,7 @@ class TuningService:
             )
         if stored is not None:
             prom.OBSERVATIONS.inc()
-        ended = _ended(trial, final, objective, message, now)
+        ended = _ended(trial, final, objective, message, now, stop_step)
         return self._finished(uid, experiment_id, spec_version, version, compiled, ended, observed)
 
     def _finished(
@@ -972,7 +978,9 @@ class TuningService:
         self._histories.advance(
             experiment_id,
             version,
-            logic.trial_record(ended.number, ended.params, ended.state, ended.objective),
+            logic.trial_record(
+                ended.number, ended.params, ended.state, ended.objective, ended.stop_step
+            ),
             compiled.spec.objective.direction,
         )
         # Built from what the write knew: no re-read on the hot path.
@@ -1128,7 +1136,7 @@ class TuningService:
         """
         assert compiled.rule is not None
         me, history = logic.stop_inputs(
-            ((r.number, r.state, r.objective, r.step, r.value) for r in rows),
+            ((r.number, r.state, r.objective, r.step, r.value, r.stop_step) for r in rows),
             trial.number,
             trial.params,
             step,
@@ -1137,7 +1145,7 @@ class TuningService:
         if not decision.stop:
             return StopAnswer(stop=False)
         reason = decision.reason or f"stopped by {compiled.rule.name}"
-        tx.add_stop_order(trial.id, reason)
+        tx.add_stop_order(trial.id, reason, step)
         prom.STOP_DECISIONS.labels(compiled.rule.name).inc()
         return StopAnswer(stop=True, reason=reason)
 
@@ -1163,7 +1171,7 @@ def _check_repeat(
     """
     objective_metric = compiled.spec.objective.metric
     differs = []
-    state, _, recorded = _ending(compiled, final, message, observed, trial.stop_reason)
+    state, _, recorded, _ = _ending(compiled, final, message, observed, trial)
     if state.value != trial.state:
         differs.append(f"state ({final.value})")
     elif message is not None and recorded != trial.message:
@@ -1267,27 +1275,33 @@ def _ending(
     final: TrialState,
     message: str | None,
     observed: Sequence[tuple[int, float | None]],
-    stop_reason: str | None,
-) -> tuple[TrialState, float | None, str | None]:
-    """(state, objective, message) a trial ends with, from its reports (step, objective).
+    trial: TrialRow,
+) -> tuple[TrialState, float | None, str | None, int | None]:
+    """(state, objective, message, stop step) a trial ends with, from its reports (step, objective).
 
     A ``pruned`` trial that had reported its objective at its last step
     (``maxResource``) ran to its end before its stop took effect: it ends
     ``succeeded``, the stop withdrawn (see :func:`logic.ran_to_the_end`).
+    A ``pruned`` one counts its reports up to the step its stop was decided
+    on (see :func:`logic.counted`); pruned without a decision, the step it
+    was pruned at is its last with the objective.
     """
     if final is TrialState.PRUNED and logic.ran_to_the_end(compiled.spec, observed):
         final = TrialState.SUCCEEDED
-        message = logic.stop_not_applied(compiled.spec, stop_reason)
+        message = logic.stop_not_applied(compiled.spec, trial.stop_reason)
     objective = None
+    values = logic.counted(observed, final.value, trial.stop_step)
     if final in (TrialState.SUCCEEDED, TrialState.PRUNED):
-        values = [(step, v) for step, v in observed if v is not None]
         objective = logic.final_objective(values, compiled.spec.objective.strategy)
+    stop_step = trial.stop_step
+    if final is TrialState.PRUNED and stop_step is None and values:
+        stop_step = max(step for step, _ in values)
     if final is TrialState.SUCCEEDED and objective is None:
         final = TrialState.METRICS_UNAVAILABLE
         message = (
             message or f"the trial never reported its objective {compiled.spec.objective.metric!r}"
         )
-    return final, objective, message
+    return final, objective, message, stop_step
 
 
 def _ended(
@@ -1296,10 +1310,12 @@ def _ended(
     objective: float | None,
     message: str | None,
     now: datetime,
+    stop_step: int | None,
 ) -> TrialRow:
     """``trial`` as its end at ``now`` wrote it."""
     return replace(
         trial,
+        stop_step=stop_step,
         state=final.value,
         objective=objective,
         message=message,

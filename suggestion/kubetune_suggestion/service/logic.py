@@ -35,11 +35,39 @@ def engine_state(state: str) -> EngineState:
 
 
 def trial_record(
-    number: int, params: Mapping[str, Any], state: str, objective: float | None
+    number: int,
+    params: Mapping[str, Any],
+    state: str,
+    objective: float | None,
+    stop_step: int | None = None,
 ) -> TrialRecord:
-    """A stored trial as samplers see it (no intermediate steps: samplers do not need them)."""
+    """A stored trial as samplers see it.
+
+    A pruned trial carries ``{stop_step: objective}`` as its steps: TPE ranks
+    pruned trials by the step they reached first, as Optuna does. Other
+    trials carry no steps: samplers do not need their curves.
+    """
     value = objective if state in (TrialState.SUCCEEDED, TrialState.PRUNED) else None
-    return TrialRecord(number=number, params=params, state=engine_state(state), value=value)
+    steps = {}
+    if state == TrialState.PRUNED and stop_step is not None and value is not None:
+        steps = {stop_step: value}
+    return TrialRecord(
+        number=number, params=params, state=engine_state(state), value=value, steps=steps
+    )
+
+
+def counted(
+    observed: Iterable[tuple[int, float | None]], state: str, stop_step: int | None
+) -> list[tuple[int, float]]:
+    """A trial's objective values (step, value) that count for its result and for rules.
+
+    Stops are asynchronous: a stopped trial may report steps after the one its
+    stop was decided on, sooner or later depending on timing. Those reports do
+    not count, so its result and what rules see do not depend on timing;
+    unless it succeeded (it reached its last step before the stop took effect).
+    """
+    cut = stop_step if stop_step is not None and state != TrialState.SUCCEEDED else None
+    return [(s, v) for s, v in observed if v is not None and (cut is None or s <= cut)]
 
 
 def check_step(step: Any) -> int:
@@ -167,7 +195,7 @@ def completion_reason(
 
 
 def stop_inputs(
-    rows: Iterable[tuple[int, str, float | None, int, float]],
+    rows: Iterable[tuple[int, str, float | None, int, float, int | None]],
     number: int,
     params: Mapping[str, Any],
     step: int,
@@ -175,17 +203,18 @@ def stop_inputs(
     """The trial that just reported at ``step`` and the history an early-stopping rule sees.
 
     Args:
-        rows: (trial number, stored state, objective, step, value) of every
-            intermediate objective value of the experiment; values after
-            ``step`` are left out, as if reports had come one by one.
+        rows: (trial number, stored state, objective, step, value, stop step)
+            of every intermediate objective value of the experiment; values
+            after ``step`` are left out, as if reports had come one by one,
+            and so are those that do not count (see :func:`counted`).
         number: The reporting trial.
         params: Its parameters.
         step: The step it reported.
     """
     curves: dict[int, dict[int, float]] = {}
     meta: dict[int, tuple[str, float | None]] = {}
-    for trial_number, state, objective, at, value in rows:
-        if at <= step:
+    for trial_number, state, objective, at, value, stop_step in rows:
+        if at <= step and counted([(at, value)], state, stop_step):
             curves.setdefault(trial_number, {})[at] = value
             meta[trial_number] = (state, objective)
     history = []

@@ -124,6 +124,11 @@ class Trial(Base):
     # timestamp, so a renewal is ``now + lease_seconds`` in SQL on SQLite and
     # PostgreSQL alike (and NULL stays NULL without a lease).
     lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The step whose report the stop was decided on (kept like stop_reason);
+    # for a trial finished pruned without a decision, its last step with the
+    # objective. Stops are asynchronous: later reports are stored but do not
+    # count (see service/CONTRACT.md).
+    stop_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class Observation(Base):

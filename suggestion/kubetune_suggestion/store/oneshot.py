@@ -80,7 +80,7 @@ _REPORT_IF_CURRENT = (
 _FINISH_READ = (
     "SELECT e.id, e.spec_version, t.xmin::text, t.id, t.number, t.params, t.state, "
     "t.objective, t.message, t.stop_reason, t.history_version, t.created_at, t.started_at, "
-    "t.finished_at, o.steps, o.objectives FROM experiments e "
+    "t.finished_at, t.stop_step, o.steps, o.objectives FROM experiments e "
     "JOIN trials t ON t.experiment_id = e.id LEFT JOIN LATERAL ("
     "SELECT array_agg(step ORDER BY step) AS steps, "
     "array_agg(objective ORDER BY step) AS objectives "
@@ -99,7 +99,8 @@ _FINISH_IF_UNCHANGED = (
     "WHERE id = %(eid)s FOR UPDATE), "
     "u AS (UPDATE trials SET state = %(state)s, objective = %(objective)s, "
     "message = %(message)s, history_version = (SELECT version FROM v), "
-    "started_at = %(started)s, finished_at = %(now)s WHERE id = %(tid)s "
+    "started_at = %(started)s, finished_at = %(now)s, "
+    "stop_step = COALESCE(%(stop_step)s, stop_step) WHERE id = %(tid)s "
     "AND xmin = %(xmin)s::xid AND state IN ('pending', 'running') RETURNING id), "
     "e AS (UPDATE experiments SET history_version = (SELECT version FROM v), "
     "updated_at = %(now)s WHERE id = %(eid)s AND EXISTS (SELECT FROM u)), "
@@ -300,11 +301,11 @@ class OneShot:
         row = self._execute(_FINISH_READ, (uid, number)).fetchone()
         if row is None:
             return None
-        steps, objectives = row[14] or [], row[15] or []
+        steps, objectives = row[15] or [], row[16] or []
         return FinishRead(
             experiment_id=int(row[0]),
             spec_version=int(row[1]),
-            trial=TrialRow(*row[3:14]),
+            trial=TrialRow(*row[3:15]),
             version=row[2],
             observed=[
                 (int(step), None if value is None else float(value))
@@ -321,10 +322,12 @@ class OneShot:
         started_at: datetime,
         finished_at: datetime,
         report: FinalReport | None = None,
+        stop_step: int | None = None,
     ) -> int | None:
         """End the trial of ``read``, if its row is still the version read.
 
-        Sets its state, objective, message and times, bumps the experiment's
+        Sets its state, objective, message, times and ``stop_step`` (None
+        keeps the stored one), bumps the experiment's
         history version (the trial takes the new one), removes the trial's
         stop order if it had one, and stores ``report`` if given (a step
         already stored is kept as it was).
@@ -352,6 +355,7 @@ class OneShot:
                 "step": None if report is None else report.step,
                 "metrics": None if report is None else Jsonb(dict(report.metrics)),
                 "value": None if report is None else report.objective,
+                "stop_step": stop_step,
             },
         ).fetchone()
         return None if row is None else int(row[0])
@@ -399,7 +403,7 @@ class OneShot:
         ).fetchone()
         if row is None:
             return None
-        after = None if row[6] is None else TrialRow(*row[7:18])
+        after = None if row[6] is None else TrialRow(*row[7:19])
         return ReportOutcome(
             trial_id=int(row[0]),
             state=row[1],

@@ -68,6 +68,8 @@ class TrialRow:
     created_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
+    # See ``models.Trial.stop_step``.
+    stop_step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,8 @@ class StepRow:
     objective: float | None
     step: int
     value: float
+    # The trial's ``stop_step``: its values after it do not count (unless it succeeded).
+    stop_step: int | None = None
 
 
 EXPERIMENT_COLUMNS = (
@@ -146,6 +150,7 @@ TRIAL_COLUMNS = (
     TRIALS.c.created_at,
     TRIALS.c.started_at,
     TRIALS.c.finished_at,
+    TRIALS.c.stop_step,
 )
 
 
@@ -179,6 +184,7 @@ def trial_row(row: Any) -> TrialRow:
         created_at=_aware(row.created_at),
         started_at=_aware(row.started_at),
         finished_at=_aware(row.finished_at),
+        stop_step=row.stop_step,
     )
 
 

@@ -91,7 +91,7 @@ def _trial_of_select(postgres: bool, many: bool) -> Any:
 # does for these small statements, and they are prepared on the server at
 # first use. Data-modifying CTEs let one round trip do what took two or three.
 _T = "t.id, t.number, t.params, t.state, t.objective, t.message, t.stop_reason, " + (
-    "t.history_version, t.created_at, t.started_at, t.finished_at"
+    "t.history_version, t.created_at, t.started_at, t.finished_at, t.stop_step"
 )
 _PG_LOCK_EXPERIMENT = (
     "SELECT id, uid, name, namespace, spec, spec_version, sampler_state, next_number, "
@@ -141,8 +141,8 @@ _PG_FINISH = (
     "WITH e AS (UPDATE experiments SET history_version = %(version)s, updated_at = %(now)s "
     "WHERE id = %(eid)s), s AS (DELETE FROM stop_orders WHERE trial_id = %(tid)s AND %(close)s) "
     "UPDATE trials SET state = %(state)s, objective = %(objective)s, message = %(message)s, "
-    "history_version = %(version)s, started_at = %(started)s, finished_at = %(now)s "
-    "WHERE id = %(tid)s"
+    "history_version = %(version)s, started_at = %(started)s, finished_at = %(now)s, "
+    "stop_step = COALESCE(%(stop_step)s, stop_step) WHERE id = %(tid)s"
 )
 _PG_OBSERVED_STEPS = "SELECT step, objective FROM observations WHERE trial_id = %s ORDER BY step"
 
@@ -156,7 +156,7 @@ def lease_expired_message(lease_seconds: int) -> str:
 
 def _trial(row: Sequence[Any], at: int = 0) -> TrialRow:
     """A :class:`TrialRow` from the columns of ``_T`` starting at ``at`` (PostgreSQL)."""
-    return TrialRow(*row[at : at + 11])
+    return TrialRow(*row[at : at + 12])
 
 
 class WriteTxn:
@@ -305,7 +305,7 @@ class WriteTxn:
         """
         if self._postgres:
             found = [
-                (_trial(r), bool(r[11]))
+                (_trial(r), bool(r[12]))
                 for r in self._pg(_PG_ASK_TRIALS, (ask_id, experiment_id, version))
             ]
             return [t for t, _ in found], frozenset(t.number for t, mine in found if mine)
@@ -552,16 +552,20 @@ class WriteTxn:
         trial_id: int,
         history_version: int,
         close_stop_order: bool,
+        stop_step: int | None = None,
         **values: Any,
     ) -> None:
         """Record a trial's end, in one statement on PostgreSQL.
 
         Sets the trial's columns (``values``: state, objective, message,
-        started_at, finished_at) and history version, the experiment's history
-        version, and removes the trial's stop order when ``close_stop_order``.
+        started_at, finished_at), its ``stop_step`` (None keeps the stored
+        one) and history version, the experiment's history version, and removes
+        the trial's stop order when ``close_stop_order``.
         """
         if not self._postgres:
             self.update_experiment(experiment_id, history_version=history_version)
+            if stop_step is not None:
+                values["stop_step"] = stop_step
             self.update_trial(trial_id, history_version=history_version, **values)
             if close_stop_order:
                 self.close_stop_order(trial_id)
@@ -578,6 +582,7 @@ class WriteTxn:
                 "objective": values["objective"],
                 "message": values["message"],
                 "started": values["started_at"],
+                "stop_step": stop_step,
             },
         )
 
@@ -727,6 +732,7 @@ class WriteTxn:
                     _trials.c.objective,
                     _observations.c.step,
                     _observations.c.objective.label("value"),
+                    _trials.c.stop_step,
                 )
                 .join(_observations, _observations.c.trial_id == _trials.c.id)
                 .where(
@@ -737,10 +743,13 @@ class WriteTxn:
             ),
             {"eid": experiment_id, "max_step": max_step},
         )
-        return [StepRow(r.number, r.state, r.objective, int(r.step), float(r.value)) for r in rows]
+        return [
+            StepRow(r.number, r.state, r.objective, int(r.step), float(r.value), r.stop_step)
+            for r in rows
+        ]
 
-    def add_stop_order(self, trial_id: int, reason: str) -> bool:
-        """Order the trial to stop (idempotent); True if ordered now."""
+    def add_stop_order(self, trial_id: int, reason: str, step: int) -> bool:
+        """Order the trial to stop, decided on its report at ``step`` (idempotent); True if now."""
         stmt = (
             _insert_for(self.connection)(_stop_orders)
             .values(trial_id=trial_id, reason=reason, created_at=utcnow())
@@ -749,7 +758,7 @@ class WriteTxn:
         )
         added = self.connection.execute(stmt).first() is not None
         if added:
-            self.update_trial(trial_id, stop_reason=reason)
+            self.update_trial(trial_id, stop_reason=reason, stop_step=step)
         return added
 
     def close_stop_order(self, trial_id: int) -> None:

@@ -215,7 +215,8 @@ def test_asha_stops_a_losing_trial_and_lists_it_until_it_finishes(svc: TuningSer
     assert svc.report(UID, t1.number, t1.token, 2, {"loss": 0.4}) == answer
     view = svc.finish(UID, t1.number, "pruned")
     assert view.state is TrialState.PRUNED and view.stop_reason == answer.reason
-    assert view.objective == 0.4  # what it reported last: a weak signal for samplers
+    # What it reported at the step its stop was decided on (1), not later (see CONTRACT.md).
+    assert view.objective == 0.5
     assert svc.stops(UID) == []
 
 

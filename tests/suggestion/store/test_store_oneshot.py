@@ -208,7 +208,7 @@ def test_a_finish_reads_the_reports_and_ends_the_trial_if_it_did_not_change(
     read = _read(store)
     assert read.observed == [(1, 0.5), (3, 0.5)] and read.trial.state == "running"
     with store.write() as tx:
-        assert tx.add_stop_order(trial_id, "stopped by a rule")
+        assert tx.add_stop_order(trial_id, "stopped by a rule", 1)
     assert _finish(store, read) is None  # so did a stop order
     read = _read(store)
     assert _finish(store, read) == 2

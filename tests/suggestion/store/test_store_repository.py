@@ -63,8 +63,8 @@ def test_stop_orders_are_listed_until_the_trial_finishes(store: Store) -> None:
         tx.insert_trials(eid, [NewTrial(0, {}), NewTrial(1, {})], 1)
         t0, t1 = tx.lock_trial(eid, 0), tx.lock_trial(eid, 1)
         assert t0 is not None and t1 is not None
-        assert tx.add_stop_order(t0.id, "too slow")
-        assert not tx.add_stop_order(t0.id, "again")
+        assert tx.add_stop_order(t0.id, "too slow", 1)
+        assert not tx.add_stop_order(t0.id, "again", 1)
     assert [(s.experiment_uid, s.number, s.reason) for s in store.open_stops()] == [
         ("uid-1", 0, "too slow")
     ]
@@ -84,7 +84,7 @@ def test_deleting_an_experiment_deletes_what_it_owns(store: Store) -> None:
         trial = tx.lock_trial(eid, 0)
         assert trial is not None
         tx.insert_observations([(trial.id, 0, {"loss": 1.0}, 1.0)])
-        tx.add_stop_order(trial.id, "r")
+        tx.add_stop_order(trial.id, "r", 1)
         assert tx.delete_experiment("uid-1")
         assert not tx.delete_experiment("uid-1")
     assert store.experiment("uid-1") is None
@@ -140,7 +140,7 @@ def test_merged_hot_path_writes_match_the_separate_ones(store: Store) -> None:
         assert stored == {(t0.id, 1)}
         assert tx.store_reports([(t0.id, 2, {"acc": 0.9}, None)], []) == {(t0.id, 2)}
         assert tx.store_reports([], []) == set()
-        tx.add_stop_order(t0.id, "too slow")
+        tx.add_stop_order(t0.id, "too slow", 1)
     assert store.observations(eid) == {0: [(1, {"loss": 0.5}), (2, {"acc": 0.9})]}
     with store.write() as tx:
         assert tx.lock_for_finish("uid-1", 9) is None
@@ -198,7 +198,7 @@ def test_expire_leases_fails_the_silent_trials_and_tells_the_next_deadline(store
         tx.allocate(eid, [NewTrial(2, {})], 3, 3, None)
         t0 = tx.lock_trial(eid, 0)
         assert t0 is not None
-        tx.add_stop_order(t0.id, "worse than its rung")
+        tx.add_stop_order(t0.id, "worse than its rung", 1)
         expired, deadline = tx.expire_leases(eid, now, 4)
     assert expired == [ExpiredTrial(0, 10)]
     assert deadline == pytest.approx(now + 59)
