@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
 
 from kubetune_suggestion.engine.samplers.tpe import TPESampler
@@ -51,7 +52,7 @@ def _report(trial: TrialAssignment, step: int = 1, **metrics: float) -> Report:
 
 
 def test_the_steady_state_takes_one_statement_per_ask_and_report_on_postgres(
-    replicas: tuple[TuningService, TuningService],
+    replicas: tuple[TuningService, TuningService], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     svc, _ = replicas
     _register(svc)
@@ -61,12 +62,20 @@ def test_the_steady_state_takes_one_statement_per_ask_and_report_on_postgres(
         assert svc.ask_from_cache(UID, 1) is None
         assert svc.report_from_cache(_report(svc.ask(UID, 1).trials[0])) is None
         return
+    # Every statement, the locked path's included, goes through a psycopg
+    # cursor; a transaction around statements ends with a commit.
+    statements = record_calls(monkeypatch, psycopg.Cursor, "execute")
+    commits = record_calls(monkeypatch, psycopg.Connection, "commit")
     for i in range(1, 4):
+        statements.clear()
         asked = svc.ask_from_cache(UID, 1)
         assert asked is not None and [t.number for t in asked.trials] == [i]
+        assert len(statements) == 1
         trial = asked.trials[0]
         assert svc.report_from_cache(_report(trial, loss=0.1 * i)) == StopAnswer(stop=False)
+        assert len(statements) == 2
         svc.finish(UID, trial.number, "succeeded")
+    assert commits == []  # each statement was a transaction of its own (autocommit)
     summary = svc.summary(UID)
     assert summary.counts[TrialState.SUCCEEDED] == 4 and summary.allocated == 4
 
@@ -116,19 +125,26 @@ def test_a_stale_cache_gives_way_to_the_locked_path(
 
 def test_the_fast_ask_matches_what_the_locked_path_suggests(db_url: str) -> None:
     """The same history and sampler state give the same trial, whichever path allocates."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("SQLite has only the locked path: nothing to compare it with")
     params: dict[str, list[dict[str, Any]]] = {}
+    fast_asks = 0
     for mode in ("cached", "locked"):
         svc = TuningService.open(db_url)
         uid = f"{UID}-{mode}"
         svc.register(uid, "exp", "ns", example_spec(maxTrials=12, algorithm={"name": "tpe"}))
         params[mode] = []
         for _ in range(8):
-            asked = svc.ask(uid, 1) if mode == "cached" else svc.ask_locked(uid, 1)
+            asked = svc.ask_from_cache(uid, 1) if mode == "cached" else None
+            fast_asks += asked is not None
+            if asked is None:
+                asked = svc.ask_locked(uid, 1)
             trial = asked.trials[0]
             params[mode].append(trial.params)
             svc.report(uid, trial.number, trial.token, 1, {"loss": trial.params["lr"] * 10})
             svc.finish(uid, trial.number, "succeeded")
         svc.close()
+    assert fast_asks == 7  # every ask but the first (nothing cached yet) took the fast path
     assert params["cached"] == params["locked"]
 
 

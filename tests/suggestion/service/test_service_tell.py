@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
 
 from kubetune_suggestion.service.core import TuningService
@@ -173,12 +174,18 @@ def test_ask_and_tell_take_one_statement_each_on_postgres(
     reads = record_calls(monkeypatch, OneShot, "finish_read")
     _tell(svc, svc.ask(UID, 1).trials[0], metrics={"loss": 0.9})  # warms the caches
     reads.clear()
+    # Every statement, the locked path's included, goes through a psycopg
+    # cursor; a transaction around statements ends with a commit.
+    statements = record_calls(monkeypatch, psycopg.Cursor, "execute")
+    commits = record_calls(monkeypatch, psycopg.Connection, "commit")
     for i in range(3):
+        statements.clear()
         asked = svc.ask_from_cache(UID, 1)
-        assert asked is not None, "the steady state should ask in one statement"
+        assert asked is not None and len(statements) == 1
         view = _tell(svc, asked.trials[0], metrics={"loss": 0.5 - i / 10})
+        assert len(statements) == 2  # the final report is stored with the end
         assert view.objective == 0.5 - i / 10
-    assert reads == []
+    assert reads == [] and commits == []  # each statement was its own transaction
     # A report stored by another replica in between: the tell reads, and counts it.
     other = TuningService.open(db_url, migrate=False)
     try:
