@@ -133,29 +133,63 @@ def test_suggestion_service_has_no_kubernetes_access(helm: str) -> None:
             assert subject["name"] != sa["metadata"]["name"]
 
 
+# What the operator does to the cluster, each (apiGroup, resource, verb) with
+# the call that needs it: kopf's (it watches Experiments) and those of
+# operator/kubetune_controller/kube.py (everything else the operator does).
+OPERATOR_NEEDS: dict[tuple[str, str, str], str] = {
+    # kopf: the namespaces it may watch (listed and watched unless cluster-wide).
+    ("", "namespaces", "list"): "kopf's namespace observer",
+    ("", "namespaces", "watch"): "kopf's namespace observer",
+    # kopf: CustomResourceDefinitions, to notice the kubetune CRDs change.
+    ("apiextensions.k8s.io", "customresourcedefinitions", "list"): "kopf's resource observer",
+    ("apiextensions.k8s.io", "customresourcedefinitions", "watch"): "kopf's resource observer",
+    # kopf: Experiments, for the on.event handler (no finalizer, no diff base:
+    # kopf writes nothing on them).
+    ("kubetune.io", "experiments", "list"): "kopf.on.event",
+    ("kubetune.io", "experiments", "watch"): "kopf.on.event",
+    ("kubetune.io", "experiments/status", "patch"): "Kube.patch_experiment_status",
+    # Trials: created, then read back when the create says it already exists.
+    ("kubetune.io", "trials", "create"): "Kube.create_trial",
+    ("kubetune.io", "trials", "get"): "Kube.create_trial (409)",
+    ("kubetune.io", "trials", "list"): "the Trial stream (watch.py)",
+    ("kubetune.io", "trials", "watch"): "the Trial stream (watch.py)",
+    ("kubetune.io", "trials/status", "patch"): "Kube.patch_trial_status",
+    # Owner references with blockOwnerDeletion (Trial -> Experiment, Pod ->
+    # Trial) need update on the owner's finalizers subresource where the
+    # OwnerReferencesPermissionEnforcement admission plugin is on.
+    ("kubetune.io", "experiments/finalizers", "update"): "a Trial's owner reference",
+    ("kubetune.io", "trials/finalizers", "update"): "a trial Pod's owner reference",
+    # Trial Pods.
+    ("", "pods", "create"): "Kube.create_pod",
+    ("", "pods", "get"): "Kube.get_pod, Kube.create_pod (409)",
+    ("", "pods", "list"): "the trial-Pod stream (watch.py)",
+    ("", "pods", "watch"): "the trial-Pod stream (watch.py)",
+    ("", "pods", "delete"): "Kube.delete_pod (a trial stopped early)",
+    ("", "pods/log", "get"): "Kube.pod_logs (MetricsUnavailable messages)",
+    # core/v1 Events: the operator's own and kopf's warnings.
+    ("", "events", "create"): "Kube.create_event, kopf's posting",
+}
+
+
 def test_operator_rbac_is_least_privilege(helm: str) -> None:
-    docs = render(helm)
-    rules = [r for role in by_kind(docs, "ClusterRole") for r in role["rules"]]
-    granted: dict[tuple[str, str], set[str]] = {}
-    for rule in rules:
-        for group in rule["apiGroups"]:
-            for resource in rule["resources"]:
-                granted.setdefault((group, resource), set()).update(rule["verbs"])
-    for (group, resource), verbs in granted.items():
-        assert "*" not in verbs and group != "*" and resource != "*", (group, resource)
-    assert ("", "secrets") not in granted
-    assert granted[("", "pods")] == {"get", "list", "watch", "create", "delete"}
-    assert granted[("", "pods/log")] == {"get"}
-    assert {"create", "patch"} <= granted[("", "events")]
-    assert {"create", "delete", "patch"} <= granted[("kubetune.io", "trials")]
-    assert "create" not in granted[("kubetune.io", "experiments")]
-    assert "patch" in granted[("kubetune.io", "experiments/status")]
-    assert granted[("apiextensions.k8s.io", "customresourcedefinitions")] == {
-        "get",
-        "list",
-        "watch",
-    }
-    assert granted[("", "namespaces")] == {"get", "list", "watch"}
+    """The operator's roles grant exactly OPERATOR_NEEDS, cluster-wide or per namespace."""
+    for sets in ((), ("operator.watchNamespaces={team-a}",)):
+        docs = render(helm, *sets)
+        operator_roles = [
+            role
+            for role in by_kind(docs, "ClusterRole") + by_kind(docs, "Role")
+            if role["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
+        ]
+        granted = {
+            (group, resource, verb)
+            for role in operator_roles
+            for rule in role["rules"]
+            for group in rule["apiGroups"]
+            for resource in rule["resources"]
+            for verb in rule["verbs"]
+        }
+        assert sorted(granted - OPERATOR_NEEDS.keys()) == [], "granted but not needed"
+        assert sorted(OPERATOR_NEEDS.keys() - granted) == [], "needed but not granted"
 
 
 def test_watching_namespaces_binds_roles_there_only(helm: str) -> None:
@@ -201,6 +235,45 @@ def test_sqlite_refuses_several_replicas(helm: str) -> None:
     )
     assert result.returncode != 0
     assert "database.external.existingSecret" in result.stderr
+
+
+def _images(docs: list[Obj]) -> set[str]:
+    """Every container image and the collector image the operator hands to trials."""
+    found: set[str] = set()
+    for dep in by_kind(docs, "Deployment"):
+        for container in dep["spec"]["template"]["spec"]["containers"]:
+            found.add(container["image"])
+            collector = env_of(container).get("KUBETUNE_COLLECTOR_IMAGE")
+            if collector:
+                found.add(collector["value"])
+    return found
+
+
+def test_image_is_the_repository_behind_the_optional_registry(helm: str) -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    version = chart["appVersion"]
+    # Default: no registry host, the name scripts/images.sh builds.
+    assert _images(render(helm)) == {f"kubetune/kubetune:{version}"}
+    # The registry the images were pushed to prefixes the repository (a
+    # trailing slash is not doubled); the tag overrides the appVersion.
+    for registry in ("registry.invalid:5000", "registry.invalid:5000/"):
+        docs = render(helm, f"image.registry={registry}", "image.tag=1.2.3")
+        assert _images(docs) == {"registry.invalid:5000/kubetune/kubetune:1.2.3"}
+    docs = render(helm, "image.registry=registry.invalid/team", "image.repository=acme/kt")
+    assert _images(docs) == {f"registry.invalid/team/acme/kt:{version}"}
+    # A URL is not a registry: the schema refuses it.
+    result = _run(
+        helm,
+        "template",
+        "kt",
+        str(CHART),
+        "--kube-version",
+        KUBE_VERSION,
+        "--set",
+        "image.registry=https://registry.invalid",
+    )
+    assert result.returncode != 0
+    assert "/image/registry" in result.stderr
 
 
 def test_values_schema_refuses_typos(helm: str) -> None:
