@@ -26,6 +26,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import uuid
@@ -69,6 +70,35 @@ def fake_nodes(count: int, pods_each: int) -> list[dict[str, Any]]:
     ]
 
 
+# One entry of a kwok status template (Go text/template): the container
+# ``$item`` terminated with exit code 0 at ``$now``.
+_TERMINATED_ENTRY = """\
+- image: {{ $item.image | Quote }}
+  name: {{ $item.name | Quote }}
+  ready: false
+  restartCount: 0
+  started: false
+  state:
+    terminated:
+      exitCode: 0
+      finishedAt: {{ $now | Quote }}
+      reason: Completed
+      startedAt: {{ $now | Quote }}
+"""
+
+
+def _terminated_statuses(containers: str) -> str:
+    """The status-template lines that end every container of ``.spec.<containers>``.
+
+    ``containers`` is a Pod spec's list (``containers``, ``initContainers``);
+    its statuses are the list of the same name in the singular plus
+    ``Statuses`` (``containerStatuses``, ``initContainerStatuses``).
+    """
+    statuses = f"{containers.removesuffix('s')}Statuses"
+    loop = "{{ range $item := .spec." + containers + " }}"
+    return f"{statuses}:\n{loop}\n" + _TERMINATED_ENTRY + "{{ end }}\n"
+
+
 def trial_stages(base: Path, seconds: float, out: Path, parallelism: int) -> Path:
     """The kwok stages in ``base`` plus one that ends a Running trial Pod ``seconds`` later.
 
@@ -76,6 +106,13 @@ def trial_stages(base: Path, seconds: float, out: Path, parallelism: int) -> Pat
     status changes it makes at once, for all its fake nodes together (its
     default, 4, is fewer than the fake nodes' kubelets would make).
     """
+    status = (
+        "{{ $now := Now }}\n"
+        + _terminated_statuses("containers")
+        + "# The collector sidecar stops after the training, as the kubelet does it.\n"
+        + _terminated_statuses("initContainers")
+        + "phase: Succeeded\n"
+    )
     stage = f"""
 ---
 apiVersion: config.kwok.x-k8s.io/v1alpha1
@@ -109,38 +146,7 @@ spec:
     durationMilliseconds: {round(seconds * 1000)}
   next:
     statusTemplate: |
-      {{{{ $now := Now }}}}
-      containerStatuses:
-      {{{{ range $item := .spec.containers }}}}
-      - image: {{{{ $item.image | Quote }}}}
-        name: {{{{ $item.name | Quote }}}}
-        ready: false
-        restartCount: 0
-        started: false
-        state:
-          terminated:
-            exitCode: 0
-            finishedAt: {{{{ $now | Quote }}}}
-            reason: Completed
-            startedAt: {{{{ $now | Quote }}}}
-      {{{{ end }}}}
-      # The collector sidecar stops after the training, as the kubelet does it.
-      initContainerStatuses:
-      {{{{ range $item := .spec.initContainers }}}}
-      - image: {{{{ $item.image | Quote }}}}
-        name: {{{{ $item.name | Quote }}}}
-        ready: false
-        restartCount: 0
-        started: false
-        state:
-          terminated:
-            exitCode: 0
-            finishedAt: {{{{ $now | Quote }}}}
-            reason: Completed
-            startedAt: {{{{ $now | Quote }}}}
-      {{{{ end }}}}
-      phase: Succeeded
-"""
+{textwrap.indent(status, " " * 6)}"""
     out.write_text(base.read_text().rstrip() + "\n" + stage)
     return out
 
