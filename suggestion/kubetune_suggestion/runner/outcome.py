@@ -28,6 +28,7 @@ __all__ = [
     "next_streak",
     "shown_counts",
     "shown_state",
+    "timed_out",
     "trial_end",
 ]
 
@@ -64,6 +65,7 @@ def trial_end(
     metric: str,
     log_tail: Sequence[str],
     metrics_tail: Sequence[str],
+    timed_out_after: int | None = None,
 ) -> TrialEnd:
     """Classify a finished trial process.
 
@@ -74,7 +76,12 @@ def trial_end(
         metric: The objective metric's name.
         log_tail: The last lines of its stdout/stderr.
         metrics_tail: The last lines of its metrics file.
+        timed_out_after: Set (to ``spec.trialTimeoutSeconds``) when kubetune
+            stopped it for running longer than that: it failed, however it
+            exited, as a Pod past its ``activeDeadlineSeconds`` does.
     """
+    if timed_out_after is not None:
+        return timed_out(timed_out_after, log_tail, exit_code)
     if stop_reason is not None:
         return TrialEnd("pruned", stop_reason)
     if exit_code != 0:
@@ -90,6 +97,26 @@ def trial_end(
             _with_tail(f"the trial exited 0 but never reported {metric!r}; {wrote}", log_tail),
         )
     return TrialEnd("succeeded")
+
+
+def timed_out(seconds: int, log_tail: Sequence[str], exit_code: int | None = None) -> TrialEnd:
+    """The end of a trial stopped for running longer than ``spec.trialTimeoutSeconds``.
+
+    Worded after the operator's ``TimedOut`` message, which a trial whose Pod
+    ran past its ``activeDeadlineSeconds`` gets in a cluster.
+
+    Args:
+        seconds: The limit, ``spec.trialTimeoutSeconds``.
+        log_tail: The last lines of its stdout/stderr.
+        exit_code: How its process ended once stopped; None when the run that
+            stopped it ended first (the next run records it).
+    """
+    how = "" if exit_code is None else f" ({describe_exit(exit_code)})"
+    message = (
+        f"the trial timed out after {seconds} s: it ran longer than "
+        f"spec.trialTimeoutSeconds (TimedOut) and was stopped{how}"
+    )
+    return TrialEnd("failed", _with_tail(message, log_tail))
 
 
 def _with_tail(message: str, log_tail: Sequence[str]) -> str:

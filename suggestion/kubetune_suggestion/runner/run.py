@@ -18,6 +18,8 @@ Files, for experiment ``NAME`` under ``--dir`` (default ``.kubetune``)::
     NAME.lock               held while a run is going (one runner per experiment)
     NAME/trial-N.log        the trial's stdout and stderr (one header line per attempt)
     NAME/trial-N.metrics    its metrics file (KUBETUNE_METRICS_FILE)
+    NAME/trial-N.pid        its running attempt's process id (gone once it ended)
+    NAME/trial-N.timedout   it ran past trialTimeoutSeconds and is being stopped
 
 Each trial runs in the manifest's directory (relative paths in ``command``
 and ``args`` resolve there), with this process's environment plus the
@@ -26,6 +28,16 @@ skipped) and the trial's identity (``KUBETUNE_TRIAL_NUMBER``,
 ``KUBETUNE_PARAMS``, ``KUBETUNE_METRICS_FILE``...). ``python`` and ``python3``
 mean the interpreter running kubetune. ``image``, ``resources`` and
 ``workingDir`` only matter in a cluster.
+
+``spec.trialTimeoutSeconds`` holds as in a cluster (where it becomes the
+Pod's ``activeDeadlineSeconds``): a trial still running that long after its
+process started is stopped like any other (SIGTERM, then SIGKILL after the
+grace period) and ends ``failed``, saying it timed out, however it exited.
+The deadline is checked on every poll, so the stop comes within a poll of
+it. A timed-out trial is never run again: should the run end before its
+process did, the ``.timedout`` file tells the next run to record it failed
+rather than re-run it. (An interrupted trial that runs again gets the whole
+limit again, as a new Pod would.)
 
 Ctrl-C (or SIGTERM) stops every trial (SIGTERM, then SIGKILL after a grace
 period), stores what they reported, and leaves them ``running`` in the store;
@@ -61,6 +73,7 @@ from kubetune_suggestion.runner.outcome import (
     grid_exhausted,
     next_streak,
     shown_counts,
+    timed_out,
     trial_end,
 )
 from kubetune_suggestion.runner.process import (
@@ -182,6 +195,10 @@ class RunPaths:
     def metrics(self, number: int) -> Path:
         """Trial ``number``'s metrics file."""
         return self.trials / f"trial-{number}.metrics"
+
+    def timed_out(self, number: int) -> Path:
+        """Present from trial ``number``'s timeout until its end is recorded; holds the limit."""
+        return self.trials / f"trial-{number}.timedout"
 
     def pid(self, number: int) -> Path:
         """The process id of trial ``number``'s running attempt (gone once it ended)."""
@@ -392,6 +409,8 @@ class _Active:
     params: Mapping[str, Any]
     process: TrialProcess
     collector: Collector
+    # When (time.monotonic()) it has run for trialTimeoutSeconds; None without a limit.
+    deadline: float | None = None
     last_step: int | None = None
     last_value: float | None = None
     saw_objective: bool = False
@@ -400,6 +419,8 @@ class _Active:
     stop_reason: str | None = None
     # Stopped by Ctrl-C while still running: left `running` in the store.
     interrupted: bool = False
+    # Stopped for running past its deadline: it ends failed, whatever else happens.
+    timed_out: bool = False
 
 
 class LocalRunner:
@@ -527,10 +548,25 @@ class LocalRunner:
         for trial in orphans:
             self._check_gone(trial.number)
         for trial in orphans:
-            if trial.number in stops:
+            limit = self._timed_out_earlier(trial.number)
+            if limit is not None:
+                # Its clock ran out in an earlier run: re-running it would restart it.
+                end = timed_out(limit, tail(self.paths.log(trial.number)))
+                self.service.finish(self.uid, trial.number, end.state, end.message)
+                self.paths.timed_out(trial.number).unlink(missing_ok=True)
+            elif trial.number in stops:
                 self.service.finish(self.uid, trial.number, "pruned", stops[trial.number])
             else:
                 self.resume_queue.append(trial)
+
+    def _timed_out_earlier(self, number: int) -> int | None:
+        """The limit trial ``number`` ran past in an earlier run that ended before recording it."""
+        path = self.paths.timed_out(number)
+        if not path.exists():
+            return None
+        text = path.read_text().strip()
+        # Empty if that run died writing it; the spec holds the same limit.
+        return int(text) if text.isdigit() else self.spec.trialTimeoutSeconds
 
     def _check_gone(self, number: int) -> None:
         """Refuse to go on while an earlier run's process of trial ``number`` is alive.
@@ -616,7 +652,9 @@ class LocalRunner:
             interrupted=lambda: self.interrupted > 0,
             log_deliveries=False,
         )
-        self.active[number] = _Active(number, params, process, collector)
+        limit = self.spec.trialTimeoutSeconds
+        deadline = None if limit is None else process.started + limit
+        self.active[number] = _Active(number, params, process, collector, deadline=deadline)
         verb = "re-started (interrupted earlier)" if resumed else "started"
         self._event(f"trial {number} {verb}: {format_params(params)}")
 
@@ -625,16 +663,31 @@ class LocalRunner:
     def _poll_all(self) -> None:
         # No polling of the service's stop orders: here every stop is decided
         # on the trial's own report, and its answer stops the trial (_StopOnAnswer).
+        # Nor a timer per trialTimeoutSeconds: each poll checks the deadlines,
+        # so a trial is stopped within a poll of its own.
         for trial in list(self.active.values()):
             self._take(trial, trial.collector.collect())
             code = trial.process.poll()
             if code is not None:
                 self._finish(trial, code)
+            elif (
+                trial.deadline is not None
+                and not trial.process.terminating
+                and time.monotonic() >= trial.deadline
+            ):
+                self._time_out(trial)
+
+    def _time_out(self, trial: _Active) -> None:
+        """The trial ran past ``trialTimeoutSeconds``: SIGTERM it now, and note why on disk."""
+        trial.timed_out = True
+        # Before the signal: a run that dies before the trial does must not re-run it.
+        self.paths.timed_out(trial.number).write_text(f"{self.spec.trialTimeoutSeconds}\n")
+        trial.process.terminate(self.grace)
 
     def _stop_early(self, number: int, reason: str) -> None:
         """The early-stopping rule stopped trial ``number``: SIGTERM it now."""
         trial = self.active.get(number)
-        if trial is None or trial.stop_reason is not None or trial.interrupted:
+        if trial is None or trial.stop_reason is not None or trial.interrupted or trial.timed_out:
             return
         trial.stop_reason = reason or "stopped by the early-stopping rule"
         trial.process.terminate(self.grace)
@@ -663,8 +716,10 @@ class LocalRunner:
             metric=self.metric,
             log_tail=tail(self.paths.log(trial.number)),
             metrics_tail=tail(self.paths.metrics(trial.number), lines=3),
+            timed_out_after=self.spec.trialTimeoutSeconds if trial.timed_out else None,
         )
         view = self.service.finish(self.uid, trial.number, end.state, end.message)
+        self.paths.timed_out(trial.number).unlink(missing_ok=True)
         self._summary_at = 0.0  # counts changed
         self._streak = next_streak(self._streak, view.state, end.message)
         if view.state == "succeeded":
@@ -687,6 +742,8 @@ class LocalRunner:
         for trial in self.active.values():
             if trial.process.poll() is not None:
                 continue  # it ended on its own: recorded as usual by the next poll
+            if trial.timed_out:
+                continue  # being stopped already, and recorded failed even after Ctrl-C
             if reason is None:
                 trial.interrupted = True
             elif trial.stop_reason is None:
