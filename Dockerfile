@@ -5,7 +5,7 @@
 # collector sidecar (`python -m kubetune_suggestion.collector`) and the
 # `kubetune` CLI all run from it (charts/kubetune sets each one's command).
 #
-#   docker build -t ghcr.io/kubetune/kubetune:0.1.0 .
+#   docker build -t kubetune/kubetune:0.1.0 .
 #
 # scripts/images.sh builds it (and the trial images) with docker or buildah,
 # on machines without a container registry from a locally built base.

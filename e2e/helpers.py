@@ -32,9 +32,7 @@ PYTHON_IMAGE = os.environ.get(
     "KUBETUNE_E2E_PYTHON_IMAGE", "localhost/kubetune/python-base:bookworm"
 )
 # The synthetic trial (trial-images/synthetic).
-TRIAL_IMAGE = os.environ.get(
-    "KUBETUNE_E2E_TRIAL_IMAGE", f"ghcr.io/kubetune/trial-synthetic:{APP_VERSION}"
-)
+TRIAL_IMAGE = os.environ.get("KUBETUNE_E2E_TRIAL_IMAGE", f"kubetune/trial-synthetic:{APP_VERSION}")
 
 
 class KubectlError(Exception):

@@ -2,6 +2,11 @@
 # Build kubetune's container images with whatever this machine has, tag them
 # with their release names and write each as a docker-archive tar (what
 # `docker load` and `ctr images import` take; the e2e cluster imports them).
+# The names have no registry host: kubetune/<image>:<version> (the chart's and
+# the examples' default). containerd imports them under the name it gives a
+# Pod's image "kubetune/<image>:<version>", so loaded onto a node they run as
+# they are; for a cluster that pulls, tag and push them to your own registry
+# and set the chart's image.registry to it.
 #
 #   bash scripts/images.sh                   # base, kubetune, trial-synthetic
 #   bash scripts/images.sh --all             # and the pytorch-mlp CPU and GPU trials (huge)
@@ -79,7 +84,8 @@ done
 version=$(sed -n 's/^appVersion:[[:space:]]*"\{0,1\}\([^"]*\)"\{0,1\}[[:space:]]*$/\1/p' \
     "$repo/charts/kubetune/Chart.yaml")
 [[ -n $version ]] || { echo "images.sh: no appVersion in charts/kubetune/Chart.yaml" >&2; exit 1; }
-registry=ghcr.io/kubetune
+# Image names: <namespace>/<image>:<version>, without a registry host.
+namespace=kubetune
 # The local base: Debian's python3, nothing else. Pinned by the suite (the
 # packages come from this host's apt sources); python3-venv gives the builds
 # pip (ensurepip) without a system-wide pip; tini is left out, since every
@@ -93,13 +99,13 @@ public_base=$(sed -n 's/^ARG BASE_IMAGE=//p' "$repo/Dockerfile" | head -n 1)
 # name|tag|Dockerfile (relative to the repository; empty for the base)|archive file
 images=(
     "base|$local_base||python-base-$suite.tar"
-    "kubetune|$registry/kubetune:$version|Dockerfile|kubetune-$version.tar"
-    "trial-synthetic|$registry/trial-synthetic:$version|trial-images/synthetic/Dockerfile|trial-synthetic-$version.tar"
+    "kubetune|$namespace/kubetune:$version|Dockerfile|kubetune-$version.tar"
+    "trial-synthetic|$namespace/trial-synthetic:$version|trial-images/synthetic/Dockerfile|trial-synthetic-$version.tar"
 )
 if ((all)); then
     images+=(
-        "trial-pytorch-mlp-cpu|$registry/trial-pytorch-mlp:$version-cpu|trial-images/pytorch-mlp/Dockerfile.cpu|trial-pytorch-mlp-$version-cpu.tar"
-        "trial-pytorch-mlp-gpu|$registry/trial-pytorch-mlp:$version-gpu|trial-images/pytorch-mlp/Dockerfile.gpu|trial-pytorch-mlp-$version-gpu.tar"
+        "trial-pytorch-mlp-cpu|$namespace/trial-pytorch-mlp:$version-cpu|trial-images/pytorch-mlp/Dockerfile.cpu|trial-pytorch-mlp-$version-cpu.tar"
+        "trial-pytorch-mlp-gpu|$namespace/trial-pytorch-mlp:$version-gpu|trial-images/pytorch-mlp/Dockerfile.gpu|trial-pytorch-mlp-$version-gpu.tar"
     )
 fi
 
@@ -352,10 +358,11 @@ build() {
     fi
 }
 
-# Write the image's archive unless the one there already holds this image.
+# Write the image's archive unless the one there already holds this image
+# under this name (the name is what the archive's importer tags it with).
 archive() {
     local image=$1 path=$2 id
-    id=$(image_id "$image")
+    id="$(image_id "$image") $image"
     if [[ -s $path && -f $path.id && $(cat "$path.id") == "$id" ]]; then
         return
     fi

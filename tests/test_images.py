@@ -143,7 +143,10 @@ def test_chart_commands_run_modules_of_the_distribution() -> None:
 
 def test_chart_default_image_tag_is_the_app_version() -> None:
     values = yaml.safe_load((ROOT / "charts" / "kubetune" / "values.yaml").read_text())
-    assert values["image"]["repository"] == "ghcr.io/kubetune/kubetune"
+    # No registry host by default: the images are built locally and pushed to
+    # a registry of the user's own, named by image.registry.
+    assert values["image"]["registry"] == ""
+    assert values["image"]["repository"] == "kubetune/kubetune"
     assert values["image"]["tag"] == ""
     helpers = (ROOT / "charts" / "kubetune" / "templates" / "_helpers.tpl").read_text()
     assert "(default .Chart.AppVersion .Values.image.tag)" in helpers
@@ -158,7 +161,7 @@ def test_chart_default_image_tag_is_the_app_version() -> None:
         check=True,
     ).stdout
     images = set(re.findall(r"image: \"?([^\"\s]+)", rendered))
-    assert images == {f"ghcr.io/kubetune/kubetune:{_app_version()}"}
+    assert images == {f"kubetune/kubetune:{_app_version()}"}
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
@@ -187,3 +190,27 @@ def test_images_script_prints_the_archives_it_writes(tmp_path: Path) -> None:
         f"{tmp_path}/trial-pytorch-mlp-{version}-gpu.tar",
     ]
     assert not list(tmp_path.iterdir())  # printing builds nothing
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_images_script_names_images_without_a_registry_host() -> None:
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "images.sh"), "--print-images", "--all"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    version = _app_version()
+    base, *images = result.stdout.splitlines()
+    # The local base is never pushed: localhost/ keeps it off every registry.
+    assert base == "localhost/kubetune/python-base:bookworm"
+    assert images == [
+        f"kubetune/kubetune:{version}",
+        f"kubetune/trial-synthetic:{version}",
+        f"kubetune/trial-pytorch-mlp:{version}-cpu",
+        f"kubetune/trial-pytorch-mlp:{version}-gpu",
+    ]
+    # The chart's default image is the one the script builds.
+    values = yaml.safe_load((ROOT / "charts" / "kubetune" / "values.yaml").read_text())
+    assert f"{values['image']['repository']}:{version}" in images

@@ -230,8 +230,11 @@ build_gpu_plugin() {
 # The pause (sandbox) image: no registry is reachable, so it is compiled from
 # build/pause/linux/pause.c of the pinned Kubernetes module and packed as a
 # one-layer OCI image archive that `ctr images import` takes. A static binary
-# and a hand-written manifest: no image builder needed.
-PAUSE_IMAGE="registry.k8s.io/pause:3.10-kubetune"
+# and a hand-written manifest: no image builder needed. Named under localhost/,
+# like the local python base of scripts/images.sh: a fully qualified name, so
+# containerd stores it under exactly this name (the one node.py pins as the
+# sandbox image) and never looks for it in a remote registry.
+PAUSE_IMAGE="localhost/kubetune/pause:3.10-kubetune"
 build_pause() {
   local stamp="pause $K8S_VERSION $PAUSE_IMAGE" src work
   if [[ -f "$BIN/pause.tar" && -f "$BIN/.pause.stamp" && "$(cat "$BIN/.pause.stamp")" == "$stamp" ]]; then

@@ -96,7 +96,7 @@ class RealNode:
     @property
     def pause_image(self) -> str:
         """The sandbox image, as ``build.sh`` tagged it."""
-        return _versions(self.bin).get("PAUSE_IMAGE", "registry.k8s.io/pause:3.10-kubetune")
+        return _versions(self.bin).get("PAUSE_IMAGE", "localhost/kubetune/pause:3.10-kubetune")
 
     def ctr(self, *args: str, timeout: float = 300) -> str:
         """Run ``ctr`` in the CRI namespace of this node's containerd; its output."""

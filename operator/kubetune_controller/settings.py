@@ -40,7 +40,7 @@ class Settings:
     # when the operator runs outside the cluster (development).
     collector_service_url: str | None = None
     # Image and command of the metrics-collector sidecar.
-    collector_image: str = "ghcr.io/kubetune/kubetune:0.1.0"
+    collector_image: str = "kubetune/kubetune:0.1.0"
     collector_command: tuple[str, ...] = ("python", "-m", "kubetune_suggestion.collector")
     # Resource requests/limits of the sidecar: small, so it never competes
     # with the trial for a node's capacity.

@@ -237,6 +237,45 @@ def test_sqlite_refuses_several_replicas(helm: str) -> None:
     assert "database.external.existingSecret" in result.stderr
 
 
+def _images(docs: list[Obj]) -> set[str]:
+    """Every container image and the collector image the operator hands to trials."""
+    found: set[str] = set()
+    for dep in by_kind(docs, "Deployment"):
+        for container in dep["spec"]["template"]["spec"]["containers"]:
+            found.add(container["image"])
+            collector = env_of(container).get("KUBETUNE_COLLECTOR_IMAGE")
+            if collector:
+                found.add(collector["value"])
+    return found
+
+
+def test_image_is_the_repository_behind_the_optional_registry(helm: str) -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    version = chart["appVersion"]
+    # Default: no registry host, the name scripts/images.sh builds.
+    assert _images(render(helm)) == {f"kubetune/kubetune:{version}"}
+    # The registry the images were pushed to prefixes the repository (a
+    # trailing slash is not doubled); the tag overrides the appVersion.
+    for registry in ("registry.example:5000", "registry.example:5000/"):
+        docs = render(helm, f"image.registry={registry}", "image.tag=1.2.3")
+        assert _images(docs) == {"registry.example:5000/kubetune/kubetune:1.2.3"}
+    docs = render(helm, "image.registry=registry.example/team", "image.repository=acme/kt")
+    assert _images(docs) == {f"registry.example/team/acme/kt:{version}"}
+    # A URL is not a registry: the schema refuses it.
+    result = _run(
+        helm,
+        "template",
+        "kt",
+        str(CHART),
+        "--kube-version",
+        KUBE_VERSION,
+        "--set",
+        "image.registry=https://registry.example",
+    )
+    assert result.returncode != 0
+    assert "/image/registry" in result.stderr
+
+
 def test_values_schema_refuses_typos(helm: str) -> None:
     result = _run(
         helm,

@@ -43,11 +43,11 @@ def test_pause_archive_is_a_named_one_layer_image(tmp_path: Path) -> None:
     (rootfs / "pause").write_bytes(b"\x7fELF fake")
     (rootfs / "pause").chmod(0o755)
     out = tmp_path / "pause.tar"
-    pack(rootfs, "registry.k8s.io/pause:test", "/pause", out)
+    pack(rootfs, "localhost/kubetune/pause:test", "/pause", out)
     with tarfile.open(out) as tar:
         manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
         (entry,) = manifest
-        assert entry["RepoTags"] == ["registry.k8s.io/pause:test"]
+        assert entry["RepoTags"] == ["localhost/kubetune/pause:test"]
         config = json.load(tar.extractfile(entry["Config"]))  # type: ignore[arg-type]
         assert config["config"]["Entrypoint"] == ["/pause"]
         with tarfile.open(fileobj=tar.extractfile(entry["Layers"][0])) as layer:
@@ -55,5 +55,5 @@ def test_pause_archive_is_a_named_one_layer_image(tmp_path: Path) -> None:
         assert member.mode & 0o111 and member.uid == 0 and member.mtime == 0
     # Reproducible: the same input gives the same archive.
     again = tmp_path / "again.tar"
-    pack(rootfs, "registry.k8s.io/pause:test", "/pause", again)
+    pack(rootfs, "localhost/kubetune/pause:test", "/pause", again)
     assert again.read_bytes() == out.read_bytes()

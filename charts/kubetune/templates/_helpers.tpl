@@ -81,9 +81,13 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end }}
 {{- end }}
 
-{{/* The one image every component runs. */}}
+{{/* The one image every component runs: [<registry>/]<repository>:<tag>. */}}
 {{- define "kubetune.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- $repository := .Values.image.repository }}
+{{- with .Values.image.registry }}
+{{- $repository = printf "%s/%s" (trimSuffix "/" .) $repository }}
+{{- end }}
+{{- printf "%s:%s" $repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
 {{/* The suggestion service's in-cluster URL, handed to the operator (and by it to every sidecar). */}}
