@@ -17,8 +17,9 @@ One piece of logic, two deployments:
 
 Both sides go through :class:`Reporter`: ``send(report) -> Ack``, raising
 :class:`ReporterUnavailable` for a failure worth retrying (the service is
-down, the database is busy) and :class:`ReportRejected` for one that is not
-(a bad token, a report after the trial finished). Reports are idempotent on
+down, the database is busy, a service that lost its database does not know
+the trial until the operator restores it) and :class:`ReportRejected` for one
+that is not (a bad token, a report after the trial finished). Reports are idempotent on
 (trial, step), so a retry or a restarted collector re-reading the file from
 its start never duplicates an observation.
 """
@@ -327,8 +328,10 @@ class HttpReporter:
         """POST the report and return the service's stop answer.
 
         Raises:
-            ReporterUnavailable: Connection errors, timeouts, 408, 429 and 5xx.
-            ReportRejected: Any other 4xx (bad token, unknown or finished trial).
+            ReporterUnavailable: Connection errors, timeouts, 408, 425, 429,
+                5xx, and 404: a service that lost its database does not know
+                the trial until the operator restores it (seconds later).
+            ReportRejected: Any other 4xx (bad token, finished trial).
         """
         try:
             response = self.client.post(
@@ -341,6 +344,10 @@ class HttpReporter:
         status = response.status_code
         if status in (408, 425, 429) or status >= 500:
             raise ReporterUnavailable(f"HTTP {status}")
+        if status == 404:
+            raise ReporterUnavailable(
+                f"HTTP 404: the service does not know this trial yet ({_error_message(response)})"
+            )
         if status >= 400:
             raise ReportRejected(f"HTTP {status}: {_error_message(response)}")
         try:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import httpx
 import pytest
 
 from kubetune_suggestion.collector import (
+    Backoff,
     Collector,
     HttpReporter,
     ReporterUnavailable,
@@ -23,8 +25,9 @@ from kubetune_suggestion.collector import (
     SidecarConfig,
 )
 from kubetune_suggestion.metrics_protocol import Report
+from kubetune_suggestion.service.app import Settings, create_app
 from kubetune_suggestion.service.core import TuningService
-from kubetune_suggestion.service.testing import free_port
+from kubetune_suggestion.service.testing import free_port, serve_in_thread
 from kubetune_suggestion.service.tokens import trial_token
 from tests import sigterm
 
@@ -104,6 +107,53 @@ def test_http_reporter_maps_statuses(service: TuningService) -> None:
         HttpReporter(f"http://127.0.0.1:{free_port()}", "exp-1", 0, "t").send(
             Report(1, {"loss": 1.0})
         )
+
+    def reporter(status: int) -> HttpReporter:
+        error = {"error": {"code": "x", "message": "no experiment 'exp-1'", "field": "uid"}}
+        answer = httpx.MockTransport(lambda request: httpx.Response(status, json=error))
+        return HttpReporter("http://service", "exp-1", 0, "t", httpx.Client(transport=answer))
+
+    # A service that lost its database knows no trial until the operator restores it.
+    with pytest.raises(ReporterUnavailable, match="does not know this trial yet"):
+        reporter(404).send(Report(1, {"loss": 1.0}))
+    for status in (408, 429, 500, 503):
+        with pytest.raises(ReporterUnavailable, match=f"HTTP {status}"):
+            reporter(status).send(Report(1, {"loss": 1.0}))
+    for status in (400, 401, 403, 409, 422):
+        with pytest.raises(ReportRejected, match=f"HTTP {status}"):
+            reporter(status).send(Report(1, {"loss": 1.0}))
+
+
+def test_reports_wait_for_a_restore_after_the_service_lost_its_database(
+    tmp_path: Path,
+) -> None:
+    """404 while the experiment is unknown; delivered once it is registered and restored."""
+    svc = TuningService.open(f"sqlite:///{tmp_path}/fresh.db", secret=SECRET)
+    metrics = tmp_path / "metrics"
+    metrics.write_text("step=0 loss=0.9\nstep=1 loss=0.8\n")
+    logged: list[str] = []
+    app = create_app(Settings(db_url="unused"), svc)
+    with serve_in_thread(app) as url:
+        reporter = HttpReporter(url, "exp-lost", 3, trial_token(SECRET, "exp-lost", 3))
+        collector = Collector(
+            metrics, reporter, logged.append, backoff=Backoff(initial=0.02, maximum=0.1)
+        )
+        delivered: list[int] = []
+        worker = threading.Thread(
+            target=lambda: delivered.extend(d.report.step for d in collector.collect())
+        )
+        worker.start()
+        _wait_for(lambda: any("does not know this trial yet" in line for line in logged))
+        assert worker.is_alive() and delivered == []
+        # The operator registers the experiment again and restores its trials.
+        svc.register("exp-lost", "exp", "default", SPEC)
+        svc.restore("exp-lost", [{"number": 3, "params": {"x": 0.5}, "state": "running"}])
+        worker.join(timeout=30)
+        reporter.close()
+    assert delivered == [0, 1]
+    assert _observations(svc, "exp-lost", 3) == [(0, {"loss": 0.9}), (1, {"loss": 0.8})]
+    assert "step=0 loss=0.9 -> ok" in logged
+    svc.close()
 
 
 def test_sidecar_config_names_missing_variables() -> None:

@@ -46,6 +46,8 @@ from kubetune_suggestion.service.models import (
     FinishRequest,
     ObservationRequest,
     RegisterRequest,
+    RestoreRequest,
+    RestoreResult,
     StartRequest,
     StartResult,
     StopAnswer,
@@ -505,6 +507,16 @@ def create_app(settings: Settings, service: TuningService | None = None) -> Fast
         svc.delete(uid)
         return Response(status_code=204)
 
+    @app.post("/v1/experiments/{uid}/restore", response_model=RestoreResult, tags=["experiments"])
+    def restore(uid: Uid, body: RestoreRequest) -> Response:
+        """Put back the trials the cluster holds, after the service lost its database.
+
+        Numbers not stored are inserted as given; those stored with the same
+        params are left as they are (409 with other params). The next trial
+        number moves past the highest one given.
+        """
+        return _json(svc.restore(uid, body.trials))
+
     @app.post("/v1/experiments/{uid}/ask", response_model=AskResult, tags=["trials"])
     def ask(uid: Uid, body: AskRequest | None = None) -> Response:
         """Up to ``count`` trials to run that no other ask returned (no body: one trial).
@@ -547,6 +559,14 @@ def create_app(settings: Settings, service: TuningService | None = None) -> Fast
         """Mark a handed-out trial as running (idempotent)."""
         svc.start(uid, n)
         return Response(status_code=204)
+
+    @app.post("/v1/experiments/{uid}/trials/{n}/retry", response_model=TrialView, tags=["trials"])
+    def retry(uid: Uid, n: Number) -> Response:
+        """Start a new attempt of a pending or running trial (its Pod was lost).
+
+        Its reports and its stop are forgotten: reports start over from step 0.
+        """
+        return _json(svc.retry(uid, n))
 
     # Database calls of the fast path and of the report batcher run here: the
     # event loop's own executor is lighter than anyio's thread hop, and this

@@ -205,6 +205,29 @@ class HistoryCache:
             head = replace(head, pending=head.pending - {record.number})
         self.remember(experiment_id, cached.updated(version, [record], direction, head))
 
+    def restored(
+        self,
+        experiment_id: int,
+        version: int,
+        records: Iterable[TrialRecord],
+        direction: Direction,
+        next_number: int,
+    ) -> None:
+        """Apply a committed restore that took the history from ``version - 1``.
+
+        A restore adds trials (none pending) and moves ``next_number``; it
+        writes nothing else of the experiment row, so the head, if known,
+        stays the stored one with the new ``next_number``. As in
+        :meth:`advance`, only an entry at exactly ``version - 1`` is advanced.
+        """
+        cached = self._entries.get(experiment_id)
+        if cached is None or cached.version != version - 1:
+            return
+        head = cached.head
+        if head is not None:
+            head = replace(head, next_number=next_number)
+        self.remember(experiment_id, cached.updated(version, records, direction, head))
+
     def started(self, experiment_id: int, numbers: Iterable[int]) -> None:
         """Trials ``numbers`` are known to have left ``pending`` (a committed report or start)."""
         gone = frozenset(numbers)

@@ -63,6 +63,8 @@ from kubetune_suggestion.service.models import (
     ExperimentSummary,
     ExperimentView,
     ObservationView,
+    RestoreResult,
+    RestoreTrial,
     StartRefusal,
     StartResult,
     StopAnswer,
@@ -78,6 +80,7 @@ from kubetune_suggestion.store import (
     AskedBy,
     ExperimentRow,
     NewTrial,
+    RestoredTrial,
     StepRow,
     Store,
     TrialRow,
@@ -239,6 +242,92 @@ class TuningService:
         with self.store.write() as tx:
             if not tx.delete_experiment(uid):
                 raise NotFound(f"no experiment {uid!r}", field="uid")
+
+    def restore(
+        self, uid: str, trials: Sequence[RestoreTrial | Mapping[str, Any]]
+    ) -> RestoreResult:
+        """Put back trials the store lost (its database was reset), in one transaction.
+
+        For the operator, after re-registering an experiment the service no
+        longer knew: it sends every trial the cluster holds, so that numbers
+        are never handed out twice and samplers and the summary see the
+        results (their reports were lost with the database). A number not stored is inserted as given (started now,
+        and finished now unless ``running``; ``objective`` kept for
+        ``succeeded`` and ``pruned``, ``step`` as a pruned trial's stop step,
+        ``stop_reason`` for finished ones). A number stored with the same
+        params is left as it is, so the call may be repeated. ``next_number``
+        moves past the highest number given; numbers left out stay unused.
+        A running trial takes reports with its usual token (tokens do not
+        depend on the database).
+
+        Raises:
+            NotFound: If there is no such experiment.
+            InvalidInput: For an entry that is malformed, listed twice, has
+                params the search space rejects, or is ``succeeded`` without
+                a finite objective (naming e.g. ``trials[2].params.lr``).
+            Conflict: For a number stored with other params (naming
+                ``trials[i].params``, saying what is stored).
+        """
+        with self.store.write() as tx:
+            row = tx.lock_experiment(uid)
+            if row is None:
+                raise NotFound(f"no experiment {uid!r}", field="uid")
+            compiled = self._compiled_for(tx, row.id, row.spec_version, row.spec)
+            given = logic.restore_entries(trials, compiled.sampler.space)
+            stored = {t.number: t for t in tx.history_since(row.id, -1)}
+            new: list[RestoredTrial] = []
+            for i, trial in enumerate(given):
+                old = stored.get(trial.number)
+                if old is not None:
+                    if old.params != trial.params:
+                        raise Conflict(
+                            f"trial {trial.number} is stored with params {old.params} "
+                            f"({old.state}); trials[{i}] gives {trial.params}",
+                            field=f"trials[{i}].params",
+                        )
+                    continue
+                state = TrialState(trial.state)
+                scored = state in (TrialState.SUCCEEDED, TrialState.PRUNED)
+                new.append(
+                    RestoredTrial(
+                        number=trial.number,
+                        params=trial.params,
+                        state=state.value,
+                        objective=trial.objective if scored else None,
+                        message=trial.message,
+                        stop_reason=trial.stop_reason if state.finished else None,
+                        stop_step=trial.step if state is TrialState.PRUNED else None,
+                    )
+                )
+            next_number = max([row.next_number, *(t.number + 1 for t in given)])
+            version = row.history_version
+            if new or next_number != row.next_number:
+                # next_number is written: the history version moves with it (see Head).
+                version += 1
+                tx.insert_restored(row.id, new, version)
+                tx.update_experiment(row.id, next_number=next_number, history_version=version)
+        self._ids.put(uid, row.id, row.spec_version)
+        if version != row.history_version:
+            self._histories.restored(
+                row.id,
+                version,
+                (
+                    logic.trial_record(t.number, t.params, t.state, t.objective, t.stop_step)
+                    for t in new
+                ),
+                compiled.spec.objective.direction,
+                next_number,
+            )
+        for added in new:  # nothing known of a trial this store did not hold
+            self._reported.pop(uid, added.number)
+        if new:
+            log.info(
+                "experiment %s: %d trials restored; the next number is %d",
+                uid,
+                len(new),
+                next_number,
+            )
+        return RestoreResult(restored=len(new), next_number=next_number)
 
     # -- trials -------------------------------------------------------------------
 
@@ -621,6 +710,46 @@ class TuningService:
         for number in started:  # their rows changed (see start)
             self._reported.pop(uid, number)
         return StartResult(started=started, refused=refused)
+
+    def retry(self, uid: str, number: int) -> TrialView:
+        """Start a new attempt of a pending or running trial: same number, same params.
+
+        For the operator's ``spec.maxRetries``: the trial's Pod was lost for
+        reasons of the infrastructure (evicted, node lost) and runs again.
+        The lost attempt's reports are deleted, its stop order (if any)
+        closed and its stop cleared, and the trial is running from now (its
+        lease renewed): reports start over from step 0, and the rule judges
+        the new attempt alone. Samplers see a pending or running trial alike,
+        without its reports, so the history version does not move.
+
+        Raises:
+            NotFound: If there is no such experiment or trial.
+            Conflict: If the trial already finished (naming its state).
+        """
+        with self.store.write() as tx:
+            found = tx.lock_trial_of(uid, number)
+            if found is None:
+                raise self._not_found(tx, uid, number)
+            experiment_id, _, trial = found
+            if TrialState(trial.state).finished:
+                raise Conflict(
+                    f"trial {number} already finished ({trial.state}); "
+                    "only a pending or running trial can be retried",
+                    field="number",
+                )
+            started_at = tx.restart_trial(trial.id)
+        self._histories.started(experiment_id, [number])
+        # What a finish would have known of it (its reports) is gone.
+        self._reported.pop(uid, number)
+        log.info("experiment %s: trial %d retried (a new attempt)", uid, number)
+        restarted = replace(
+            trial,
+            state=TrialState.RUNNING.value,
+            started_at=started_at,
+            stop_reason=None,
+            stop_step=None,
+        )
+        return _trial_view(restarted, None, None)
 
     def report(
         self, uid: str, number: int, token: str | None, step: int, metrics: Mapping[str, Any]

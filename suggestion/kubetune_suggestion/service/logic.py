@@ -10,10 +10,13 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from pydantic import ValidationError
+
 from kubetune_suggestion.engine.history import Direction, TrialRecord
 from kubetune_suggestion.engine.history import TrialState as EngineState
+from kubetune_suggestion.engine.space import SearchSpace, SpaceError
 from kubetune_suggestion.service.errors import InvalidInput
-from kubetune_suggestion.service.models import TrialState
+from kubetune_suggestion.service.models import RestoreTrial, TrialState
 from kubetune_suggestion.spec import ExperimentSpec, Strategy
 
 _ENGINE_STATES = {
@@ -229,3 +232,54 @@ def stop_inputs(
         )
     me = TrialRecord(number, params, EngineState.RUNNING, None, steps=curves.get(number, {}))
     return me, history
+
+
+def restore_entries(
+    items: Sequence[RestoreTrial | Mapping[str, Any]], space: SearchSpace
+) -> list[RestoreTrial]:
+    """The trials of a restore, checked: each a valid entry, once, with params of ``space``.
+
+    A ``succeeded`` trial needs a finite objective (it is its result); any
+    objective given must be finite.
+
+    Raises:
+        InvalidInput: Naming the first bad field, e.g. ``trials[3].params.lr``.
+    """
+    checked: list[RestoreTrial] = []
+    seen: dict[int, int] = {}
+    for i, item in enumerate(items):
+        where = f"trials[{i}]"
+        try:
+            trial = item if isinstance(item, RestoreTrial) else RestoreTrial.model_validate(item)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            field = where + "".join(
+                f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"]
+            )
+            raise InvalidInput(f"{field}: {error['msg']}", field=field) from None
+        if trial.number in seen:
+            raise InvalidInput(
+                f"trial {trial.number} is listed twice (trials[{seen[trial.number]}] and {where})",
+                field=f"{where}.number",
+            )
+        seen[trial.number] = i
+        try:
+            space.check_config(trial.params)
+        except SpaceError as exc:
+            raise InvalidInput(
+                f"trial {trial.number}: parameter {exc.field!r}: {exc.problem}",
+                field=f"{where}.params.{exc.field}",
+            ) from None
+        objective = trial.objective
+        if objective is not None and not math.isfinite(objective):
+            raise InvalidInput(
+                f"trial {trial.number}: objective {objective!r} is not a finite number",
+                field=f"{where}.objective",
+            )
+        if TrialState(trial.state) is TrialState.SUCCEEDED and objective is None:
+            raise InvalidInput(
+                f"trial {trial.number} succeeded: its objective is required",
+                field=f"{where}.objective",
+            )
+        checked.append(trial)
+    return checked

@@ -30,6 +30,9 @@ class TrialState(StrEnum):
 
 
 FinishState = Literal["succeeded", "failed", "pruned", "metrics_unavailable"]
+RestoreState = Literal["running", "succeeded", "failed", "pruned", "metrics_unavailable"]
+# Trial numbers fit the store's 32-bit column, with room for the next one.
+MAX_TRIAL_NUMBER = 2**31 - 2
 
 
 class _Request(BaseModel):
@@ -123,6 +126,36 @@ class FinishRequest(_Request):
     )
 
 
+class RestoreTrial(_Request):
+    """One trial of ``POST /v1/experiments/{uid}/restore``, as the cluster still holds it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    number: int = Field(ge=0, le=MAX_TRIAL_NUMBER, strict=True)
+    params: dict[str, Any] = Field(description="Its configuration (checked against the space).")
+    state: RestoreState
+    objective: float | None = Field(
+        default=None,
+        description="Its result: required for succeeded, kept for pruned, ignored otherwise.",
+    )
+    step: int | None = Field(
+        default=None,
+        ge=0,
+        strict=True,
+        description="For pruned: the step it was stopped at (its stop step); ignored otherwise.",
+    )
+    message: str | None = Field(default=None, max_length=8192)
+    stop_reason: str | None = Field(
+        default=None, max_length=8192, description="Why it was stopped (finished trials only)."
+    )
+
+
+class RestoreRequest(_Request):
+    """Body of ``POST /v1/experiments/{uid}/restore``."""
+
+    trials: list[RestoreTrial] = Field(max_length=100_000)
+
+
 class ExperimentView(_Response):
     """A registered experiment."""
 
@@ -132,6 +165,13 @@ class ExperimentView(_Response):
     spec: dict[str, Any]
     spec_version: int = Field(description="Bumped on every spec change.")
     created: bool = Field(description="Whether this registration created the experiment.")
+
+
+class RestoreResult(_Response):
+    """Answer to ``restore``."""
+
+    restored: int = Field(description="Trials inserted now (those already stored are not).")
+    next_number: int = Field(description="The number the next allocated trial gets.")
 
 
 class TrialAssignment(_Response):

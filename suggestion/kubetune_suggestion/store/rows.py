@@ -81,6 +81,20 @@ class NewTrial:
 
 
 @dataclass(frozen=True)
+class RestoredTrial:
+    """A trial to insert as a restore gives it (a lost database re-seeded, see ``restore``)."""
+
+    number: int
+    params: Mapping[str, Any]
+    # running or a final state.
+    state: str
+    objective: float | None
+    message: str | None
+    stop_reason: str | None
+    stop_step: int | None
+
+
+@dataclass(frozen=True)
 class AskedBy:
     """Who asked for new trials, and the lease they get (see ``models.Trial``)."""
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Table, bindparam, delete, func, insert, or_, select, update
@@ -30,6 +31,7 @@ from kubetune_suggestion.store.rows import (
     ExperimentRow,
     ExpiredTrial,
     NewTrial,
+    RestoredTrial,
     StepRow,
     TrialRow,
     count_states,
@@ -473,6 +475,65 @@ class WriteTxn:
                 for t in trials
             ],
         )
+
+    def insert_restored(
+        self, experiment_id: int, trials: Sequence[RestoredTrial], history_version: int
+    ) -> None:
+        """Insert trials as a restore gives them: started now, and finished now unless running.
+
+        They carry no ask id and no lease (nobody asked for them here).
+        """
+        if not trials:
+            return
+        now = utcnow()
+        self._run(
+            "insert_restored",
+            lambda: insert(_trials),
+            [
+                {
+                    "experiment_id": experiment_id,
+                    "number": t.number,
+                    "params": dict(t.params),
+                    "state": t.state,
+                    "objective": t.objective,
+                    "message": t.message,
+                    "stop_reason": t.stop_reason,
+                    "stop_step": t.stop_step,
+                    "history_version": history_version,
+                    "created_at": now,
+                    "started_at": now,
+                    "finished_at": None if t.state in OPEN_STATES else now,
+                    "ask_id": None,
+                    "lease_seconds": None,
+                    "lease_expires_at": None,
+                }
+                for t in trials
+            ],
+        )
+
+    def restart_trial(self, trial_id: int) -> datetime:
+        """Start an open trial over: a new attempt of it runs from now.
+
+        Deletes its reports and its stop order, clears its stop (reason and
+        step), and marks it running, started now (its lease, if any, renewed).
+        The row is rewritten, so the optimistic finish of :mod:`.oneshot`
+        does not end it from what it read before. Returns the start time.
+        """
+        now = utcnow()
+        self.connection.execute(delete(_observations).where(_observations.c.trial_id == trial_id))
+        self.close_stop_order(trial_id)
+        self.connection.execute(
+            update(_trials)
+            .where(_trials.c.id == trial_id)
+            .values(
+                state="running",
+                started_at=now,
+                stop_reason=None,
+                stop_step=None,
+                lease_expires_at=time.time() + _trials.c.lease_seconds,
+            )
+        )
+        return now
 
     def lock_trial(self, experiment_id: int, number: int) -> TrialRow | None:
         """The trial, row-locked until the transaction ends."""
