@@ -170,7 +170,23 @@ class HostStack:
         for crd in ("experiments.kubetune.io", "trials.kubetune.io"):
             self.kube.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start_service()
+            self.operator_config = operator_kubeconfig(
+                self.kube, self.workdir / "operator.kubeconfig"
+            )
+            self.start_operator()
+        except BaseException:
+            # A half-started stack must not outlive the failure (a leaked
+            # service kept its port and database for the rest of the session).
+            self.stop()
+            raise
+
+    def _start_service(self) -> None:
         log = (self.workdir / "service.log").open("ab")
+        # The trial-token key is fixed, as the chart's Secret keeps it: a
+        # service that loses its database still takes running trials' reports.
+        env = {**os.environ, "KUBETUNE_SECRET": "e2e-host-stack"}
         self.service = subprocess.Popen(
             [
                 sys.executable,
@@ -190,18 +206,20 @@ class HostStack:
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
+            env=env,
         )
-        try:
-            wait_for(self._service_ready, 60, "the suggestion service /readyz", interval=0.2)
-            self.operator_config = operator_kubeconfig(
-                self.kube, self.workdir / "operator.kubeconfig"
-            )
-            self.start_operator()
-        except BaseException:
-            # A half-started stack must not outlive the failure (a leaked
-            # service kept its port and database for the rest of the session).
-            self.stop()
-            raise
+        wait_for(self._service_ready, 60, "the suggestion service /readyz", interval=0.2)
+
+    def lose_service_database(self) -> None:
+        """SIGKILL the service, delete its SQLite database, and start it afresh."""
+        if self.db_url:
+            raise RuntimeError("the host stack loses only its own SQLite database")
+        assert self.service is not None
+        self.service.send_signal(signal.SIGKILL)
+        self.service.wait(10)
+        for path in self.workdir.glob("kubetune.db*"):
+            path.unlink()
+        self._start_service()
 
     def _service_ready(self) -> bool:
         assert self.service is not None
@@ -376,6 +394,29 @@ class ChartStack:
             "--grace-period=0",
             "--force",
             "--wait=false",
+        )
+
+    def lose_service_database(self) -> None:
+        """Delete the service's Pod: its database is on an emptyDir and goes with it."""
+        self.kube.kubectl(
+            "delete",
+            "pods",
+            "-n",
+            self.namespace,
+            "-l",
+            "app.kubernetes.io/component=suggestion",
+            "--grace-period=0",
+            "--force",
+        )
+        time.sleep(1)
+        self.kube.kubectl(
+            "rollout",
+            "status",
+            "-n",
+            self.namespace,
+            f"deploy/{self.release}-kubetune-suggestion",
+            "--timeout=300s",
+            timeout=330,
         )
 
     def start_operator(self) -> None:

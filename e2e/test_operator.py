@@ -274,6 +274,79 @@ def test_operator_killed_three_times(
     assert len(created) == len(set(created)) == 12, created
 
 
+def test_service_database_lost_three_times(
+    kube: Kube, namespace: str, stack: HostStack | ChartStack
+) -> None:
+    """The service's database is on an emptyDir: deleting its Pod loses every trial it held.
+
+    The operator restores them from the Trials each time; the experiment still
+    runs exactly maxTrials trials, none twice.
+    """
+    spec = synthetic_experiment("lostdb", max_trials=12, parallelism=3, epochs=6, sleep=0.3)
+    with PodWatch(kube, namespace) as pods:
+        kube.apply(spec, namespace=namespace)
+        for loss in range(1, 4):
+
+            def done(loss: int = loss) -> bool:
+                trials = trials_of(kube, namespace, "lostdb")
+                return sum(t.get("status", {}).get("phase") in FINAL for t in trials) >= 3 * loss
+
+            wait_for(done, 300, f"{3 * loss} trials done")
+            stack.lose_service_database()
+        wait_condition(kube, namespace, "lostdb", "Succeeded", 600)
+    trials = trials_of(kube, namespace, "lostdb")
+    assert sorted(t["spec"]["number"] for t in trials) == list(range(12))
+    # A trial whose Pod ended, collector gone, just as the database went has
+    # lost its reports (MetricsUnavailable); every other one has its result.
+    phases = [t["status"]["phase"] for t in trials]
+    assert set(phases) <= {"Succeeded", "MetricsUnavailable"}, [t["status"] for t in trials]
+    assert phases.count("Succeeded") >= 12 - 3, [t["status"] for t in trials]
+    created = pods.added()
+    assert len(created) == len(set(created)) == 12, created
+    exp = experiment(kube, namespace, "lostdb")
+    assert exp["status"]["trialsSummary"] == "12/12"
+    assert condition(exp, "Succeeded")["status"] == "True"
+    described_events(kube, namespace, "lostdb", "Restored")
+
+
+def test_an_evicted_trial_runs_again_under_its_number(
+    kube: Kube, namespace: str, stack: HostStack | ChartStack
+) -> None:
+    """A drain evicts a trial's Pod mid-training: with maxRetries it runs again, same params."""
+    spec = synthetic_experiment(
+        "evicted", max_trials=1, parallelism=1, epochs=30, sleep=0.2, maxRetries=1
+    )
+    kube.apply(spec, namespace=namespace)
+    first = kube.wait_pod_phase(namespace, "evicted-0", ("Running",), 120)
+    assert first["status"]["phase"] == "Running"
+    time.sleep(1.5)  # a few epochs reported
+    eviction = {
+        "apiVersion": "policy/v1",
+        "kind": "Eviction",
+        "metadata": {"name": "evicted-0", "namespace": namespace},
+    }
+    kube.kubectl(
+        "create",
+        "--raw",
+        f"/api/v1/namespaces/{namespace}/pods/evicted-0/eviction",
+        "-f",
+        "-",
+        input=json.dumps(eviction),
+    )
+    wait_condition(kube, namespace, "evicted", "Succeeded", 300)
+    (trial,) = trials_of(kube, namespace, "evicted")
+    status = trial["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["attempt"] == 2, status
+    assert status["podName"] == "evicted-0-retry1", status
+    second = kube.pod(namespace, "evicted-0-retry1")
+    args = second["spec"]["containers"][0]["args"]
+    assert args == first["spec"]["containers"][0]["args"]  # the same params
+    # The result is the new attempt's whole run, reported from its first epoch.
+    assert status["lastStep"] == 30, status
+    described_events(kube, namespace, "evicted", "TrialRetried")
+
+
 def test_failures_end_the_experiment(
     kube: Kube, namespace: str, stack: HostStack | ChartStack
 ) -> None:

@@ -211,7 +211,7 @@ class Controller:
             or memory.ending is not None
         ):
             return
-        trial = self.cache.trial(key, pod.name)
+        trial = self.cache.trial(key, trial_name(key[1], pod.number))
         if trial is None or trial.pod_name != pod.name or trial.final:
             return
         plan = rc.plan_trials(
@@ -222,12 +222,17 @@ class Controller:
             _now(),
             self.settings.lost_pod_grace_seconds,
             self.settings.trial_running_delay_seconds,
+            memory.spec.maxRetries,
         )
         for f in plan.finish:
             work = self._finish_trial(
                 experiment, memory.spec, memory, f, {trial.name: trial}, {pod.name: pod}
             )
             self._launch(key, memory, f.number, work)
+        for r in plan.retry:
+            self._launch(
+                key, memory, r.number, self._retry_trial(experiment, memory.spec, trial, r)
+            )
 
     def on_trial_snapshot(self, views: list[TrialView], namespace: str | None) -> None:
         """A fresh LIST of the Trials in ``namespace`` (all if ``None``)."""
@@ -391,7 +396,8 @@ class Controller:
     async def _stop_trial(self, key: Key, number: int, reason: str) -> None:
         began = time.monotonic()
         namespace, experiment = key
-        name = trial_name(experiment, number)
+        trial = self.cache.trial(key, trial_name(experiment, number))
+        name = trial.pod_name if trial is not None else trial_name(experiment, number)
         try:
             await self.kube.delete_pod(namespace, name, self.settings.stop_grace_seconds)
             self.metrics.stop_latency.observe(time.monotonic() - began)
@@ -451,8 +457,10 @@ class Controller:
                 memory.registered = experiment.generation
                 memory.spec = spec
                 memory.exhausted = False
-            self._settle_trials(key, experiment, spec, memory)
             summary = await self.service.summary(experiment.uid)
+            if rc.service_lost_trials(trials.values(), summary.allocated):
+                summary = await self._restore(experiment, trials)
+            self._settle_trials(key, experiment, spec, memory)
             progress = _progress(summary)
             if memory.template_error:
                 decision = rc.Decision(
@@ -476,6 +484,14 @@ class Controller:
                 # parallelism itself, with the allocation, so asks need not
                 # wait for creations in progress.
                 await self._start_trials(experiment, memory, decision.ask, spec.parallelism)
+        except ServiceError as exc:
+            if not _experiment_unknown(exc):
+                raise
+            # The service lost it (a database on an emptyDir, reset): register
+            # it again at once, and put its trials back.
+            memory.registered = -1
+            log.warning("the suggestion service does not know %s/%s: re-registering", *key)
+            return 0.2
         except ServiceUnavailable as exc:
             self.metrics.service_errors.inc()
             decision = _unchanged(experiment, f"waiting for the suggestion service: {exc}")
@@ -494,6 +510,30 @@ class Controller:
         if decision.phase is ExperimentPhase.RUNNING and memory.stops:
             retry = min(retry or 1.0, 1.0)
         return retry
+
+    async def _restore(
+        self, experiment: ExperimentView, trials: Mapping[str, TrialView]
+    ) -> ExperimentSummary:
+        """Re-seed a service that lost this experiment's trials from the Trials.
+
+        The numbers go back with their params and results, so the service
+        never hands a number out twice and its sampler learns from them;
+        running trials go on reporting (their tokens do not depend on the
+        database).
+
+        Returns:
+            The service's summary afterwards.
+        """
+        restored = await self.service.restore(experiment.uid, rc.restore_records(trials.values()))
+        running = sum(1 for t in trials.values() if not t.final)
+        message = (
+            f"the suggestion service had lost this experiment (its database was reset): "
+            f"restored {restored} trials from the cluster"
+            + (f"; {running} running go on" if running else "")
+        )
+        log.warning("%s/%s: %s", experiment.namespace, experiment.name, message)
+        self._event(experiment, "Restored", message, warning=True)
+        return await self.service.summary(experiment.uid)
 
     async def _copy_last_steps(self, key: Key, uid: str) -> None:
         """Copy the last reported step of running trials from the service to their status."""
@@ -538,6 +578,7 @@ class Controller:
             _now(),
             self.settings.lost_pod_grace_seconds,
             self.settings.trial_running_delay_seconds,
+            spec.maxRetries,
         )
         if plan.recheck_after is not None:
             self.queue.add_after(key, plan.recheck_after)
@@ -550,6 +591,10 @@ class Controller:
             self._launch(
                 key, memory, f.number, self._finish_trial(experiment, spec, memory, f, trials, pods)
             )
+        by_number = {t.number: t for t in trials.values()}
+        for r in plan.retry:
+            work = self._retry_trial(experiment, spec, by_number[r.number], r)
+            self._launch(key, memory, r.number, work)
         for trial in plan.maybe_lost:
             self._launch(
                 key, memory, trial.number, self._settle_lost(experiment, spec, memory, trial)
@@ -582,6 +627,9 @@ class Controller:
                 self.metrics.reconcile_errors.labels("trial").inc()
                 log.warning("trial %s of %s/%s: %s", number, *key, exc)
                 retry = 2.0
+                if isinstance(exc, ServiceError) and _experiment_unknown(exc):
+                    memory.registered = -1  # the next reconcile restores it
+                    retry = 0.2
             except Exception:
                 self.metrics.reconcile_errors.labels("internal").inc()
                 log.exception("trial %s of %s/%s failed", number, *key)
@@ -592,7 +640,8 @@ class Controller:
                 self.queue.add(key)
                 # Its Pod may have ended while this ran (a short trial still
                 # being created): settle that now, as its Pod's event would have.
-                pod = self.cache.pod(key, trial_name(key[1], number))
+                trial = self.cache.trial(key, trial_name(key[1], number))
+                pod = self.cache.pod(key, trial.pod_name) if trial is not None else None
                 if pod is not None and pod.ended:
                     self._settle_ended_pod(key, pod)
             else:
@@ -605,10 +654,12 @@ class Controller:
     async def _settle_lost(
         self, experiment: ExperimentView, spec: ExperimentSpec, memory: _Memory, trial: TrialView
     ) -> None:
-        finish = await self._confirm_lost(experiment, trial)
-        if finish is not None:
+        outcome = await self._confirm_lost(experiment, trial, spec.maxRetries)
+        if isinstance(outcome, rc.TrialRetry):
+            await self._retry_trial(experiment, spec, trial, outcome)
+        elif outcome is not None:
             trials = self.cache.trials(experiment.key)
-            await self._finish_trial(experiment, spec, memory, finish, trials, {})
+            await self._finish_trial(experiment, spec, memory, outcome, trials, {})
 
     async def _record_progress(
         self, trial: TrialView, progress: rc.TrialProgress, pods: Mapping[str, PodView]
@@ -628,8 +679,8 @@ class Controller:
         return view
 
     async def _confirm_lost(
-        self, experiment: ExperimentView, trial: TrialView
-    ) -> rc.TrialFinish | None:
+        self, experiment: ExperimentView, trial: TrialView, max_retries: int
+    ) -> rc.TrialFinish | rc.TrialRetry | None:
         """Check a Pod the cache does not have, with the API server and the service."""
         if await self.kube.get_pod(trial.namespace, trial.pod_name) is not None:
             return None  # the watch is behind; the Pod is there
@@ -642,7 +693,39 @@ class Controller:
             # patched): record the same outcome on the Trial.
             reason = view.stop_reason or state
             return rc.TrialFinish(trial.number, trial.name, state, reason, view.message or "")
-        return rc.lost_trial(trial, state, view.stop_reason)
+        return rc.lost_trial(trial, state, view.stop_reason, max_retries)
+
+    async def _retry_trial(
+        self,
+        experiment: ExperimentView,
+        spec: ExperimentSpec,
+        trial: TrialView,
+        retry: rc.TrialRetry,
+    ) -> None:
+        """Run a disrupted trial again: same number and params, in a Pod of its own.
+
+        The service forgets the lost attempt's reports and hands the trial
+        back (pending) to the operator's next ask, which creates its new Pod
+        as it creates any: the Trial names that Pod from here on. Safe to
+        repeat until the Trial shows the new attempt.
+        """
+        await self.service.retry(experiment.uid, trial.number)
+        attempt = trial.attempt + 1
+        message = f"attempt {attempt} of {spec.maxRetries + 1}: {retry.message}"
+        status = {
+            "phase": TrialPhase.PENDING.value,
+            "attempt": attempt,
+            "podName": f"{trial.name}-retry{attempt - 1}",
+            "message": message,
+            "startTime": None,
+            "lastStep": None,
+        }
+        body = await self.kube.patch_trial_status(trial.namespace, trial.name, status)
+        self.cache.put_trial(TrialView.from_body(body))
+        self._event(experiment, "TrialRetried", f"trial {trial.name}: {message}", warning=True)
+        with contextlib.suppress(KubeError):
+            # The disrupted Pod's object (Failed, or still being deleted).
+            await self.kube.delete_pod(trial.namespace, trial.pod_name, 0)
 
     async def _finish_trial(
         self,
@@ -783,6 +866,7 @@ class Controller:
                 assignment.params,
                 assignment.token,
                 self.settings,
+                trial.pod_name,
             )
         except TemplateError as exc:
             await self._template_failed(experiment, memory, trial, assignment.number, str(exc))
@@ -995,6 +1079,11 @@ class Controller:
 def _main_container(experiment: ExperimentView) -> str:
     containers = ((experiment.spec.get("template") or {}).get("spec") or {}).get("containers") or []
     return str(containers[0].get("name", "")) if containers else ""
+
+
+def _experiment_unknown(exc: ServiceError) -> bool:
+    """Whether the service answered that it has no such experiment."""
+    return exc.status == 404 and exc.field == "uid"
 
 
 def _progress(summary: ExperimentSummary) -> rc.Progress:

@@ -347,6 +347,13 @@ EXPERIMENT_OVERLAY: Final[Mapping[str, Schema]] = {
     "trialTimeoutSeconds": {
         "description": "A trial running longer than this is stopped and ends Failed (TimedOut)."
     },
+    "maxRetries": {
+        "description": (
+            "Run a trial again, same params and number, when its Pod was evicted, preempted or "
+            "lost with its node, up to this many times. Exit codes, OOMKilled and timeouts are "
+            "not retried."
+        )
+    },
 }
 
 

@@ -133,6 +133,11 @@ class TrialStatus(_StatusModel):
         default=None, ge=0, description="The last step the trial reported."
     )
     podName: str | None = Field(default=None, description="Name of the trial's Pod.")
+    attempt: int | None = Field(
+        default=None,
+        ge=1,
+        description="Which run of the trial this is: 1, then one more per retry (spec.maxRetries).",
+    )
     message: str | None = Field(
         default=None,
         description="Why the trial is in this phase (last lines for MetricsUnavailable).",

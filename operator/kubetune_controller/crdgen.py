@@ -293,7 +293,10 @@ def trial_crd() -> Schema:
             _printer_column(
                 "Step", ".status.lastStep", "integer", "The last step the trial reported."
             ),
-            _printer_column("Pod", ".spec.podName", "string", "The trial's Pod."),
+            _printer_column("Pod", ".status.podName", "string", "The trial's Pod."),
+            _printer_column(
+                "Attempt", ".status.attempt", "integer", "Which run of the trial this is.", 1
+            ),
             _printer_column("Age", ".metadata.creationTimestamp", "date", "Time since creation."),
             _printer_column(
                 "Experiment", ".spec.experiment", "string", "The owning Experiment.", 1

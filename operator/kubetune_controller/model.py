@@ -158,6 +158,11 @@ class TrialView:
     resource_version: str = ""
     # status.startTime: when its Pod started, once recorded.
     started: datetime | None = None
+    # spec.params: the configuration (what the service is re-seeded with
+    # after it lost its database).
+    params: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    # status.attempt: 1, then one more per retry.
+    attempt: int = 1
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> TrialView:
@@ -178,7 +183,8 @@ class TrialView:
             uid=str(meta.get("uid", "")),
             experiment=str(spec.get("experiment", "")),
             number=int(spec.get("number", (meta.get("labels") or {}).get(LABEL_NUMBER, -1))),
-            pod_name=str(spec.get("podName") or name),
+            # A retried trial runs in a Pod of its own (status.podName).
+            pod_name=str(status.get("podName") or spec.get("podName") or name),
             phase=phase,
             created=parse_time(meta.get("creationTimestamp")),
             objective=float(objective) if isinstance(objective, int | float) else None,
@@ -187,6 +193,8 @@ class TrialView:
             last_step=int(last_step) if isinstance(last_step, int) else None,
             resource_version=str(meta.get("resourceVersion") or ""),
             started=parse_time(status.get("startTime")),
+            params=dict(spec.get("params") or {}),
+            attempt=int(status.get("attempt") or 1),
         )
 
     @property
@@ -227,6 +235,12 @@ class PodView:
     # Why the Pod as a whole failed (e.g. DeadlineExceeded, Evicted).
     reason: str | None = None
     resource_version: str = ""
+    # Its trial's number (label kubetune.io/number); -1 without one. A
+    # retried trial runs in a Pod named apart from the Trial.
+    number: int = -1
+    # The DisruptionTarget condition: the Pod was (or is being) evicted,
+    # preempted or removed with its node, through no fault of its own.
+    disrupted: bool = False
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> PodView:
@@ -234,9 +248,13 @@ class PodView:
         meta = body.get("metadata") or {}
         status = body.get("status") or {}
         waiting = None
+        disrupted = False
         for cond in status.get("conditions") or []:
             if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
                 waiting = cond.get("message") or cond.get("reason")
+            if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
+                disrupted = True
+        number = str((meta.get("labels") or {}).get(LABEL_NUMBER, ""))
         ended = []
         for cs in status.get("containerStatuses") or []:
             term = (cs.get("state") or {}).get("terminated")
@@ -264,6 +282,8 @@ class PodView:
             ),
             reason=status.get("reason"),
             resource_version=str(meta.get("resourceVersion") or ""),
+            number=int(number) if number.isdigit() else -1,
+            disrupted=disrupted,
         )
 
     @property

@@ -116,6 +116,7 @@ def build_trial_pod(
     params: Mapping[str, Any],
     token: str,
     settings: Settings,
+    pod_name: str | None = None,
 ) -> dict[str, Any]:
     """The Pod that runs one trial, owned by its Trial.
 
@@ -126,12 +127,13 @@ def build_trial_pod(
         params: The configuration to substitute.
         token: The per-trial token the collector authenticates reports with.
         settings: Collector image, service address, metrics directory.
+        pod_name: The Pod's name: the Trial's, or a retry's own.
 
     Raises:
         TemplateError: If the template references an unknown parameter or
             collides with a name the operator adds.
     """
-    name = trial_name(experiment.name, number)
+    name = pod_name or trial_name(experiment.name, number)
     template: Mapping[str, Any] = experiment.spec.get("template") or {}
     meta: Mapping[str, Any] = template.get("metadata") or {}
     declared = [str(p.get("name")) for p in experiment.spec.get("parameters") or []]

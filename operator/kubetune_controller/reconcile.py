@@ -76,6 +76,17 @@ class TrialFinish:
 
 
 @dataclass(frozen=True)
+class TrialRetry:
+    """A trial whose Pod was lost through no fault of its own: run it again."""
+
+    number: int
+    name: str
+    # What happened to the Pod, machine-readable (Evicted, PodLost...).
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
 class TrialProgress:
     """A live trial whose phase or waiting message changed."""
 
@@ -98,6 +109,7 @@ class TrialPlan:
     """What to do with the trials of one experiment."""
 
     finish: list[TrialFinish] = field(default_factory=list)
+    retry: list[TrialRetry] = field(default_factory=list)
     progress: list[TrialProgress] = field(default_factory=list)
     delete_pods: list[PodDeletion] = field(default_factory=list)
     # Trials whose Pod is missing from the cache for a while: the controller
@@ -115,6 +127,7 @@ def plan_trials(
     now: datetime,
     lost_grace_seconds: float,
     running_delay_seconds: float = 0.0,
+    max_retries: int = 0,
 ) -> TrialPlan:
     """Decide, for every trial of an experiment, what its Pod's state implies.
 
@@ -130,6 +143,8 @@ def plan_trials(
             run this long (by the Pod's ``startTime``). A trial that ends
             sooner gets one status write, its final one, instead of two: the
             Job controller batches Pod updates for the same reason.
+        max_retries: ``spec.maxRetries``: how often a trial whose Pod was
+            disrupted (evicted, preempted, its node lost) runs again.
 
     Returns:
         The plan; it only names actions, the controller performs them.
@@ -166,7 +181,15 @@ def plan_trials(
             if age >= lost_grace_seconds:
                 plan.maybe_lost.append(trial)
         elif pod.phase == "Failed":
-            plan.finish.append(_failed(trial, pod))
+            failed = _failed(trial, pod)
+            if _disrupted(pod):
+                retry = _retry_or_finish(trial, failed.reason, failed.message, max_retries)
+                if isinstance(retry, TrialRetry):
+                    plan.retry.append(retry)
+                else:
+                    plan.finish.append(replace(retry, wants_logs=True))
+            else:
+                plan.finish.append(failed)
         elif not pod.deleting:
             phase = TrialPhase.RUNNING if pod.phase == "Running" else TrialPhase.PENDING
             message = pod.waiting_message if phase is TrialPhase.PENDING else None
@@ -200,7 +223,45 @@ def _running_wait(pod: PodView, phase: TrialPhase, now: datetime, delay: float) 
     return delay - ran
 
 
+# Pod-level reasons the kubelet gives a Pod it ended for reasons of its node,
+# not of the trial: out of a resource, preempted, the node shutting down.
+_DISRUPTION_REASONS = frozenset(
+    {
+        "Evicted",
+        "Preempting",
+        "Terminated",
+        "Shutdown",
+        "NodeShutdown",
+        "NodeLost",
+        "UnexpectedAdmissionError",
+    }
+)
+
+
+def _disrupted(pod: PodView) -> bool:
+    """Whether a failed Pod ended through no fault of its trial (worth a retry).
+
+    OOMKilled, exit codes, timeouts and image errors are the trial's own: a
+    new Pod would fail the same way.
+    """
+    return pod.disrupted or pod.reason in _DISRUPTION_REASONS
+
+
+def _retry_or_finish(
+    trial: TrialView, reason: str, message: str, max_retries: int
+) -> TrialRetry | TrialFinish:
+    """Run a disrupted trial again while ``spec.maxRetries`` allows, else fail it."""
+    if trial.attempt <= max_retries:
+        return TrialRetry(trial.number, trial.name, reason, message)
+    if max_retries:
+        message += f"; not retried: it ran {trial.attempt} times (spec.maxRetries {max_retries})"
+    return TrialFinish(trial.number, trial.name, "failed", reason, message)
+
+
 def _failed(trial: TrialView, pod: PodView) -> TrialFinish:
+    if _disrupted(pod) and pod.reason:
+        what = f"its Pod was stopped by Kubernetes ({pod.reason})"
+        return TrialFinish(trial.number, trial.name, "failed", pod.reason, what, wants_logs=True)
     if pod.reason == "DeadlineExceeded":
         what = "ran longer than spec.trialTimeoutSeconds (its Pod's activeDeadlineSeconds)"
         return TrialFinish(trial.number, trial.name, "failed", "TimedOut", what, wants_logs=True)
@@ -217,19 +278,21 @@ def _failed(trial: TrialView, pod: PodView) -> TrialFinish:
 
 
 def lost_trial(
-    trial: TrialView, service_state: str | None, stop_reason: str | None
-) -> TrialFinish | None:
+    trial: TrialView, service_state: str | None, stop_reason: str | None, max_retries: int = 0
+) -> TrialFinish | TrialRetry | None:
     """Decide about a Trial whose Pod is confirmed absent from the API server.
 
     Args:
         trial: The Trial.
         service_state: The trial's state in the service (``None`` if unknown there).
         stop_reason: The service's recorded stop reason, if any.
+        max_retries: ``spec.maxRetries``: a lost Pod (its node lost, or
+            evicted and deleted) is a disruption, retried like one.
 
     Returns:
-        The finish to perform, or ``None`` when the trial is simply not started
-        yet (``pending`` in the service: the next ``ask`` re-returns it and the
-        controller creates its Pod).
+        The finish or retry to perform, or ``None`` when the trial is simply
+        not started yet (``pending`` in the service: the next ``ask``
+        re-returns it and the controller creates its Pod).
     """
     if service_state == "pending":
         return None
@@ -237,14 +300,59 @@ def lost_trial(
         return TrialFinish(
             trial.number, trial.name, "pruned", stop_reason, f"stopped: {stop_reason}"
         )
-    return TrialFinish(
-        trial.number,
-        trial.name,
-        "failed",
+    return _retry_or_finish(
+        trial,
         "PodLost",
         f"Pod {trial.pod_name} disappeared before the trial finished "
-        "(deleted by someone, or its node was lost)",
+        "(deleted by someone, evicted, or its node was lost)",
+        max_retries,
     )
+
+
+# What each Trial phase is in the service (a Pending Trial's Pod exists or is
+# being made: to the service it is started, like a Running one).
+_SERVICE_STATES = {
+    TrialPhase.PENDING: "running",
+    TrialPhase.RUNNING: "running",
+    TrialPhase.SUCCEEDED: "succeeded",
+    TrialPhase.FAILED: "failed",
+    TrialPhase.PRUNED: "pruned",
+    TrialPhase.METRICS_UNAVAILABLE: "metrics_unavailable",
+}
+
+
+def service_lost_trials(trials: Iterable[TrialView], allocated: int) -> bool:
+    """Whether the service has forgotten trials the cluster holds.
+
+    The service allocates a number before its Trial is created, so a Trial
+    numbered at or past the service's count of allocated trials means the
+    service lost them (its database was reset, e.g. an emptyDir).
+    """
+    return any(t.number >= allocated for t in trials)
+
+
+def restore_records(trials: Iterable[TrialView]) -> list[dict[str, Any]]:
+    """The Trials as the service's ``restore`` takes them, by number.
+
+    A Trial without a phase yet is new (its Pod is being created): it is
+    restored as started, as are Pending and Running ones, so the service counts
+    it against parallelism and takes its reports (tokens do not depend on the
+    database). Only the final value is known for ended trials: their
+    intermediate reports were in the lost database.
+    """
+    records = []
+    for t in sorted(trials, key=lambda t: t.number):
+        state = _SERVICE_STATES[t.phase] if t.phase is not None else "running"
+        record: dict[str, Any] = {"number": t.number, "params": dict(t.params), "state": state}
+        if state in ("succeeded", "pruned") and t.objective is not None:
+            record["objective"] = t.objective
+        if state == "pruned":
+            record["step"] = t.last_step
+            record["stop_reason"] = t.stop_reason
+        if t.message and state != "running":
+            record["message"] = t.message
+        records.append(record)
+    return records
 
 
 # ---------------------------------------------------------------------- experiment
@@ -405,7 +513,8 @@ def decide(
         ExperimentPhase.RUNNING,
         REASON_RUNNING,
         f"{progress.started} running, {progress.done} of {spec.maxTrials} done; {best}",
-        ask=0 if exhausted else slots,
+        # Pending ones are still handed out after the sampler ran dry (a retry).
+        ask=0 if exhausted and not progress.pending else slots,
     )
 
 

@@ -210,6 +210,27 @@ class ServiceClient:
         body = {"name": name, "namespace": namespace, "spec": dict(spec)}
         return await self._call(ExperimentView, "PUT", f"/v1/experiments/{uid}", body)
 
+    async def restore(self, uid: str, trials: list[dict[str, Any]]) -> int:
+        """Put trials back into a service that lost them (``POST .../restore``).
+
+        Idempotent: trials the service holds with the same params are left as
+        they are.
+
+        Returns:
+            How many trials the service did not hold.
+        """
+        answer = await self._json("POST", f"/v1/experiments/{uid}/restore", {"trials": trials})
+        return int((answer or {}).get("restored", 0))
+
+    async def retry(self, uid: str, number: int) -> None:
+        """Start a trial's next attempt (``POST .../trials/{n}/retry``).
+
+        The service drops the last attempt's reports and hands the trial back,
+        pending, to the operator's next ask.
+        """
+        body = {"ask_id": ASK_ID}
+        await self._json("POST", f"/v1/experiments/{uid}/trials/{number}/retry", body)
+
     async def ask(self, uid: str, count: int, parallelism: int) -> AskResult:
         """Up to ``count`` trials to run (pending ones first), at most ``parallelism`` at once.
 

@@ -99,6 +99,13 @@ class ReporterUnavailable(Exception):
     """The report could not be delivered now; retrying later may succeed."""
 
 
+class ServiceForgot(ReporterUnavailable):
+    """The service does not know the trial: it lost its database and is being restored.
+
+    Reports it acknowledged before are gone with it: they are sent again.
+    """
+
+
 class ReportRejected(Exception):
     """The service refused the report for good; retrying would not help."""
 
@@ -152,7 +159,10 @@ class Collector:
     skipped for the same reason. A report that cannot be delivered is retried
     with backoff, in file order, until it is delivered or :attr:`deadline`
     passes (then it and the rest of the batch stay unsent, and the next call
-    retries them).
+    retries them). When the service answers that it does not know the trial
+    (:class:`ServiceForgot`: its database was lost), every report delivered
+    so far is sent again before the next one: the operator restores only the
+    trial, and reports are idempotent by step.
     """
 
     def __init__(
@@ -188,6 +198,8 @@ class Collector:
         # time.monotonic() after which retries give up; None retries forever.
         self.deadline: float | None = None
         self.last: Delivery | None = None
+        # Reports delivered so far, in order: what a service that lost them gets again.
+        self._delivered: list[Report] = []
         self.delivered = 0
         self.line_number = 0
         self._queue: deque[Report] = deque()
@@ -215,11 +227,22 @@ class Collector:
             report = self._queue[0]
             try:
                 ack = self._send(report)
+            except ServiceForgot:
+                if not self._delivered:
+                    break  # out of time, or interrupted, as below
+                self.log(
+                    f"the service lost this trial's reports: sending the {len(self._delivered)} "
+                    "delivered so far again"
+                )
+                self._queue.extendleft(reversed(self._delivered))
+                self._delivered = []
+                continue
             except ReporterUnavailable:
                 break
             self._queue.popleft()
             if ack is None:
                 continue
+            self._delivered.append(report)
             delivery = Delivery(report, ack)
             delivered.append(delivery)
             self.last = delivery
@@ -240,6 +263,8 @@ class Collector:
                 self.log(f"{report.format()} -> rejected: {exc}")
                 return None
             except ReporterUnavailable as exc:
+                if isinstance(exc, ServiceForgot) and self._delivered:
+                    raise  # collect() queues the delivered reports again, first
                 if self.deadline is None and self.interrupted():
                     # Hand control back so the caller can start a bounded drain.
                     raise
@@ -345,7 +370,7 @@ class HttpReporter:
         if status in (408, 425, 429) or status >= 500:
             raise ReporterUnavailable(f"HTTP {status}")
         if status == 404:
-            raise ReporterUnavailable(
+            raise ServiceForgot(
                 f"HTTP 404: the service does not know this trial yet ({_error_message(response)})"
             )
         if status >= 400:

@@ -139,6 +139,7 @@ class ExperimentSpec(_Model):
     parallelism: int = Field(default=1, ge=1, le=10_000)
     maxFailedTrials: int | None = Field(default=None, ge=0)
     trialTimeoutSeconds: int | None = Field(default=None, ge=1)
+    maxRetries: int = Field(default=0, ge=0, le=10)
     suspend: bool = False
     template: dict[str, Any] = Field(description="A Pod template; ${params.NAME} is substituted.")
 

@@ -223,6 +223,11 @@ async def kubelet(
                     },
                     headers={"Authorization": f"Bearer {env['KUBETUNE_TRIAL_TOKEN']}"},
                 )
+                if resp.status_code == 404:
+                    # A service that lost its database: the collector retries
+                    # and sends what it had delivered again, from the start.
+                    pod["_step"] = 0
+                    continue
                 pod["_step"] = progress + 1
                 stopped = resp.status_code == 200 and resp.json().get("stop", False)
             if not stopped and pod["_step"] >= steps:
@@ -231,5 +236,7 @@ async def kubelet(
 
 
 def _params(cluster: FakeCluster, pod: Obj) -> Obj:
-    trial = cluster.objects.get(("Trial", pod["metadata"]["namespace"], pod["metadata"]["name"]))
+    # By label: a retried trial's Pod is named apart from its Trial.
+    name = pod["metadata"]["labels"]["kubetune.io/trial"]
+    trial = cluster.objects.get(("Trial", pod["metadata"]["namespace"], name))
     return dict((trial or {}).get("spec", {}).get("params", {}))

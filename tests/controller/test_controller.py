@@ -53,22 +53,40 @@ def simple_spec(**kw: Any) -> dict[str, Any]:
     return spec
 
 
+# The trial-token key: the chart keeps it in a Secret, so a service that
+# loses its database still accepts the running trials' tokens.
+SECRET = "test-secret"
+
+
 class Harness:
     def __init__(self, tmp: Path) -> None:
-        service = TuningService.open(f"sqlite:///{tmp}/svc.db")
-        self.app = create_app(ServiceSettings(db_url="unused", stop_poll_seconds=0.02), service)
+        self.tmp = tmp
+        self.databases = 0
         self.cluster = FakeCluster()
         self.controller: Controller | None = None
+        self.lose_database()
+
+    def lose_database(self) -> None:
+        """Start the service afresh on an empty database (an emptyDir lost with its Pod)."""
+        self.databases += 1
+        service = TuningService.open(f"sqlite:///{self.tmp}/svc{self.databases}.db", secret=SECRET)
+        self.app = create_app(ServiceSettings(db_url="unused", stop_poll_seconds=0.02), service)
+
+    async def _app(self, scope: Any, receive: Any, send: Any) -> None:
+        # Clients reach whichever service is current, as through a Service.
+        await self.app(scope, receive, send)
 
     def client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://svc")
+        return httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self._app), base_url="http://svc"
+        )
 
     def start_controller(self, settings: Settings = SETTINGS) -> Controller:
         cache = ClusterCache()
         service = ServiceClient(
             settings.service_url,
             settings.service_retries,
-            transport=httpx.ASGITransport(app=self.app),
+            transport=httpx.ASGITransport(app=self._app),
         )
         controller = Controller(
             settings, self.cluster, service, cache, OperatorMetrics(cache.snapshot)
@@ -193,6 +211,55 @@ def test_killed_controller_neither_loses_nor_duplicates(tmp_path: Path) -> None:
     assert sorted(t["spec"]["number"] for t in trials) == list(range(12))
     assert len(h.cluster.pods_ever) == len(set(h.cluster.pods_ever)) == 12
     assert all(t["status"]["phase"] == "Succeeded" for t in trials)
+
+
+def test_a_service_that_loses_its_database_is_restored_from_the_trials(tmp_path: Path) -> None:
+    """Three database losses mid-experiment: still exactly maxTrials, none twice, Succeeded."""
+
+    async def scenario() -> None:
+        h.start_controller()
+        h.cluster.apply_experiment("exp", simple_spec(maxTrials=12, parallelism=3))
+        stop = asyncio.Event()
+        async with h.client() as svc:
+            task = asyncio.create_task(kubelet(h.cluster, svc, 5, stop))
+            try:
+                for losses in (2, 5, 8):
+                    await h.wait(lambda n=losses: len(h.cluster.of_kind("Trial")) >= n)
+                    h.lose_database()
+                await h.wait(lambda: phase(h) in ("Succeeded", "Failed"))
+                await h.wait(lambda: all_trials_final(h))
+            finally:
+                stop.set()
+                await task
+                await h.kill_controller()
+
+    h = Harness(tmp_path)
+    asyncio.run(scenario())
+    trials = h.cluster.of_kind("Trial")
+    assert phase(h) == "Succeeded", h.experiment()["status"]
+    assert sorted(t["spec"]["number"] for t in trials) == list(range(12))
+    assert len(h.cluster.pods_ever) == len(set(h.cluster.pods_ever)) == 12
+    # A running trial's reports come back from its collector, so its result is
+    # whole. Only a trial whose Pod had ended, collector gone, just as the
+    # database went loses its reports (at most one window per loss).
+    succeeded = [t for t in trials if t["status"]["phase"] == "Succeeded"]
+    assert len(succeeded) >= 12 - 3, [t["status"] for t in trials]
+    assert {t["status"]["phase"] for t in trials} <= {"Succeeded", "MetricsUnavailable"}
+    for t in succeeded:
+        assert t["status"]["objective"] == pytest.approx(curve(t["spec"]["params"], 5))
+    assert h.experiment()["status"]["trialsSummary"] == "12/12"
+    restored = [e for e in h.cluster.events if e["reason"] == "Restored"]
+    assert len(restored) == 3, [e["message"] for e in restored]
+    assert "had lost this experiment" in restored[0]["message"]
+
+    # The last service holds every trial: the finished ones were put back.
+    async def service_trials() -> list[dict[str, Any]]:
+        async with h.client() as svc:
+            uid = h.experiment()["metadata"]["uid"]
+            return list((await svc.get(f"/v1/experiments/{uid}/trials")).json())
+
+    held = asyncio.run(service_trials())
+    assert sorted(t["number"] for t in held) == list(range(12))
 
 
 def test_goal_reached_stops_running_trials(tmp_path: Path) -> None:
@@ -420,3 +487,102 @@ def test_a_trial_whose_pod_ends_is_finished_at_once_not_at_the_next_reconcile(
         await h.kill_controller()
 
     asyncio.run(go())
+
+
+def _running_pod(h: Harness, name: str) -> dict[str, Any] | None:
+    pod = h.cluster.objects.get(("Pod", "ns", name))
+    return pod if pod is not None and (pod.get("status") or {}).get("phase") == "Running" else None
+
+
+def _disrupt(h: Harness, pod: dict[str, Any], how: str) -> None:
+    """End a running trial Pod the way Kubernetes does when it is not the trial's fault."""
+    if how == "lost":  # its node went away: the Pod object is deleted
+        del h.cluster.objects[("Pod", "ns", pod["metadata"]["name"])]
+        h.cluster._notify("Pod", pod, True)
+        return
+    pod["status"]["reason"] = how  # Evicted, or OOMKilled for a container of its own
+    if how == "OOMKilled":
+        pod["status"].pop("reason")
+        pod["status"]["containerStatuses"] = [
+            {"name": "train", "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}
+        ]
+    h.cluster.set_pod_phase(pod, "Failed")
+
+
+def run_disrupted(h: Harness, max_retries: int, disruptions: list[str]) -> dict[str, Any]:
+    """Run a one-trial experiment whose Pods are disrupted in turn; return its Trial."""
+
+    async def scenario() -> None:
+        h.start_controller()
+        h.cluster.apply_experiment(
+            "exp", simple_spec(maxTrials=1, parallelism=1, maxRetries=max_retries)
+        )
+        stop = asyncio.Event()
+        async with h.client() as svc:
+            task = asyncio.create_task(kubelet(h.cluster, svc, 40, stop))
+            try:
+                for attempt, how in enumerate(disruptions):
+                    name = "exp-0" if attempt == 0 else f"exp-0-retry{attempt}"
+                    await h.wait(lambda n=name: _running_pod(h, n) is not None)
+                    pod = _running_pod(h, name)
+                    assert pod is not None
+                    while pod.get("_step", 0) < 3:  # it has reported a few steps
+                        await asyncio.sleep(0.005)
+                    _disrupt(h, pod, how)
+                await h.wait(lambda: phase(h) in ("Succeeded", "Failed"))
+                await h.wait(lambda: all_trials_final(h))
+            finally:
+                stop.set()
+                await task
+                await h.kill_controller()
+
+    asyncio.run(scenario())
+    (trial,) = h.cluster.of_kind("Trial")
+    return trial
+
+
+@pytest.mark.parametrize("how", ["Evicted", "lost"])
+def test_a_disrupted_trial_runs_again_with_its_params_under_its_number(
+    tmp_path: Path, how: str
+) -> None:
+    h = Harness(tmp_path)
+    trial = run_disrupted(h, max_retries=2, disruptions=[how])
+    status = trial["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["attempt"] == 2
+    assert status["podName"] == "exp-0-retry1"
+    assert h.cluster.pods_ever == ["exp-0", "exp-0-retry1"]
+    assert h.cluster.objects.get(("Pod", "ns", "exp-0")) is None  # the disrupted one is gone
+    # Its result is the new attempt's: the lost attempt's reports were dropped.
+    assert status["objective"] == pytest.approx(curve(trial["spec"]["params"], 40))
+    retried = [e for e in h.cluster.events if e["reason"] == "TrialRetried"]
+    assert len(retried) == 1 and "attempt 2 of 3" in retried[0]["message"], retried
+    assert h.experiment()["status"]["trialsSummary"] == "1/1"
+
+
+def test_retries_end_at_max_retries_with_a_reason(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    trial = run_disrupted(h, max_retries=1, disruptions=["Evicted", "Evicted"])
+    status = trial["status"]
+    assert status["phase"] == "Failed", status
+    assert status["attempt"] == 2
+    assert "Evicted" in status["message"]
+    assert "not retried: it ran 2 times (spec.maxRetries 1)" in status["message"]
+
+
+def test_a_trial_that_fails_on_its_own_is_not_retried(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    trial = run_disrupted(h, max_retries=3, disruptions=["OOMKilled"])
+    status = trial["status"]
+    assert status["phase"] == "Failed", status
+    assert status.get("attempt", 1) == 1
+    assert "OOMKilled" in status["message"]
+    assert h.cluster.pods_ever == ["exp-0"]
+
+
+def test_without_max_retries_a_lost_pod_fails_its_trial(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    trial = run_disrupted(h, max_retries=0, disruptions=["lost"])
+    assert trial["status"]["phase"] == "Failed"
+    assert "disappeared" in trial["status"]["message"]
+    assert h.cluster.pods_ever == ["exp-0"]

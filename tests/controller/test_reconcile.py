@@ -17,6 +17,48 @@ def plan(trials, pods, stops=None, ending=None, grace=15.0):
     return rc.plan_trials(trials, {p.name: p for p in pods}, stops or {}, ending, NOW, grace)
 
 
+# ---------------------------------------------------------------- a lost service database
+
+
+def test_trials_numbered_past_what_the_service_allocated_mean_it_lost_them():
+    trials = [trial(0), trial(1)]
+    assert not rc.service_lost_trials(trials, allocated=2)
+    assert not rc.service_lost_trials(trials, allocated=3)  # asked, Trial not yet created
+    assert rc.service_lost_trials(trials, allocated=0)  # a fresh, empty database
+    assert rc.service_lost_trials(trials, allocated=1)
+    assert not rc.service_lost_trials([], allocated=0)
+
+
+def test_restore_records_carry_params_state_and_result_by_number():
+    done = replace(trial(1, TrialPhase.SUCCEEDED), objective=0.25, params={"lr": 0.1})
+    pruned = replace(
+        trial(0, TrialPhase.PRUNED, stop_reason="asha: rung 1"), objective=0.9, last_step=3
+    )
+    failed = trial(2, TrialPhase.FAILED, message="exit code 3")
+    new = trial(3, None)
+    running = replace(trial(4, TrialPhase.RUNNING), last_step=7)
+    records = rc.restore_records([running, done, failed, new, pruned])
+    assert [r["number"] for r in records] == [0, 1, 2, 3, 4]
+    assert records[0] == {
+        "number": 0,
+        "params": {},
+        "state": "pruned",
+        "objective": 0.9,
+        "step": 3,
+        "stop_reason": "asha: rung 1",
+    }
+    assert records[1] == {
+        "number": 1,
+        "params": {"lr": 0.1},
+        "state": "succeeded",
+        "objective": 0.25,
+    }
+    assert records[2] == {"number": 2, "params": {}, "state": "failed", "message": "exit code 3"}
+    # A Trial whose Pod is being created, or runs, is started to the service.
+    assert records[3]["state"] == records[4]["state"] == "running"
+    assert "objective" not in records[4]
+
+
 # ---------------------------------------------------------------- trials
 
 

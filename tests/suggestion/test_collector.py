@@ -156,6 +156,47 @@ def test_reports_wait_for_a_restore_after_the_service_lost_its_database(
     svc.close()
 
 
+def test_reports_delivered_before_the_database_was_lost_are_sent_again(tmp_path: Path) -> None:
+    """The restore brings back the trial, not its reports: the collector sends them again."""
+    first = TuningService.open(f"sqlite:///{tmp_path}/first.db", secret=SECRET)
+    first.register("exp-lost", "exp", "default", SPEC)
+    first.restore("exp-lost", [{"number": 0, "params": {"x": 0.5}, "state": "running"}])
+    apps = [create_app(Settings(db_url="unused"), first)]
+
+    async def current(scope: Any, receive: Any, send: Any) -> None:
+        await apps[-1](scope, receive, send)  # whichever service is up, as behind a Service
+
+    metrics = tmp_path / "metrics"
+    metrics.write_text("step=0 loss=0.9\nstep=1 loss=0.8\n")
+    logged: list[str] = []
+    with serve_in_thread(current) as url:
+        reporter = HttpReporter(url, "exp-lost", 0, trial_token(SECRET, "exp-lost", 0))
+        collector = Collector(
+            metrics, reporter, logged.append, backoff=Backoff(initial=0.02, maximum=0.1)
+        )
+        assert [d.report.step for d in collector.collect()] == [0, 1]
+        # The service's Pod is replaced: an empty database.
+        second = TuningService.open(f"sqlite:///{tmp_path}/second.db", secret=SECRET)
+        apps.append(create_app(Settings(db_url="unused"), second))
+        with metrics.open("a") as f:
+            f.write("step=2 loss=0.7\n")
+        delivered: list[int] = []
+        worker = threading.Thread(
+            target=lambda: delivered.extend(d.report.step for d in collector.collect())
+        )
+        worker.start()
+        _wait_for(lambda: any("does not know this trial yet" in line for line in logged))
+        second.register("exp-lost", "exp", "default", SPEC)
+        second.restore("exp-lost", [{"number": 0, "params": {"x": 0.5}, "state": "running"}])
+        worker.join(timeout=30)
+        reporter.close()
+    assert delivered == [0, 1, 2]
+    assert [step for step, _ in _observations(second, "exp-lost", 0)] == [0, 1, 2]
+    assert any("sending the 2 delivered so far again" in line for line in logged), logged
+    first.close()
+    second.close()
+
+
 def test_sidecar_config_names_missing_variables() -> None:
     with pytest.raises(ValueError, match="KUBETUNE_TRIAL_TOKEN, KUBETUNE_METRICS_FILE"):
         SidecarConfig.from_env(

@@ -48,6 +48,7 @@ from kubetune_suggestion.service.models import (
     RegisterRequest,
     RestoreRequest,
     RestoreResult,
+    RetryRequest,
     StartRequest,
     StartResult,
     StopAnswer,
@@ -561,12 +562,14 @@ def create_app(settings: Settings, service: TuningService | None = None) -> Fast
         return Response(status_code=204)
 
     @app.post("/v1/experiments/{uid}/trials/{n}/retry", response_model=TrialView, tags=["trials"])
-    def retry(uid: Uid, n: Number) -> Response:
+    def retry(uid: Uid, n: Number, body: RetryRequest | None = None) -> Response:
         """Start a new attempt of a pending or running trial (its Pod was lost).
 
         Its reports and its stop are forgotten: reports start over from step 0.
+        With ``ask_id`` the trial is pending until an ask with that id hands it
+        back; without, it is running at once.
         """
-        return _json(svc.retry(uid, n))
+        return _json(svc.retry(uid, n, (body or RetryRequest()).ask_id))
 
     # Database calls of the fast path and of the report batcher run here: the
     # event loop's own executor is lighter than anyio's thread hop, and this

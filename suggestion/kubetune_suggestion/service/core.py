@@ -251,8 +251,9 @@ class TuningService:
         For the operator, after re-registering an experiment the service no
         longer knew: it sends every trial the cluster holds, so that numbers
         are never handed out twice and samplers and the summary see the
-        results (their reports were lost with the database). A number not stored is inserted as given (started now,
-        and finished now unless ``running``; ``objective`` kept for
+        results (their reports were lost with the database). A number not
+        stored is inserted as given (started now, and finished now unless
+        ``running``; ``objective`` kept for
         ``succeeded`` and ``pruned``, ``step`` as a pruned trial's stop step,
         ``stop_reason`` for finished ones). A number stored with the same
         params is left as it is, so the call may be repeated. ``next_number``
@@ -711,22 +712,29 @@ class TuningService:
             self._reported.pop(uid, number)
         return StartResult(started=started, refused=refused)
 
-    def retry(self, uid: str, number: int) -> TrialView:
+    def retry(self, uid: str, number: int, ask_id: str | None = None) -> TrialView:
         """Start a new attempt of a pending or running trial: same number, same params.
 
         For the operator's ``spec.maxRetries``: the trial's Pod was lost for
         reasons of the infrastructure (evicted, node lost) and runs again.
         The lost attempt's reports are deleted, its stop order (if any)
-        closed and its stop cleared, and the trial is running from now (its
-        lease renewed): reports start over from step 0, and the rule judges
-        the new attempt alone. Samplers see a pending or running trial alike,
-        without its reports, so the history version does not move.
+        closed and its stop cleared: reports start over from step 0, and the
+        rule judges the new attempt alone. The trial is running from now
+        (its lease renewed) or, with ``ask_id``, pending under that ask id:
+        the next ask with it hands the trial back, with its token, as it
+        hands back any trial asked for and not started (the operator creates
+        the new attempt's Pod that way).
 
         Raises:
             NotFound: If there is no such experiment or trial.
             Conflict: If the trial already finished (naming its state).
         """
+        if ask_id is not None and not (isinstance(ask_id, str) and 1 <= len(ask_id) <= 128):
+            raise InvalidInput("ask_id must be a string of 1-128 characters", field="ask_id")
         with self.store.write() as tx:
+            # The experiment first, as asks lock it: a trial made pending
+            # moves the history version (see caches.Head.pending).
+            row = tx.lock_experiment(uid) if ask_id is not None else None
             found = tx.lock_trial_of(uid, number)
             if found is None:
                 raise self._not_found(tx, uid, number)
@@ -737,14 +745,20 @@ class TuningService:
                     "only a pending or running trial can be retried",
                     field="number",
                 )
-            started_at = tx.restart_trial(trial.id)
-        self._histories.started(experiment_id, [number])
+            handed_back = None
+            if row is not None and ask_id is not None:
+                handed_back = (ask_id, row.history_version + 1)
+                tx.update_experiment(experiment_id, history_version=row.history_version + 1)
+            started_at = tx.restart_trial(trial.id, handed_back)
+        if handed_back is None:
+            self._histories.started(experiment_id, [number])
         # What a finish would have known of it (its reports) is gone.
         self._reported.pop(uid, number)
         log.info("experiment %s: trial %d retried (a new attempt)", uid, number)
+        state = TrialState.PENDING if handed_back is not None else TrialState.RUNNING
         restarted = replace(
             trial,
-            state=TrialState.RUNNING.value,
+            state=state.value,
             started_at=started_at,
             stop_reason=None,
             stop_step=None,

@@ -71,7 +71,7 @@ class AskRequest(_Request):
         max_length=128,
         description="Idempotency key: an ask with the same id first gets back the trials "
         "earlier asks with it handed out that nobody started. Without one, every ask gets "
-        "new trials only (with parallelism and no ask_id: the id 'operator').",
+        "new trials only.",
     )
     lease_seconds: int | None = Field(
         default=None,
@@ -147,6 +147,18 @@ class RestoreTrial(_Request):
     message: str | None = Field(default=None, max_length=8192)
     stop_reason: str | None = Field(
         default=None, max_length=8192, description="Why it was stopped (finished trials only)."
+    )
+
+
+class RetryRequest(_Request):
+    """Body of ``POST /v1/experiments/{uid}/trials/{n}/retry`` (optional)."""
+
+    ask_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="Hand the new attempt back, pending, to the next ask with this id "
+        "(without one: it is running at once).",
     )
 
 

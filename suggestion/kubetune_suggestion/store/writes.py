@@ -511,29 +511,34 @@ class WriteTxn:
             ],
         )
 
-    def restart_trial(self, trial_id: int) -> datetime:
-        """Start an open trial over: a new attempt of it runs from now.
+    def restart_trial(
+        self, trial_id: int, handed_back: tuple[str, int] | None = None
+    ) -> datetime | None:
+        """Start an open trial over: a new attempt of it.
 
         Deletes its reports and its stop order, clears its stop (reason and
-        step), and marks it running, started now (its lease, if any, renewed).
-        The row is rewritten, so the optimistic finish of :mod:`.oneshot`
-        does not end it from what it read before. Returns the start time.
+        step), and marks it running, started now (its lease, if any, renewed)
+        or, with ``handed_back`` (an ask id and the history version to
+        record), pending under that ask id: the next ask with it returns the
+        trial. The row is rewritten, so the optimistic finish of
+        :mod:`.oneshot` does not end it from what it read before. Returns the
+        start time (None when pending).
         """
         now = utcnow()
         self.connection.execute(delete(_observations).where(_observations.c.trial_id == trial_id))
         self.close_stop_order(trial_id)
-        self.connection.execute(
-            update(_trials)
-            .where(_trials.c.id == trial_id)
-            .values(
-                state="running",
-                started_at=now,
-                stop_reason=None,
-                stop_step=None,
-                lease_expires_at=time.time() + _trials.c.lease_seconds,
-            )
-        )
-        return now
+        values: dict[str, Any] = {
+            "state": "running",
+            "started_at": now,
+            "stop_reason": None,
+            "stop_step": None,
+            "lease_expires_at": time.time() + _trials.c.lease_seconds,
+        }
+        if handed_back is not None:
+            ask_id, version = handed_back
+            values.update(state="pending", started_at=None, ask_id=ask_id, history_version=version)
+        self.connection.execute(update(_trials).where(_trials.c.id == trial_id).values(values))
+        return None if handed_back is not None else now
 
     def lock_trial(self, experiment_id: int, number: int) -> TrialRow | None:
         """The trial, row-locked until the transaction ends."""

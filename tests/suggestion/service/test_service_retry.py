@@ -86,6 +86,33 @@ def test_a_pending_trial_is_retried_as_running(svc: TuningService) -> None:
     assert [t.number for t in svc.ask(UID, 1, parallelism=2, ask_id="op").trials] == [1]
 
 
+def test_a_retry_with_an_ask_id_hands_the_trial_back_to_that_ask(
+    replicas: tuple[TuningService, TuningService],
+) -> None:
+    """The operator's retry: pending under its ask id, so its next ask makes the new Pod."""
+    a, b = replicas
+    _register(a)
+    (trial,) = a.ask(UID, 1, parallelism=2, ask_id="operator").trials
+    a.start(UID, trial.number)
+    a.report(UID, trial.number, trial.token, 0, {"loss": 0.9})
+    # Both replicas have asked (their caches hold the experiment's head).
+    assert [t.number for t in b.ask(UID, 1, parallelism=2, ask_id="operator").trials] == [1]
+    b.start(UID, 1)
+    version = _history_version(a)
+    view = a.retry(UID, trial.number, ask_id="operator")
+    assert view.state is TrialState.PENDING and view.started_at is None
+    assert _steps(a, trial.number) == []
+    assert _history_version(a) == version + 1
+    # Another id gets nothing (the slots are full); the operator's id gets it back,
+    # same params and token, from either replica.
+    assert b.ask(UID, 1, parallelism=2, ask_id="someone").trials == []
+    (again,) = b.ask(UID, 1, parallelism=2, ask_id="operator").trials
+    assert (again.number, again.params, again.token) == (trial.number, trial.params, trial.token)
+    a.start(UID, trial.number)
+    a.report(UID, trial.number, trial.token, 0, {"loss": 0.3})
+    assert a.finish(UID, trial.number, "succeeded").objective == 0.3
+
+
 def test_a_retry_closes_the_stop_and_the_rule_judges_the_new_attempt(svc: TuningService) -> None:
     _register(svc, earlyStopping=MEDIAN)
     good, bad = svc.ask(UID, 2).trials
