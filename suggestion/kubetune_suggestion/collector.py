@@ -12,8 +12,12 @@ One piece of logic, two deployments:
   exits 0. It logs one line per report to stdout, so
   ``kubectl logs POD -c kubetune-collector`` shows the trial's progress.
 - Under ``kubetune run`` the runner drives a :class:`Collector` per trial
-  process with a :class:`ServiceReporter` that calls the in-process
-  ``TuningService`` instead of HTTP.
+  process with its own reporter
+  (:class:`~kubetune_suggestion.runner.reporter.ServiceReporter`) that calls
+  the in-process ``TuningService`` instead of HTTP. That reporter lives in the
+  runner so that this module imports neither the service nor SQLAlchemy (an
+  import-linter contract in pyproject.toml holds it to that): their import
+  would be most of the sidecar's start-up time when a node starts many at once.
 
 Both sides go through :class:`Reporter`: ``send(report) -> Ack``, raising
 :class:`ReporterUnavailable` for a failure worth retrying (the service is
@@ -45,7 +49,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
 import httpx
 
@@ -55,7 +59,6 @@ from kubetune_suggestion.metrics_protocol import (
     ParseError,
     Report,
 )
-from kubetune_suggestion.service.errors import ServiceError
 
 __all__ = [
     "Ack",
@@ -66,7 +69,6 @@ __all__ = [
     "ReportRejected",
     "Reporter",
     "ReporterUnavailable",
-    "ServiceReporter",
     "SidecarConfig",
     "main",
     "run_sidecar",
@@ -293,45 +295,6 @@ def _sleep(seconds: float, wake: Callable[[], bool]) -> None:
         if left <= 0:
             return
         time.sleep(min(0.05, left))
-
-
-class _ReportsObservations(Protocol):
-    def report(
-        self, uid: str, number: int, token: str, step: int, metrics: dict[str, float]
-    ) -> Any: ...
-
-
-class ServiceReporter:
-    """Delivers reports in-process to a ``TuningService`` (``kubetune run``)."""
-
-    def __init__(self, service: _ReportsObservations, uid: str, number: int, token: str) -> None:
-        self.service = service
-        self.uid = uid
-        self.number = number
-        self.token = token
-
-    def send(self, report: Report) -> Ack:
-        """Store the report through the service and return its stop answer.
-
-        Raises:
-            ReportRejected: The service refused it (a finished trial, a bad value).
-            ReporterUnavailable: The database is busy (SQLite locked by another process).
-        """
-        # Here, not at the top: the sidecar never needs it, and its import is
-        # most of the sidecar's start-up time when a node starts many at once.
-        import sqlalchemy.exc
-
-        try:
-            answer = self.service.report(
-                self.uid, self.number, self.token, report.step, report.metrics
-            )
-        except ServiceError as exc:
-            # The in-process twin of a 4xx: a finished trial, a bad value.
-            raise ReportRejected(f"{exc.code}: {exc.message}") from exc
-        except sqlalchemy.exc.OperationalError as exc:
-            # "database is locked" beyond the busy timeout: worth retrying.
-            raise ReporterUnavailable(str(exc).splitlines()[0]) from exc
-        return Ack(stop=bool(answer.stop), reason=str(getattr(answer, "reason", "") or ""))
 
 
 class HttpReporter:

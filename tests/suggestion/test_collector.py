@@ -21,10 +21,10 @@ from kubetune_suggestion.collector import (
     HttpReporter,
     ReporterUnavailable,
     ReportRejected,
-    ServiceReporter,
     SidecarConfig,
 )
 from kubetune_suggestion.metrics_protocol import Report
+from kubetune_suggestion.runner.reporter import ServiceReporter
 from kubetune_suggestion.service.app import Settings, create_app
 from kubetune_suggestion.service.core import TuningService
 from kubetune_suggestion.service.testing import free_port, serve_in_thread

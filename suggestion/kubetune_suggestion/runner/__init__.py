@@ -4,6 +4,7 @@
 - :mod:`.process` starts, watches and stops one trial process;
 - :mod:`.outcome` decides, purely, how a trial and the experiment ended;
 - :mod:`.progress` renders the live table and the plain progress lines;
+- :mod:`.reporter` delivers each trial's reports to the in-process service;
 - :mod:`.curves` lays out every trial's reports for ``kubetune curves``;
 - :mod:`.run` drives it all through the in-process ``TuningService``.
 """

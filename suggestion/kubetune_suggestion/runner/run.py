@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final, Protocol
 
-from kubetune_suggestion.collector import Ack, Collector, Delivery, Reporter, ServiceReporter
+from kubetune_suggestion.collector import Ack, Collector, Delivery, Reporter
 from kubetune_suggestion.metrics_protocol import Report
 from kubetune_suggestion.runner.manifest import Manifest
 from kubetune_suggestion.runner.outcome import (
@@ -92,6 +92,7 @@ from kubetune_suggestion.runner.progress import (
     format_objective,
     format_params,
 )
+from kubetune_suggestion.runner.reporter import ServiceReporter
 from kubetune_suggestion.service.models import (
     AskResult,
     ExperimentSummary,
