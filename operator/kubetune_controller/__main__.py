@@ -1,8 +1,8 @@
 """``python -m kubetune_controller``: run the operator.
 
-Flags win over environment variables (``KUBETUNE_NAMESPACES``, a comma-separated
-list, or ``KUBETUNE_ALL_NAMESPACES=true``; ``KUBETUNE_SERVICE_URL`` and the other
-``KUBETUNE_*`` settings of :func:`~kubetune_controller.settings.settings_from_env`).
+Its settings are the ``KUBETUNE_*`` environment variables that
+:func:`~kubetune_controller.settings.settings_from_env` reads (the table is in
+the chart's README); the flags below win over the variables they name.
 Metrics are served on ``--metrics-port`` (9090), liveness on
 ``--health-port`` (8080) at ``/healthz``.
 """
@@ -27,7 +27,7 @@ import os
 import kopf
 
 from kubetune_controller.handlers import App, build_registry
-from kubetune_controller.settings import settings_from_env
+from kubetune_controller.settings import SettingsError, settings_from_env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,21 +35,43 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kubetune_controller", description=__doc__)
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument(
-        "-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable)"
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        help="watch this namespace (repeatable; KUBETUNE_NAMESPACES)",
     )
-    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
+    scope.add_argument(
+        "-A",
+        "--all-namespaces",
+        action="store_true",
+        help="watch every namespace (the default when KUBETUNE_NAMESPACES is empty)",
+    )
     parser.add_argument("--service-url", help="the suggestion service (KUBETUNE_SERVICE_URL)")
     parser.add_argument(
         "--kubeconfig", help="use this kubeconfig instead of the in-cluster account"
     )
-    parser.add_argument(
-        "--metrics-port", type=int, default=int(os.environ.get("KUBETUNE_METRICS_PORT", 9090))
-    )
-    parser.add_argument(
-        "--health-port", type=int, default=int(os.environ.get("KUBETUNE_HEALTH_PORT", 8080))
-    )
+    parser.add_argument("--metrics-port", help="/metrics port (KUBETUNE_METRICS_PORT; 9090)")
+    parser.add_argument("--health-port", help="/healthz port (KUBETUNE_HEALTH_PORT; 8080)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
+
+    # A flag replaces the variable it names, so flags and the environment go
+    # through the same parsing, and an invalid value is refused the same way.
+    flags = {
+        "KUBETUNE_SERVICE_URL": args.service_url,
+        "KUBETUNE_METRICS_PORT": args.metrics_port,
+        "KUBETUNE_HEALTH_PORT": args.health_port,
+        "KUBETUNE_NAMESPACES": (
+            "" if args.all_namespaces else ",".join(args.namespace) if args.namespace else None
+        ),
+    }
+    try:
+        settings = settings_from_env(
+            {**os.environ, **{name: v for name, v in flags.items() if v is not None}}
+        )
+    except SettingsError as exc:
+        parser.error(str(exc))
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -62,34 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
-    env_namespaces = [n for n in os.environ.get("KUBETUNE_NAMESPACES", "").split(",") if n.strip()]
-    namespaces = args.namespace or env_namespaces
-    clusterwide = args.all_namespaces or (
-        not namespaces and os.environ.get("KUBETUNE_ALL_NAMESPACES", "true").lower() == "true"
-    )
-    if not clusterwide and not namespaces:
-        parser.error("give --namespace or --all-namespaces")
-
-    settings = settings_from_env()
-    if args.service_url:
-        settings = type(settings)(
-            **{**settings.__dict__, "service_url": args.service_url.rstrip("/")}
-        )
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig  # for kopf's own login too
-    app = App(
-        settings=settings,
-        kubeconfig=args.kubeconfig,
-        metrics_port=args.metrics_port,
-        namespaces=[] if clusterwide else [n.strip() for n in namespaces],
-    )
+    app = App(settings=settings, kubeconfig=args.kubeconfig)
     kopf.run(
         loop=_event_loop(),
         registry=build_registry(app),
-        clusterwide=clusterwide,
-        namespaces=[n.strip() for n in namespaces],
+        clusterwide=not settings.namespaces,
+        namespaces=list(settings.namespaces),
         standalone=True,
-        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz",
+        liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz",
     )
     return 0
 

@@ -11,7 +11,8 @@ and trial Pods, which change by the thousand, come from the lighter streams of
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
@@ -64,11 +65,10 @@ class App:
     """The operator's dependencies, built at startup."""
 
     settings: Settings
+    # A kubeconfig file (--kubeconfig); None: the in-cluster account, else
+    # the kubeconfig the Kubernetes client finds (KUBECONFIG, ~/.kube/config).
     kubeconfig: str | None = None
-    metrics_port: int | None = 9090
     controller: Controller | None = None
-    # The namespaces watched; empty for the whole cluster.
-    namespaces: list[str] = field(default_factory=list)
 
 
 def build_registry(app: App) -> kopf.OperatorRegistry:
@@ -97,8 +97,7 @@ def build_registry(app: App) -> kopf.OperatorRegistry:
         settings.watching.client_timeout = 330
         cache = ClusterCache()
         metrics = OperatorMetrics(cache.snapshot)
-        if app.metrics_port is not None:
-            start_http_server(app.metrics_port, registry=metrics.registry)
+        start_http_server(app.settings.metrics_port, registry=metrics.registry)
         kube = Kube(load_configuration(app.kubeconfig))
         app.controller = Controller(
             app.settings,
@@ -112,7 +111,7 @@ def build_registry(app: App) -> kopf.OperatorRegistry:
             metrics,
         )
         app.controller.start()
-        for stream in watch_streams(kube, app.controller, app.namespaces):
+        for stream in watch_streams(kube, app.controller, app.settings.namespaces):
             app.controller.adopt(
                 stream.run(), f"watch {stream.path}", stream.synced, stream.failing
             )
@@ -131,7 +130,9 @@ def build_registry(app: App) -> kopf.OperatorRegistry:
     return registry
 
 
-def watch_streams(kube: Kube, controller: Controller, namespaces: list[str]) -> list[ObjectStream]:
+def watch_streams(
+    kube: Kube, controller: Controller, namespaces: Sequence[str]
+) -> list[ObjectStream]:
     """The Trial and trial-Pod streams: one pair per namespace, or one cluster-wide."""
     scopes: list[str | None] = list(namespaces) or [None]
     streams = []

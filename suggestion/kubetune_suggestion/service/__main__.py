@@ -1,11 +1,15 @@
 """``kubetune-service``: run the suggestion service, or only migrate its database.
 
-    kubetune-service --db postgresql+psycopg://u:p@db/kubetune --port 8080
+    kubetune-service --db postgresql+psycopg://u:p@db/kubetune --port 8000
     kubetune-service migrate --db sqlite:///kubetune.db
 
-Settings fall back to the environment: ``KUBETUNE_DB_URL``, ``KUBETUNE_SECRET``
-(or ``--secret-file``). Without a secret the one stored in the database is
-used (the first replica generates it), so replicas on one database agree.
+Settings come from the environment, read by
+:meth:`~kubetune_suggestion.service.app.Settings.from_env` (``KUBETUNE_DB_URL``,
+``KUBETUNE_SECRET``, ``KUBETUNE_PORT``...; the table is in the chart's
+README); the flags win over the variables they name. Without a secret the one
+stored in the database is used (the first replica generates it), so replicas
+on one database agree. ``--workers`` and ``--log-level`` are options of this
+process only, with no variable.
 """
 
 from __future__ import annotations
@@ -28,10 +32,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from kubetune_suggestion.service.app import Settings, SettingsError
 from kubetune_suggestion.store import Store, UnsupportedDatabase
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(defaults: Settings) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubetune-service", description=__doc__.split("\n")[0])
     parser.add_argument(
         "command",
@@ -42,18 +47,31 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--db",
-        default=os.environ.get("KUBETUNE_DB_URL", "sqlite:///kubetune.db"),
-        help="database URL (env KUBETUNE_DB_URL; default sqlite:///kubetune.db)",
+        default=defaults.db_url,
+        help=f"database URL (KUBETUNE_DB_URL; default {Settings.db_url})",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=8080, help="port to listen on")
+    parser.add_argument(
+        "--host",
+        default=defaults.host,
+        help=f"address to listen on (KUBETUNE_HOST; default {Settings.host})",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=defaults.port,
+        help=f"port to listen on (KUBETUNE_PORT; default {Settings.port})",
+    )
     parser.add_argument(
         "--secret-file",
         type=Path,
-        help="file holding the trial-token secret (else env KUBETUNE_SECRET)",
+        help="file holding the trial-token secret (else KUBETUNE_SECRET)",
     )
     parser.add_argument("--workers", type=int, default=1, help="worker processes (uvicorn)")
-    parser.add_argument("--no-migrate", action="store_true", help="do not migrate at startup")
+    parser.add_argument(
+        "--no-migrate",
+        action="store_true",
+        help="do not migrate at startup (KUBETUNE_MIGRATE=0)",
+    )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
@@ -62,11 +80,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``kubetune-service`` and ``python -m kubetune_suggestion.service``."""
-    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"kubetune-service: {exc}", file=sys.stderr)
+        return 2
+    args = _parser(settings).parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    secret = os.environ.get("KUBETUNE_SECRET") or None
+    secret = settings.secret
     if args.secret_file is not None:
         try:
             secret = args.secret_file.read_text().strip()
@@ -77,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"kubetune-service: {args.secret_file} is empty", file=sys.stderr)
             return 2
     try:
-        store = Store.open(args.db, migrate=not args.no_migrate)
+        migrate = args.command == "migrate" or (settings.migrate and not args.no_migrate)
+        store = Store.open(args.db, migrate=migrate)
     except UnsupportedDatabase as exc:
         print(f"kubetune-service: {exc}", file=sys.stderr)
         return 2

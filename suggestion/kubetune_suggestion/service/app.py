@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, Path, Query, Request
@@ -64,31 +65,96 @@ API_TITLE = "kubetune suggestion service"
 MAX_WAIT_SECONDS = 60.0
 
 
+class SettingsError(ValueError):
+    """An environment variable whose value the service cannot use; the message names it."""
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise ValueError("expected a port, 1 to 65535")
+    return port
+
+
+def _flag(value: str) -> bool:
+    answer = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+    try:
+        return answer[value.lower()]
+    except KeyError:
+        raise ValueError("expected 1, true, yes, 0, false or no") from None
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError("expected a number of seconds > 0")
+    return seconds
+
+
+def _env(name: str, parse: Callable[[str], Any]) -> dict[str, Any]:
+    """A field's metadata: the variable it is read from and how its text is parsed."""
+    return {"env": name, "parse": parse}
+
+
 @dataclass(frozen=True)
 class Settings:
-    """How to run the service.
+    """How to run the service: every environment variable it reads, read here.
 
-    Attributes:
-        db_url: ``sqlite:///path`` or ``postgresql+psycopg://user:pw@host/db``.
-        secret: The trial-token secret; None uses (or creates) the one stored
-            in the database, shared by every replica on it.
-        migrate: Bring the schema up to date at startup.
-        stop_poll_seconds: How often a /v1/stops long-poll looks at the database.
+    :meth:`from_env` reads each field from the variable its comment names
+    (``kubetune-service``'s flags win over the variables they name); the
+    defaults here are the documented ones, and the table of variables,
+    defaults and meanings is in the chart's README
+    (``charts/kubetune/README.md``, "Settings"), which a test keeps in step.
+    An empty (or blank) variable counts as unset; a value that does not
+    parse is refused with a :class:`SettingsError` naming the variable.
     """
 
-    db_url: str
-    secret: str | None = None
-    migrate: bool = True
-    stop_poll_seconds: float = 0.15
+    # KUBETUNE_DB_URL (--db): ``sqlite:///path`` or
+    # ``postgresql+psycopg://user:pw@host/db``.
+    db_url: str = field(default="sqlite:///kubetune.db", metadata=_env("KUBETUNE_DB_URL", str))
+    # KUBETUNE_SECRET (--secret-file): the trial-token secret; None uses (or
+    # creates) the one stored in the database, shared by every replica on it.
+    secret: str | None = field(default=None, metadata=_env("KUBETUNE_SECRET", str))
+    # KUBETUNE_MIGRATE (--no-migrate): bring the schema up to date at startup.
+    migrate: bool = field(default=True, metadata=_env("KUBETUNE_MIGRATE", _flag))
+    # KUBETUNE_HOST (--host): the address to listen on.
+    host: str = field(default="127.0.0.1", metadata=_env("KUBETUNE_HOST", str))
+    # KUBETUNE_PORT (--port): the HTTP port (API, health, /metrics); the
+    # chart's suggestion.port and the operator's default service URL use it too.
+    port: int = field(default=8000, metadata=_env("KUBETUNE_PORT", _port))
+    # KUBETUNE_STOP_POLL_SECONDS: how often a waiting /v1/stops long-poll
+    # looks at the database. Configurable: on a shared database a longer
+    # period costs fewer queries for a slower stop.
+    stop_poll_seconds: float = field(
+        default=0.15, metadata=_env("KUBETUNE_STOP_POLL_SECONDS", _positive_seconds)
+    )
 
     @classmethod
-    def from_env(cls) -> Settings:
-        """Settings from ``KUBETUNE_DB_URL``, ``KUBETUNE_SECRET``, ``KUBETUNE_MIGRATE``."""
-        return cls(
-            db_url=os.environ.get("KUBETUNE_DB_URL", "sqlite:///kubetune.db"),
-            secret=os.environ.get("KUBETUNE_SECRET") or None,
-            migrate=os.environ.get("KUBETUNE_MIGRATE", "1") not in ("0", "false", "no"),
-        )
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Settings from the environment (``os.environ`` when ``env`` is omitted).
+
+        Raises:
+            SettingsError: If a variable's value does not parse or is out of
+                range; the message names the variable.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = f.metadata["env"]
+            text = env.get(name, "")
+            if not text.strip():
+                continue
+            try:
+                values[f.name] = f.metadata["parse"](text)
+            except ValueError as exc:
+                raise SettingsError(f"{name}={text!r}: {exc}") from None
+        return cls(**values)
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -675,4 +741,4 @@ def app_from_env() -> FastAPI:
     return create_app(Settings.from_env())
 
 
-__all__ = ["Settings", "app_from_env", "create_app"]
+__all__ = ["Settings", "SettingsError", "app_from_env", "create_app"]
