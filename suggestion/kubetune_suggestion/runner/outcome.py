@@ -5,13 +5,17 @@ Kept apart from process and store I/O so each rule is tested on plain values.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from kubetune_suggestion.engine.history import Direction
 from kubetune_suggestion.engine.samplers.grid import GridSampler
+from kubetune_suggestion.experiment_end import (
+    EndReason,
+    ExperimentEnd,
+    TrialCounts,
+    experiment_end,
+)
 from kubetune_suggestion.runner.process import describe_exit
 from kubetune_suggestion.spec import ExperimentSpec
 
@@ -19,7 +23,6 @@ __all__ = [
     "EXPERIMENT_ENDED",
     "FAILED_STATES",
     "FAILURE_STREAK_LIMIT",
-    "FINISHED_STATES",
     "ExperimentOutcome",
     "TrialEnd",
     "experiment_outcome",
@@ -32,8 +35,7 @@ __all__ = [
     "trial_end",
 ]
 
-FINISHED_STATES: Final = ("succeeded", "failed", "pruned", "metrics_unavailable")
-# What maxFailedTrials counts: a trial that produced no result.
+# A trial that produced no result (what the failure streak counts).
 FAILED_STATES: Final = ("failed", "metrics_unavailable")
 # With maxFailedTrials unset, kubetune run ends the experiment after this many
 # failures in a row: a broken command or script fails every trial, and would
@@ -150,6 +152,9 @@ def experiment_outcome(
 ) -> ExperimentOutcome | None:
     """Whether the experiment has ended, from its trial counts and best objective.
 
+    The rule is :func:`~kubetune_suggestion.experiment_end.experiment_end`'s,
+    with one of ``kubetune run``'s own first: :data:`FAILURE_STREAK_LIMIT`.
+
     Args:
         spec: The experiment's spec.
         counts: Trials by state (states absent count 0).
@@ -162,29 +167,35 @@ def experiment_outcome(
     Returns:
         None while it should go on.
     """
-    failed = sum(counts.get(state, 0) for state in FAILED_STATES)
-    finished = sum(counts.get(state, 0) for state in FINISHED_STATES)
-    if spec.maxFailedTrials is not None and failed > spec.maxFailedTrials:
-        return ExperimentOutcome(
-            False, f"{failed} trials failed, more than maxFailedTrials ({spec.maxFailedTrials})"
-        )
     if spec.maxFailedTrials is None and streak >= FAILURE_STREAK_LIMIT:
         return ExperimentOutcome(
             False,
             f"{streak} trials failed in a row (with maxFailedTrials unset, kubetune run stops "
             f"after {FAILURE_STREAK_LIMIT}; set it to go on after failures)",
         )
-    target = spec.objective.target
-    if target is not None and best_objective is not None and math.isfinite(best_objective):
-        direction = Direction(spec.objective.direction)
-        if not direction.better(target, best_objective):
-            return ExperimentOutcome(True, f"objective target {target:g} reached")
-    if finished >= spec.maxTrials or exhausted:
-        why = f"maxTrials ({spec.maxTrials}) reached" if not exhausted else "search space exhausted"
-        if best_objective is None:
-            return ExperimentOutcome(False, f"{why}, but no trial produced the objective")
-        return ExperimentOutcome(True, why)
-    return None
+    end = experiment_end(spec, TrialCounts.from_states(counts), best_objective, exhausted=exhausted)
+    if end is None:
+        return None
+    return ExperimentOutcome(end.succeeded, _reason(spec, end))
+
+
+def _reason(spec: ExperimentSpec, end: ExperimentEnd) -> str:
+    """How a run's final line words the end."""
+    if end.reason is EndReason.GOAL_REACHED:
+        return f"objective target {spec.objective.target:g} reached"
+    if end.reason is EndReason.TOO_MANY_FAILED_TRIALS:
+        return (
+            f"{end.counts.failures} trials failed, more than maxFailedTrials "
+            f"({spec.maxFailedTrials})"
+        )
+    why = (
+        f"maxTrials ({spec.maxTrials}) reached"
+        if end.counts.done >= spec.maxTrials
+        else "search space exhausted"
+    )
+    if end.reason is EndReason.NO_TRIAL_SUCCEEDED:
+        return f"{why}, but no trial produced the objective"
+    return why
 
 
 def next_streak(streak: int, state: str, message: str | None) -> int:

@@ -15,6 +15,12 @@ from pydantic import ValidationError
 from kubetune_suggestion.engine.history import Direction, TrialRecord
 from kubetune_suggestion.engine.history import TrialState as EngineState
 from kubetune_suggestion.engine.space import SearchSpace, SpaceError
+from kubetune_suggestion.experiment_end import (
+    EndReason,
+    ExperimentEnd,
+    TrialCounts,
+    experiment_end,
+)
 from kubetune_suggestion.service.errors import InvalidInput
 from kubetune_suggestion.service.models import RestoreTrial, TrialState
 from kubetune_suggestion.spec import ExperimentSpec, Strategy
@@ -27,7 +33,6 @@ _ENGINE_STATES = {
     TrialState.METRICS_UNAVAILABLE: EngineState.FAILED,
     TrialState.PRUNED: EngineState.PRUNED,
 }
-FAILURE_STATES = frozenset({TrialState.FAILED, TrialState.METRICS_UNAVAILABLE})
 MAX_METRIC_NAME = 128
 MAX_METRICS = 256
 
@@ -148,16 +153,6 @@ def stop_not_applied(spec: ExperimentSpec, stop_reason: str | None) -> str:
     )
 
 
-def reached_target(spec: ExperimentSpec, best: float | None) -> bool:
-    """Whether the best objective so far reaches ``spec.objective.target``."""
-    target = spec.objective.target
-    if target is None or best is None:
-        return False
-    if spec.objective.direction is Direction.MINIMIZE:
-        return best <= target
-    return best >= target
-
-
 def best_value(spec: ExperimentSpec, objectives: Iterable[float]) -> float | None:
     """The best finite objective, by the spec's direction."""
     finite = [v for v in objectives if math.isfinite(v)]
@@ -168,19 +163,20 @@ def best_value(spec: ExperimentSpec, objectives: Iterable[float]) -> float | Non
 
 def halt_reason(spec: ExperimentSpec, counts: Mapping[str, int], best: float | None) -> str | None:
     """Why no trial may start any more before maxTrials (target reached, too many failures)."""
-    if reached_target(spec, best):
-        return f"objective target {spec.objective.target} reached"
-    failures = sum(counts.get(s, 0) for s in FAILURE_STATES)
-    if spec.maxFailedTrials is not None and failures > spec.maxFailedTrials:
-        trials = "trial" if failures == 1 else "trials"
-        return f"{failures} {trials} failed (maxFailedTrials is {spec.maxFailedTrials})"
-    return None
+    end = experiment_end(spec, TrialCounts.from_states(counts), best)
+    if end is None or not end.reason.halts:
+        return None
+    return _halt_message(spec, end)
 
 
 def completion_reason(
     spec: ExperimentSpec, counts: Mapping[str, int], allocated: int, best: float | None
 ) -> str | None:
-    """Why the experiment is complete (nothing runs or will run), or None if it goes on.
+    """Why the experiment is complete (no trial will be started any more), or None if it goes on.
+
+    Complete when it ended (:func:`~kubetune_suggestion.experiment_end.experiment_end`):
+    at once for a target reached or too many failures, and once every trial
+    handed out has finished for ``maxTrials``.
 
     Args:
         spec: The experiment's spec.
@@ -188,13 +184,23 @@ def completion_reason(
         allocated: Trials handed out so far.
         best: The best objective of a succeeded trial so far.
     """
-    halted = halt_reason(spec, counts, best)
-    if halted is not None:
-        return halted
-    finished = sum(n for s, n in counts.items() if TrialState(s).finished)
-    if allocated >= spec.maxTrials and finished >= allocated:
+    end = experiment_end(spec, TrialCounts.from_states(counts), best)
+    if end is None:
+        return None
+    if end.reason.halts:
+        return _halt_message(spec, end)
+    if end.counts.done >= allocated:
         return f"maxTrials ({spec.maxTrials}) reached"
     return None
+
+
+def _halt_message(spec: ExperimentSpec, end: ExperimentEnd) -> str:
+    """How the service words a halt (in ``ask``'s reason and the summary's)."""
+    if end.reason is EndReason.GOAL_REACHED:
+        return f"objective target {spec.objective.target} reached"
+    failures = end.counts.failures
+    trials = "trial" if failures == 1 else "trials"
+    return f"{failures} {trials} failed (maxFailedTrials is {spec.maxFailedTrials})"
 
 
 def stop_inputs(
