@@ -584,6 +584,7 @@ class Controller:
             self.queue.add_after(key, plan.recheck_after)
         grace = self.settings.stop_grace_seconds
         for d in plan.delete_pods:
+            log.info("deleting Pod %s/%s: %s", experiment.namespace, d.name, d.reason)
             self._launch(
                 key, memory, d.number, self.kube.delete_pod(experiment.namespace, d.name, grace)
             )
@@ -724,8 +725,13 @@ class Controller:
         self.cache.put_trial(TrialView.from_body(body))
         self._event(experiment, "TrialRetried", f"trial {trial.name}: {message}", warning=True)
         with contextlib.suppress(KubeError):
-            # The disrupted Pod's object (Failed, or still being deleted).
-            await self.kube.delete_pod(trial.namespace, trial.pod_name, 0)
+            # The disrupted Pod's object (Failed, or still being deleted). Not
+            # forced: until the kubelet confirms it stopped, the scheduler
+            # counts its resources, and the new Pod is not refused admission.
+            log.info("deleting Pod %s/%s: a new attempt runs", trial.namespace, trial.pod_name)
+            await self.kube.delete_pod(
+                trial.namespace, trial.pod_name, self.settings.stop_grace_seconds
+            )
 
     async def _finish_trial(
         self,

@@ -238,9 +238,11 @@ class PodView:
     # Its trial's number (label kubetune.io/number); -1 without one. A
     # retried trial runs in a Pod named apart from the Trial.
     number: int = -1
-    # The DisruptionTarget condition: the Pod was (or is being) evicted,
-    # preempted or removed with its node, through no fault of its own.
-    disrupted: bool = False
+    # The reason of its DisruptionTarget condition (EvictionByEvictionAPI,
+    # PreemptionByScheduler, DeletionByTaintManager...): the Pod was (or is
+    # being) evicted, preempted or removed with its node, through no fault of
+    # its own. None without one.
+    disruption: str | None = None
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> PodView:
@@ -248,12 +250,12 @@ class PodView:
         meta = body.get("metadata") or {}
         status = body.get("status") or {}
         waiting = None
-        disrupted = False
+        disruption = None
         for cond in status.get("conditions") or []:
             if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
                 waiting = cond.get("message") or cond.get("reason")
             if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
-                disrupted = True
+                disruption = str(cond.get("reason") or "DisruptionTarget")
         number = str((meta.get("labels") or {}).get(LABEL_NUMBER, ""))
         ended = []
         for cs in status.get("containerStatuses") or []:
@@ -283,7 +285,7 @@ class PodView:
             reason=status.get("reason"),
             resource_version=str(meta.get("resourceVersion") or ""),
             number=int(number) if number.isdigit() else -1,
-            disrupted=disrupted,
+            disruption=disruption,
         )
 
     @property

@@ -244,7 +244,9 @@ def _disrupted(pod: PodView) -> bool:
     OOMKilled, exit codes, timeouts and image errors are the trial's own: a
     new Pod would fail the same way.
     """
-    return pod.disrupted or pod.reason in _DISRUPTION_REASONS
+    # OutOfcpu, OutOfmemory...: the kubelet refused the Pod at admission.
+    reason = pod.reason or ""
+    return pod.disruption is not None or reason in _DISRUPTION_REASONS or reason.startswith("OutOf")
 
 
 def _retry_or_finish(
@@ -259,9 +261,10 @@ def _retry_or_finish(
 
 
 def _failed(trial: TrialView, pod: PodView) -> TrialFinish:
-    if _disrupted(pod) and pod.reason:
-        what = f"its Pod was stopped by Kubernetes ({pod.reason})"
-        return TrialFinish(trial.number, trial.name, "failed", pod.reason, what, wants_logs=True)
+    if _disrupted(pod):
+        reason = pod.disruption or pod.reason or "Disrupted"
+        what = f"its Pod was stopped by Kubernetes ({reason})"
+        return TrialFinish(trial.number, trial.name, "failed", reason, what, wants_logs=True)
     if pod.reason == "DeadlineExceeded":
         what = "ran longer than spec.trialTimeoutSeconds (its Pod's activeDeadlineSeconds)"
         return TrialFinish(trial.number, trial.name, "failed", "TimedOut", what, wants_logs=True)
@@ -273,7 +276,9 @@ def _failed(trial: TrialView, pod: PodView) -> TrialFinish:
             what += f" ({end.reason})"
         reason = end.reason or "Error"
     else:
-        what, reason = "the Pod failed", "PodFailed"
+        what, reason = "the Pod failed", pod.reason or "PodFailed"
+        if pod.reason:
+            what += f" ({pod.reason})"
     return TrialFinish(trial.number, trial.name, "failed", reason, what, wants_logs=True)
 
 
