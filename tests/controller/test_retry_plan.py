@@ -6,14 +6,14 @@ from dataclasses import replace
 
 import pytest
 
-from kubetune_controller import reconcile as rc
+from kubetune_controller import trial_plan as tp
 from kubetune_controller.model import ContainerEnd, PodView, TrialPhase
 from tests.controller.factories import NOW, pod, trial
 
 
-def plan(p: PodView, attempt: int = 1, max_retries: int = 2) -> rc.TrialPlan:
+def plan(p: PodView, attempt: int = 1, max_retries: int = 2) -> tp.TrialPlan:
     t = replace(trial(0, TrialPhase.RUNNING), attempt=attempt)
-    return rc.plan_trials([t], {p.name: p}, {}, None, NOW, 15.0, 0.0, max_retries)
+    return tp.plan_trials([t], {p.name: p}, {}, None, NOW, 15.0, 0.0, max_retries)
 
 
 @pytest.mark.parametrize(
