@@ -1,8 +1,10 @@
 """Kopf handlers and the watch streams: they only translate watch events and delegate.
 
-Every decision lives in :mod:`~kubetune_controller.reconcile`, every action in
-:mod:`~kubetune_controller.controller`. Handlers are registered on a registry
-of their own (not kopf's global one) so the operator's wiring is explicit and
+Every decision lives in the pure modules (:mod:`~kubetune_controller.reconcile`,
+:mod:`~kubetune_controller.trial_plan`, :mod:`~kubetune_controller.status`), every
+action in :mod:`~kubetune_controller.controller` and the modules it coordinates.
+Handlers are registered on a registry of their own (not kopf's global one) so
+the operator's wiring is explicit and
 a test can build it without side effects. Kopf watches Experiments; Trials
 and trial Pods, which change by the thousand, come from the lighter streams of
 :mod:`~kubetune_controller.watch`, started at kopf's startup.

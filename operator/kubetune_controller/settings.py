@@ -15,7 +15,7 @@ failing later.
 
 Read elsewhere, by design: ``KUBECONFIG`` by kopf and the Kubernetes client
 themselves (``--kubeconfig`` sets it); ``POD_NAME`` (else ``HOSTNAME``), the
-instance named in the operator's Events, by ``controller.py``.
+instance named in the operator's Events, by ``recorder.py``.
 """
 
 from __future__ import annotations
