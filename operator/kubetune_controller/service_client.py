@@ -93,6 +93,8 @@ class _Sender(Protocol):
 
     async def close(self) -> None: ...
 
+    async def reset(self) -> None: ...
+
 
 class _AiohttpSender:
     """Requests over one aiohttp session (created in the running event loop)."""
@@ -135,6 +137,10 @@ class _AiohttpSender:
         if self._session is not None:
             await self._session.close()
 
+    async def reset(self) -> None:
+        """Drop the pooled connections (the next request opens a new session)."""
+        await self.close()
+
 
 class _HttpxSender:
     """Requests through an httpx transport (tests: an ASGI app or a mock handler)."""
@@ -160,6 +166,9 @@ class _HttpxSender:
 
     async def close(self) -> None:
         await self._client.aclose()
+
+    async def reset(self) -> None:
+        return None
 
 
 class ServiceClient:
@@ -408,6 +417,13 @@ class ServiceClient:
             if status >= 500 or status == 429:
                 problem = f"HTTP {status}: {content[:200].decode(errors='replace')}"
                 continue
+            if status >= 400 and not _from_the_service(content):
+                # Not the service's answer (its errors are JSON with an
+                # "error"): a pooled connection that outlived the service's
+                # Pod and now reaches something else. Reconnect and retry.
+                problem = f"HTTP {status} that is not the service's: reconnecting"
+                await self._sender.reset()
+                continue
             self.available, self.last_error = True, ""
             if status >= 400:
                 raise _refusal(status, content)
@@ -416,6 +432,15 @@ class ServiceClient:
         self.last_error = f"{method} {self.base_url}{path}: {problem}"
         log.warning("suggestion service unavailable: %s", self.last_error)
         raise ServiceUnavailable(self.last_error)
+
+
+def _from_the_service(content: bytes) -> bool:
+    """Whether an error answer has the service's shape (``{"error": {...}}``)."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return False
+    return isinstance(body, dict) and isinstance(body.get("error"), dict)
 
 
 def _refusal(status: int, content: bytes) -> ServiceError:

@@ -83,6 +83,26 @@ def test_4xx_is_not_retried_and_carries_the_field():
     assert calls == [1]
 
 
+def test_an_error_that_is_not_the_services_is_retried_on_a_new_connection():
+    # A pooled connection that outlived the service's Pod answered 404 with no
+    # body, and every call of the operator failed until it restarted.
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        if len(calls) == 1:
+            return httpx.Response(404, content=b"")
+        return httpx.Response(200, json=SUMMARY)
+
+    async def go():
+        c = client(handler)
+        assert (await c.summary("u")).max_trials == 4
+        await c.close()
+
+    asyncio.run(go())
+    assert len(calls) == 2
+
+
 def test_finish_conflict_answers_with_the_trial_as_it_is():
     view = {
         "number": 2,
