@@ -19,10 +19,16 @@ from collections import defaultdict
 from typing import TypeVar
 
 from kubetune_controller.metrics import ClusterSnapshot
-from kubetune_controller.model import ExperimentView, PodView, TrialView, is_older, label_value
+from kubetune_controller.model import (
+    ExperimentResource,
+    PodResource,
+    TrialResource,
+    is_older,
+    label_value,
+)
 
 Key = tuple[str, str]
-_V = TypeVar("_V", TrialView, PodView)
+_V = TypeVar("_V", TrialResource, PodResource)
 
 
 class ClusterCache:
@@ -30,16 +36,16 @@ class ClusterCache:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._experiments: dict[Key, ExperimentView] = {}
+        self._experiments: dict[Key, ExperimentResource] = {}
         self._by_uid: dict[str, Key] = {}
-        self._trials: dict[Key, dict[str, TrialView]] = defaultdict(dict)
+        self._trials: dict[Key, dict[str, TrialResource]] = defaultdict(dict)
         # Pods are found by their experiment label, which is the experiment
         # name, hashed when longer than a label value may be.
-        self._pods: dict[Key, dict[str, PodView]] = defaultdict(dict)
+        self._pods: dict[Key, dict[str, PodResource]] = defaultdict(dict)
 
     # -- experiments ----------------------------------------------------------------------
 
-    def put_experiment(self, view: ExperimentView) -> None:
+    def put_experiment(self, view: ExperimentResource) -> None:
         """Record an Experiment's latest state."""
         with self._lock:
             old = self._experiments.get(view.key)
@@ -52,7 +58,7 @@ class ClusterCache:
             self._experiments[view.key] = view
             self._by_uid[view.uid] = view.key
 
-    def drop_experiment(self, key: Key) -> ExperimentView | None:
+    def drop_experiment(self, key: Key) -> ExperimentResource | None:
         """Forget a deleted Experiment (its Trials and Pods go with it by GC)."""
         with self._lock:
             view = self._experiments.pop(key, None)
@@ -60,7 +66,7 @@ class ClusterCache:
                 self._by_uid.pop(view.uid, None)
             return view
 
-    def experiment(self, key: Key) -> ExperimentView | None:
+    def experiment(self, key: Key) -> ExperimentResource | None:
         """The Experiment, if known."""
         return self._experiments.get(key)
 
@@ -75,7 +81,7 @@ class ClusterCache:
 
     # -- trials and pods ------------------------------------------------------------------
 
-    def put_trial(self, view: TrialView) -> None:
+    def put_trial(self, view: TrialResource) -> None:
         """Record a Trial's latest state."""
         with self._lock:
             bucket = self._trials[(view.namespace, view.experiment)]
@@ -88,7 +94,7 @@ class ClusterCache:
                 return
             bucket[view.name] = view
 
-    def drop_trial(self, view: TrialView) -> None:
+    def drop_trial(self, view: TrialResource) -> None:
         """Forget a deleted Trial."""
         with self._lock:
             bucket = self._trials.get((view.namespace, view.experiment))
@@ -97,22 +103,22 @@ class ClusterCache:
                 if not bucket:
                     del self._trials[(view.namespace, view.experiment)]
 
-    def replace_trials(self, views: list[TrialView], namespace: str | None) -> None:
+    def replace_trials(self, views: list[TrialResource], namespace: str | None) -> None:
         """After a LIST: the Trials in ``namespace`` (every one if ``None``) become ``views``."""
         with self._lock:
             _replace(self._trials, [(view.experiment, view) for view in views], namespace)
 
-    def trial(self, key: Key, name: str) -> TrialView | None:
+    def trial(self, key: Key, name: str) -> TrialResource | None:
         """One of an experiment's Trials, by name."""
         with self._lock:
             return self._trials.get(key, {}).get(name)
 
-    def trials(self, key: Key) -> dict[str, TrialView]:
+    def trials(self, key: Key) -> dict[str, TrialResource]:
         """An experiment's Trials by name (a copy)."""
         with self._lock:
             return dict(self._trials.get(key, {}))
 
-    def put_pod(self, experiment_label: str, view: PodView) -> None:
+    def put_pod(self, experiment_label: str, view: PodResource) -> None:
         """Record a trial Pod's latest state."""
         with self._lock:
             bucket = self._pods[(view.namespace, experiment_label)]
@@ -125,7 +131,7 @@ class ClusterCache:
                 return
             bucket[view.name] = view
 
-    def drop_pod(self, experiment_label: str, view: PodView) -> None:
+    def drop_pod(self, experiment_label: str, view: PodResource) -> None:
         """Forget a deleted Pod."""
         key = (view.namespace, experiment_label)
         with self._lock:
@@ -135,7 +141,7 @@ class ClusterCache:
                 if not bucket:
                     del self._pods[key]
 
-    def replace_pods(self, pods: list[tuple[str, PodView]], namespace: str | None) -> None:
+    def replace_pods(self, pods: list[tuple[str, PodResource]], namespace: str | None) -> None:
         """After a LIST: the trial Pods in ``namespace`` (all if ``None``) become ``pods``.
 
         Args:
@@ -145,13 +151,13 @@ class ClusterCache:
         with self._lock:
             _replace(self._pods, pods, namespace)
 
-    def pod(self, key: Key, name: str) -> PodView | None:
+    def pod(self, key: Key, name: str) -> PodResource | None:
         """One of an experiment's trial Pods, by name."""
         namespace, experiment = key
         with self._lock:
             return self._pods.get((namespace, label_value(experiment)), {}).get(name)
 
-    def pods(self, key: Key) -> dict[str, PodView]:
+    def pods(self, key: Key) -> dict[str, PodResource]:
         """An experiment's trial Pods by name (a copy)."""
         namespace, name = key
         with self._lock:

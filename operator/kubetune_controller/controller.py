@@ -36,14 +36,14 @@ from kubetune_controller.memory import ExperimentMemory
 from kubetune_controller.metrics import OperatorMetrics
 from kubetune_controller.model import (
     ExperimentPhase,
-    ExperimentView,
-    PodView,
+    ExperimentResource,
+    PodResource,
     TrialPhase,
-    TrialView,
+    TrialResource,
     trial_name,
 )
 from kubetune_controller.recorder import Recorder
-from kubetune_controller.service_client import ServiceClient, ServiceError, ServiceUnavailable
+from kubetune_controller.service_client import ServiceCallError, ServiceClient, ServiceUnavailable
 from kubetune_controller.settings import Settings
 from kubetune_controller.stops import StopOrders
 from kubetune_controller.trials import TrialActions
@@ -122,7 +122,7 @@ class Controller:
 
     # -- watch events (from kopf's handlers and the watch streams) ---------------------------
 
-    def on_experiment(self, view: ExperimentView, deleted: bool) -> None:
+    def on_experiment(self, view: ExperimentResource, deleted: bool) -> None:
         """An Experiment changed (or was deleted)."""
         if deleted:
             self.cache.drop_experiment(view.key)
@@ -135,7 +135,7 @@ class Controller:
         self.cache.put_experiment(view)
         self.queue.add(view.key)
 
-    def on_trial(self, view: TrialView, deleted: bool) -> None:
+    def on_trial(self, view: TrialResource, deleted: bool) -> None:
         """A Trial changed (or was deleted)."""
         if deleted:
             self.cache.drop_trial(view)
@@ -144,7 +144,7 @@ class Controller:
         self.queue.add((view.namespace, view.experiment))
 
     def on_pod(
-        self, experiment_label: str, experiment: str | None, view: PodView, deleted: bool
+        self, experiment_label: str, experiment: str | None, view: PodResource, deleted: bool
     ) -> None:
         """A trial Pod changed (or was deleted)."""
         if deleted:
@@ -157,7 +157,7 @@ class Controller:
                 self._settle_ended_pod(key, view)
             self.queue.add(key)
 
-    def _settle_ended_pod(self, key: Key, pod: PodView) -> None:
+    def _settle_ended_pod(self, key: Key, pod: PodResource) -> None:
         """Finish the trial of a Pod that has just ended, without waiting for a reconcile.
 
         Its successor waits for this finish (the service frees the slot), and
@@ -202,12 +202,12 @@ class Controller:
                 key, memory, r.number, self.trials.retry(experiment, memory.spec, trial, r)
             )
 
-    def on_trial_snapshot(self, views: list[TrialView], namespace: str | None) -> None:
+    def on_trial_snapshot(self, views: list[TrialResource], namespace: str | None) -> None:
         """A fresh LIST of the Trials in ``namespace`` (all if ``None``)."""
         self.cache.replace_trials(views, namespace)
         self._requeue(namespace)
 
-    def on_pod_snapshot(self, pods: list[tuple[str, PodView]], namespace: str | None) -> None:
+    def on_pod_snapshot(self, pods: list[tuple[str, PodResource]], namespace: str | None) -> None:
         """A fresh LIST of the trial Pods in ``namespace`` (all if ``None``)."""
         self.cache.replace_pods(pods, namespace)
         self._requeue(namespace)
@@ -243,7 +243,7 @@ class Controller:
     async def _forget_in_service(self, uid: str) -> None:
         try:
             await self.service.delete(uid)
-        except (ServiceUnavailable, ServiceError) as exc:
+        except (ServiceUnavailable, ServiceCallError) as exc:
             log.info("experiment %s not deleted from the service: %s", uid, exc)
 
     # -- loops ----------------------------------------------------------------------------
@@ -326,7 +326,7 @@ class Controller:
 
     # -- the reconcile ---------------------------------------------------------------------
 
-    def _remember(self, uid: str, experiment: ExperimentView | None) -> ExperimentMemory:
+    def _remember(self, uid: str, experiment: ExperimentResource | None) -> ExperimentMemory:
         memory = self._memory.get(uid)
         if memory is None:
             memory = ExperimentMemory(uid)
@@ -366,7 +366,7 @@ class Controller:
             memory.template_error = None
         try:
             decision, progress = await self._decide(experiment, spec, memory, trials)
-        except ServiceError as exc:
+        except ServiceCallError as exc:
             if not _experiment_unknown(exc):
                 raise
             # The service lost it (a database on an emptyDir, reset): register
@@ -388,15 +388,15 @@ class Controller:
 
     async def _decide(
         self,
-        experiment: ExperimentView,
+        experiment: ExperimentResource,
         spec: ExperimentSpec,
         memory: ExperimentMemory,
-        trials: Mapping[str, TrialView],
+        trials: Mapping[str, TrialResource],
     ) -> tuple[rc.Decision, rc.Progress]:
         """Sync with the service, settle the trials, decide, and ask for new trials.
 
         Raises:
-            ServiceError: A 404 for the experiment when the service lost it.
+            ServiceCallError: A 404 for the experiment when the service lost it.
             ServiceUnavailable: When the service cannot be reached.
         """
         key = experiment.key
@@ -439,7 +439,7 @@ class Controller:
 
     def _next_reconcile(
         self,
-        experiment: ExperimentView,
+        experiment: ExperimentResource,
         memory: ExperimentMemory,
         decision: rc.Decision,
         retry: float | None,
@@ -459,7 +459,7 @@ class Controller:
     def _settle_trials(
         self,
         key: Key,
-        experiment: ExperimentView,
+        experiment: ExperimentResource,
         spec: ExperimentSpec,
         memory: ExperimentMemory,
     ) -> None:
@@ -525,11 +525,11 @@ class Controller:
             except ServiceUnavailable:
                 self.metrics.reconcile_errors.labels("service_unavailable").inc()
                 retry = 2.0
-            except (KubeError, ServiceError) as exc:
+            except (KubeError, ServiceCallError) as exc:
                 self.metrics.reconcile_errors.labels("trial").inc()
                 log.warning("trial %s of %s/%s: %s", number, *key, exc)
                 retry = 2.0
-                if isinstance(exc, ServiceError) and _experiment_unknown(exc):
+                if isinstance(exc, ServiceCallError) and _experiment_unknown(exc):
                     memory.registered = -1  # the next reconcile restores it
                     retry = 0.2
             except Exception:
@@ -554,7 +554,7 @@ class Controller:
         task.add_done_callback(lambda t: work.close() if t.cancelled() else None)
 
     async def _start_trials(
-        self, experiment: ExperimentView, memory: ExperimentMemory, count: int, parallelism: int
+        self, experiment: ExperimentResource, memory: ExperimentMemory, count: int, parallelism: int
     ) -> None:
         """Ask for trials and create each one's Trial and Pod (idempotently)."""
         answer = await self.service.ask(experiment.uid, count, parallelism)
@@ -571,6 +571,6 @@ class Controller:
             )
 
 
-def _experiment_unknown(exc: ServiceError) -> bool:
+def _experiment_unknown(exc: ServiceCallError) -> bool:
     """Whether the service answered that it has no such experiment."""
     return exc.status == 404 and exc.field == "uid"

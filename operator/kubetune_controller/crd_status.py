@@ -18,7 +18,7 @@ class _StatusModel(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-class Condition(_StatusModel):
+class StatusCondition(_StatusModel):
     """A condition in the shape of ``metav1.Condition``, usable with ``kubectl wait``."""
 
     type: str = Field(
@@ -39,7 +39,7 @@ class Condition(_StatusModel):
     )
 
 
-class BestTrial(_StatusModel):
+class BestTrialStatus(_StatusModel):
     """The best finished trial so far."""
 
     name: str | None = Field(default=None, description="Name of the Trial object.")
@@ -57,7 +57,7 @@ class ExperimentStatus(_StatusModel):
         default=None, description="Pending, Running, Suspended, Succeeded or Failed."
     )
     message: str | None = Field(default=None, description="A one-line explanation of the phase.")
-    conditions: list[Condition] = Field(
+    conditions: list[StatusCondition] = Field(
         default_factory=list,
         description="Running, Succeeded, Failed, Degraded...: `kubectl wait --for=condition=X`.",
     )
@@ -87,7 +87,9 @@ class ExperimentStatus(_StatusModel):
     metricsUnavailable: int | None = Field(
         default=None, ge=0, description="Trials that ended without reporting the objective metric."
     )
-    bestTrial: BestTrial | None = Field(default=None, description="The best finished trial so far.")
+    bestTrial: BestTrialStatus | None = Field(
+        default=None, description="The best finished trial so far."
+    )
     bestObjective: float | None = Field(
         default=None, description="The best objective value so far."
     )
@@ -145,7 +147,7 @@ class TrialStatus(_StatusModel):
     stopReason: str | None = Field(
         default=None, description="Why the early-stopping rule stopped it."
     )
-    conditions: list[Condition] = Field(
+    conditions: list[StatusCondition] = Field(
         default_factory=list, description="Conditions of the trial."
     )
     startTime: str | None = Field(

@@ -38,10 +38,16 @@ class PendingEvent:
 
 
 @dataclass
-class _Window:
+class _HeldEvents:
+    """The events of one (object, reason) held while its window is open."""
+
+    # When the window opened (the caller's monotonic clock).
     opened: float
+    # The object the events are about (an Event's involvedObject).
     involved: Mapping[str, str]
+    # Whether any held event is a warning (the combined Event is one then).
     warning: bool
+    # The held events' messages and when each happened, in arrival order.
     held: list[str] = field(default_factory=list)
     times: list[datetime | None] = field(default_factory=list)
 
@@ -91,7 +97,7 @@ class EventBatcher:
 
     def __init__(self, window: float) -> None:
         self.window = window
-        self._windows: dict[tuple[str, str], _Window] = {}
+        self._windows: dict[tuple[str, str], _HeldEvents] = {}
 
     def add(
         self,
@@ -111,7 +117,7 @@ class EventBatcher:
         ready = self._close(key, now)
         window = self._windows.get(key)
         if window is None:
-            self._windows[key] = _Window(now, involved, warning)
+            self._windows[key] = _HeldEvents(now, involved, warning)
             return [*ready, PendingEvent(involved, reason, message, warning)]
         window.held.append(message)
         window.times.append(when)
@@ -152,5 +158,5 @@ class EventBatcher:
             return []
         # What was held opens the next window: a steady stream of events
         # becomes one Event per window.
-        self._windows[key] = _Window(now, window.involved, window.warning)
+        self._windows[key] = _HeldEvents(now, window.involved, window.warning)
         return [window.combined(key[1])]

@@ -24,7 +24,7 @@ from kubetune_controller.cache import ClusterCache
 from kubetune_controller.controller import Controller
 from kubetune_controller.kube import Kube, Obj, load_configuration
 from kubetune_controller.metrics import OperatorMetrics
-from kubetune_controller.model import ExperimentView, PodView, TrialView
+from kubetune_controller.model import ExperimentResource, PodResource, TrialResource
 from kubetune_controller.service_client import ServiceClient
 from kubetune_controller.settings import (
     COMPONENT,
@@ -127,7 +127,7 @@ def build_registry(app: App) -> kopf.OperatorRegistry:
     @kopf.on.event(GROUP, VERSION, EXPERIMENTS, registry=registry)
     async def experiment_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         if app.controller is not None:
-            app.controller.on_experiment(ExperimentView.from_body(body), type == "DELETED")
+            app.controller.on_experiment(ExperimentResource.from_body(body), type == "DELETED")
 
     return registry
 
@@ -142,19 +142,19 @@ def watch_streams(
         prefix = f"/namespaces/{namespace}" if namespace else ""
 
         def trial_snapshot(items: list[Obj], namespace: str | None = namespace) -> None:
-            controller.on_trial_snapshot([TrialView.from_body(o) for o in items], namespace)
+            controller.on_trial_snapshot([TrialResource.from_body(o) for o in items], namespace)
 
         def pod_snapshot(items: list[Obj], namespace: str | None = namespace) -> None:
             controller.on_pod_snapshot(
-                [(_pod(o)[0], PodView.from_body(o)) for o in items], namespace
+                [(_pod(o)[0], PodResource.from_body(o)) for o in items], namespace
             )
 
         def trial_event(kind: str, obj: Obj) -> None:
-            controller.on_trial(TrialView.from_body(obj), kind == "DELETED")
+            controller.on_trial(TrialResource.from_body(obj), kind == "DELETED")
 
         def pod_event(kind: str, obj: Obj) -> None:
             label, name = _pod(obj)
-            controller.on_pod(label, name, PodView.from_body(obj), kind == "DELETED")
+            controller.on_pod(label, name, PodResource.from_body(obj), kind == "DELETED")
 
         streams.append(
             ObjectStream(

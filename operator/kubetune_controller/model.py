@@ -1,9 +1,12 @@
-"""What the reconciler knows about cluster objects: small frozen views.
+"""What the reconciler knows about cluster objects: small frozen records of them.
 
 Watch events carry whole objects; the operator keeps only the few fields its
-decisions need, parsed once into these views. That keeps the in-memory cache
+decisions need, parsed once into these records (:class:`ExperimentResource`,
+:class:`TrialResource`, :class:`PodResource`). That keeps the in-memory cache
 small at thousands of trials and gives the pure decision code typed inputs
-that tests build in one line.
+that tests build in one line. (The suggestion service's own records of the
+same experiments and trials are its wire models, ``ExperimentView`` and
+``TrialView``.)
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ def trial_name(experiment: str, number: int) -> str:
 
 
 @dataclass(frozen=True)
-class ExperimentView:
+class ExperimentResource:
     """The fields of an Experiment the operator reads."""
 
     namespace: str
@@ -111,7 +114,7 @@ class ExperimentView:
     resource_version: str = ""
 
     @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> ExperimentView:
+    def from_body(cls, body: Mapping[str, Any]) -> ExperimentResource:
         """Read an Experiment object as the API server sends it."""
         meta = body.get("metadata") or {}
         return cls(
@@ -140,7 +143,7 @@ class ExperimentView:
 
 
 @dataclass(frozen=True)
-class TrialView:
+class TrialResource:
     """The fields of a Trial the operator reads."""
 
     namespace: str
@@ -165,7 +168,7 @@ class TrialView:
     attempt: int = 1
 
     @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> TrialView:
+    def from_body(cls, body: Mapping[str, Any]) -> TrialResource:
         """Read a Trial object as the API server sends it."""
         meta = body.get("metadata") or {}
         spec = body.get("spec") or {}
@@ -214,7 +217,7 @@ class ContainerEnd:
 
 
 @dataclass(frozen=True)
-class PodView:
+class PodResource:
     """The fields of a trial Pod the operator reads."""
 
     namespace: str
@@ -245,7 +248,7 @@ class PodView:
     disruption: str | None = None
 
     @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> PodView:
+    def from_body(cls, body: Mapping[str, Any]) -> PodResource:
         """Read a Pod object as the API server sends it."""
         meta = body.get("metadata") or {}
         status = body.get("status") or {}

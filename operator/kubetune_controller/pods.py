@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from kubetune_controller.model import ExperimentView, label_value, trial_name
+from kubetune_controller.model import ExperimentResource, label_value, trial_name
 from kubetune_controller.settings import (
     API_VERSION,
     COMPONENT,
@@ -81,7 +81,7 @@ def _labels(experiment: str, number: int) -> dict[str, str]:
 
 
 def build_trial(
-    experiment: ExperimentView, number: int, params: Mapping[str, Any]
+    experiment: ExperimentResource, number: int, params: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The Trial object for one configuration, owned by its Experiment.
 
@@ -110,7 +110,7 @@ def build_trial(
 
 
 def build_trial_pod(
-    experiment: ExperimentView,
+    experiment: ExperimentResource,
     trial_uid: str,
     number: int,
     params: Mapping[str, Any],

@@ -22,7 +22,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from kubetune_controller.model import ExperimentPhase, ExperimentView, PodView, TrialView
+from kubetune_controller.model import (
+    ExperimentPhase,
+    ExperimentResource,
+    PodResource,
+    TrialResource,
+)
 from kubetune_suggestion.experiment_end import EndReason, TrialCounts, experiment_end
 from kubetune_suggestion.service.models import ExperimentSummary
 from kubetune_suggestion.spec import ExperimentSpec
@@ -113,7 +118,7 @@ class Decision:
     ending: str | None = None
 
 
-def hold_until_trials_end(decision: Decision, trials: Iterable[TrialView]) -> Decision:
+def hold_until_trials_end(decision: Decision, trials: Iterable[TrialResource]) -> Decision:
     """A decision to end, held at ``Running`` until every Trial shows its own end.
 
     The service counts a trial done as soon as it is finished there; its
@@ -134,7 +139,7 @@ def hold_until_trials_end(decision: Decision, trials: Iterable[TrialView]) -> De
 
 def decide(
     spec: ExperimentSpec,
-    previous: ExperimentView,
+    previous: ExperimentResource,
     progress: Progress,
     exhausted: bool,
     trial_name_of: Mapping[int, str] | None = None,
@@ -216,7 +221,7 @@ def _condition(status: Mapping[str, Any], *types: str) -> tuple[str, str] | None
     return None
 
 
-def unchanged(experiment: ExperimentView, why: str) -> Decision:
+def unchanged(experiment: ExperimentResource, why: str) -> Decision:
     """The experiment's recorded phase, kept while the service cannot be asked."""
     phase = experiment.phase or ExperimentPhase.PENDING
     if phase.final:
@@ -227,7 +232,9 @@ def unchanged(experiment: ExperimentView, why: str) -> Decision:
 
 
 def settled(
-    experiment: ExperimentView, trials: Mapping[str, TrialView], pods: Mapping[str, PodView]
+    experiment: ExperimentResource,
+    trials: Mapping[str, TrialResource],
+    pods: Mapping[str, PodResource],
 ) -> bool:
     """Whether an experiment has ended with nothing left to clean up."""
     if experiment.phase is None or not experiment.phase.final:

@@ -22,7 +22,7 @@ from kubetune_controller.cache import ClusterCache
 from kubetune_controller.events import EventBatcher, PendingEvent
 from kubetune_controller.kube import Kube
 from kubetune_controller.memory import ExperimentMemory
-from kubetune_controller.model import ExperimentPhase, ExperimentView, TrialPhase, TrialView
+from kubetune_controller.model import ExperimentPhase, ExperimentResource, TrialPhase, TrialResource
 from kubetune_controller.pods import build_event
 from kubetune_controller.reconcile import REASON_GOAL, Decision, Progress
 from kubetune_controller.settings import API_VERSION, COMPONENT, Settings
@@ -61,7 +61,7 @@ class Recorder:
 
     async def write_status(
         self,
-        experiment: ExperimentView,
+        experiment: ExperimentResource,
         max_trials: int,
         decision: Decision,
         progress: Progress | None,
@@ -106,14 +106,14 @@ class Recorder:
         )
         if memory is not None:
             memory.status_written = time.monotonic()
-        self.cache.put_experiment(ExperimentView.from_body(body))
+        self.cache.put_experiment(ExperimentResource.from_body(body))
         before = experiment.phase
         if before is not decision.phase:
             self._phase_event(experiment, before, decision)
         return None
 
     def _phase_event(
-        self, experiment: ExperimentView, before: ExperimentPhase | None, decision: Decision
+        self, experiment: ExperimentResource, before: ExperimentPhase | None, decision: Decision
     ) -> None:
         phase = decision.phase
         if phase is ExperimentPhase.SUCCEEDED:
@@ -133,7 +133,7 @@ class Recorder:
     # -- events ---------------------------------------------------------------------------
 
     def trial_ended(
-        self, experiment: ExperimentView, trial: TrialView, phase: TrialPhase, message: str
+        self, experiment: ExperimentResource, trial: TrialResource, phase: TrialPhase, message: str
     ) -> None:
         """The Events of a trial that ended (none for a success: the status shows it)."""
         first_line = message.splitlines()[0] if message else ""
@@ -152,11 +152,11 @@ class Recorder:
 
     def event(
         self,
-        experiment: ExperimentView,
+        experiment: ExperimentResource,
         reason: str,
         message: str,
         warning: bool = False,
-        trial: TrialView | None = None,
+        trial: TrialResource | None = None,
     ) -> None:
         """Write an Event about the experiment (or one of its trials), in order.
 

@@ -5,7 +5,7 @@ exponential backoff and jitter, then raises :class:`ServiceUnavailable`; the
 reconciler turns that into a ``ServiceAvailable=False`` condition and tries
 again later, so a service restart shows up as a clear, temporary condition
 rather than as failed trials. A 4xx answer is the service's considered "no"
-and raises :class:`ServiceError` at once, with the service's code, message
+and raises :class:`ServiceCallError` at once, with the service's code, message
 and field.
 
 Request and response bodies are the service's own pydantic models
@@ -55,7 +55,7 @@ class ServiceUnavailable(Exception):
     """The service could not be reached (or kept failing) after every retry."""
 
 
-class ServiceError(Exception):
+class ServiceCallError(Exception):
     """The service refused a request (a 4xx answer).
 
     Attributes:
@@ -258,7 +258,7 @@ class ServiceClient:
         would otherwise cost fifty requests and transactions a second).
 
         Raises:
-            ServiceError: If the service refuses this trial (unknown, finished).
+            ServiceCallError: If the service refuses this trial (unknown, finished).
             ServiceUnavailable: If the service cannot be reached.
         """
         batch = self._starts.get(uid)
@@ -270,13 +270,14 @@ class ServiceClient:
             waiter = batch[number] = asyncio.get_running_loop().create_future()
         await asyncio.shield(waiter)
 
-    async def start_many(self, uid: str, numbers: list[int]) -> dict[int, ServiceError]:
+    async def start_many(self, uid: str, numbers: list[int]) -> dict[int, ServiceCallError]:
         """Mark trials as started in one request; the refusals by trial number."""
         answer = await self._call(
             StartResult, "POST", f"/v1/experiments/{uid}/start", {"numbers": numbers}
         )
         return {
-            r.number: ServiceError(r.status, r.code, r.message, "number") for r in answer.refused
+            r.number: ServiceCallError(r.status, r.code, r.message, "number")
+            for r in answer.refused
         }
 
     def _spawn_flush(self, uid: str) -> None:
@@ -295,7 +296,7 @@ class ServiceClient:
             # Every waiter learns the outcome, whatever it was.
             failure = (
                 exc
-                if isinstance(exc, ServiceError | ServiceUnavailable)
+                if isinstance(exc, ServiceCallError | ServiceUnavailable)
                 else ServiceUnavailable(f"starting trials of {uid}: {exc!r}")
             )
             for waiter in batch.values():
@@ -325,19 +326,19 @@ class ServiceClient:
             return await self._call(
                 TrialView, "POST", f"/v1/experiments/{uid}/trials/{number}/finish", body
             )
-        except ServiceError as exc:
+        except ServiceCallError as exc:
             if exc.status != 409:
                 raise
         view = await self.trial(uid, number)
         if view is None:
-            raise ServiceError(404, "not_found", f"trial {number} vanished", "number")
+            raise ServiceCallError(404, "not_found", f"trial {number} vanished", "number")
         return view
 
     async def trial(self, uid: str, number: int) -> TrialView | None:
         """One trial as the service sees it, or ``None`` if it does not know it."""
         try:
             return await self._call(TrialView, "GET", f"/v1/experiments/{uid}/trials/{number}")
-        except ServiceError as exc:
+        except ServiceCallError as exc:
             if exc.status == 404 and exc.field in ("number", None):
                 return None
             if exc.status not in (404, 405):
@@ -361,7 +362,7 @@ class ServiceClient:
         """Forget an experiment (its Kubernetes object is gone)."""
         try:
             await self._json("DELETE", f"/v1/experiments/{uid}")
-        except ServiceError as exc:
+        except ServiceCallError as exc:
             if exc.status != 404:
                 raise
 
@@ -397,7 +398,7 @@ class ServiceClient:
         """Send a request with retries; return the decoded JSON answer.
 
         Raises:
-            ServiceError: On a 4xx answer.
+            ServiceCallError: On a 4xx answer.
             ServiceUnavailable: When every attempt failed.
         """
         delay = 0.2
@@ -443,12 +444,12 @@ def _from_the_service(content: bytes) -> bool:
     return isinstance(body, dict) and isinstance(body.get("error"), dict)
 
 
-def _refusal(status: int, content: bytes) -> ServiceError:
+def _refusal(status: int, content: bytes) -> ServiceCallError:
     try:
         err = json.loads(content).get("error") or {}
     except (ValueError, AttributeError):
         err = {}
-    return ServiceError(
+    return ServiceCallError(
         status,
         str(err.get("code") or "error"),
         str(err.get("message") or content[:500].decode(errors="replace")),

@@ -16,10 +16,10 @@ from typing import Any
 
 from kubetune_controller.model import (
     ExperimentPhase,
-    ExperimentView,
-    PodView,
+    ExperimentResource,
+    PodResource,
     TrialPhase,
-    TrialView,
+    TrialResource,
     format_time,
 )
 from kubetune_controller.reconcile import (
@@ -38,7 +38,7 @@ from kubetune_suggestion.service.models import TrialView as ServiceTrial
 
 
 @dataclass(frozen=True)
-class Condition:
+class DesiredCondition:
     """One desired condition (its transition time is carried over when unchanged)."""
 
     type: str
@@ -49,35 +49,35 @@ class Condition:
 
 def desired_conditions(
     decision: Decision, service_ok: bool, service_message: str
-) -> list[Condition]:
+) -> list[DesiredCondition]:
     """The Experiment's conditions for a decision and the service's health."""
     phase = decision.phase
     return [
-        Condition(
+        DesiredCondition(
             COND_RUNNING,
             phase is ExperimentPhase.RUNNING,
             decision.reason,
             decision.message,
         ),
-        Condition(
+        DesiredCondition(
             COND_SUCCEEDED,
             phase is ExperimentPhase.SUCCEEDED,
             decision.reason if phase is ExperimentPhase.SUCCEEDED else "NotFinished",
             decision.message if phase is ExperimentPhase.SUCCEEDED else "",
         ),
-        Condition(
+        DesiredCondition(
             COND_FAILED,
             phase is ExperimentPhase.FAILED,
             decision.reason if phase is ExperimentPhase.FAILED else "NotFailed",
             decision.message if phase is ExperimentPhase.FAILED else "",
         ),
-        Condition(
+        DesiredCondition(
             COND_SUSPENDED,
             phase is ExperimentPhase.SUSPENDED,
             decision.reason if phase is ExperimentPhase.SUSPENDED else "NotSuspended",
             decision.message if phase is ExperimentPhase.SUSPENDED else "",
         ),
-        Condition(
+        DesiredCondition(
             COND_SERVICE,
             service_ok,
             "ServiceReachable" if service_ok else "ServiceUnavailable",
@@ -87,7 +87,7 @@ def desired_conditions(
 
 
 def render_conditions(
-    desired: Iterable[Condition],
+    desired: Iterable[DesiredCondition],
     previous: Iterable[Mapping[str, Any]],
     now: datetime,
     generation: int,
@@ -117,11 +117,11 @@ def render_conditions(
 
 
 def experiment_status(
-    experiment: ExperimentView,
+    experiment: ExperimentResource,
     spec_max_trials: int,
     decision: Decision,
     progress: Progress | None,
-    trials: Iterable[TrialView],
+    trials: Iterable[TrialResource],
     conditions: list[dict[str, Any]],
     trial_name_of: Mapping[int, str],
 ) -> dict[str, Any]:
@@ -201,7 +201,7 @@ def status_change_urgent(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool
 
 
 def experiment_times(
-    experiment: ExperimentView, phase: ExperimentPhase, now: datetime
+    experiment: ExperimentResource, phase: ExperimentPhase, now: datetime
 ) -> dict[str, str]:
     """``startTime`` once the experiment leaves Pending, ``completionTime`` once it ends.
 
@@ -219,7 +219,7 @@ def experiment_times(
 
 
 def progress_status(
-    trial: TrialView, progress: TrialProgress, pod: PodView | None
+    trial: TrialResource, progress: TrialProgress, pod: PodResource | None
 ) -> dict[str, Any]:
     """A live trial's phase (and why it waits), with its start once it runs."""
     status: dict[str, Any] = {
@@ -232,7 +232,7 @@ def progress_status(
     return status
 
 
-def retry_status(trial: TrialView, retry: TrialRetry, max_retries: int) -> dict[str, Any]:
+def retry_status(trial: TrialResource, retry: TrialRetry, max_retries: int) -> dict[str, Any]:
     """A disrupted trial's next attempt: Pending again, in a Pod of its own (``<trial>-retryN``)."""
     attempt = trial.attempt + 1
     return {
@@ -286,8 +286,8 @@ def finished_message(
 
 
 def finished_status(
-    trial: TrialView,
-    pod: PodView | None,
+    trial: TrialResource,
+    pod: PodResource | None,
     phase: TrialPhase,
     finish: TrialFinish,
     view: ServiceTrial,

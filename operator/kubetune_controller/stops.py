@@ -17,8 +17,8 @@ from kubetune_controller.cache import ClusterCache, Key
 from kubetune_controller.kube import Kube, KubeError
 from kubetune_controller.memory import ExperimentMemory
 from kubetune_controller.metrics import OperatorMetrics
-from kubetune_controller.model import ExperimentView, trial_name
-from kubetune_controller.service_client import ServiceClient, ServiceError, ServiceUnavailable
+from kubetune_controller.model import ExperimentResource, trial_name
+from kubetune_controller.service_client import ServiceCallError, ServiceClient, ServiceUnavailable
 from kubetune_controller.settings import Settings
 from kubetune_controller.workqueue import WorkQueue
 
@@ -48,7 +48,7 @@ class StopOrders:
         cache: ClusterCache,
         metrics: OperatorMetrics,
         queue: WorkQueue[Key],
-        remember: Callable[[str, ExperimentView | None], ExperimentMemory],
+        remember: Callable[[str, ExperimentResource | None], ExperimentMemory],
         spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
     ) -> None:
         self.settings = settings
@@ -70,7 +70,7 @@ class StopOrders:
                 backoff = 0.5
             except asyncio.CancelledError:
                 raise
-            except (ServiceUnavailable, ServiceError) as exc:
+            except (ServiceUnavailable, ServiceCallError) as exc:
                 log.info("stop orders unavailable: %s", exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)

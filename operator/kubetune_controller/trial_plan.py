@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from kubetune_controller.model import PodView, TrialPhase, TrialView
+from kubetune_controller.model import PodResource, TrialPhase, TrialResource
 
 
 @dataclass(frozen=True)
@@ -75,14 +75,14 @@ class TrialPlan:
     delete_pods: list[PodDeletion] = field(default_factory=list)
     # Trials whose Pod is missing from the cache for a while: the controller
     # confirms with a direct read (and the service's view) before failing them.
-    maybe_lost: list[TrialView] = field(default_factory=list)
+    maybe_lost: list[TrialResource] = field(default_factory=list)
     # Seconds until a held-back Running write is due (plan again then).
     recheck_after: float | None = None
 
 
 def plan_trials(
-    trials: Iterable[TrialView],
-    pods: Mapping[str, PodView],
+    trials: Iterable[TrialResource],
+    pods: Mapping[str, PodResource],
     stops: Mapping[int, str],
     ending: str | None,
     now: datetime,
@@ -156,7 +156,7 @@ def plan_trials(
     return replace(plan, recheck_after=min(recheck)) if recheck else plan
 
 
-def _plan_failed(plan: TrialPlan, trial: TrialView, pod: PodView, max_retries: int) -> None:
+def _plan_failed(plan: TrialPlan, trial: TrialResource, pod: PodResource, max_retries: int) -> None:
     """A failed Pod: its trial fails, or runs again when Kubernetes ended it."""
     failed = _failed(trial, pod)
     if not _disrupted(pod):
@@ -169,7 +169,7 @@ def _plan_failed(plan: TrialPlan, trial: TrialView, pod: PodView, max_retries: i
         plan.finish.append(replace(retry, wants_logs=True))
 
 
-def _running_wait(pod: PodView, phase: TrialPhase, now: datetime, delay: float) -> float:
+def _running_wait(pod: PodResource, phase: TrialPhase, now: datetime, delay: float) -> float:
     """Seconds to hold back a Running write; 0 to write now.
 
     Without a start time, or with one in the future (a node's clock ahead of
@@ -204,7 +204,7 @@ _DISRUPTION_REASONS = frozenset(
 )
 
 
-def _disrupted(pod: PodView) -> bool:
+def _disrupted(pod: PodResource) -> bool:
     """Whether a failed Pod ended through no fault of its trial (worth a retry).
 
     OOMKilled, exit codes, timeouts and image errors are the trial's own: a
@@ -216,7 +216,7 @@ def _disrupted(pod: PodView) -> bool:
 
 
 def _retry_or_finish(
-    trial: TrialView, reason: str, message: str, max_retries: int
+    trial: TrialResource, reason: str, message: str, max_retries: int
 ) -> TrialRetry | TrialFinish:
     """Run a disrupted trial again while ``spec.maxRetries`` allows, else fail it."""
     if trial.attempt <= max_retries:
@@ -226,7 +226,7 @@ def _retry_or_finish(
     return TrialFinish(trial.number, trial.name, "failed", reason, message)
 
 
-def _failed(trial: TrialView, pod: PodView) -> TrialFinish:
+def _failed(trial: TrialResource, pod: PodResource) -> TrialFinish:
     if _disrupted(pod):
         reason = pod.disruption or pod.reason or "Disrupted"
         what = f"its Pod was stopped by Kubernetes ({reason})"
@@ -249,7 +249,7 @@ def _failed(trial: TrialView, pod: PodView) -> TrialFinish:
 
 
 def lost_trial(
-    trial: TrialView, service_state: str | None, stop_reason: str | None, max_retries: int = 0
+    trial: TrialResource, service_state: str | None, stop_reason: str | None, max_retries: int = 0
 ) -> TrialFinish | TrialRetry | None:
     """Decide about a Trial whose Pod is confirmed absent from the API server.
 
@@ -292,7 +292,7 @@ _SERVICE_STATES = {
 }
 
 
-def service_lost_trials(trials: Iterable[TrialView], allocated: int) -> bool:
+def service_lost_trials(trials: Iterable[TrialResource], allocated: int) -> bool:
     """Whether the service has forgotten trials the cluster holds.
 
     The service allocates a number before its Trial is created, so a Trial
@@ -302,7 +302,7 @@ def service_lost_trials(trials: Iterable[TrialView], allocated: int) -> bool:
     return any(t.number >= allocated for t in trials)
 
 
-def restore_records(trials: Iterable[TrialView]) -> list[dict[str, Any]]:
+def restore_records(trials: Iterable[TrialResource]) -> list[dict[str, Any]]:
     """The Trials as the service's ``restore`` takes them, by number.
 
     A Trial without a phase yet is new (its Pod is being created): it is

@@ -23,14 +23,14 @@ from kubetune_controller.memory import ExperimentMemory
 from kubetune_controller.metrics import OperatorMetrics
 from kubetune_controller.model import (
     SERVICE_STATE_PHASE,
-    ExperimentView,
-    PodView,
+    ExperimentResource,
+    PodResource,
     TrialPhase,
-    TrialView,
+    TrialResource,
 )
 from kubetune_controller.pods import TemplateError, build_trial, build_trial_pod
 from kubetune_controller.recorder import Recorder
-from kubetune_controller.service_client import ServiceClient, ServiceError, ServiceUnavailable
+from kubetune_controller.service_client import ServiceCallError, ServiceClient, ServiceUnavailable
 from kubetune_controller.settings import Settings
 from kubetune_controller.workqueue import WorkQueue
 from kubetune_suggestion.service.models import ExperimentSummary, TrialAssignment
@@ -73,13 +73,13 @@ class TrialActions:
     # -- creating ---------------------------------------------------------------------------
 
     async def create(
-        self, experiment: ExperimentView, memory: ExperimentMemory, assignment: TrialAssignment
+        self, experiment: ExperimentResource, memory: ExperimentMemory, assignment: TrialAssignment
     ) -> None:
         """Create a trial's Trial and Pod and mark it started; safe to repeat."""
         trial_obj, created = await self.kube.create_trial(
             build_trial(experiment, assignment.number, assignment.params)
         )
-        trial = TrialView.from_body(trial_obj)
+        trial = TrialResource.from_body(trial_obj)
         owners = {o.get("uid") for o in trial_obj["metadata"].get("ownerReferences") or []}
         if experiment.uid not in owners:
             # A Trial of a deleted Experiment of the same name, not yet
@@ -114,7 +114,7 @@ class TrialActions:
             await self._template_failed(experiment, memory, trial, assignment.number, problem)
             return
         self.cache.put_pod(
-            pod["metadata"]["labels"].get("kubetune.io/experiment", ""), PodView.from_body(pod)
+            pod["metadata"]["labels"].get("kubetune.io/experiment", ""), PodResource.from_body(pod)
         )
         # No status write here: the CRD defaults a new Trial's phase to
         # Pending, and the Pod's name is in its spec (the Pod column shows
@@ -128,9 +128,9 @@ class TrialActions:
 
     async def _template_failed(
         self,
-        experiment: ExperimentView,
+        experiment: ExperimentResource,
         memory: ExperimentMemory,
-        trial: TrialView,
+        trial: TrialResource,
         number: int,
         problem: str,
     ) -> None:
@@ -143,17 +143,17 @@ class TrialActions:
             trial.name,
             {"phase": TrialPhase.FAILED.value, "message": problem},
         )
-        self.cache.put_trial(TrialView.from_body(body))
+        self.cache.put_trial(TrialResource.from_body(body))
 
     # -- while it runs ----------------------------------------------------------------------
 
     async def record_progress(
-        self, trial: TrialView, progress: tp.TrialProgress, pods: Mapping[str, PodView]
-    ) -> TrialView:
+        self, trial: TrialResource, progress: tp.TrialProgress, pods: Mapping[str, PodResource]
+    ) -> TrialResource:
         """Write a live trial's phase (and why it waits) to its status."""
         status = st.progress_status(trial, progress, pods.get(trial.pod_name))
         body = await self.kube.patch_trial_status(trial.namespace, trial.name, status)
-        view = TrialView.from_body(body)
+        view = TrialResource.from_body(body)
         self.cache.put_trial(view)
         return view
 
@@ -172,21 +172,21 @@ class TrialActions:
                     body = await self.kube.patch_trial_status(
                         trial.namespace, trial.name, {"lastStep": view.last_step}
                     )
-                    self.cache.put_trial(TrialView.from_body(body))
-        except (ServiceUnavailable, ServiceError, KubeError) as exc:
+                    self.cache.put_trial(TrialResource.from_body(body))
+        except (ServiceUnavailable, ServiceCallError, KubeError) as exc:
             log.info("last steps of %s/%s not copied: %s", *key, exc)
 
     # -- ending -----------------------------------------------------------------------------
 
     async def finish(
         self,
-        experiment: ExperimentView,
+        experiment: ExperimentResource,
         spec: ExperimentSpec,
         memory: ExperimentMemory,
         finish: tp.TrialFinish,
-        trials: Mapping[str, TrialView],
-        pods: Mapping[str, PodView],
-    ) -> TrialView | None:
+        trials: Mapping[str, TrialResource],
+        pods: Mapping[str, PodResource],
+    ) -> TrialResource | None:
         """Tell the service a trial ended and record the outcome on its Trial."""
         trial = trials.get(finish.name)
         pod = pods.get(trial.pod_name) if trial is not None else None
@@ -215,14 +215,14 @@ class TrialActions:
         now = datetime.now(UTC)
         status = st.finished_status(trial, pod, phase, finish, view, message, now)
         body = await self.kube.patch_trial_status(trial.namespace, trial.name, status)
-        updated = TrialView.from_body(body)
+        updated = TrialResource.from_body(body)
         self.cache.put_trial(updated)
         memory.stops.pop(finish.number, None)
         self._count_finish(experiment, trial, phase, now)
         self.recorder.trial_ended(experiment, trial, phase, message)
         return updated
 
-    async def _last_lines(self, namespace: str, pod: PodView, container: str) -> str | None:
+    async def _last_lines(self, namespace: str, pod: PodResource, container: str) -> str | None:
         logs = await self.kube.pod_logs(
             namespace, pod.name, container, self.settings.log_tail_lines
         )
@@ -234,7 +234,7 @@ class TrialActions:
         return None
 
     def _count_finish(
-        self, experiment: ExperimentView, trial: TrialView, phase: TrialPhase, now: datetime
+        self, experiment: ExperimentResource, trial: TrialResource, phase: TrialPhase, now: datetime
     ) -> None:
         ns = experiment.namespace
         self.metrics.trials_finished.labels(ns, phase.value).inc()
@@ -249,9 +249,9 @@ class TrialActions:
 
     async def retry(
         self,
-        experiment: ExperimentView,
+        experiment: ExperimentResource,
         spec: ExperimentSpec,
-        trial: TrialView,
+        trial: TrialResource,
         retry: tp.TrialRetry,
     ) -> None:
         """Run a disrupted trial again: same number and params, in a Pod of its own.
@@ -264,7 +264,7 @@ class TrialActions:
         await self.service.retry(experiment.uid, trial.number)
         status = st.retry_status(trial, retry, spec.maxRetries)
         body = await self.kube.patch_trial_status(trial.namespace, trial.name, status)
-        self.cache.put_trial(TrialView.from_body(body))
+        self.cache.put_trial(TrialResource.from_body(body))
         message = f"trial {trial.name}: {status['message']}"
         self.recorder.event(experiment, "TrialRetried", message, warning=True)
         with contextlib.suppress(KubeError):
@@ -280,10 +280,10 @@ class TrialActions:
 
     async def settle_lost(
         self,
-        experiment: ExperimentView,
+        experiment: ExperimentResource,
         spec: ExperimentSpec,
         memory: ExperimentMemory,
-        trial: TrialView,
+        trial: TrialResource,
     ) -> None:
         """Finish or retry a trial whose Pod the cache has not had for a while, if it is gone."""
         outcome = await self._confirm_lost(experiment, trial, spec.maxRetries)
@@ -294,7 +294,7 @@ class TrialActions:
             await self.finish(experiment, spec, memory, outcome, trials, {})
 
     async def _confirm_lost(
-        self, experiment: ExperimentView, trial: TrialView, max_retries: int
+        self, experiment: ExperimentResource, trial: TrialResource, max_retries: int
     ) -> tp.TrialFinish | tp.TrialRetry | None:
         """Check a Pod the cache does not have, with the API server and the service."""
         if await self.kube.get_pod(trial.namespace, trial.pod_name) is not None:
@@ -311,7 +311,7 @@ class TrialActions:
         return tp.lost_trial(trial, state, view.stop_reason, max_retries)
 
     async def restore(
-        self, experiment: ExperimentView, trials: Mapping[str, TrialView]
+        self, experiment: ExperimentResource, trials: Mapping[str, TrialResource]
     ) -> ExperimentSummary:
         """Re-seed a service that lost this experiment's trials from the Trials.
 
@@ -335,6 +335,6 @@ class TrialActions:
         return await self.service.summary(experiment.uid)
 
 
-def _main_container(experiment: ExperimentView) -> str:
+def _main_container(experiment: ExperimentResource) -> str:
     containers = ((experiment.spec.get("template") or {}).get("spec") or {}).get("containers") or []
     return str(containers[0].get("name", "")) if containers else ""

@@ -5,7 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from kubetune_controller.model import ContainerEnd, ExperimentView, PodView, TrialPhase, TrialView
+from kubetune_controller.model import (
+    ContainerEnd,
+    ExperimentResource,
+    PodResource,
+    TrialPhase,
+    TrialResource,
+)
 from kubetune_controller.reconcile import Progress
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -54,8 +60,8 @@ def spec_dict(**overrides: Any) -> dict[str, Any]:
 
 def experiment(
     status: dict[str, Any] | None = None, generation: int = 1, **spec: Any
-) -> ExperimentView:
-    return ExperimentView(
+) -> ExperimentResource:
+    return ExperimentResource(
         namespace="ns",
         name="exp",
         uid="uid-1",
@@ -71,8 +77,8 @@ def trial(
     age: float = 60.0,
     stop_reason: str | None = None,
     message: str | None = None,
-) -> TrialView:
-    return TrialView(
+) -> TrialResource:
+    return TrialResource(
         namespace="ns",
         name=f"exp-{number}",
         uid=f"t-{number}",
@@ -92,11 +98,11 @@ def pod(
     deleting: bool = False,
     exit_code: int | None = None,
     waiting: str | None = None,
-) -> PodView:
+) -> PodResource:
     ends = ()
     if exit_code is not None:
         ends = (ContainerEnd("train", exit_code, "Error" if exit_code else "Completed", None),)
-    return PodView(
+    return PodResource(
         namespace="ns",
         name=f"exp-{number}",
         uid=f"p-{number}",

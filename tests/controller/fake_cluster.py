@@ -21,7 +21,7 @@ import httpx
 
 from kubetune_controller.controller import Controller
 from kubetune_controller.kube import KubeError
-from kubetune_controller.model import ExperimentView, PodView, TrialView
+from kubetune_controller.model import ExperimentResource, PodResource, TrialResource
 
 Obj = dict[str, Any]
 
@@ -176,13 +176,13 @@ class FakeCluster:
             return
         body = copy.deepcopy(obj)
         if kind == "Experiment":
-            c.on_experiment(ExperimentView.from_body(body), deleted)
+            c.on_experiment(ExperimentResource.from_body(body), deleted)
         elif kind == "Trial":
-            c.on_trial(TrialView.from_body(body), deleted)
+            c.on_trial(TrialResource.from_body(body), deleted)
         else:
             labels = body["metadata"].get("labels") or {}
             label = labels.get("kubetune.io/experiment", "")
-            c.on_pod(label, label, PodView.from_body(body), deleted)
+            c.on_pod(label, label, PodResource.from_body(body), deleted)
 
 
 def _stamp() -> str:

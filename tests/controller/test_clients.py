@@ -8,7 +8,7 @@ from dataclasses import replace
 import httpx
 import pytest
 
-from kubetune_controller.service_client import ServiceClient, ServiceError, ServiceUnavailable
+from kubetune_controller.service_client import ServiceCallError, ServiceClient, ServiceUnavailable
 from kubetune_controller.workqueue import WorkQueue
 
 SUMMARY = {
@@ -74,7 +74,7 @@ def test_4xx_is_not_retried_and_carries_the_field():
 
     async def go():
         c = client(handler)
-        with pytest.raises(ServiceError) as err:
+        with pytest.raises(ServiceCallError) as err:
             await c.ask("u", 2, 4)
         assert (err.value.code, err.value.field) == ("invalid", "count")
         await c.close()
@@ -231,7 +231,7 @@ def test_over_real_http_retries_5xx_maps_4xx_and_gives_up_on_a_closed_port():
         try:
             assert (await c.summary("u")).max_trials == 4
             assert c.available
-            with pytest.raises(ServiceError) as err:
+            with pytest.raises(ServiceCallError) as err:
                 await c.finish("u", 2, "failed", "exit 1")
             assert (err.value.status, err.value.code, err.value.field) == (422, "invalid", "state")
         finally:
@@ -295,7 +295,7 @@ def test_concurrent_starts_of_one_experiment_go_out_as_one_request():
     results = asyncio.run(go())
     assert bodies == [{"numbers": [1, 3, 5]}]
     assert results[0] is None and results[1] is None and results[3] is None
-    assert isinstance(results[2], ServiceError) and results[2].status == 409
+    assert isinstance(results[2], ServiceCallError) and results[2].status == 409
 
 
 def test_a_failed_start_batch_fails_every_waiter():

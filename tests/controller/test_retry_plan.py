@@ -7,11 +7,11 @@ from dataclasses import replace
 import pytest
 
 from kubetune_controller import trial_plan as tp
-from kubetune_controller.model import ContainerEnd, PodView, TrialPhase
+from kubetune_controller.model import ContainerEnd, PodResource, TrialPhase
 from tests.controller.factories import NOW, pod, trial
 
 
-def plan(p: PodView, attempt: int = 1, max_retries: int = 2) -> tp.TrialPlan:
+def plan(p: PodResource, attempt: int = 1, max_retries: int = 2) -> tp.TrialPlan:
     t = replace(trial(0, TrialPhase.RUNNING), attempt=attempt)
     return tp.plan_trials([t], {p.name: p}, {}, None, NOW, 15.0, 0.0, max_retries)
 
@@ -69,7 +69,7 @@ def test_the_disruption_is_read_from_the_pods_condition() -> None:
             ],
         },
     }
-    view = PodView.from_body(body)
+    view = PodResource.from_body(body)
     assert view.disruption == "EvictionByEvictionAPI"
     assert view.number == 0  # a retry's Pod is named apart from its Trial
-    assert PodView.from_body({"metadata": {"name": "x"}}).disruption is None
+    assert PodResource.from_body({"metadata": {"name": "x"}}).disruption is None

@@ -11,7 +11,7 @@ import pytest
 from kubetune_controller import reconcile as rc
 from kubetune_controller import status as st
 from kubetune_controller import trial_plan as tp
-from kubetune_controller.model import ExperimentPhase, PodView, TrialPhase
+from kubetune_controller.model import ExperimentPhase, PodResource, TrialPhase
 from kubetune_suggestion.service.models import TrialView as ServiceTrial
 from tests.controller.factories import NOW, experiment, pod, progress, trial
 
@@ -136,7 +136,7 @@ def _service_trial(state: str, **kw: Any) -> ServiceTrial:
     return ServiceTrial(**fields)
 
 
-def _started(p: PodView) -> PodView:
+def _started(p: PodResource) -> PodResource:
     return replace(p, started=NOW - timedelta(seconds=30))
 
 

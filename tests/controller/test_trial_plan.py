@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 
 from kubetune_controller import trial_plan as tp
-from kubetune_controller.model import PodView, TrialPhase
+from kubetune_controller.model import PodResource, TrialPhase
 from tests.controller.factories import NOW, pod, trial
 
 
@@ -68,10 +68,10 @@ def test_running_pod_marks_trial_running_once():
 
 
 def test_running_is_written_once_the_pod_has_run_a_second_so_short_trials_write_once():
-    def started(seconds_ago: float) -> PodView:
+    def started(seconds_ago: float) -> PodResource:
         return replace(pod(0, "Running"), started=NOW - timedelta(seconds=seconds_ago))
 
-    def plan_with_delay(p: PodView) -> tp.TrialPlan:
+    def plan_with_delay(p: PodResource) -> tp.TrialPlan:
         return tp.plan_trials([trial(0, TrialPhase.PENDING)], {p.name: p}, {}, None, NOW, 15, 1.0)
 
     # startTime has whole seconds, so the second it names counts as not yet run.
@@ -104,12 +104,12 @@ def test_succeeded_pod_is_finished_once_its_collector_has_delivered_the_last_rep
             ],
         },
     }
-    draining = PodView.from_body(body)
+    draining = PodResource.from_body(body)
     assert draining.sidecar_running
     assert plan([trial(0)], [draining]).finish == []
     assert plan([trial(0)], [draining], stops={0: "asha"}) == tp.TrialPlan()
     body["status"]["initContainerStatuses"][0]["state"] = {"terminated": {"exitCode": 0}}
-    done = PodView.from_body(body)
+    done = PodResource.from_body(body)
     assert not done.sidecar_running
     assert [f.state for f in plan([trial(0)], [done]).finish] == ["succeeded"]
 
