@@ -363,29 +363,67 @@ def pod_template_schema() -> Schema:
     Everything else is kept as written (``x-kubernetes-preserve-unknown-fields``)
     and validated by the API server when the operator creates the Pod.
     """
+    # One node for every plain string field: the CRD's YAML writes it once
+    # (an anchor) and refers to it from each of them.
     string: Schema = {"type": "string"}
-    strings: Schema = {"type": "array", "items": {"type": "string"}}
-    quantities: Schema = {
+    return {
         "type": "object",
-        "additionalProperties": {
-            "anyOf": [{"type": "integer"}, {"type": "string"}],
-            "pattern": QUANTITY_PATTERN,
-            "x-kubernetes-int-or-string": True,
-        },
-    }
-    env_var: Schema = {
-        "type": "object",
-        "required": ["name"],
+        "description": (
+            "A Pod template for one trial. ${params.NAME} is substituted in command, args and env "
+            "values; "
+            "kubetune adds a metrics-collector sidecar and a shared volume for the metrics file."
+        ),
+        "required": ["spec"],
         "x-kubernetes-preserve-unknown-fields": True,
         "properties": {
-            "name": {"type": "string", "minLength": 1},
-            "value": {
+            "metadata": _template_metadata_schema(string),
+            "spec": _template_pod_spec_schema(_container_schema(string)),
+        },
+    }
+
+
+def _template_metadata_schema(string: Schema) -> Schema:
+    """The template's metadata: string labels and annotations, the rest as written."""
+    return {
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": True,
+        "properties": {
+            "labels": {"type": "object", "additionalProperties": string},
+            "annotations": {"type": "object", "additionalProperties": string},
+        },
+    }
+
+
+def _template_pod_spec_schema(container: Schema) -> Schema:
+    """The template's Pod spec: its containers, and ``restartPolicy`` (only Never)."""
+    return {
+        "type": "object",
+        "required": ["containers"],
+        "x-kubernetes-preserve-unknown-fields": True,
+        "properties": {
+            "containers": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 16,
+                "items": container,
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["name"],
+                "description": "The trial's containers; at least one.",
+            },
+            "restartPolicy": {
                 "type": "string",
-                "description": "${params.NAME} is substituted. Quote numbers.",
+                "enum": ["Never"],
+                "description": "Never: kubetune runs each trial once (and sets it).",
             },
         },
     }
-    container: Schema = {
+
+
+def _container_schema(string: Schema) -> Schema:
+    """A container: name, image, command, args, env and resources checked, the rest as written."""
+    strings: Schema = {"type": "array", "items": {"type": "string"}}
+    quantities = _quantities_schema()
+    return {
         "type": "object",
         "required": ["name", "image"],
         "x-kubernetes-preserve-unknown-fields": True,
@@ -402,7 +440,7 @@ def pod_template_schema() -> Schema:
             "args": {**strings, "description": "Arguments; ${params.NAME} is substituted."},
             "env": {
                 "type": "array",
-                "items": env_var,
+                "items": _env_var_schema(),
                 "description": "Environment; ${params.NAME} is substituted in values.",
             },
             "resources": {
@@ -416,44 +454,31 @@ def pod_template_schema() -> Schema:
             "workingDir": string,
         },
     }
+
+
+def _env_var_schema() -> Schema:
+    """One ``env`` entry: a name, and a string value (where parameters are substituted)."""
     return {
         "type": "object",
-        "description": (
-            "A Pod template for one trial. ${params.NAME} is substituted in command, args and env "
-            "values; "
-            "kubetune adds a metrics-collector sidecar and a shared volume for the metrics file."
-        ),
-        "required": ["spec"],
+        "required": ["name"],
         "x-kubernetes-preserve-unknown-fields": True,
         "properties": {
-            "metadata": {
-                "type": "object",
-                "x-kubernetes-preserve-unknown-fields": True,
-                "properties": {
-                    "labels": {"type": "object", "additionalProperties": string},
-                    "annotations": {"type": "object", "additionalProperties": string},
-                },
+            "name": {"type": "string", "minLength": 1},
+            "value": {
+                "type": "string",
+                "description": "${params.NAME} is substituted. Quote numbers.",
             },
-            "spec": {
-                "type": "object",
-                "required": ["containers"],
-                "x-kubernetes-preserve-unknown-fields": True,
-                "properties": {
-                    "containers": {
-                        "type": "array",
-                        "minItems": 1,
-                        "maxItems": 16,
-                        "items": container,
-                        "x-kubernetes-list-type": "map",
-                        "x-kubernetes-list-map-keys": ["name"],
-                        "description": "The trial's containers; at least one.",
-                    },
-                    "restartPolicy": {
-                        "type": "string",
-                        "enum": ["Never"],
-                        "description": "Never: kubetune runs each trial once (and sets it).",
-                    },
-                },
-            },
+        },
+    }
+
+
+def _quantities_schema() -> Schema:
+    """Resource limits or requests: each a Kubernetes quantity (``nvidia.com/gpu: one`` fails)."""
+    return {
+        "type": "object",
+        "additionalProperties": {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": QUANTITY_PATTERN,
+            "x-kubernetes-int-or-string": True,
         },
     }

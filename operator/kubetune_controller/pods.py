@@ -135,9 +135,9 @@ def build_trial_pod(
     """
     name = pod_name or trial_name(experiment.name, number)
     template: Mapping[str, Any] = experiment.spec.get("template") or {}
-    meta: Mapping[str, Any] = template.get("metadata") or {}
     declared = [str(p.get("name")) for p in experiment.spec.get("parameters") or []]
     spec = render_pod_spec(template.get("spec") or {}, params, declared)
+    _check_reserved_names(spec)
 
     metrics_file = f"{settings.metrics_dir.rstrip('/')}/{METRICS_FILE_NAME}"
     mount = {"name": METRICS_VOLUME, "mountPath": settings.metrics_dir}
@@ -148,14 +148,42 @@ def build_trial_pod(
         params=params,
         metrics_file=metrics_file,
     )
+    collector = _collector_container(experiment, number, token, settings, metrics_file, mount)
 
+    if spec.get("containers"):
+        spec["containers"] = [_with_metrics(c, identity, mount) for c in spec["containers"]]
+    spec["initContainers"] = [collector, *(spec.get("initContainers") or [])]
+    spec["volumes"] = [*(spec.get("volumes") or []), {"name": METRICS_VOLUME, "emptyDir": {}}]
+    # A trial runs once: a restarted container would report its steps again
+    # from zero and corrupt the learning curve early stopping compares.
+    spec["restartPolicy"] = "Never"
+    deadline = _active_deadline(
+        experiment.spec.get("trialTimeoutSeconds"), spec.get("activeDeadlineSeconds")
+    )
+    if deadline is not None:
+        spec["activeDeadlineSeconds"] = deadline
+
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": _trial_pod_metadata(experiment, number, name, trial_uid, template),
+        "spec": spec,
+    }
+
+
+def _check_reserved_names(spec: Mapping[str, Any]) -> None:
+    """Refuse a rendered Pod spec that uses a name the operator adds.
+
+    Raises:
+        TemplateError: Naming the first offending field.
+    """
     for i, container in enumerate(spec.get("containers") or []):
-        _check_not_taken(container, i)
-        container["env"] = _with_env(container.get("env") or [], identity)
-        container["volumeMounts"] = [*(container.get("volumeMounts") or []), mount]
-        # On failure the kubelet copies the log tail into the termination
-        # message, so the Trial can show why even where logs are unreachable.
-        container.setdefault("terminationMessagePolicy", "FallbackToLogsOnError")
+        for mount in container.get("volumeMounts") or []:
+            if mount.get("name") == METRICS_VOLUME:
+                raise TemplateError(
+                    f"template.spec.containers[{i}].volumeMounts",
+                    f"the volume name {METRICS_VOLUME} is reserved",
+                )
     for container in spec.get("initContainers") or []:
         if container.get("name") == COLLECTOR_NAME:
             raise TemplateError(
@@ -166,7 +194,32 @@ def build_trial_pod(
             "template.spec.volumes", f"the volume name {METRICS_VOLUME} is reserved"
         )
 
-    collector_env = {
+
+def _with_metrics(
+    container: Mapping[str, Any], identity: Mapping[str, str], mount: Mapping[str, str]
+) -> dict[str, Any]:
+    """A trial container with the metrics volume and the trial's identity in its env."""
+    out = {
+        **container,
+        "env": _with_env(container.get("env") or [], identity),
+        "volumeMounts": [*(container.get("volumeMounts") or []), dict(mount)],
+    }
+    # On failure the kubelet copies the log tail into the termination
+    # message, so the Trial can show why even where logs are unreachable.
+    out.setdefault("terminationMessagePolicy", "FallbackToLogsOnError")
+    return out
+
+
+def _collector_container(
+    experiment: ExperimentResource,
+    number: int,
+    token: str,
+    settings: Settings,
+    metrics_file: str,
+    mount: Mapping[str, str],
+) -> dict[str, Any]:
+    """The metrics collector, as a native sidecar (an init container that keeps running)."""
+    env = {
         "KUBETUNE_SERVICE_URL": settings.sidecar_service_url,
         ENV_EXPERIMENT_UID: experiment.uid,
         ENV_TRIAL_NUMBER: str(number),
@@ -175,12 +228,12 @@ def build_trial_pod(
         "KUBETUNE_TRIAL_TOKEN": token,
         ENV_METRICS_FILE: metrics_file,
     }
-    collector = {
+    return {
         "name": COLLECTOR_NAME,
         "image": settings.collector_image,
         "command": list(settings.collector_command),
-        "env": [{"name": k, "value": v} for k, v in collector_env.items()],
-        "volumeMounts": [mount],
+        "env": [{"name": k, "value": v} for k, v in env.items()],
+        "volumeMounts": [dict(mount)],
         "restartPolicy": "Always",
         "resources": copy.deepcopy(dict(settings.collector_resources)),
         "securityContext": {
@@ -189,43 +242,42 @@ def build_trial_pod(
             "capabilities": {"drop": ["ALL"]},
         },
     }
-    spec["initContainers"] = [collector, *(spec.get("initContainers") or [])]
-    spec["volumes"] = [*(spec.get("volumes") or []), {"name": METRICS_VOLUME, "emptyDir": {}}]
-    # A trial runs once: a restarted container would report its steps again
-    # from zero and corrupt the learning curve early stopping compares.
-    spec["restartPolicy"] = "Never"
-    timeout = experiment.spec.get("trialTimeoutSeconds")
-    if timeout:
-        # The kubelet enforces it (stops the containers, the Pod fails with
-        # reason DeadlineExceeded), also while the operator is down.
-        own = spec.get("activeDeadlineSeconds")
-        spec["activeDeadlineSeconds"] = min(int(timeout), int(own)) if own else int(timeout)
 
+
+def _active_deadline(trial_timeout: Any, template_deadline: Any) -> int | None:
+    """The Pod's ``activeDeadlineSeconds``: the trial timeout, or the template's if sooner.
+
+    The kubelet enforces it (stops the containers, the Pod fails with reason
+    DeadlineExceeded), also while the operator is down. ``None``: leave the
+    template's own value (if any) as it is.
+    """
+    if not trial_timeout:
+        return None
+    if template_deadline:
+        return min(int(trial_timeout), int(template_deadline))
+    return int(trial_timeout)
+
+
+def _trial_pod_metadata(
+    experiment: ExperimentResource,
+    number: int,
+    name: str,
+    trial_uid: str,
+    template: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The trial Pod's metadata: the template's labels and annotations plus the operator's."""
+    meta: Mapping[str, Any] = template.get("metadata") or {}
     return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "namespace": experiment.namespace,
-            "labels": {**(meta.get("labels") or {}), **_labels(experiment.name, number)},
-            "annotations": {
-                **(meta.get("annotations") or {}),
-                # The full name: the label holds a hash for names over 63 characters.
-                LABEL_EXPERIMENT: experiment.name,
-            },
-            "ownerReferences": [owner_reference("Trial", name, trial_uid)],
+        "name": name,
+        "namespace": experiment.namespace,
+        "labels": {**(meta.get("labels") or {}), **_labels(experiment.name, number)},
+        "annotations": {
+            **(meta.get("annotations") or {}),
+            # The full name: the label holds a hash for names over 63 characters.
+            LABEL_EXPERIMENT: experiment.name,
         },
-        "spec": spec,
+        "ownerReferences": [owner_reference("Trial", name, trial_uid)],
     }
-
-
-def _check_not_taken(container: Mapping[str, Any], index: int) -> None:
-    for mount in container.get("volumeMounts") or []:
-        if mount.get("name") == METRICS_VOLUME:
-            raise TemplateError(
-                f"template.spec.containers[{index}].volumeMounts",
-                f"the volume name {METRICS_VOLUME} is reserved",
-            )
 
 
 def _with_env(env: list[dict[str, Any]], extra: Mapping[str, str]) -> list[dict[str, Any]]:
