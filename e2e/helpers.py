@@ -16,8 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from prometheus_client.parser import text_string_to_metric_families
+
 Obj = dict[str, Any]
 T = TypeVar("T")
+# Prometheus samples by (name, sorted labels).
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 REPO = Path(__file__).resolve().parents[1]
 # The release the images are tagged with (scripts/images.sh): the chart's appVersion.
@@ -174,6 +178,41 @@ def find_kubectl(bin_dir: Path | None) -> str:
     if not found:
         raise FileNotFoundError("kubectl not found: run e2e/cluster/build.sh or install it")
     return found
+
+
+def run_helm(kube: Kube, *args: str, timeout: float = 300) -> str:
+    """Run the pinned helm (else one on PATH) against the cluster; its stdout."""
+    local = kube.bin_dir / "helm" if kube.bin_dir else None
+    binary = str(local) if local and local.exists() else shutil.which("helm")
+    if binary is None:
+        raise FileNotFoundError("helm not found: run e2e/cluster/build.sh")
+    proc = subprocess.run(
+        [binary, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=kube.env(),
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"helm {' '.join(args)}: {proc.stderr}")
+    return proc.stdout
+
+
+def metric_samples(text: str) -> Samples:
+    """The samples of a Prometheus text exposition: (name, sorted labels) -> value."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def node_ready(node: Obj) -> bool:
+    """Whether the Node's Ready condition is True."""
+    return any(
+        c["type"] == "Ready" and c["status"] == "True" for c in node["status"].get("conditions", [])
+    )
 
 
 def python_pod(

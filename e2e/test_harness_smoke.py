@@ -2,8 +2,8 @@
 
 Each test asserts real cluster behaviour through kubectl only, so the file
 runs unchanged against kind or any cluster; checks that need the local
-cluster (pinned version, containerd, fake GPUs, host-side files, kwok) adapt
-or skip.
+cluster (pinned version, containerd, fake GPUs, host-side files) adapt or
+skip. kwok's fake nodes are tested in ``test_kwok.py``.
 """
 
 from __future__ import annotations
@@ -18,15 +18,18 @@ from pathlib import Path
 import pytest
 
 from e2e.cluster import K8S_VERSION
-from e2e.helpers import PYTHON_IMAGE, Kube, KubectlError, Obj, python_pod, read_text, wait_for
+from e2e.helpers import (
+    PYTHON_IMAGE,
+    Kube,
+    KubectlError,
+    Obj,
+    node_ready,
+    python_pod,
+    read_text,
+    wait_for,
+)
 
 GPU = "nvidia.com/gpu"
-
-
-def _ready(node: Obj) -> bool:
-    return any(
-        c["type"] == "Ready" and c["status"] == "True" for c in node["status"].get("conditions", [])
-    )
 
 
 # 1 -------------------------------------------------------------------------------------
@@ -40,7 +43,7 @@ def test_version_and_ready_gpu_nodes(kube: Kube) -> None:
         assert re.match(r"^v1\.\d+\.\d+", server)
 
     nodes = kube.get("nodes")["items"]
-    assert nodes and all(_ready(n) for n in nodes if "kwok" not in n["metadata"]["name"])
+    assert nodes and all(node_ready(n) for n in nodes if "kwok" not in n["metadata"]["name"])
     if kube.local:
         ours = [n for n in nodes if n["metadata"]["labels"].get("kubetune.io/e2e-node")]
         assert ours, "the real node registered"
@@ -109,7 +112,7 @@ def test_gpu_visible_and_exclusive(kube: Kube, namespace: str) -> None:
     with_gpus = [
         n
         for n in kube.get("nodes")["items"]
-        if int(n["status"].get("capacity", {}).get(GPU, 0)) and _ready(n)
+        if int(n["status"].get("capacity", {}).get(GPU, 0)) and node_ready(n)
     ]
     if not with_gpus:
         pytest.skip("no Ready node with nvidia.com/gpu")
@@ -398,78 +401,38 @@ def test_service_account_token_and_rbac(kube: Kube, namespace: str) -> None:
 
 
 # 8 -------------------------------------------------------------------------------------
-def test_deployment_and_service_name(kube: Kube, namespace: str) -> None:
-    """Two replicas serve one port on one node (each Pod its own network); DNS finds the Service."""
-    target, port = 8080, 80
-    labels = {"app": "web"}
-    web = {
+def _deployment(name: str, replicas: int, container: Obj) -> Obj:
+    """A Deployment of ``replicas`` Pods labelled ``app: <name>``, each running ``container``."""
+    labels = {"app": name}
+    return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": "web"},
+        "metadata": {"name": name},
         "spec": {
-            "replicas": 2,
+            "replicas": replicas,
             "selector": {"matchLabels": labels},
             "template": {
                 "metadata": {"labels": labels},
-                "spec": {
-                    "terminationGracePeriodSeconds": 2,
-                    "containers": [
-                        {
-                            "name": "web",
-                            "image": PYTHON_IMAGE,
-                            "command": ["python", "-m", "http.server", str(target)],
-                            "ports": [{"name": "http", "containerPort": target}],
-                            "readinessProbe": {
-                                "tcpSocket": {"port": "http"},
-                                "periodSeconds": 1,
-                            },
-                        }
-                    ],
-                },
+                "spec": {"terminationGracePeriodSeconds": 2, "containers": [container]},
             },
         },
     }
-    sleepers = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": "sleepers"},
-        "spec": {
-            "replicas": 3,
-            "selector": {"matchLabels": {"app": "sleepers"}},
-            "template": {
-                "metadata": {"labels": {"app": "sleepers"}},
-                "spec": {
-                    "terminationGracePeriodSeconds": 2,
-                    "containers": [
-                        {
-                            "name": "sleep",
-                            "image": PYTHON_IMAGE,
-                            "command": ["python", "-c", "import time; time.sleep(3600)"],
-                        }
-                    ],
-                },
-            },
-        },
-    }
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "web"},
-        "spec": {
-            "selector": labels,
-            "ports": [{"name": "http", "port": port, "targetPort": "http"}],
-        },
-    }
-    kube.create(web, sleepers, service, namespace=namespace)
-    kube.kubectl("rollout", "status", "-n", namespace, "deployment/sleepers", "--timeout=120s")
-    kube.kubectl("rollout", "status", "-n", namespace, "deployment/web", "--timeout=120s")
-    assert kube.get("deployment", "-n", namespace, "sleepers")["status"]["readyReplicas"] == 3
-    web_pods = kube.get("pods", "-n", namespace, "-l", "app=web")["items"]
-    assert len({p["status"]["podIP"] for p in web_pods}) == 2, "each replica its own IP"
-    if kube.local:
-        assert len({p["spec"]["nodeName"] for p in web_pods}) == 1, "both on the one node"
 
-    client = textwrap.dedent(
+
+def _web_server(port: int) -> Obj:
+    """Python's HTTP server on ``port``, named ``http``, ready once it listens."""
+    return {
+        "name": "web",
+        "image": PYTHON_IMAGE,
+        "command": ["python", "-m", "http.server", str(port)],
+        "ports": [{"name": "http", "containerPort": port}],
+        "readinessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 1},
+    }
+
+
+def _dns_client(namespace: str, port: int) -> str:
+    """A script resolving the ``web`` Service by its short and full names, then GETting it."""
+    return textwrap.dedent(
         f"""
         import socket, time, urllib.request
         print("web resolves to " + socket.gethostbyname("web"), flush=True)
@@ -485,7 +448,40 @@ def test_deployment_and_service_name(kube: Kube, namespace: str) -> None:
                 time.sleep(1)
         """
     )
-    kube.create(python_pod("client", client), namespace=namespace)
+
+
+def test_deployment_and_service_name(kube: Kube, namespace: str) -> None:
+    """Two replicas serve one port on one node (each Pod its own network); DNS finds the Service."""
+    target, port = 8080, 80
+    sleeper = {
+        "name": "sleep",
+        "image": PYTHON_IMAGE,
+        "command": ["python", "-c", "import time; time.sleep(3600)"],
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "web"},
+        "spec": {
+            "selector": {"app": "web"},
+            "ports": [{"name": "http", "port": port, "targetPort": "http"}],
+        },
+    }
+    kube.create(
+        _deployment("web", 2, _web_server(target)),
+        _deployment("sleepers", 3, sleeper),
+        service,
+        namespace=namespace,
+    )
+    kube.kubectl("rollout", "status", "-n", namespace, "deployment/sleepers", "--timeout=120s")
+    kube.kubectl("rollout", "status", "-n", namespace, "deployment/web", "--timeout=120s")
+    assert kube.get("deployment", "-n", namespace, "sleepers")["status"]["readyReplicas"] == 3
+    web_pods = kube.get("pods", "-n", namespace, "-l", "app=web")["items"]
+    assert len({p["status"]["podIP"] for p in web_pods}) == 2, "each replica its own IP"
+    if kube.local:
+        assert len({p["spec"]["nodeName"] for p in web_pods}) == 1, "both on the one node"
+
+    kube.create(python_pod("client", _dns_client(namespace, port)), namespace=namespace)
     done = kube.wait_pod_phase(namespace, "client", ("Succeeded", "Failed"), timeout=120)
     logs = kube.logs(namespace, "client")
     assert done["status"]["phase"] == "Succeeded", logs
@@ -556,139 +552,3 @@ def test_crd_cel_validation(kube: Kube, namespace: str) -> None:
         assert kube.try_get("range", "-n", namespace, "bad") is None
     finally:
         kube.kubectl("delete", "crd", f"ranges.{group}", "--wait=false", "--ignore-not-found")
-
-
-# 10 ------------------------------------------------------------------------------------
-KWOK_NODES = 5
-KWOK_PODS = 500
-
-
-def test_kwok_fake_nodes_run_500_pods(kube: Kube, namespace: str, tmp_path: Path) -> None:
-    kwok_bin = kube.bin_dir / "kwok" if kube.bin_dir else None
-    stages = kube.bin_dir / "kwok-stages.yaml" if kube.bin_dir else None
-    if not kwok_bin or not kwok_bin.exists() or not stages or not stages.exists():
-        pytest.skip("kwok binary or stages not built (e2e/cluster/build.sh)")
-    before = {
-        n["metadata"]["name"]: n
-        for n in kube.get("nodes")["items"]
-        if not n["metadata"].get("annotations", {}).get("kwok.x-k8s.io/node")
-    }
-    prefix = f"kwok-{namespace[-5:]}"
-    fake_nodes: list[Obj] = [
-        {
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {
-                "name": f"{prefix}-{i}",
-                "annotations": {"kwok.x-k8s.io/node": "fake"},
-                "labels": {"type": "kwok", "kubernetes.io/hostname": f"{prefix}-{i}"},
-            },
-            "spec": {
-                "taints": [{"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedule"}]
-            },
-            "status": {
-                "allocatable": {"cpu": "32", "memory": "256Gi", "pods": "200"},
-                "capacity": {"cpu": "32", "memory": "256Gi", "pods": "200"},
-            },
-        }
-        for i in range(KWOK_NODES)
-    ]
-    log = (tmp_path / "kwok.log").open("w")
-    kwok = subprocess.Popen(
-        [
-            str(kwok_bin),
-            f"--kubeconfig={kube.kubeconfig}",
-            f"--config={stages}",
-            # Only nodes carrying kwok's annotation: the real node is never
-            # touched.
-            "--manage-all-nodes=false",
-            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-            "--cidr=10.128.0.0/16",
-            "--node-lease-duration-seconds=40",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=kube.env(),
-    )
-    try:
-        kube.create(*fake_nodes)
-        deployment = {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": {"name": "fake-load"},
-            "spec": {
-                "replicas": KWOK_PODS,
-                "selector": {"matchLabels": {"app": "fake-load"}},
-                "template": {
-                    "metadata": {"labels": {"app": "fake-load"}},
-                    "spec": {
-                        "nodeSelector": {"type": "kwok"},
-                        "tolerations": [
-                            {
-                                "key": "kwok.x-k8s.io/node",
-                                "operator": "Exists",
-                                "effect": "NoSchedule",
-                            }
-                        ],
-                        "containers": [{"name": "fake", "image": "fake-image"}],
-                    },
-                },
-            },
-        }
-        kube.create(deployment, namespace=namespace)
-
-        def all_running() -> list[Obj] | None:
-            if kwok.poll() is not None:
-                pytest.fail(f"kwok exited: {read_text(tmp_path / 'kwok.log')[-2000:]}")
-            pods = kube.get("pods", "-n", namespace, "-l", "app=fake-load")["items"]
-            running = [p for p in pods if p["status"].get("phase") == "Running"]
-            return running if len(running) == KWOK_PODS else None
-
-        running = wait_for(all_running, 300, f"{KWOK_PODS} kwok pods Running", interval=3)
-        fake_names = {n["metadata"]["name"] for n in fake_nodes}
-        assert {p["spec"]["nodeName"] for p in running} <= fake_names
-        assert kwok.poll() is None, read_text(tmp_path / "kwok.log")
-
-        # The real node: no fake pods, no kwok marks, still reported Ready
-        # by its own kubelet.
-        for name, old in before.items():
-            node = kube.get("node", name)
-            assert not any(
-                k.startswith("kwok.x-k8s.io") for k in node["metadata"].get("annotations", {})
-            )
-            assert _ready(node)
-            if kube.local:
-                ready = next(c for c in node["status"]["conditions"] if c["type"] == "Ready")
-                assert ready["reason"] == "KubeletReady", ready
-                assert node["status"]["nodeInfo"] == old["status"]["nodeInfo"]
-            on_node = kube.get(
-                "pods", "-n", namespace, "--field-selector", f"spec.nodeName={name}"
-            )["items"]
-            assert on_node == []
-    finally:
-        kube.kubectl(
-            "delete",
-            "deployment",
-            "-n",
-            namespace,
-            "fake-load",
-            "--ignore-not-found",
-            "--wait=false",
-        )
-        # Give kwok a moment to finish the pods' deletions before it stops.
-        with_kwok_deadline = time.monotonic() + 60
-        while time.monotonic() < with_kwok_deadline:
-            left = kube.get("pods", "-n", namespace, "-l", "app=fake-load")["items"]
-            if not left:
-                break
-            time.sleep(2)
-        kwok.terminate()
-        kwok.wait(timeout=30)
-        log.close()
-        kube.kubectl(
-            "delete",
-            "nodes",
-            *(n["metadata"]["name"] for n in fake_nodes),
-            "--ignore-not-found",
-            "--wait=false",
-        )

@@ -20,17 +20,15 @@ from pathlib import Path
 import pytest
 
 from e2e.helpers import Kube, Obj, wait_for
+from e2e.host_stack import HostStack
 from e2e.operator_helpers import (
     ChartStack,
-    HostStack,
-    PodWatch,
-    StopRecorder,
     make_stack,
     synthetic_experiment,
-    task_exits,
     trials_of,
     wait_condition,
 )
+from e2e.recorders import PodWatch, StopRecorder, task_exits
 
 GPU = "nvidia.com/gpu"
 FINAL = {"Succeeded", "Failed", "Pruned", "MetricsUnavailable"}

@@ -1,7 +1,8 @@
 """The local cluster: etcd, kube-apiserver, controller manager, scheduler and a real node.
 
-``Cluster.up`` generates the PKI and kubeconfigs, starts the upstream binaries
-built by ``build.sh`` with free ports, waits for ``/readyz``, starts the real
+``Cluster.up`` generates the PKI and kubeconfigs (:mod:`e2e.cluster.credentials`),
+starts the upstream binaries built by ``build.sh`` with free ports
+(:mod:`e2e.cluster.control_plane`), waits for ``/readyz``, starts the real
 node (containerd, kubelet, kube-proxy, CoreDNS, the fake GPU device plugin:
 see :mod:`e2e.cluster.node`), imports the images, and waits until the node is
 Ready, schedulable and shows its GPUs. ``Cluster.down`` stops all of it and
@@ -10,109 +11,28 @@ puts the host back as it was (:mod:`e2e.cluster.host`).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from e2e.cluster import host
-from e2e.cluster.node import COREDNS_RBAC, COREDNS_USER, RealNode
-from e2e.cluster.pki import CertPair, Pki
+from e2e.cluster import control_plane, host
+from e2e.cluster.credentials import Credentials, issue_credentials, issue_kubelet_serving
+from e2e.cluster.node import COREDNS_RBAC, RealNode
+from e2e.cluster.paths import K8S_VERSION, bin_dir, missing_binaries, state_dir
+from e2e.cluster.pki import Pki
 from e2e.cluster.processes import ProcessTable
 from e2e.kube import Api, ApiError
 
-# Keep in sync with build.sh (both honour KUBETUNE_K8S_VERSION).
-K8S_VERSION = os.environ.get("KUBETUNE_K8S_VERSION", "v1.36.3")
-SERVICE_CIDR = "10.96.0.0/16"
-KUBERNETES_SERVICE_IP = "10.96.0.1"
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-# The controllers the issue asks for, plus the few more that workloads of the
-# operator's e2e tests rely on (endpoints for Services, statefulsets, cronjobs,
-# TTL for finished Jobs, resource quotas, disruption budgets).
-CONTROLLERS = (
-    "garbage-collector-controller",
-    "namespace-controller",
-    "serviceaccount-controller",
-    "serviceaccount-token-controller",
-    "root-ca-certificate-publisher-controller",
-    "node-lifecycle-controller",
-    "taint-eviction-controller",
-    "pod-garbage-collector-controller",
-    "deployment-controller",
-    "replicaset-controller",
-    "job-controller",
-    "cronjob-controller",
-    "statefulset-controller",
-    "daemonset-controller",
-    "endpoints-controller",
-    "endpointslice-controller",
-    "endpointslice-mirroring-controller",
-    "ttl-after-finished-controller",
-    "resourcequota-controller",
-    "disruption-controller",
-)
-
-
-def cache_dir() -> Path:
-    """The build cache root (``KUBETUNE_E2E_CACHE``, default ``~/.cache/kubetune-e2e``)."""
-    return Path(os.environ.get("KUBETUNE_E2E_CACHE", Path.home() / ".cache" / "kubetune-e2e"))
-
-
-def bin_dir() -> Path:
-    """Where ``build.sh`` puts the binaries (``KUBETUNE_E2E_BIN`` overrides)."""
-    override = os.environ.get("KUBETUNE_E2E_BIN")
-    return Path(override) if override else cache_dir() / K8S_VERSION / "bin"
-
-
-def state_dir() -> Path:
-    """The running cluster's state (``KUBETUNE_E2E_STATE``, default ``/var/lib/kubetune-e2e``).
-
-    Not under /tmp: a pod's emptyDir mounted at /tmp (the chart's read-only
-    root filesystem needs one) would hide the state directory inside the
-    pod's mount namespace, and its later bind mounts would fail.
-    """
-    return Path(os.environ.get("KUBETUNE_E2E_STATE", "/var/lib/kubetune-e2e"))
-
-
-REQUIRED_BINARIES = (
-    "etcd",
-    "kube-apiserver",
-    "kube-controller-manager",
-    "kube-scheduler",
-    "kubectl",
-    "kubelet",
-    "kube-proxy",
-    "containerd",
-    "containerd-shim-runc-v2",
-    "ctr",
-    "coredns",
-    "gpu-plugin",
-    "cni/bridge",
-    "cni/host-local",
-    "cni/loopback",
-    "cni/portmap",
-)
 NODE_NAME = "kubetune-node-0"
 # Two fake GPUs: enough for parallel GPU trials, few enough that the tests
 # can fill the node and see the next GPU Pod wait.
 DEFAULT_GPUS = 2
-
-
-def missing_binaries(directory: Path | None = None) -> list[str]:
-    """Names of the required binaries not (yet) built (runc comes from Debian's package)."""
-    d = directory or bin_dir()
-    missing = [b for b in REQUIRED_BINARIES if not os.access(d / b, os.X_OK)]
-    return missing + ([] if shutil.which("runc") else ["runc (apt-get install runc)"])
 
 
 def detect_node_ip() -> str:
@@ -136,47 +56,6 @@ def detect_node_ip() -> str:
             if "inet" in parts and parts[1] != host.BRIDGE:
                 return parts[parts.index("inet") + 1].split("/")[0]
     raise ClusterError("no global IPv4 address for the node: set KUBETUNE_E2E_NODE_IP")
-
-
-def free_port() -> int:
-    """Ask the kernel for a currently unused loopback TCP port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _b64(path: Path) -> str:
-    return base64.b64encode(path.read_bytes()).decode()
-
-
-def write_kubeconfig(path: Path, server: str, ca: Path, client: CertPair, user: str) -> None:
-    """Write a self-contained kubeconfig (credentials inlined) for one identity."""
-    cfg = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {
-                "name": "kubetune-e2e",
-                "cluster": {"server": server, "certificate-authority-data": _b64(ca)},
-            }
-        ],
-        "users": [
-            {
-                "name": user,
-                "user": {
-                    "client-certificate-data": _b64(client.cert),
-                    "client-key-data": _b64(client.key),
-                },
-            }
-        ],
-        "contexts": [
-            {"name": "kubetune-e2e", "context": {"cluster": "kubetune-e2e", "user": user}}
-        ],
-        "current-context": "kubetune-e2e",
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    path.chmod(0o600)
 
 
 class ClusterError(RuntimeError):
@@ -298,210 +177,86 @@ class Cluster:
             )
 
     def _up(self, deadline: float) -> None:
-        pki_dir = self.state / "pki"
-        pki = Pki(pki_dir)
-        ports = {
-            "etcd": free_port(),
-            "etcd-peer": free_port(),
-            "apiserver": free_port(),
-            "controller-manager": free_port(),
-            "scheduler": free_port(),
-            "kube-proxy-healthz": free_port(),
-            "kube-proxy-metrics": free_port(),
-        }
+        """Start every component in order, each step waiting for what the next needs."""
+        ports = control_plane.allocate_ports()
         server = f"https://127.0.0.1:{ports['apiserver']}"
         node = self.node(detect_node_ip())
-        node_ip = node.ip
         host.claim(self.state)
-        self.log(f"generating certificates in {pki_dir}")
-        serving = pki.issue(
-            "apiserver",
-            "kube-apiserver",
-            server=True,
-            dns_names=(
-                "localhost",
-                "kubernetes",
-                "kubernetes.default",
-                "kubernetes.default.svc",
-                "kubernetes.default.svc.cluster.local",
-            ),
-            ip_addresses=("127.0.0.1", KUBERNETES_SERVICE_IP, node_ip),
+        pki = Pki(self.state / "pki")
+        self.log(f"generating certificates in {pki.dir}")
+        creds = issue_credentials(
+            pki, self.state / "kubeconfigs", server=server, node_name=node.name, node_ip=node.ip
         )
-        kubelet_client = pki.issue(
-            "apiserver-kubelet-client",
-            "kube-apiserver-kubelet-client",
-            ("system:masters",),
-            client=True,
-        )
-        # Front-proxy identity: lets the API server authenticate to aggregated
-        # API servers, and gives the components' delegated authentication the
-        # request-header CA they look for (they log errors without one).
-        front_proxy = pki.issue("front-proxy-client", "front-proxy-client", client=True)
-        sa = pki.service_account_keys()
-        kcfg = self.state / "kubeconfigs"
-        kcfg.mkdir()
-        identities = {
-            "admin": ("kubetune-admin", ("system:masters",)),
-            "controller-manager": ("system:kube-controller-manager", ()),
-            "scheduler": ("system:kube-scheduler", ()),
-            "kube-proxy": ("system:kube-proxy", ()),
-            "coredns": (COREDNS_USER, ()),
-            f"node-{node.name}": (f"system:node:{node.name}", ("system:nodes",)),
-        }
-        for name, (cn, orgs) in identities.items():
-            pair = pki.issue(name, cn, orgs, client=True)
-            write_kubeconfig(kcfg / f"{name}.kubeconfig", server, pki.ca.cert, pair, cn)
-        shutil.copy(kcfg / "admin.kubeconfig", self.kubeconfig)
+        shutil.copy(creds.kubeconfigs / "admin.kubeconfig", self.kubeconfig)
         self.kubeconfig.chmod(0o600)
-        info: dict[str, Any] = {
-            "version": K8S_VERSION,
-            "server": server,
-            "ports": ports,
-            "bin": str(self.bin),
-            "node": {"name": node.name, "gpus": node.gpus, "ip": node_ip},
-        }
-        self.info_path.write_text(json.dumps(info, indent=1))
+        self._record_info(server, ports, node)
 
         # containerd first: it needs nothing else, and the images import
         # while the control plane starts.
         self.log("starting containerd")
         node.start_runtime(self.procs)
-
-        self.log("starting etcd")
-        etcd_url = f"http://127.0.0.1:{ports['etcd']}"
-        peer_url = f"http://127.0.0.1:{ports['etcd-peer']}"
-        self.procs.start(
-            "etcd",
-            [
-                str(self.bin / "etcd"),
-                "--name=e2e",
-                f"--data-dir={self.state / 'etcd'}",
-                f"--listen-client-urls={etcd_url}",
-                f"--advertise-client-urls={etcd_url}",
-                f"--listen-peer-urls={peer_url}",
-                f"--initial-advertise-peer-urls={peer_url}",
-                f"--initial-cluster=e2e={peer_url}",
-                # Test data is disposable: skipping fsync makes every API
-                # write faster on slow CI disks.
-                "--unsafe-no-fsync",
-                "--log-level=warn",
-                "--quota-backend-bytes=4294967296",
-            ],
-        )
-        self._wait_http(f"{etcd_url}/health", deadline, "etcd")
-
-        self.log("starting kube-apiserver")
-        p = pki_dir
-        self.procs.start(
-            "kube-apiserver",
-            [
-                str(self.bin / "kube-apiserver"),
-                f"--etcd-servers={etcd_url}",
-                # Pods reach the API server through the "kubernetes" Service
-                # (10.96.0.1), which kube-proxy sends to the node IP.
-                "--bind-address=0.0.0.0",
-                f"--advertise-address={node_ip}",
-                f"--secure-port={ports['apiserver']}",
-                f"--tls-cert-file={serving.cert}",
-                f"--tls-private-key-file={serving.key}",
-                f"--client-ca-file={pki.ca.cert}",
-                "--authorization-mode=Node,RBAC",
-                "--enable-admission-plugins=NodeRestriction",
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                f"--service-account-key-file={sa.cert}",
-                f"--service-account-signing-key-file={sa.key}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
-                f"--kubelet-client-certificate={kubelet_client.cert}",
-                f"--kubelet-client-key={kubelet_client.key}",
-                f"--kubelet-certificate-authority={pki.ca.cert}",
-                "--kubelet-preferred-address-types=InternalIP,Hostname",
-                "--allow-privileged=true",
-                f"--requestheader-client-ca-file={pki.ca.cert}",
-                "--requestheader-allowed-names=front-proxy-client",
-                "--requestheader-username-headers=X-Remote-User",
-                "--requestheader-group-headers=X-Remote-Group",
-                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
-                f"--proxy-client-cert-file={front_proxy.cert}",
-                f"--proxy-client-key-file={front_proxy.key}",
-                f"--cert-dir={p}",
-                # Profiling on demand (go tool pprof against /debug/pprof).
-                f"--profiling={str(os.environ.get('KUBETUNE_E2E_PROFILING') == '1').lower()}",
-                "--v=1",
-            ],
-            # Collect garbage less often (the default GOGC is 100): on a
-            # 2-core machine the API server's GC was an eighth of its CPU,
-            # and memory is not what is short here.
-            env={**os.environ, "GOGC": os.environ.get("KUBETUNE_E2E_APISERVER_GOGC", "400")},
-        )
-        admin = Api.from_kubeconfig(self.kubeconfig)
-        self._wait_api(admin, "/readyz", deadline, "kube-apiserver")
-
-        self.log("starting kube-controller-manager, kube-scheduler")
-        cm_cfg = kcfg / "controller-manager.kubeconfig"
-        self.procs.start(
-            "kube-controller-manager",
-            [
-                str(self.bin / "kube-controller-manager"),
-                f"--kubeconfig={cm_cfg}",
-                f"--authentication-kubeconfig={cm_cfg}",
-                f"--authorization-kubeconfig={cm_cfg}",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={ports['controller-manager']}",
-                f"--cert-dir={p / 'controller-manager'}",
-                "--leader-elect=false",
-                "--use-service-account-credentials=true",
-                f"--controllers={','.join(CONTROLLERS)}",
-                f"--root-ca-file={pki.ca.cert}",
-                f"--service-account-private-key-file={sa.key}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
-                # Higher client rates so 500 kwok pods are created in seconds.
-                "--kube-api-qps=200",
-                "--kube-api-burst=400",
-                "--v=1",
-            ],
-        )
-        sch_cfg = kcfg / "scheduler.kubeconfig"
-        self.procs.start(
-            "kube-scheduler",
-            [
-                str(self.bin / "kube-scheduler"),
-                f"--kubeconfig={sch_cfg}",
-                f"--authentication-kubeconfig={sch_cfg}",
-                f"--authorization-kubeconfig={sch_cfg}",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={ports['scheduler']}",
-                f"--cert-dir={p / 'scheduler'}",
-                "--leader-elect=false",
-                "--kube-api-qps=200",
-                "--kube-api-burst=400",
-                "--v=1",
-            ],
-        )
-
+        self._start_etcd(ports, deadline)
+        admin = self._start_apiserver(ports, node.ip, creds, deadline)
+        self._start_controllers(ports, creds)
         self._kubectl_apply(COREDNS_RBAC)
         images = node.import_images()
         self.log(f"imported {len(images)} images into containerd: {', '.join(images)}")
-        self.log(
-            f"starting the node {node.name} (kubelet, kube-proxy, CoreDNS, {node.gpus} fake GPUs)"
-        )
-        serving_node = pki.issue(
-            f"kubelet-serving-{node.name}",
-            f"system:node:{node.name}",
-            ("system:nodes",),
-            server=True,
-            dns_names=(node.name, "localhost"),
-            ip_addresses=tuple({"127.0.0.1", node_ip}),
-        )
-        node.start_node(
-            self.procs,
-            ca=pki.ca.cert,
-            kubeconfigs=kcfg,
-            serving=(serving_node.cert, serving_node.key),
-            ports=ports,
-        )
+        self._start_node(node, pki, creds, ports)
         self._wait_nodes(admin, deadline)
         self._wait_default_service_account(admin, deadline)
         admin.close()
+
+    def _record_info(self, server: str, ports: dict[str, int], node: RealNode) -> None:
+        """Write ``cluster.json``: version, API server, ports, binaries and the node."""
+        info: dict[str, Any] = {
+            "version": K8S_VERSION,
+            "server": server,
+            "ports": ports,
+            "bin": str(self.bin),
+            "node": {"name": node.name, "gpus": node.gpus, "ip": node.ip},
+        }
+        self.info_path.write_text(json.dumps(info, indent=1))
+
+    def _start_etcd(self, ports: dict[str, int], deadline: float) -> None:
+        self.log("starting etcd")
+        self.procs.start("etcd", control_plane.etcd_argv(self.bin, self.state / "etcd", ports))
+        self._wait_http(f"{control_plane.etcd_url(ports)}/health", deadline, "etcd")
+
+    def _start_apiserver(
+        self, ports: dict[str, int], node_ip: str, creds: Credentials, deadline: float
+    ) -> Api:
+        """Start kube-apiserver, wait for ``/readyz``; an admin client of it."""
+        self.log("starting kube-apiserver")
+        self.procs.start(
+            "kube-apiserver",
+            control_plane.apiserver_argv(self.bin, ports, node_ip, creds),
+            env=control_plane.apiserver_env(),
+        )
+        admin = Api.from_kubeconfig(self.kubeconfig)
+        self._wait_api(admin, "/readyz", deadline, "kube-apiserver")
+        return admin
+
+    def _start_controllers(self, ports: dict[str, int], creds: Credentials) -> None:
+        self.log("starting kube-controller-manager, kube-scheduler")
+        self.procs.start(
+            "kube-controller-manager", control_plane.controller_manager_argv(self.bin, ports, creds)
+        )
+        self.procs.start("kube-scheduler", control_plane.scheduler_argv(self.bin, ports, creds))
+
+    def _start_node(
+        self, node: RealNode, pki: Pki, creds: Credentials, ports: dict[str, int]
+    ) -> None:
+        self.log(
+            f"starting the node {node.name} (kubelet, kube-proxy, CoreDNS, {node.gpus} fake GPUs)"
+        )
+        serving = issue_kubelet_serving(pki, node.name, node.ip)
+        node.start_node(
+            self.procs,
+            ca=creds.ca,
+            kubeconfigs=creds.kubeconfigs,
+            serving=(serving.cert, serving.key),
+            ports=ports,
+        )
 
     def _kubectl_apply(self, manifest: str) -> None:
         subprocess.run(
