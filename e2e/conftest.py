@@ -15,6 +15,7 @@ is set (CI sets it): then missing binaries fail the session, loudly.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,7 +78,8 @@ def kube() -> Iterator[Kube]:
 @pytest.fixture
 def namespace(kube: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh namespace for one test, deleted afterwards (without waiting)."""
-    base = request.node.name.lower().replace("_", "-")[:40].strip("-")
+    # A DNS label: a parametrized test's id ("test_x[a-b]") becomes "test-x-a-b".
+    base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower().replace("_", "-"))[:40].strip("-")
     name = f"{base}-{uuid.uuid4().hex[:5]}"
     kube.kubectl("create", "namespace", name)
     # Pods are refused until the namespace's default ServiceAccount exists.
