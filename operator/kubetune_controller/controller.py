@@ -31,7 +31,7 @@ from typing import Any
 from kubetune_controller import reconcile as rc
 from kubetune_controller import trial_plan as tp
 from kubetune_controller.cache import ClusterCache, Key
-from kubetune_controller.kube import Kube, KubeError
+from kubetune_controller.kube_api import KubeApi, KubeError
 from kubetune_controller.memory import ExperimentMemory
 from kubetune_controller.metrics import OperatorMetrics
 from kubetune_controller.model import (
@@ -67,7 +67,7 @@ class Controller:
     def __init__(
         self,
         settings: Settings,
-        kube: Kube,
+        kube: KubeApi,
         service: ServiceClient,
         cache: ClusterCache,
         metrics: OperatorMetrics,

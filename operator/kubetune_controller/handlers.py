@@ -7,14 +7,17 @@ Handlers are registered on a registry of their own (not kopf's global one) so
 the operator's wiring is explicit and
 a test can build it without side effects. Kopf watches Experiments; Trials
 and trial Pods, which change by the thousand, come from the lighter streams of
-:mod:`~kubetune_controller.watch`, started at kopf's startup.
+:mod:`~kubetune_controller.watch`, started at kopf's startup. Kopf's
+``/healthz`` (the liveness and readiness probes) asks the probe handler here
+whether every one of those streams is up, since kopf does not watch them.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
@@ -22,7 +25,8 @@ from prometheus_client import start_http_server
 
 from kubetune_controller.cache import ClusterCache
 from kubetune_controller.controller import Controller
-from kubetune_controller.kube import Kube, Obj, load_configuration
+from kubetune_controller.kube import Kube, load_configuration
+from kubetune_controller.kube_api import KubeApi, Obj
 from kubetune_controller.metrics import OperatorMetrics
 from kubetune_controller.model import ExperimentResource, PodResource, TrialResource
 from kubetune_controller.service_client import ServiceClient
@@ -35,7 +39,7 @@ from kubetune_controller.settings import (
     VERSION,
     Settings,
 )
-from kubetune_controller.watch import ObjectStream
+from kubetune_controller.watch import STREAM_DOWN_LIMIT_SECONDS, ObjectStream, stalled_streams
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,10 @@ class App:
     # the kubeconfig the Kubernetes client finds (KUBECONFIG, ~/.kube/config).
     kubeconfig: str | None = None
     controller: Controller | None = None
+    # The Trial and trial-Pod streams, once started (the probe checks them).
+    streams: list[ObjectStream] = field(default_factory=list)
+    # Seconds a stream may stay down before the probe fails.
+    stream_down_limit_seconds: float = STREAM_DOWN_LIMIT_SECONDS
 
 
 def build_registry(app: App) -> kopf.OperatorRegistry:
@@ -113,7 +121,8 @@ def build_registry(app: App) -> kopf.OperatorRegistry:
             metrics,
         )
         app.controller.start()
-        for stream in watch_streams(kube, app.controller, app.settings.namespaces):
+        app.streams = watch_streams(kube, app.controller, app.settings.namespaces)
+        for stream in app.streams:
             app.controller.adopt(
                 stream.run(), f"watch {stream.path}", stream.synced, stream.failing
             )
@@ -124,6 +133,20 @@ def build_registry(app: App) -> kopf.OperatorRegistry:
         if app.controller is not None:
             await app.controller.stop()
 
+    @kopf.on.probe(id="watch-streams", registry=registry)
+    async def watch_streams_probe(**_: Any) -> dict[str, str]:
+        # Failing (permanently, so kopf does not retry it within the request)
+        # makes /healthz answer 500: the kubelet restarts an operator whose
+        # Trials or Pods it no longer sees change.
+        now = time.monotonic()
+        stalled = stalled_streams(app.streams, now, app.stream_down_limit_seconds)
+        if stalled:
+            raise kopf.PermanentError("watch streams down: " + "; ".join(stalled))
+        return {
+            s.path: "up" if s.down_since is None else f"down for {s.down_for(now):.0f} s"
+            for s in app.streams
+        }
+
     @kopf.on.event(GROUP, VERSION, EXPERIMENTS, registry=registry)
     async def experiment_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         if app.controller is not None:
@@ -133,7 +156,7 @@ def build_registry(app: App) -> kopf.OperatorRegistry:
 
 
 def watch_streams(
-    kube: Kube, controller: Controller, namespaces: Sequence[str]
+    kube: KubeApi, controller: Controller, namespaces: Sequence[str]
 ) -> list[ObjectStream]:
     """The Trial and trial-Pod streams: one pair per namespace, or one cluster-wide."""
     scopes: list[str | None] = list(namespaces) or [None]

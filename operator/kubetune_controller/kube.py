@@ -1,17 +1,18 @@
-"""All of the operator's writes and direct reads of the Kubernetes API.
+"""The operator's Kubernetes client: :class:`~kubetune_controller.kube_api.KubeApi` over HTTP.
 
 Experiments are watched by kopf (see :mod:`kubetune_controller.handlers`),
 Trials and trial Pods by :mod:`kubetune_controller.watch` through
-:meth:`Kube.get_json` and :meth:`Kube.stream`; everything else the operator
-does to the cluster goes through :class:`Kube`, so this is the one module to
-read to know what the operator can change, and the one the RBAC rules in the
-Helm chart mirror.
+:meth:`Kube.list_page` and :meth:`Kube.watch`; everything else the operator
+does to the cluster goes through :class:`Kube` too. This is the only module
+that speaks HTTP to the API server.
 
 Credentials come from the ``kubernetes`` client's loaders (in-cluster service
 account, else the kubeconfig), the same ones kopf logs in with. Requests go out
 over one aiohttp connection pool (kopf's own HTTP stack, which stays cheap
 with hundreds of requests in flight): bodies are the plain dicts the pure
 builders return, and nothing blocks the event loop or waits for a thread.
+Watch events are decoded with orjson: per event, the standard library's
+decoder was a large share of the operator's CPU in the 1,000-trial benchmark.
 
 Every write is idempotent: creates treat 409 (already exists) as success and
 return the existing object, deletes treat 404 as success, status writes are
@@ -20,11 +21,11 @@ JSON merge patches of the operator's own fields.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -32,30 +33,15 @@ import orjson
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
+from kubetune_controller.kube_api import KubeError, KubeUnreachable, Obj
 from kubetune_controller.settings import EXPERIMENTS, GROUP, TRIALS, VERSION
 
 log = logging.getLogger(__name__)
 
-Obj = dict[str, Any]
 MERGE_PATCH = "application/merge-patch+json"
 
 
-class KubeError(Exception):
-    """A non-2xx answer the operator did not expect.
-
-    Attributes:
-        status: The HTTP status.
-        reason: The Status object's reason (``AlreadyExists``, ``Invalid``...).
-    """
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(f"{status} {reason}: {message}")
-        self.status = status
-        self.reason = reason
-        self.message = message
-
-
-class _Token:
+class _BearerToken:
     """Bearer tokens from the client configuration, refreshed when they rotate.
 
     In a cluster the service-account token is a projected, expiring file; the
@@ -96,7 +82,7 @@ def load_configuration(kubeconfig: str | None = None) -> k8s_client.Configuratio
 
 
 class Kube:
-    """The operator's Kubernetes client.
+    """The operator's Kubernetes client (implements :class:`~kubetune_controller.kube_api.KubeApi`).
 
     Args:
         configuration: Credentials and address (see :func:`load_configuration`).
@@ -105,7 +91,7 @@ class Kube:
 
     def __init__(self, configuration: k8s_client.Configuration, max_connections: int = 32) -> None:
         self._base = configuration.host.rstrip("/")
-        self._token = _Token(configuration)
+        self._token = _BearerToken(configuration)
         self._ssl: ssl.SSLContext | bool = False
         if configuration.verify_ssl or configuration.cert_file:
             context = ssl.create_default_context(cafile=configuration.ssl_ca_cert or None)
@@ -229,25 +215,35 @@ class Kube:
         except (KubeError, aiohttp.ClientError, TimeoutError) as exc:
             log.info("event %s not recorded: %s", body.get("reason"), exc)
 
-    async def get_json(self, path: str, params: Mapping[str, str]) -> Obj:
-        """GET ``path`` with query ``params`` (a LIST page, for the watch streams)."""
-        data: Obj = await self._request("GET", path, params=params)
+    async def list_page(self, path: str, params: Mapping[str, str]) -> Obj:
+        """One page of a LIST of the collection at ``path`` (for the watch streams)."""
+        try:
+            data: Obj = await self._request("GET", path, params=params)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _unreachable(exc) from exc
         return data
 
-    @contextlib.asynccontextmanager
-    async def stream(
+    async def watch(
         self, path: str, params: Mapping[str, str], read_timeout: float
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """A long-lived GET (a watch): the response, its body not yet read.
+    ) -> AsyncGenerator[Obj, None]:
+        """The decoded events of a long-lived GET (a WATCH), until the server ends it.
 
         The pool's 30 s total timeout does not apply; ``read_timeout`` bounds
         the silence between two chunks (bookmarks arrive about once a minute).
         """
         timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=read_timeout)
-        async with self._client().get(
-            f"{self._base}{path}", params=dict(params), headers=self._auth(), timeout=timeout
-        ) as resp:
-            yield resp
+        try:
+            async with self._client().get(
+                f"{self._base}{path}", params=dict(params), headers=self._auth(), timeout=timeout
+            ) as resp:
+                if resp.status >= 300:
+                    raise kube_error(resp.status, await resp.read())
+                lines = LineBuffer()
+                async for chunk in resp.content.iter_any():
+                    for line in lines.feed(chunk):
+                        yield orjson.loads(line)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _unreachable(exc) from exc
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -289,6 +285,35 @@ class Kube:
             if resp.status >= 300:
                 raise kube_error(resp.status, raw)
             return orjson.loads(raw) if raw else None
+
+
+@dataclass
+class LineBuffer:
+    """Splits a chunked HTTP body into the newline-terminated JSON documents of a watch.
+
+    A watch event may arrive split over several chunks, and one chunk may hold
+    several events; aiohttp's own ``readline`` refuses lines over 128 KiB,
+    which a Pod with a large template can exceed.
+    """
+
+    _pending: bytearray = field(default_factory=bytearray)
+
+    def feed(self, chunk: bytes) -> Iterator[bytes]:
+        """The complete lines ``chunk`` finishes (without their newline)."""
+        self._pending += chunk
+        start = 0
+        while (end := self._pending.find(b"\n", start)) != -1:
+            line = bytes(self._pending[start:end])
+            start = end + 1
+            if line.strip():
+                yield line
+        del self._pending[:start]
+
+
+def _unreachable(exc: BaseException) -> KubeUnreachable:
+    """``no answer from the API server (ClientConnectorError: ...)``; a timeout says nothing."""
+    what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return KubeUnreachable(f"no answer from the API server ({what})")
 
 
 def kube_error(status: int, raw: bytes) -> KubeError:

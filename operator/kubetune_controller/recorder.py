@@ -20,7 +20,7 @@ from typing import Any
 from kubetune_controller import status as st
 from kubetune_controller.cache import ClusterCache
 from kubetune_controller.events import EventBatcher, PendingEvent
-from kubetune_controller.kube import Kube
+from kubetune_controller.kube_api import KubeApi
 from kubetune_controller.memory import ExperimentMemory
 from kubetune_controller.model import ExperimentPhase, ExperimentResource, TrialPhase, TrialResource
 from kubetune_controller.pods import build_event
@@ -46,7 +46,7 @@ class Recorder:
     def __init__(
         self,
         settings: Settings,
-        kube: Kube,
+        kube: KubeApi,
         cache: ClusterCache,
         spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
     ) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from kubetune_controller.cache import ClusterCache, Key
-from kubetune_controller.kube import Kube, KubeError
+from kubetune_controller.kube_api import KubeApi, KubeError
 from kubetune_controller.memory import ExperimentMemory
 from kubetune_controller.metrics import OperatorMetrics
 from kubetune_controller.model import ExperimentResource, trial_name
@@ -43,7 +43,7 @@ class StopOrders:
     def __init__(
         self,
         settings: Settings,
-        kube: Kube,
+        kube: KubeApi,
         service: ServiceClient,
         cache: ClusterCache,
         metrics: OperatorMetrics,

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from kubetune_controller import status as st
 from kubetune_controller import trial_plan as tp
 from kubetune_controller.cache import ClusterCache, Key
-from kubetune_controller.kube import Kube, KubeError
+from kubetune_controller.kube_api import KubeApi, KubeError
 from kubetune_controller.memory import ExperimentMemory
 from kubetune_controller.metrics import OperatorMetrics
 from kubetune_controller.model import (
@@ -55,7 +55,7 @@ class TrialActions:
     def __init__(
         self,
         settings: Settings,
-        kube: Kube,
+        kube: KubeApi,
         service: ServiceClient,
         cache: ClusterCache,
         metrics: OperatorMetrics,

@@ -1,8 +1,9 @@
 """An in-memory stand-in for the API server and kubelet, for controller tests.
 
-It implements the few calls :class:`kubetune_controller.kube.Kube` makes, with
-the semantics the controller relies on (create-if-absent, merge-patched
-status, deletion), and delivers watch events to the controller the way kopf
+It implements :class:`kubetune_controller.kube_api.KubeApi`, the operator's
+one interface to the API server, with the semantics the controller relies on
+(create-if-absent, merge-patched status, deletion, LIST and WATCH of Trials
+and Pods), and delivers Experiment events to the controller the way kopf
 would. A small "kubelet" runs trial Pods by posting the metrics a synthetic
 learning curve would report, with each Pod's own token, to the real service.
 """
@@ -14,19 +15,25 @@ import copy
 import itertools
 import math
 from collections import Counter
+from collections.abc import AsyncGenerator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 
 from kubetune_controller.controller import Controller
-from kubetune_controller.kube import KubeError
-from kubetune_controller.model import ExperimentResource, PodResource, TrialResource
+from kubetune_controller.handlers import watch_streams
+from kubetune_controller.kube_api import KubeError
+from kubetune_controller.model import ExperimentResource
 
 Obj = dict[str, Any]
 
 
-def _merge(target: Obj, patch: Obj) -> None:
+# The collections the operator lists and watches, by their last path segment.
+_KINDS = {"trials": "Trial", "pods": "Pod"}
+
+
+def _merge(target: Obj, patch: Mapping[str, Any]) -> None:
     for key, value in patch.items():
         if value is None:
             target.pop(key, None)
@@ -37,7 +44,7 @@ def _merge(target: Obj, patch: Obj) -> None:
 
 
 class FakeCluster:
-    """Experiments, Trials and Pods in dicts; watch events go to ``controller``."""
+    """Experiments, Trials and Pods in dicts; Experiment events go to ``controller``."""
 
     def __init__(self, create_delay: float = 0.0) -> None:
         # Seconds each Trial and Pod creation takes, so that creations overlap asks.
@@ -56,8 +63,12 @@ class FakeCluster:
         self.pods_ever: list[str] = []
         # The most trial Pods ever live (not ended, not deleting) right after a creation.
         self.peak_live_pods = 0
+        # Collections ("pods", "trials") whose LIST is refused, as RBAC would.
+        self.forbidden: set[str] = set()
+        # Open watches: the kind, namespace (None: all) and label each follows.
+        self._watches: list[tuple[str, str | None, str, asyncio.Queue[Obj]]] = []
 
-    # -- the Kube interface -------------------------------------------------------------
+    # -- the KubeApi interface ----------------------------------------------------------
 
     async def create_trial(self, body: Obj) -> tuple[Obj, bool]:
         await asyncio.sleep(self.create_delay)
@@ -99,15 +110,42 @@ class FakeCluster:
     async def pod_logs(self, namespace: str, name: str, container: str, lines: int) -> str | None:
         return "epoch 1\nepoch 2\ndone"
 
-    async def patch_trial_status(self, namespace: str, name: str, status: Obj) -> Obj:
+    async def patch_trial_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> Obj:
         await asyncio.sleep(self.status_delay)
         return self._patch_status("Trial", namespace, name, status)
 
-    async def patch_experiment_status(self, namespace: str, name: str, status: Obj) -> Obj:
+    async def patch_experiment_status(
+        self, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> Obj:
         return self._patch_status("Experiment", namespace, name, status)
 
     async def create_event(self, body: Obj) -> None:
         self.events.append(body)
+
+    async def list_page(self, path: str, params: Mapping[str, str]) -> Obj:
+        """Every matching object in one page (the fake never pages)."""
+        kind, namespace = self._collection(path)
+        label = params.get("labelSelector", "")
+        items = [
+            copy.deepcopy(o)
+            for o in self.of_kind(kind)
+            if _in_scope(o, namespace) and label in (o["metadata"].get("labels") or {})
+        ]
+        return {"items": items, "metadata": {"resourceVersion": str(next(self._rv))}}
+
+    async def watch(
+        self, path: str, params: Mapping[str, str], read_timeout: float
+    ) -> AsyncGenerator[Obj, None]:
+        """Every change from now on (the fake ignores the resourceVersion to start from)."""
+        kind, namespace = self._collection(path)
+        queue: asyncio.Queue[Obj] = asyncio.Queue()
+        watch = (kind, namespace, params.get("labelSelector", ""), queue)
+        self._watches.append(watch)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._watches.remove(watch)
 
     async def close(self) -> None:
         return None
@@ -128,11 +166,18 @@ class FakeCluster:
     def of_kind(self, kind: str) -> list[Obj]:
         return [o for (k, _, _), o in self.objects.items() if k == kind]
 
-    def replay(self) -> None:
-        """Deliver every object to the controller, as kopf's initial listing does."""
-        for kind in ("Experiment", "Trial", "Pod"):
-            for obj in self.of_kind(kind):
-                self._notify(kind, obj, False)
+    def attach(self, controller: Controller) -> None:
+        """Feed ``controller`` as the operator's startup does (in its event loop).
+
+        Kopf's listing and events of Experiments are delivered directly; the
+        Trials and Pods come from the operator's own streams, listing and
+        watching this cluster.
+        """
+        self.controller = controller
+        for obj in self.of_kind("Experiment"):
+            self._notify("Experiment", obj, False)
+        for stream in watch_streams(self, controller, []):
+            controller.adopt(stream.run(), f"watch {stream.path}", stream.synced, stream.failing)
 
     def set_pod_phase(self, pod: Obj, phase: str, exit_code: int | None = None) -> None:
         status = pod.setdefault("status", {})
@@ -157,10 +202,10 @@ class FakeCluster:
         obj["metadata"]["creationTimestamp"] = _stamp()
         obj["metadata"]["resourceVersion"] = str(next(self._rv))
         self.objects[key] = obj
-        self._notify(kind, obj, False)
+        self._notify(kind, obj, False, added=True)
         return copy.deepcopy(obj)
 
-    def _patch_status(self, kind: str, namespace: str, name: str, status: Obj) -> Obj:
+    def _patch_status(self, kind: str, namespace: str, name: str, status: Mapping[str, Any]) -> Obj:
         obj = self.objects.get((kind, namespace, name))
         if obj is None:
             raise KubeError(404, "NotFound", f"{kind} {name} not found")
@@ -168,21 +213,32 @@ class FakeCluster:
         self._notify(kind, obj, False)
         return copy.deepcopy(obj)
 
-    def _notify(self, kind: str, obj: Obj, deleted: bool) -> None:
+    def _collection(self, path: str) -> tuple[str, str | None]:
+        """The kind and namespace (None: all) of a collection's path; refused if forbidden."""
+        parts = path.strip("/").split("/")
+        plural = parts[-1]
+        if plural in self.forbidden:
+            raise KubeError(
+                403, "Forbidden", f'{plural} is forbidden: cannot list resource "{plural}"'
+            )
+        namespace = parts[parts.index("namespaces") + 1] if "namespaces" in parts else None
+        return _KINDS[plural], namespace
+
+    def _notify(self, kind: str, obj: Obj, deleted: bool, added: bool = False) -> None:
         # Every change gets a new resource version, as the API server does.
         obj["metadata"]["resourceVersion"] = str(next(self._rv))
-        c = self.controller
-        if c is None:
-            return
-        body = copy.deepcopy(obj)
-        if kind == "Experiment":
-            c.on_experiment(ExperimentResource.from_body(body), deleted)
-        elif kind == "Trial":
-            c.on_trial(TrialResource.from_body(body), deleted)
-        else:
-            labels = body["metadata"].get("labels") or {}
-            label = labels.get("kubetune.io/experiment", "")
-            c.on_pod(label, label, PodResource.from_body(body), deleted)
+        change = "DELETED" if deleted else "ADDED" if added else "MODIFIED"
+        for watched, namespace, label, queue in self._watches:
+            labels = obj["metadata"].get("labels") or {}
+            if watched == kind and _in_scope(obj, namespace) and label in labels:
+                queue.put_nowait({"type": change, "object": copy.deepcopy(obj)})
+        if kind == "Experiment" and self.controller is not None:
+            resource = ExperimentResource.from_body(copy.deepcopy(obj))
+            self.controller.on_experiment(resource, deleted)
+
+
+def _in_scope(obj: Obj, namespace: str | None) -> bool:
+    return namespace is None or obj["metadata"].get("namespace") == namespace
 
 
 def _stamp() -> str:

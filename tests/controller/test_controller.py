@@ -90,10 +90,9 @@ class Harness:
         )
         controller = Controller(
             settings, self.cluster, service, cache, OperatorMetrics(cache.snapshot)
-        )  # type: ignore[arg-type]
-        self.cluster.controller = controller
-        self.cluster.replay()
+        )
         controller.start()
+        self.cluster.attach(controller)
         self.controller = controller
         return controller
 
@@ -357,13 +356,13 @@ def test_service_down_sets_condition(tmp_path: Path) -> None:
         cache = ClusterCache()
         controller = Controller(
             settings,
-            h.cluster,  # type: ignore[arg-type]
+            h.cluster,
             ServiceClient(settings.service_url, 0, timeout=1.0),
             cache,
             OperatorMetrics(cache.snapshot),
         )
-        h.cluster.controller = controller
         controller.start()
+        h.cluster.attach(controller)
         h.cluster.apply_experiment("exp", simple_spec())
         await h.wait(lambda: bool((h.experiment().get("status") or {}).get("conditions")))
         await controller.stop()
