@@ -3,9 +3,10 @@
 Run: ``python bench/early_stopping.py`` (under a minute on one core; ``--help``
 for the knobs). It prints one table per scenario.
 
-What is simulated. A population of ``--trials`` configurations, each with a
-validation-loss curve over ``maxResource`` steps. A configuration has a
-learning-rate-like position ``x`` in [0, 1] and an architecture quality ``q``:
+What is simulated (the curves: ``bench/learning_curves.py``). A population of
+``--trials`` configurations, each with a validation-loss curve over
+``maxResource`` steps. A configuration has a learning-rate-like position ``x``
+in [0, 1] and an architecture quality ``q``:
 
 - its asymptote is ``floor + a * (x - x_best)**2 + b * q`` (too small and too
   large learning rates end worse, a better architecture ends lower);
@@ -56,8 +57,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
 import optuna
+from learning_curves import SCENARIOS, Population, Scenario, population
 from problems import MLP_PARAMS, MLPData, mlp_data, train_mlp
 from scipy.stats import spearmanr
 
@@ -73,73 +74,6 @@ MAX_RESOURCE = 27
 REDUCTION_FACTOR = 3
 WORKERS = 8
 CORRELATION_STEPS = (1, 3, 9)
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """A family of learning curves."""
-
-    name: str
-    # Asymptote: floor + spread_lr * (x - x_best)**2 + spread_quality * q.
-    floor: float
-    spread_lr: float
-    spread_quality: float
-    x_best: float
-    # tau = tau_fast * (tau_slow / tau_fast) ** (1 - x), in steps.
-    tau_fast: float
-    tau_slow: float
-    noise: float
-    start: float = 2.3  # ln(10): an untrained 10-class classifier
-
-
-SCENARIOS = {
-    "typical": Scenario(
-        "typical",
-        floor=0.25,
-        spread_lr=0.6,
-        spread_quality=0.3,
-        x_best=0.5,
-        tau_fast=0.25,
-        tau_slow=2.0,
-        noise=0.005,
-    ),
-    "late-crossing": Scenario(
-        "late-crossing",
-        floor=0.25,
-        spread_lr=0.3,
-        spread_quality=0.10,
-        x_best=0.35,
-        tau_fast=0.8,
-        tau_slow=10.0,
-        noise=0.005,
-    ),
-}
-
-
-@dataclass(frozen=True)
-class Population:
-    """Observed curves (trials x steps), their noise-free finals, and step durations."""
-
-    observed: np.ndarray
-    final: np.ndarray
-    duration: np.ndarray
-
-
-def population(scenario: Scenario, trials: int, seed: int) -> Population:
-    rng = np.random.default_rng([seed, 2026])
-    x = rng.random(trials)
-    q = rng.random(trials)
-    asymptote = scenario.floor + scenario.spread_lr * (x - scenario.x_best) ** 2
-    asymptote += scenario.spread_quality * q
-    tau = scenario.tau_fast * (scenario.tau_slow / scenario.tau_fast) ** (1.0 - x)
-    t = np.arange(1, MAX_RESOURCE + 1)
-    clean = asymptote[:, None] + (scenario.start - asymptote[:, None]) * np.exp(
-        -t[None, :] / tau[:, None]
-    )
-    observed = clean + scenario.noise * rng.standard_normal(clean.shape)
-    # Better architectures (lower q) are bigger and slower per step.
-    duration = (1.5 - q) * rng.lognormal(0.0, 0.2, trials)
-    return Population(observed=observed, final=clean[:, -1], duration=duration)
 
 
 class Method(Protocol):
@@ -334,7 +268,7 @@ def run(
     results: dict[str, list[Outcome]] = {name: [] for name in METHODS}
     correlations: list[list[float]] = [[] for _ in CORRELATION_STEPS]
     for seed in seeds:
-        pop = population(scenario, trials, seed)
+        pop = population(scenario, trials, seed, MAX_RESOURCE)
         for i, step in enumerate(CORRELATION_STEPS):
             rho = spearmanr(pop.observed[:, step - 1], pop.final).statistic
             correlations[i].append(float(rho))

@@ -55,6 +55,8 @@ from kubetune_suggestion.engine.space import (  # noqa: E402
 )
 
 BATCH = 8
+# One optimisation run: (who, problem, algorithm, seed, trials, batch, options JSON).
+Task = tuple[str, str, str, int, int, int, str]
 
 
 # -- one optimisation run ------------------------------------------------------
@@ -121,9 +123,7 @@ def run_optuna(problem: str, algo: str, seed: int, trials: int, batch: int) -> f
     return float(study.best_value)
 
 
-def _task(
-    args: tuple[str, str, str, int, int, int, str],
-) -> tuple[tuple[str, str, str, int, int], float]:
+def _task(args: Task) -> tuple[tuple[str, str, str, int, int], float]:
     who, problem, algo, seed, trials, batch, options = args
     if who == "ours":
         best = run_ours(problem, algo, seed, trials, batch, json.loads(options))
@@ -244,8 +244,7 @@ def _compare_table(
     return verdicts
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark and print the tables."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -267,14 +266,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--tpe-options", default="{}", help="JSON settings for our TPE (for tuning)"
     )
     parser.add_argument("--cmaes-options", default="{}", help="JSON settings for our CMA-ES")
-    args = parser.parse_args(argv)
-    seeds = list(range(args.seeds if args.seeds is not None else (3 if args.quick else 10)))
-    problems = [p for p in args.problems.split(",") if p]
-    parts = set(args.parts.split(","))
-    modes = [m for m in args.modes.split(",") if m]
-    tpe_options = json.loads(args.tpe_options)
+    return parser
 
-    tasks: list[tuple[str, str, str, int, int, int, str]] = []
+
+def _tasks(
+    args: argparse.Namespace,
+    parts: set[str],
+    problems: Sequence[str],
+    modes: Sequence[str],
+    seeds: Sequence[int],
+) -> list[Task]:
+    """Every run, ours and Optuna's, shuffled so that slow and fast ones mix across workers."""
+    tasks: list[Task] = []
     if "tpe" in parts:
         for problem in problems:
             for mode in modes:
@@ -284,26 +287,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                         tasks.append(
                             (who, problem, "tpe", seed, args.trials, batch, args.tpe_options)
                         )
-    cma_problems = [p for p in problems if PROBLEMS[p].continuous]
     if "cmaes" in parts:
-        for problem in cma_problems:
+        for problem in _continuous(problems):
             for seed in seeds:
                 for who in ("ours", "optuna"):
                     tasks.append(
                         (who, problem, "cmaes", seed, args.cma_trials, 1, args.cmaes_options)
                     )
     random.Random(0).shuffle(tasks)  # mix slow and fast tasks across workers
+    return tasks
 
-    started = time.perf_counter()
-    results: dict[tuple[str, str, str, int, int], float] = {}
-    with multiprocessing.Pool(args.jobs) as pool:
-        for key, best in pool.imap_unordered(_task, tasks):
-            results[key] = best
-    elapsed = time.perf_counter() - started
-    print(
-        f"kubetune samplers vs Optuna (seeds {len(seeds)}, {elapsed:.0f} s on {args.jobs} workers)"
-    )
 
+def _continuous(problems: Sequence[str]) -> list[str]:
+    """The problems CMA-ES runs on."""
+    return [p for p in problems if PROBLEMS[p].continuous]
+
+
+def _sampler_tables(
+    args: argparse.Namespace,
+    parts: set[str],
+    problems: Sequence[str],
+    modes: Sequence[str],
+    seeds: Sequence[int],
+    results: Mapping[tuple[str, str, str, int, int], float],
+) -> list[str]:
+    """Print the TPE and CMA-ES comparisons; their lines for the targets."""
     summary: list[str] = []
     if "tpe" in parts:
         for mode in modes:
@@ -318,6 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary.append(
                 f"TPE {mode}: at least as good on {sum(ok)}/{len(ok)} problems (target 5/7)"
             )
+    cma_problems = _continuous(problems)
     if "cmaes" in parts and cma_problems:
         ok = _compare_table(
             f"CMA-ES vs optuna.samplers.CmaEsSampler(), best at {args.cma_trials} trials, "
@@ -328,31 +337,61 @@ def main(argv: Sequence[str] | None = None) -> int:
             seeds,
         )
         summary.append(f"CMA-ES: at least as good on {sum(ok)}/{len(ok)} problems (target 4/6)")
+    return summary
 
-    if "timing" in parts:
-        print(
-            "\nTPE time per suggestion (ms; best of 20 runs, Optuna best of 10, 3 and 1),"
-            " history of completed trials, one process"
+
+def _timing_table(quick: bool, tpe_options: Mapping[str, Any]) -> list[str]:
+    """Print the time per TPE suggestion by history size; its lines for the targets."""
+    print(
+        "\nTPE time per suggestion (ms; best of 20 runs, Optuna best of 10, 3 and 1),"
+        " history of completed trials, one process"
+    )
+    header = f"{'space':<18} {'trials':>7} {'ours':>9} {'optuna':>9} {'optuna/ours':>12}"
+    print(header)
+    print("-" * len(header))
+    sizes = [100, 1000] if quick else [100, 1000, 10000]
+    summary: list[str] = []
+    for name in ("hpo_mixed", "styblinski_tang8"):
+        ours_at: dict[int, float] = {}
+        for n in sizes:
+            ours = time_ours(PROBLEMS[name], n, reps=20, options=tpe_options)
+            # Optuna's TPE takes seconds at 10,000 trials: one measurement there.
+            theirs = time_optuna(PROBLEMS[name], n, reps={100: 10, 1000: 3}.get(n, 1))
+            ours_at[n] = ours
+            row = f"{name:<18} {n:>7} {ours * 1e3:>9.2f} {theirs * 1e3:>9.2f}"
+            print(f"{row} {theirs / ours:>12.1f}")
+        growth = ours_at[sizes[-1]] / ours_at[sizes[-2]] / (sizes[-1] / sizes[-2])
+        summary.append(
+            f"TPE timing {name}: {ours_at[1000] * 1e3:.2f} ms at 1,000 trials "
+            f"(target <= 3 ms); growth {sizes[-2]}->{sizes[-1]} is {growth:.2f}x linear "
+            "(target <= 1)"
         )
-        header = f"{'space':<18} {'trials':>7} {'ours':>9} {'optuna':>9} {'optuna/ours':>12}"
-        print(header)
-        print("-" * len(header))
-        sizes = [100, 1000] if args.quick else [100, 1000, 10000]
-        for name in ("hpo_mixed", "styblinski_tang8"):
-            ours_at: dict[int, float] = {}
-            for n in sizes:
-                ours = time_ours(PROBLEMS[name], n, reps=20, options=tpe_options)
-                # Optuna's TPE takes seconds at 10,000 trials: one measurement there.
-                theirs = time_optuna(PROBLEMS[name], n, reps={100: 10, 1000: 3}.get(n, 1))
-                ours_at[n] = ours
-                row = f"{name:<18} {n:>7} {ours * 1e3:>9.2f} {theirs * 1e3:>9.2f}"
-                print(f"{row} {theirs / ours:>12.1f}")
-            growth = ours_at[sizes[-1]] / ours_at[sizes[-2]] / (sizes[-1] / sizes[-2])
-            summary.append(
-                f"TPE timing {name}: {ours_at[1000] * 1e3:.2f} ms at 1,000 trials "
-                f"(target <= 3 ms); growth {sizes[-2]}->{sizes[-1]} is {growth:.2f}x linear "
-                "(target <= 1)"
-            )
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and print the tables."""
+    args = _parser().parse_args(argv)
+    seeds = list(range(args.seeds if args.seeds is not None else (3 if args.quick else 10)))
+    problems = [p for p in args.problems.split(",") if p]
+    parts = set(args.parts.split(","))
+    modes = [m for m in args.modes.split(",") if m]
+    tpe_options = json.loads(args.tpe_options)
+    tasks = _tasks(args, parts, problems, modes, seeds)
+
+    started = time.perf_counter()
+    results: dict[tuple[str, str, str, int, int], float] = {}
+    with multiprocessing.Pool(args.jobs) as pool:
+        for key, best in pool.imap_unordered(_task, tasks):
+            results[key] = best
+    elapsed = time.perf_counter() - started
+    print(
+        f"kubetune samplers vs Optuna (seeds {len(seeds)}, {elapsed:.0f} s on {args.jobs} workers)"
+    )
+
+    summary = _sampler_tables(args, parts, problems, modes, seeds, results)
+    if "timing" in parts:
+        summary += _timing_table(args.quick, tpe_options)
 
     print("\nTargets")
     for line in summary:

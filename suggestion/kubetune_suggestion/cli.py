@@ -31,18 +31,13 @@ from typing import Any, Final, TextIO
 import sqlalchemy.exc
 
 from kubetune_suggestion.runner.curves import csv_rows, curves_of, render_curves
+from kubetune_suggestion.runner.files import RunnerBusy, RunPaths, experiment_lock
+from kubetune_suggestion.runner.launch import trial_container
 from kubetune_suggestion.runner.manifest import Manifest, experiment_uid, load_manifest
 from kubetune_suggestion.runner.outcome import shown_state
 from kubetune_suggestion.runner.progress import format_objective, format_params, make_display
-from kubetune_suggestion.runner.run import (
-    LocalRunner,
-    RunnerBusy,
-    RunPaths,
-    RunResult,
-    experiment_lock,
-    stored_result,
-    trial_container,
-)
+from kubetune_suggestion.runner.result import RunResult, stored_result
+from kubetune_suggestion.runner.run import LocalRunner
 from kubetune_suggestion.service.errors import ServiceError
 from kubetune_suggestion.service.models import TrialView
 from kubetune_suggestion.spec import SpecError

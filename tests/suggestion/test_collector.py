@@ -39,6 +39,8 @@ SPEC: dict[str, Any] = {
     "maxTrials": 4,
     "template": {"spec": {"containers": [{"name": "train", "image": "trial:1"}]}},
 }
+# The sidecar's command line.
+SIDECAR = [sys.executable, "-m", "kubetune_suggestion.collector"]
 
 
 @pytest.fixture
@@ -52,6 +54,13 @@ def service(tmp_path: Path) -> Iterator[TuningService]:
 def _observations(svc: TuningService, uid: str, number: int) -> list[tuple[int, dict[str, float]]]:
     trial = next(t for t in svc.trials(uid, observations=True) if t.number == number)
     return [(o.step, o.metrics) for o in trial.observations or []]
+
+
+def _wait_for(predicate: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
 
 
 def test_in_process_collector_delivers_complete_lines_and_skips_bad_ones(
@@ -124,6 +133,37 @@ def test_http_reporter_maps_statuses(service: TuningService) -> None:
             reporter(status).send(Report(1, {"loss": 1.0}))
 
 
+def _restore(svc: TuningService, uid: str, number: int) -> None:
+    """What the operator does for a service that lost its database: register, restore the trial."""
+    svc.register(uid, "exp", "default", SPEC)
+    svc.restore(uid, [{"number": number, "params": {"x": 0.5}, "state": "running"}])
+
+
+def _patient_collector(
+    url: str, uid: str, number: int, metrics: Path, logged: list[str]
+) -> tuple[HttpReporter, Collector]:
+    """A collector of trial ``number``'s reports over HTTP, retrying every 0.02 to 0.1 s."""
+    reporter = HttpReporter(url, uid, number, trial_token(SECRET, uid, number))
+    backoff = Backoff(initial=0.02, maximum=0.1)
+    return reporter, Collector(metrics, reporter, logged.append, backoff=backoff)
+
+
+def _collect_while_unknown(
+    collector: Collector, logged: list[str]
+) -> tuple[threading.Thread, list[int]]:
+    """``collector.collect()`` in a thread, once the service said it does not know the trial.
+
+    Returns the thread and the steps it delivered (filled in when it ends).
+    """
+    delivered: list[int] = []
+    worker = threading.Thread(
+        target=lambda: delivered.extend(d.report.step for d in collector.collect())
+    )
+    worker.start()
+    _wait_for(lambda: any("does not know this trial yet" in line for line in logged))
+    return worker, delivered
+
+
 def test_reports_wait_for_a_restore_after_the_service_lost_its_database(
     tmp_path: Path,
 ) -> None:
@@ -134,20 +174,11 @@ def test_reports_wait_for_a_restore_after_the_service_lost_its_database(
     logged: list[str] = []
     app = create_app(Settings(db_url="unused"), svc)
     with serve_in_thread(app) as url:
-        reporter = HttpReporter(url, "exp-lost", 3, trial_token(SECRET, "exp-lost", 3))
-        collector = Collector(
-            metrics, reporter, logged.append, backoff=Backoff(initial=0.02, maximum=0.1)
-        )
-        delivered: list[int] = []
-        worker = threading.Thread(
-            target=lambda: delivered.extend(d.report.step for d in collector.collect())
-        )
-        worker.start()
-        _wait_for(lambda: any("does not know this trial yet" in line for line in logged))
+        reporter, collector = _patient_collector(url, "exp-lost", 3, metrics, logged)
+        worker, delivered = _collect_while_unknown(collector, logged)
         assert worker.is_alive() and delivered == []
         # The operator registers the experiment again and restores its trials.
-        svc.register("exp-lost", "exp", "default", SPEC)
-        svc.restore("exp-lost", [{"number": 3, "params": {"x": 0.5}, "state": "running"}])
+        _restore(svc, "exp-lost", 3)
         worker.join(timeout=30)
         reporter.close()
     assert delivered == [0, 1]
@@ -159,8 +190,7 @@ def test_reports_wait_for_a_restore_after_the_service_lost_its_database(
 def test_reports_delivered_before_the_database_was_lost_are_sent_again(tmp_path: Path) -> None:
     """The restore brings back the trial, not its reports: the collector sends them again."""
     first = TuningService.open(f"sqlite:///{tmp_path}/first.db", secret=SECRET)
-    first.register("exp-lost", "exp", "default", SPEC)
-    first.restore("exp-lost", [{"number": 0, "params": {"x": 0.5}, "state": "running"}])
+    _restore(first, "exp-lost", 0)
     apps = [create_app(Settings(db_url="unused"), first)]
 
     async def current(scope: Any, receive: Any, send: Any) -> None:
@@ -170,24 +200,15 @@ def test_reports_delivered_before_the_database_was_lost_are_sent_again(tmp_path:
     metrics.write_text("step=0 loss=0.9\nstep=1 loss=0.8\n")
     logged: list[str] = []
     with serve_in_thread(current) as url:
-        reporter = HttpReporter(url, "exp-lost", 0, trial_token(SECRET, "exp-lost", 0))
-        collector = Collector(
-            metrics, reporter, logged.append, backoff=Backoff(initial=0.02, maximum=0.1)
-        )
+        reporter, collector = _patient_collector(url, "exp-lost", 0, metrics, logged)
         assert [d.report.step for d in collector.collect()] == [0, 1]
         # The service's Pod is replaced: an empty database.
         second = TuningService.open(f"sqlite:///{tmp_path}/second.db", secret=SECRET)
         apps.append(create_app(Settings(db_url="unused"), second))
         with metrics.open("a") as f:
             f.write("step=2 loss=0.7\n")
-        delivered: list[int] = []
-        worker = threading.Thread(
-            target=lambda: delivered.extend(d.report.step for d in collector.collect())
-        )
-        worker.start()
-        _wait_for(lambda: any("does not know this trial yet" in line for line in logged))
-        second.register("exp-lost", "exp", "default", SPEC)
-        second.restore("exp-lost", [{"number": 0, "params": {"x": 0.5}, "state": "running"}])
+        worker, delivered = _collect_while_unknown(collector, logged)
+        _restore(second, "exp-lost", 0)
         worker.join(timeout=30)
         reporter.close()
     assert delivered == [0, 1, 2]
@@ -207,7 +228,7 @@ def test_sidecar_config_names_missing_variables() -> None:
             }
         )
     result = subprocess.run(
-        [sys.executable, "-m", "kubetune_suggestion.collector"],
+        SIDECAR,
         env={k: v for k, v in os.environ.items() if not k.startswith("KUBETUNE_")},
         capture_output=True,
         text=True,
@@ -220,109 +241,140 @@ def test_sidecar_config_names_missing_variables() -> None:
 # -- the sidecar against the real HTTP service ------------------------------------------
 
 
-def _start_service(db: Path, port: int) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kubetune_suggestion.service",
-            "--db",
-            f"sqlite:///{db}",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        env={**os.environ, "KUBETUNE_SECRET": SECRET},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+class _ServiceProcess:
+    """The tuning service as its own process on a SQLite file, on a fixed port across restarts."""
 
+    def __init__(self, db: Path) -> None:
+        self.db = db
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = httpx.Client(base_url=self.url, timeout=10.0)
+        self.process: subprocess.Popen[bytes] | None = None
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the service exited"
+    def start(self) -> None:
+        """Start it and wait until it is ready."""
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kubetune_suggestion.service",
+                "--db",
+                f"sqlite:///{self.db}",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ],
+            env={**os.environ, "KUBETUNE_SECRET": SECRET},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
-            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("the service did not become ready")
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None and self.process.poll() is None, "the service exited"
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError("the service did not become ready")
+
+    def stop(self) -> None:
+        """SIGTERM it and wait; SIGKILL after 30 s."""
+        if self.process is None:
+            return
+        server, self.process = self.process, None
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+    def new_trial(self, uid: str) -> int:
+        """Register experiment ``uid`` and ask for one trial: its number."""
+        put = self.client.put(f"/v1/experiments/{uid}", json={"name": "exp", "spec": SPEC})
+        assert put.status_code in (200, 201), put.text
+        asked = self.client.post(f"/v1/experiments/{uid}/ask", json={"count": 1})
+        number: int = asked.json()["trials"][0]["number"]
+        return number
+
+    def stored(self, uid: str) -> list[int]:
+        """The steps stored for the experiment's first trial."""
+        trials = self.client.get(
+            f"/v1/experiments/{uid}/trials", params={"observations": "true"}
+        ).json()
+        return [o["step"] for o in trials[0]["observations"] or []]
 
 
-def _wait_for(predicate: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[_ServiceProcess]:
+    """The service running as its own process on ``tmp_path/store.db``; stopped at the end."""
+    service = _ServiceProcess(tmp_path / "store.db")
+    service.start()
+    yield service
+    service.stop()
+    service.client.close()
+
+
+def _sidecar_env(
+    url: str, uid: str, metrics: Path, poll_seconds: str | None = "0.05"
+) -> dict[str, str]:
+    """The sidecar's settings for trial 0 of ``uid``; ``poll_seconds`` None: its default."""
+    env = {
+        **os.environ,
+        "KUBETUNE_SERVICE_URL": url,
+        "KUBETUNE_EXPERIMENT_UID": uid,
+        "KUBETUNE_TRIAL_NUMBER": "0",
+        "KUBETUNE_TRIAL_TOKEN": trial_token(SECRET, uid, 0),
+        "KUBETUNE_METRICS_FILE": str(metrics),
+    }
+    if poll_seconds is not None:
+        env["KUBETUNE_COLLECTOR_POLL_SECONDS"] = poll_seconds
+    return env
 
 
 @pytest.mark.slow
-def test_sidecar_retries_until_the_service_is_up_then_drains_on_sigterm(tmp_path: Path) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+def test_sidecar_retries_until_the_service_is_up_then_drains_on_sigterm(
+    tmp_path: Path, served: _ServiceProcess
+) -> None:
     metrics = tmp_path / "metrics"
     metrics.write_text('{"step": 1, "loss": 0.9}\n')
-    sidecar_env = {
-        **os.environ,
-        "KUBETUNE_SERVICE_URL": url,
-        "KUBETUNE_EXPERIMENT_UID": "exp-http",
-        "KUBETUNE_TRIAL_NUMBER": "0",
-        "KUBETUNE_TRIAL_TOKEN": trial_token(SECRET, "exp-http", 0),
-        "KUBETUNE_METRICS_FILE": str(metrics),
-        "KUBETUNE_COLLECTOR_POLL_SECONDS": "0.05",
-    }
-    db = tmp_path / "store.db"
-    server = _start_service(db, port)
-    try:
-        _wait_ready(url, server)
-        client = httpx.Client(base_url=url, timeout=10.0)
-        assert client.put(
-            "/v1/experiments/exp-http", json={"name": "exp", "spec": SPEC}
-        ).status_code in (200, 201)
-        assert (
-            client.post("/v1/experiments/exp-http/ask", json={"count": 1}).json()["trials"][0][
-                "number"
-            ]
-            == 0
-        )
-    finally:
-        _stop(server)
+    assert served.new_trial("exp-http") == 0
+    served.stop()
     # The service is down (a restart): the sidecar must wait for it, not give up.
     sidecar = subprocess.Popen(
-        [sys.executable, "-m", "kubetune_suggestion.collector"],
-        env=sidecar_env,
+        SIDECAR,
+        env=_sidecar_env(served.url, "exp-http", metrics),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     time.sleep(1.0)
-    server = _start_service(db, port)
     try:
-        _wait_ready(url, server)
-
-        def stored() -> list[int]:
-            trials = client.get(
-                "/v1/experiments/exp-http/trials", params={"observations": "true"}
-            ).json()
-            return [o["step"] for o in trials[0]["observations"] or []]
-
-        _wait_for(lambda: stored() == [1])
+        served.start()
+        _wait_for(lambda: served.stored("exp-http") == [1])
         with metrics.open("a") as f:
             f.write("step=2 loss=0.8\nstep=3 loss=0.7\nstep=4 lo")  # the last line is incomplete
         sidecar.send_signal(signal.SIGTERM)
         out, _ = sidecar.communicate(timeout=60)
         assert sidecar.returncode == 0, out
-        assert stored() == [1, 2, 3]
+        assert served.stored("exp-http") == [1, 2, 3]
         assert "service unavailable" in out  # it retried while the service was down
         assert "step=1 loss=0.9 -> ok" in out
         assert "step=3 loss=0.7 -> ok" in out
         assert "stopping after 3 report(s)" in out
 
         # A wrong token is refused for good (403) and logged; the sidecar goes on.
-        bad = HttpReporter(url, "exp-http", 0, "wrong")
+        bad = HttpReporter(served.url, "exp-http", 0, "wrong")
         with pytest.raises(ReportRejected, match="HTTP 403"):
             bad.send(Report(5, {"loss": 0.1}))
         bad.close()
@@ -330,120 +382,67 @@ def test_sidecar_retries_until_the_service_is_up_then_drains_on_sigterm(tmp_path
         if sidecar.poll() is None:
             sidecar.kill()
             sidecar.wait()
-        _stop(server)
 
 
-def _stop(server: subprocess.Popen[bytes]) -> None:
-    server.send_signal(signal.SIGTERM)
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
-
-
-def test_sidecar_stopped_right_after_start_still_delivers_the_file(tmp_path: Path) -> None:
+def test_sidecar_stopped_right_after_start_still_delivers_the_file(
+    tmp_path: Path, served: _ServiceProcess
+) -> None:
     # A trial shorter than the sidecar's start-up: the kubelet sends SIGTERM
     # while Python is still importing; the reports must not be lost.
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     metrics = tmp_path / "metrics"
     metrics.write_text('{"step": 1, "loss": 0.9}\nstep=2 loss=0.5\n')
-    server = _start_service(tmp_path / "store.db", port)
-    try:
-        _wait_ready(url, server)
-        client = httpx.Client(base_url=url, timeout=10.0)
-        client.put("/v1/experiments/exp-short", json={"name": "exp", "spec": SPEC})
-        client.post("/v1/experiments/exp-short/ask", json={"count": 1})
-        sidecar = subprocess.Popen(
-            [sys.executable, "-m", "kubetune_suggestion.collector"],
-            env={
-                **os.environ,
-                "KUBETUNE_SERVICE_URL": url,
-                "KUBETUNE_EXPERIMENT_UID": "exp-short",
-                "KUBETUNE_TRIAL_NUMBER": "0",
-                "KUBETUNE_TRIAL_TOKEN": trial_token(SECRET, "exp-short", 0),
-                "KUBETUNE_METRICS_FILE": str(metrics),
-            },
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        time.sleep(0.15)
-        sidecar.send_signal(signal.SIGTERM)
-        out, _ = sidecar.communicate(timeout=60)
-        assert sidecar.returncode == 0, out
-        trials = client.get(
-            "/v1/experiments/exp-short/trials", params={"observations": "true"}
-        ).json()
-        assert [o["step"] for o in trials[0]["observations"]] == [1, 2]
-    finally:
-        _stop(server)
+    served.new_trial("exp-short")
+    sidecar = subprocess.Popen(
+        SIDECAR,
+        env=_sidecar_env(served.url, "exp-short", metrics, poll_seconds=None),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    time.sleep(0.15)
+    sidecar.send_signal(signal.SIGTERM)
+    out, _ = sidecar.communicate(timeout=60)
+    assert sidecar.returncode == 0, out
+    assert served.stored("exp-short") == [1, 2]
 
 
 # -- as a container's PID 1 -------------------------------------------------------------
 
 
-def _sidecar_env(url: str, uid: str, metrics: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "KUBETUNE_SERVICE_URL": url,
-        "KUBETUNE_EXPERIMENT_UID": uid,
-        "KUBETUNE_TRIAL_NUMBER": "0",
-        "KUBETUNE_TRIAL_TOKEN": trial_token(SECRET, uid, 0),
-        "KUBETUNE_METRICS_FILE": str(metrics),
-        "KUBETUNE_COLLECTOR_POLL_SECONDS": "0.05",
-    }
-
-
-def test_sidecar_as_pid1_ships_what_is_left_and_exits_promptly_at_sigterm(tmp_path: Path) -> None:
+def test_sidecar_as_pid1_ships_what_is_left_and_exits_promptly_at_sigterm(
+    tmp_path: Path, served: _ServiceProcess
+) -> None:
     # The kubelet stops the native sidecar with SIGTERM once the trial has
     # exited: it must deliver the last lines and end, not wait out the grace period.
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     metrics = tmp_path / "metrics"
     metrics.write_text('{"step": 1, "loss": 0.9}\n')
-    server = _start_service(tmp_path / "store.db", port)
+    served.new_trial("exp-pid1")
+    sidecar = sigterm.start(
+        SIDECAR,
+        env=_sidecar_env(served.url, "exp-pid1", metrics),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
-        _wait_ready(url, server)
-        client = httpx.Client(base_url=url, timeout=10.0)
-        client.put("/v1/experiments/exp-pid1", json={"name": "exp", "spec": SPEC})
-        client.post("/v1/experiments/exp-pid1/ask", json={"count": 1})
-
-        def stored() -> list[int]:
-            trials = client.get(
-                "/v1/experiments/exp-pid1/trials", params={"observations": "true"}
-            ).json()
-            return [o["step"] for o in trials[0]["observations"] or []]
-
-        sidecar = sigterm.start(
-            [sys.executable, "-m", "kubetune_suggestion.collector"],
-            env=_sidecar_env(url, "exp-pid1", metrics),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            _wait_for(lambda: stored() == [1])
-            assert sigterm.catches_sigterm(sidecar.pid)
-            with metrics.open("a") as f:
-                f.write("step=2 loss=0.8\nstep=3 loss=0.7\n")
-            code, seconds = sidecar.sigterm()
-        finally:
-            sidecar.kill()
-        out = sidecar.popen.stdout.read() if sidecar.popen.stdout else ""
-        assert code == 0, out
-        assert seconds < sigterm.PROMPT_SECONDS
-        assert stored() == [1, 2, 3]
-        assert "stopping after 3 report(s)" in out
+        _wait_for(lambda: served.stored("exp-pid1") == [1])
+        assert sigterm.catches_sigterm(sidecar.pid)
+        with metrics.open("a") as f:
+            f.write("step=2 loss=0.8\nstep=3 loss=0.7\n")
+        code, seconds = sidecar.sigterm()
     finally:
-        _stop(server)
+        sidecar.kill()
+    out = sidecar.popen.stdout.read() if sidecar.popen.stdout else ""
+    assert code == 0, out
+    assert seconds < sigterm.PROMPT_SECONDS
+    assert served.stored("exp-pid1") == [1, 2, 3]
+    assert "stopping after 3 report(s)" in out
 
 
 def test_sidecar_as_pid1_with_nothing_to_ship_exits_at_once(tmp_path: Path) -> None:
     # No reports pending: nothing to retry, even with the service unreachable.
     metrics = tmp_path / "metrics"
     sidecar = sigterm.start(
-        [sys.executable, "-m", "kubetune_suggestion.collector"],
+        SIDECAR,
         env=_sidecar_env(f"http://127.0.0.1:{free_port()}", "exp-idle", metrics),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -460,7 +459,7 @@ def test_sidecar_as_pid1_with_nothing_to_ship_exits_at_once(tmp_path: Path) -> N
 
 def test_sidecar_help_names_its_settings() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "kubetune_suggestion.collector", "--help"],
+        [*SIDECAR, "--help"],
         capture_output=True,
         text=True,
         timeout=60,

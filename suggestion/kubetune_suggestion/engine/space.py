@@ -332,6 +332,7 @@ def _number(item: Mapping[str, Any], key: str, where: str, name: str) -> float:
 
 
 def _parse_param(i: int, item: Mapping[str, Any]) -> tuple[Param, dict[str, Any]]:
+    """Parameter ``i`` of the spec and its raw ``when`` (checked against the others later)."""
     where = f"parameters[{i}]"
     if not isinstance(item, Mapping):
         raise SpaceError(where, f"must be a mapping with name and type, got {item!r}")
@@ -359,64 +360,78 @@ def _parse_param(i: int, item: Mapping[str, Any]) -> tuple[Param, dict[str, Any]
         raise SpaceError(f"{where}.log", f'parameter "{name}": `log` must be true or false')
     param: Param
     if kind == "categorical":
-        values = item.get("values")
-        if not isinstance(values, list) or not values:
-            raise SpaceError(
-                f"{where}.values", f'parameter "{name}": `values` must be a non-empty list'
-            )
-        for j, v in enumerate(values):
-            if not isinstance(v, str | int | float) or (
-                isinstance(v, float) and not math.isfinite(v)
-            ):
-                raise SpaceError(
-                    f"{where}.values[{j}]",
-                    f'parameter "{name}": values must be strings, numbers or booleans',
-                )
-            if any(_same_value(v, w) for w in values[:j]):
-                raise SpaceError(
-                    f"{where}.values[{j}]", f'parameter "{name}": duplicate value {v!r}'
-                )
-        param = CategoricalParam(name=name, choices=tuple(values))
+        param = _parse_categorical(item, where, name)
     else:
-        low = _number(item, "min", where, name)
-        high = _number(item, "max", where, name)
-        if low >= high:
-            raise SpaceError(
-                f"{where}.min",
-                f'parameter "{name}": min ({low:g}) must be less than max ({high:g})',
-            )
-        if log and low <= 0:
-            raise SpaceError(
-                f"{where}.min",
-                f'parameter "{name}": a log-scale parameter needs min > 0, got {low:g}',
-            )
-        step_raw = item.get("step")
-        step: float | None = None
-        if step_raw is not None:
-            step = _number(item, "step", where, name)
-            if step <= 0:
-                raise SpaceError(
-                    f"{where}.step", f'parameter "{name}": step must be positive, got {step:g}'
-                )
-            if step > high - low:
-                raise SpaceError(
-                    f"{where}.step", f'parameter "{name}": step ({step:g}) is larger than max - min'
-                )
-            if log:
-                raise SpaceError(
-                    f"{where}.step", f'parameter "{name}": `step` and `log` cannot be combined'
-                )
-        if kind == "int":
-            for key, v in (("min", low), ("max", high), ("step", step)):
-                if v is not None and v != int(v):
-                    raise SpaceError(
-                        f"{where}.{key}",
-                        f'parameter "{name}": an int parameter needs whole numbers',
-                    )
-            param = IntParam(name=name, low=int(low), high=int(high), log=log, step=int(step or 1))
-        else:
-            param = FloatParam(name=name, low=low, high=high, log=log, step=step)
+        param = _parse_numeric(item, where, name, is_int=kind == "int", log=log)
     return param, dict(when_raw)
+
+
+def _parse_categorical(item: Mapping[str, Any], where: str, name: str) -> CategoricalParam:
+    """A categorical parameter: a non-empty list of distinct strings, numbers or booleans."""
+    values = item.get("values")
+    if not isinstance(values, list) or not values:
+        raise SpaceError(
+            f"{where}.values", f'parameter "{name}": `values` must be a non-empty list'
+        )
+    for j, v in enumerate(values):
+        if not isinstance(v, str | int | float) or (isinstance(v, float) and not math.isfinite(v)):
+            raise SpaceError(
+                f"{where}.values[{j}]",
+                f'parameter "{name}": values must be strings, numbers or booleans',
+            )
+        if any(_same_value(v, w) for w in values[:j]):
+            raise SpaceError(f"{where}.values[{j}]", f'parameter "{name}": duplicate value {v!r}')
+    return CategoricalParam(name=name, choices=tuple(values))
+
+
+def _parse_numeric(
+    item: Mapping[str, Any], where: str, name: str, *, is_int: bool, log: bool
+) -> IntParam | FloatParam:
+    """An int or float parameter: ``min < max``, and an optional ``step`` or ``log``."""
+    low = _number(item, "min", where, name)
+    high = _number(item, "max", where, name)
+    if low >= high:
+        raise SpaceError(
+            f"{where}.min",
+            f'parameter "{name}": min ({low:g}) must be less than max ({high:g})',
+        )
+    if log and low <= 0:
+        raise SpaceError(
+            f"{where}.min",
+            f'parameter "{name}": a log-scale parameter needs min > 0, got {low:g}',
+        )
+    step = _parse_step(item, where, name, span=high - low, log=log)
+    if not is_int:
+        return FloatParam(name=name, low=low, high=high, log=log, step=step)
+    for key, v in (("min", low), ("max", high), ("step", step)):
+        if v is not None and v != int(v):
+            raise SpaceError(
+                f"{where}.{key}",
+                f'parameter "{name}": an int parameter needs whole numbers',
+            )
+    return IntParam(name=name, low=int(low), high=int(high), log=log, step=int(step or 1))
+
+
+def _parse_step(
+    item: Mapping[str, Any], where: str, name: str, *, span: float, log: bool
+) -> float | None:
+    """A numeric parameter's ``step``: positive, at most ``max - min``, never with ``log``."""
+    if item.get("step") is None:
+        return None
+    step = _number(item, "step", where, name)
+    if step <= 0:
+        raise SpaceError(
+            f"{where}.step", f'parameter "{name}": step must be positive, got {step:g}'
+        )
+    if step > span:
+        raise SpaceError(
+            f"{where}.step", f'parameter "{name}": step ({step:g}) is larger than max - min'
+        )
+    if log:
+        raise SpaceError(
+            f"{where}.step", f'parameter "{name}": `step` and `log` cannot be combined'
+        )
+    return step
 
 
 def _parse_space(items: Sequence[Mapping[str, Any]]) -> SearchSpace:

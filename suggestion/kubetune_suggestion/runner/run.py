@@ -1,33 +1,18 @@
 """``kubetune run``: an Experiment manifest run on one machine.
 
-Each trial is a local process started from the template's first container,
-up to ``parallelism`` at once. Everything else is the product's own machinery,
-in-process: the ``TuningService`` over a SQLite store under ``--dir`` asks,
-records and decides, and a :class:`~kubetune_suggestion.collector.Collector`
-per trial tails its metrics file exactly as the cluster sidecar does.
+Each trial is a local process started from the template's first container
+(:mod:`.launch`), up to ``parallelism`` at once. Everything else is the
+product's own machinery, in-process: the ``TuningService`` over a SQLite store
+under ``--dir`` (:mod:`.files`) asks, records and decides, and a
+:class:`~kubetune_suggestion.collector.Collector` per trial tails its metrics
+file exactly as the cluster sidecar does.
 
 The loop is single-threaded and polls (every 0.02 s by default): a stop the
 service decides on a trial's report reaches the trial within a poll of that
 report, and one thread leaves nothing to lock. The stop itself is sent the
-moment the service answers the deciding report (:class:`_StopOnAnswer`), not
-after the rest of the trial's new reports were forwarded.
-
-Files, for experiment ``NAME`` under ``--dir`` (default ``.kubetune``)::
-
-    NAME.db                 the store (SQLite): experiments, trials, observations
-    NAME.lock               held while a run is going (one runner per experiment)
-    NAME/trial-N.log        the trial's stdout and stderr (one header line per attempt)
-    NAME/trial-N.metrics    its metrics file (KUBETUNE_METRICS_FILE)
-    NAME/trial-N.pid        its running attempt's process id (gone once it ended)
-    NAME/trial-N.timedout   it ran past trialTimeoutSeconds and is being stopped
-
-Each trial runs in the manifest's directory (relative paths in ``command``
-and ``args`` resolve there), with this process's environment plus the
-container's ``env`` values (``valueFrom`` entries need a cluster and are
-skipped) and the trial's identity (``KUBETUNE_TRIAL_NUMBER``,
-``KUBETUNE_PARAMS``, ``KUBETUNE_METRICS_FILE``...). ``python`` and ``python3``
-mean the interpreter running kubetune. ``image``, ``resources`` and
-``workingDir`` only matter in a cluster.
+moment the service answers the deciding report
+(:class:`~kubetune_suggestion.runner.reporter.StopOnAnswer`), not after the
+rest of the trial's new reports were forwarded.
 
 ``spec.trialTimeoutSeconds`` holds as in a cluster (where it becomes the
 Pod's ``activeDeadlineSeconds``): a trial still running that long after its
@@ -41,49 +26,30 @@ limit again, as a new Pod would.)
 
 Ctrl-C (or SIGTERM) stops every trial (SIGTERM, then SIGKILL after a grace
 period), stores what they reported, and leaves them ``running`` in the store;
-the run exits 130. Re-running the same command continues the experiment: each
-interrupted trial runs again from its start, under the same number and with
-the same parameters, and finished trials are never repeated, so the
-experiment still ends with ``maxTrials`` trials, each run to its end once. An
-interrupted trial that early stopping had already decided to stop is recorded
-as pruned instead. (Restarting rather than resuming is deliberate: a training
-script has no checkpoint protocol here, and its reports for the steps it
-repeats are idempotent in the store.) A second Ctrl-C kills the trials at once.
+the run exits 130. Re-running the same command continues the experiment
+(:mod:`.resume`): each interrupted trial runs again from its start, and
+finished trials are never repeated. A second Ctrl-C kills the trials at once.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import IO, Any, Final, Protocol
+from typing import Any, Final, Protocol
 
-from kubetune_suggestion.collector import Ack, Collector, Delivery, Reporter
-from kubetune_suggestion.metrics_protocol import Report
+from kubetune_suggestion.collector import Collector, Delivery
+from kubetune_suggestion.runner.files import RunPaths
+from kubetune_suggestion.runner.launch import trial_argv, trial_container, trial_environment
 from kubetune_suggestion.runner.manifest import Manifest
 from kubetune_suggestion.runner.outcome import (
     EXPERIMENT_ENDED,
     ExperimentOutcome,
     experiment_outcome,
-    failure_streak,
-    grid_exhausted,
     next_streak,
-    shown_counts,
-    timed_out,
     trial_end,
 )
-from kubetune_suggestion.runner.process import (
-    TrialProcess,
-    describe_exit,
-    group_alive,
-    missing_executable,
-    resolve_command,
-    tail,
-)
+from kubetune_suggestion.runner.process import TrialProcess, describe_exit, tail
 from kubetune_suggestion.runner.progress import (
     Best,
     Display,
@@ -92,7 +58,9 @@ from kubetune_suggestion.runner.progress import (
     format_objective,
     format_params,
 )
-from kubetune_suggestion.runner.reporter import ServiceReporter
+from kubetune_suggestion.runner.reporter import LineLog, ServiceReporter, StopOnAnswer
+from kubetune_suggestion.runner.result import RunResult, streak_of
+from kubetune_suggestion.runner.resume import trials_to_rerun
 from kubetune_suggestion.service.models import (
     AskResult,
     ExperimentSummary,
@@ -102,27 +70,13 @@ from kubetune_suggestion.service.models import (
     TrialView,
 )
 from kubetune_suggestion.spec import ExperimentSpec
-from kubetune_suggestion.template import TemplateError, render_container, trial_env
+from kubetune_suggestion.template import trial_env
 
-__all__ = [
-    "LocalRunner",
-    "RunPaths",
-    "RunResult",
-    "RunnerBusy",
-    "TuningServiceLike",
-    "experiment_lock",
-    "runner_of",
-    "stored_result",
-    "streak_of",
-    "trial_container",
-]
+__all__ = ["LocalRunner", "TuningServiceLike"]
 
 LOCAL_NAMESPACE: Final = "local"
 # Refresh the counts and best trial from the store this often (seconds).
 _SUMMARY_INTERVAL: Final = 0.5
-# How long a starting run waits for the lock: `kubetune status` holds it for a
-# moment to see whether a run is going.
-_LOCK_PATIENCE: Final = 0.5
 
 
 class TuningServiceLike(Protocol):
@@ -161,245 +115,6 @@ class TuningServiceLike(Protocol):
     def trials(self, uid: str) -> list[TrialView]:
         """Every trial."""
         ...
-
-
-class RunnerBusy(RuntimeError):
-    """Another ``kubetune run`` is running the same experiment, or one of its trials."""
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """Where one experiment's local files live."""
-
-    root: Path
-    name: str
-
-    @property
-    def database(self) -> Path:
-        """The SQLite store."""
-        return self.root / f"{self.name}.db"
-
-    @property
-    def lock(self) -> Path:
-        """Held while a run is going."""
-        return self.root / f"{self.name}.lock"
-
-    @property
-    def trials(self) -> Path:
-        """Per-trial logs and metrics files."""
-        return self.root / self.name
-
-    def log(self, number: int) -> Path:
-        """Trial ``number``'s stdout and stderr."""
-        return self.trials / f"trial-{number}.log"
-
-    def metrics(self, number: int) -> Path:
-        """Trial ``number``'s metrics file."""
-        return self.trials / f"trial-{number}.metrics"
-
-    def timed_out(self, number: int) -> Path:
-        """Present from trial ``number``'s timeout until its end is recorded; holds the limit."""
-        return self.trials / f"trial-{number}.timedout"
-
-    def pid(self, number: int) -> Path:
-        """The process id of trial ``number``'s running attempt (gone once it ended)."""
-        return self.trials / f"trial-{number}.pid"
-
-    @property
-    def database_url(self) -> str:
-        """The SQLAlchemy URL of the store."""
-        return f"sqlite:///{self.database.resolve()}"
-
-
-@contextlib.contextmanager
-def experiment_lock(paths: RunPaths) -> Iterator[None]:
-    """Hold the experiment's lock file for the duration of a run.
-
-    Raises:
-        RunnerBusy: Another process holds it.
-    """
-    paths.root.mkdir(parents=True, exist_ok=True)
-    handle: IO[str] = paths.lock.open("a+")
-    try:
-        if not _try_lock(handle.fileno(), fcntl.LOCK_EX, patience=_LOCK_PATIENCE):
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise RunnerBusy(
-                f"experiment {paths.name!r} is already being run by {holder} "
-                f"(lock file {paths.lock})"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}\n")
-        handle.flush()
-        yield
-    finally:
-        handle.close()  # closing releases the lock
-
-
-def runner_of(paths: RunPaths) -> str | None:
-    """Who runs the experiment now (``pid N``), or None when no run is going.
-
-    The lock, not the pid it names, tells: the kernel releases it when the
-    runner exits, however it exits (``kill -9`` included).
-    """
-    try:
-        handle = paths.lock.open("r")
-    except FileNotFoundError:
-        return None
-    with handle:
-        if _try_lock(handle.fileno(), fcntl.LOCK_SH, patience=0.0):
-            return None  # closing the file releases the probe at once
-        return handle.read().strip() or "another process"
-
-
-def _try_lock(fd: int, kind: int, *, patience: float) -> bool:
-    """Take ``flock(kind)`` without blocking, retrying for ``patience`` seconds."""
-    end = time.monotonic() + patience
-    while True:
-        try:
-            fcntl.flock(fd, kind | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if time.monotonic() >= end:
-                return False
-            time.sleep(0.02)
-
-
-def trial_container(manifest: Manifest) -> Mapping[str, Any]:
-    """The container a trial process is started from, once its program is known to exist.
-
-    Checked before any trial starts: a missing program would fail every trial
-    within a second.
-
-    Raises:
-        TemplateError: Naming the field: no command, or a program that cannot start.
-    """
-    field = "spec.template.spec.containers[0]"
-    containers = (manifest.spec.template.get("spec") or {}).get("containers") or []
-    container = containers[0]
-    if not isinstance(container, Mapping):
-        raise TemplateError(field, "must be a container")
-    argv = [*(container.get("command") or []), *(container.get("args") or [])]
-    if not argv:
-        raise TemplateError(
-            f"{field}.command",
-            "kubetune run needs a command: an image's entrypoint does not exist locally",
-        )
-    program = resolve_command(argv)[0]
-    if "${" in program:
-        return container  # a parameter picks the program: each trial finds out
-    env = {e.get("name"): e.get("value") for e in container.get("env") or [] if "value" in e}
-    search_path = env.get("PATH") or os.environ.get("PATH")
-    problem = missing_executable(program, manifest.directory, search_path)
-    if problem is not None:
-        where = "command[0]" if container.get("command") else "args[0]"
-        raise TemplateError(f"{field}.{where}", problem)
-    return container
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """How a run ended, or where a stored experiment stands (``kubetune status``).
-
-    Attributes:
-        name: The experiment's name.
-        uid: Its UID in the store.
-        status: ``succeeded``, ``failed``, ``interrupted`` (it has not ended
-            and no run is going: run the manifest again to continue) or
-            ``running`` (a ``kubetune run`` is running it now).
-        reason: In words.
-        summary: The store's summary at the end.
-        metric: The objective metric's name.
-        direction: ``minimize`` or ``maximize``.
-        paths: Where its files are.
-        elapsed: Seconds this run took (None from ``kubetune status``).
-    """
-
-    name: str
-    uid: str
-    status: str
-    reason: str
-    summary: ExperimentSummary
-    metric: str
-    direction: str
-    paths: RunPaths
-    elapsed: float | None
-
-    @property
-    def exit_code(self) -> int:
-        """0 succeeded, 1 failed, 130 interrupted (the shell's code for Ctrl-C)."""
-        return {"succeeded": 0, "failed": 1}.get(self.status, 130)
-
-    @property
-    def counts(self) -> dict[str, int]:
-        """Trials by state (``interrupted`` for those an ended run left ``running``)."""
-        stored = {str(state): n for state, n in self.summary.counts.items()}
-        return shown_counts(stored, runner_alive=self.status == "running")
-
-    def to_json(self) -> dict[str, Any]:
-        """The ``-o json`` document of ``run`` and ``status`` alike (the README's schema)."""
-        best = self.summary.best
-        return {
-            "experiment": self.name,
-            "uid": self.uid,
-            "status": self.status,
-            "reason": self.reason,
-            "objective": {"metric": self.metric, "direction": self.direction},
-            "best": None
-            if best is None
-            else {"trial": best.number, "params": best.params, "objective": best.objective},
-            "counts": self.counts,
-            "trials": self.summary.done,
-            "maxTrials": self.summary.max_trials,
-            "store": str(self.paths.database),
-            "logs": str(self.paths.trials),
-            "elapsedSeconds": None if self.elapsed is None else round(self.elapsed, 3),
-        }
-
-
-def streak_of(trials: Sequence[TrialView]) -> int:
-    """How many of the last trials to finish failed in a row."""
-    ended = sorted(
-        (t.finished_at, t.number, str(t.state), t.message)
-        for t in trials
-        if t.finished_at is not None
-    )
-    return failure_streak([(state, message) for _, _, state, message in ended])
-
-
-def stored_result(
-    name: str,
-    summary: ExperimentSummary,
-    trials: Sequence[TrialView],
-    spec: ExperimentSpec,
-    paths: RunPaths,
-) -> RunResult:
-    """Where a stored experiment stands, decided as ``kubetune run`` decides its end."""
-    holder = runner_of(paths)
-    counts = {str(state): n for state, n in summary.counts.items()}
-    best = summary.best.objective if summary.best is not None else None
-    unfinished = counts.get("running", 0) + counts.get("pending", 0)
-    exhausted = not unfinished and grid_exhausted(spec, summary.allocated)
-    outcome = experiment_outcome(spec, counts, best, exhausted=exhausted, streak=streak_of(trials))
-    if holder is not None:
-        status, reason = "running", f"{holder} is running it"
-    elif outcome is None:
-        status, reason = "interrupted", "not ended; run its manifest again to continue"
-    else:
-        status = "succeeded" if outcome.succeeded else "failed"
-        reason = outcome.reason
-    return RunResult(
-        name=name,
-        uid=summary.uid,
-        status=status,
-        reason=reason,
-        summary=summary,
-        metric=spec.objective.metric,
-        direction=str(spec.objective.direction),
-        paths=paths,
-        elapsed=None,
-    )
 
 
 @dataclass
@@ -486,7 +201,9 @@ class LocalRunner:
         """Run until the experiment ends or :meth:`interrupt` is called."""
         self.paths.trials.mkdir(parents=True, exist_ok=True)
         view = self.service.register(self.uid, self.manifest.name, LOCAL_NAMESPACE, self.spec)
-        self._resume()
+        self.resume_queue.extend(
+            trials_to_rerun(self.service, self.uid, self.paths, self.spec.trialTimeoutSeconds)
+        )
         self._streak = streak_of(self.service.trials(self.uid))
         spec = self.spec
         rule = spec.earlyStopping.name
@@ -536,57 +253,6 @@ class LocalRunner:
 
     # -- starting trials ----------------------------------------------------
 
-    def _resume(self) -> None:
-        """Queue trials a previous, interrupted run left running, or asked for and never started.
-
-        Every ask allocates new trials, so the ones a run was handed before it
-        died are only ever this run's to start.
-        """
-        orphans = [t for t in self.service.trials(self.uid) if t.state in ("pending", "running")]
-        if not orphans:
-            return
-        stops = {s.number: s.reason for s in self.service.stops(self.uid)}
-        for trial in orphans:
-            self._check_gone(trial.number)
-        for trial in orphans:
-            limit = self._timed_out_earlier(trial.number)
-            if limit is not None:
-                # Its clock ran out in an earlier run: re-running it would restart it.
-                end = timed_out(limit, tail(self.paths.log(trial.number)))
-                self.service.finish(self.uid, trial.number, end.state, end.message)
-                self.paths.timed_out(trial.number).unlink(missing_ok=True)
-            elif trial.number in stops:
-                self.service.finish(self.uid, trial.number, "pruned", stops[trial.number])
-            else:
-                self.resume_queue.append(trial)
-
-    def _timed_out_earlier(self, number: int) -> int | None:
-        """The limit trial ``number`` ran past in an earlier run that ended before recording it."""
-        path = self.paths.timed_out(number)
-        if not path.exists():
-            return None
-        text = path.read_text().strip()
-        # Empty if that run died writing it; the spec holds the same limit.
-        return int(text) if text.isdigit() else self.spec.trialTimeoutSeconds
-
-    def _check_gone(self, number: int) -> None:
-        """Refuse to go on while an earlier run's process of trial ``number`` is alive.
-
-        A second copy would train beside it and write into the same metrics file.
-
-        Raises:
-            RunnerBusy: Naming the process group to stop.
-        """
-        try:
-            pid = int(self.paths.pid(number).read_text())
-        except (FileNotFoundError, ValueError):
-            return
-        if group_alive(pid):
-            raise RunnerBusy(
-                f"trial {number} of an earlier run is still running (process group {pid}); "
-                f"stop it (kill -- -{pid}) and run again"
-            )
-
     def _fill(self) -> bool:
         """Start trials up to ``parallelism``; whether any was handed out."""
         free = self.spec.parallelism - len(self.active)
@@ -608,26 +274,18 @@ class LocalRunner:
 
     def _start(self, number: int, params: Mapping[str, Any], token: str, *, resumed: bool) -> None:
         declared = [p.name for p in self.spec.parameters]
-        container = render_container(
-            self._container, params, declared, "spec.template.spec.containers[0]"
-        )
-        argv = resolve_command([*(container.get("command") or []), *(container.get("args") or [])])
+        container, argv = trial_argv(self._container, params, declared)
         metrics_path = self.paths.metrics(number)
         # A fresh file per attempt: a re-run trial starts its reports over.
         metrics_path.unlink(missing_ok=True)
-        env = dict(os.environ)
-        env.update({e["name"]: e["value"] for e in container.get("env") or [] if "value" in e})
-        env.update(
-            trial_env(
-                experiment=self.manifest.name,
-                experiment_uid=self.uid,
-                trial_number=number,
-                params=params,
-                metrics_file=str(metrics_path.resolve()),
-            )
+        identity = trial_env(
+            experiment=self.manifest.name,
+            experiment_uid=self.uid,
+            trial_number=number,
+            params=params,
+            metrics_file=str(metrics_path.resolve()),
         )
-        # Live logs: Python buffers stdout when it is not a terminal.
-        env.setdefault("PYTHONUNBUFFERED", "1")
+        env = trial_environment(container, identity)
         self.service.start(self.uid, number)
         log_path = self.paths.log(number)
         header = "re-run after an interrupted run" if resumed else "start"
@@ -641,10 +299,10 @@ class LocalRunner:
             self._event(f"trial {number} failed: {message}")
             return
         self.paths.pid(number).write_text(f"{process.pid}\n")
-        log_handle = _LineLog(log_path)
+        log_handle = LineLog(log_path)
         collector = Collector(
             metrics_path,
-            _StopOnAnswer(
+            StopOnAnswer(
                 ServiceReporter(self.service, self.uid, number, token),
                 lambda reason: self._stop_early(number, reason),
             ),
@@ -663,7 +321,7 @@ class LocalRunner:
 
     def _poll_all(self) -> None:
         # No polling of the service's stop orders: here every stop is decided
-        # on the trial's own report, and its answer stops the trial (_StopOnAnswer).
+        # on the trial's own report, and its answer stops the trial (StopOnAnswer).
         # Nor a timer per trialTimeoutSeconds: each poll checks the deadlines,
         # so a trial is stopped within a poll of its own.
         for trial in list(self.active.values()):
@@ -824,35 +482,3 @@ class LocalRunner:
             paths=self.paths,
             elapsed=time.monotonic() - self.started,
         )
-
-
-class _StopOnAnswer:
-    """A trial's reporter that acts on a stop answer the moment the service gives it.
-
-    The collector forwards a batch of reports before handing back their
-    answers; a trial behind by a few reports would otherwise keep training
-    while the rest of its batch is stored.
-    """
-
-    def __init__(self, reporter: Reporter, stop: Callable[[str], None]) -> None:
-        self.reporter = reporter
-        self.stop = stop
-
-    def send(self, report: Report) -> Ack:
-        """Forward ``report``; stop the trial if the answer says so."""
-        ack = self.reporter.send(report)
-        if ack.stop:
-            self.stop(ack.reason)
-        return ack
-
-
-class _LineLog:
-    """Appends the collector's remarks (skipped lines, rejected reports) to the trial's log."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def write(self, line: str) -> None:
-        # O_APPEND: whole lines land between the trial's own writes.
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(f"[kubetune] {line}\n")

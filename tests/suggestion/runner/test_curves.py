@@ -16,7 +16,8 @@ import pytest
 
 from kubetune_suggestion.runner.curves import csv_rows, curves_of, render_curves
 from kubetune_suggestion.service.models import ObservationView, TrialState, TrialView
-from tests.suggestion.runner.test_run_cli import _kubetune, _manifest
+from tests.suggestion.runner.harness import kubetune
+from tests.suggestion.runner.test_run_cli import _manifest
 
 
 def _trial(number: int, state: str, *reports: tuple[int, dict[str, float]]) -> TrialView:
@@ -78,14 +79,14 @@ def _expected(x: float, step: int) -> dict[str, float]:
 
 
 def _curves_json(name: str, cwd: Path) -> list[dict[str, Any]]:
-    result = _kubetune("curves", name, "-o", "json", cwd=cwd)
+    result = kubetune("curves", name, "-o", "json", cwd=cwd)
     assert result.returncode == 0, result.stderr
     documents: list[dict[str, Any]] = json.loads(result.stdout)
     return documents
 
 
 def _csv(name: str, cwd: Path, metrics: list[str]) -> list[dict[str, str]]:
-    result = _kubetune("curves", name, "-o", "csv", cwd=cwd)
+    result = kubetune("curves", name, "-o", "csv", cwd=cwd)
     assert result.returncode == 0, result.stderr
     reader = csv.DictReader(io.StringIO(result.stdout))
     assert reader.fieldnames == ["trial", "state", "step", *metrics]
@@ -94,7 +95,7 @@ def _csv(name: str, cwd: Path, metrics: list[str]) -> list[dict[str, str]]:
 
 def test_curves_of_a_finished_run_match_what_the_trials_reported(tmp_path: Path) -> None:
     manifest = _manifest(tmp_path, args=["--steps=4", "--extra=1"], maxTrials=3)
-    run = _kubetune("run", manifest, "-o", "json", cwd=tmp_path)
+    run = kubetune("run", manifest, "-o", "json", cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     best = json.loads(run.stdout)["best"]["trial"]
     documents = _curves_json("tiny", tmp_path)
@@ -119,7 +120,7 @@ def test_curves_of_a_finished_run_match_what_the_trials_reported(tmp_path: Path)
         else:
             assert row["acc"] == ""  # not reported at this step
 
-    table = _kubetune("curves", manifest, cwd=tmp_path)  # by manifest, as the other commands
+    table = kubetune("curves", manifest, cwd=tmp_path)  # by manifest, as the other commands
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["trial", "state", "step", "loss", "acc"]
@@ -140,7 +141,7 @@ def test_curves_of_a_finished_run_match_what_the_trials_reported(tmp_path: Path)
 
 def test_an_unknown_experiment_is_a_clear_error(tmp_path: Path) -> None:
     for output in ("table", "csv", "json"):
-        result = _kubetune("curves", "nope", "-o", output, cwd=tmp_path)
+        result = kubetune("curves", "nope", "-o", output, cwd=tmp_path)
         assert result.returncode == 2
         assert result.stdout == ""
         assert result.stderr == (
@@ -148,7 +149,7 @@ def test_an_unknown_experiment_is_a_clear_error(tmp_path: Path) -> None:
             f"({Path('.kubetune') / 'nope.db'} is missing)\n"
         )
     # csv is the curves' format only
-    assert _kubetune("trials", "nope", "-o", "csv", cwd=tmp_path).returncode == 2
+    assert kubetune("trials", "nope", "-o", "csv", cwd=tmp_path).returncode == 2
 
 
 @pytest.mark.slow

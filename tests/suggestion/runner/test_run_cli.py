@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.suggestion.runner.harness import experiment_body, kubetune
+
 TRIAL = """
 import os, sys, time
 import kubetune
@@ -49,50 +51,21 @@ def _manifest(
     tmp_path: Path, name: str = "tiny", args: list[str] | None = None, **spec: Any
 ) -> Path:
     (tmp_path / "trial.py").write_text(TRIAL)
-    body = {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "Experiment",
-        "metadata": {"name": name},
-        "spec": {
-            "objective": {"metric": "loss", "direction": "minimize"},
-            "parameters": [{"name": "x", "type": "float", "min": 0.0, "max": 1.0}],
-            "algorithm": {"name": "random", "seed": 3},
-            "maxTrials": 4,
-            "parallelism": 2,
-            "template": {
-                "spec": {
-                    "containers": [
-                        {
-                            "name": "train",
-                            "image": "trial:1",
-                            "command": ["python", "trial.py"],
-                            "args": ["--x=${params.x}", *(args or [])],
-                        }
-                    ]
-                }
-            },
-            **spec,
-        },
+    container = {
+        "name": "train",
+        "image": "trial:1",
+        "command": ["python", "trial.py"],
+        "args": ["--x=${params.x}", *(args or [])],
     }
+    defaults = {"algorithm": {"name": "random", "seed": 3}, "maxTrials": 4, "parallelism": 2}
+    body = experiment_body(name, container, **{**defaults, **spec})
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(body, sort_keys=False))
     return path
 
 
-def _kubetune(
-    *args: str | Path, cwd: Path, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kubetune_suggestion.cli", *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 def _trials(manifest: Path, cwd: Path) -> list[dict[str, Any]]:
-    result = _kubetune("trials", manifest, "-o", "json", cwd=cwd)
+    result = kubetune("trials", manifest, "-o", "json", cwd=cwd)
     assert result.returncode == 0, result.stderr
     trials: list[dict[str, Any]] = json.loads(result.stdout)
     return trials
@@ -100,7 +73,7 @@ def _trials(manifest: Path, cwd: Path) -> list[dict[str, Any]]:
 
 def test_run_json_reports_the_best_of_max_trials(tmp_path: Path) -> None:
     manifest = _manifest(tmp_path)
-    result = _kubetune("run", manifest, "-o", "json", cwd=tmp_path)
+    result = kubetune("run", manifest, "-o", "json", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     doc = json.loads(result.stdout)  # one JSON document and nothing else
     assert doc["experiment"] == "tiny"
@@ -122,13 +95,13 @@ def test_run_json_reports_the_best_of_max_trials(tmp_path: Path) -> None:
     log = (tmp_path / ".kubetune" / "tiny" / "trial-2.log").read_text()
     assert "trial 2 of tiny x" in log
     # Running it again continues the same, finished experiment: nothing new runs.
-    again = _kubetune("run", manifest, "-o", "json", cwd=tmp_path)
+    again = kubetune("run", manifest, "-o", "json", cwd=tmp_path)
     assert again.returncode == 0
     assert json.loads(again.stdout)["best"] == doc["best"]
     assert len(_trials(manifest, tmp_path)) == 4
     # A changed search space cannot continue the stored experiment: a clear error.
     manifest.write_text(manifest.read_text().replace("max: 1.0", "max: 2.0"))
-    changed = _kubetune("run", manifest, cwd=tmp_path)
+    changed = kubetune("run", manifest, cwd=tmp_path)
     assert changed.returncode == 2
     assert "spec.parameters cannot change" in changed.stderr
     assert "rename the experiment or delete the store" in changed.stderr
@@ -136,7 +109,7 @@ def test_run_json_reports_the_best_of_max_trials(tmp_path: Path) -> None:
 
 def test_plain_progress_and_final_summary_when_not_a_tty(tmp_path: Path) -> None:
     manifest = _manifest(tmp_path, maxTrials=2)
-    result = _kubetune("run", manifest, "--dir", "state", cwd=tmp_path)
+    result = kubetune("run", manifest, "--dir", "state", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "\x1b[" not in out  # no cursor movement in a pipe
@@ -145,16 +118,16 @@ def test_plain_progress_and_final_summary_when_not_a_tty(tmp_path: Path) -> None
     assert "Experiment tiny succeeded" in out
     assert "best: trial" in out
     assert "state/tiny.db" in out
-    status = _kubetune("status", "tiny", "--dir", "state", cwd=tmp_path)
+    status = kubetune("status", "tiny", "--dir", "state", cwd=tmp_path)
     assert status.returncode == 0 and "2/2 trials done: 2 succeeded" in status.stdout
-    table = _kubetune("trials", "tiny", "--dir", "state", cwd=tmp_path)
+    table = kubetune("trials", "tiny", "--dir", "state", cwd=tmp_path)
     assert table.returncode == 0
     assert table.stdout.splitlines()[0].split()[:4] == ["trial", "state", "loss", "step"]
 
 
 def test_too_many_failed_trials_fail_the_experiment(tmp_path: Path) -> None:
     manifest = _manifest(tmp_path, args=["--fail=always"], maxTrials=6, maxFailedTrials=1)
-    result = _kubetune("run", manifest, "-o", "json", cwd=tmp_path)
+    result = kubetune("run", manifest, "-o", "json", cwd=tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     doc = json.loads(result.stdout)
     assert doc["status"] == "failed"
@@ -176,7 +149,7 @@ def test_reaching_the_target_ends_the_experiment_and_stops_running_trials(tmp_pa
         parallelism=2,
         objective={"metric": "loss", "direction": "minimize", "target": 10.0},
     )
-    result = _kubetune("run", manifest, "-o", "json", cwd=tmp_path)
+    result = kubetune("run", manifest, "-o", "json", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     doc = json.loads(result.stdout)
     assert doc["status"] == "succeeded"
@@ -200,7 +173,7 @@ def test_a_command_that_cannot_start_is_refused_before_any_trial(
 ) -> None:
     manifest = _manifest(tmp_path, maxTrials=1)
     manifest.write_text(manifest.read_text().replace("- python\n", command))
-    result = _kubetune("run", manifest, cwd=tmp_path)
+    result = kubetune("run", manifest, cwd=tmp_path)
     assert result.returncode == 2
     assert f"kubetune: error: spec.template.spec.containers[0].{field}" in result.stderr
     assert not (tmp_path / ".kubetune" / "tiny.db").exists()
@@ -208,7 +181,7 @@ def test_a_command_that_cannot_start_is_refused_before_any_trial(
 
 def test_without_max_failed_trials_five_failures_in_a_row_end_the_run(tmp_path: Path) -> None:
     manifest = _manifest(tmp_path, args=["--fail=always"], maxTrials=40, parallelism=2)
-    result = _kubetune("run", manifest, "-o", "json", cwd=tmp_path)
+    result = kubetune("run", manifest, "-o", "json", cwd=tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     doc = json.loads(result.stdout)
     assert doc["status"] == "failed"
@@ -216,13 +189,13 @@ def test_without_max_failed_trials_five_failures_in_a_row_end_the_run(tmp_path: 
     assert doc["reason"].startswith(f"{doc['counts']['failed']} trials failed in a row")
     assert "maxFailedTrials unset" in doc["reason"]
     assert doc["counts"]["failed"] in (5, 6)
-    status = json.loads(_kubetune("status", manifest, "-o", "json", cwd=tmp_path).stdout)
+    status = json.loads(kubetune("status", manifest, "-o", "json", cwd=tmp_path).stdout)
     assert (status["status"], status["reason"]) == ("failed", doc["reason"])
 
 
 def test_a_trial_that_never_reports_ends_metrics_unavailable(tmp_path: Path) -> None:
     manifest = _manifest(tmp_path, args=["--silent=1"], maxTrials=1)
-    result = _kubetune("run", manifest, "-o", "json", cwd=tmp_path)
+    result = kubetune("run", manifest, "-o", "json", cwd=tmp_path)
     assert result.returncode == 1  # no trial produced the objective
     (trial,) = _trials(manifest, tmp_path)
     assert trial["state"] == "metrics_unavailable"
@@ -250,16 +223,16 @@ def test_a_bad_manifest_exits_2_naming_the_field(tmp_path: Path, edit: Any, fiel
     body = yaml.safe_load(manifest.read_text())
     edit(body)
     manifest.write_text(yaml.safe_dump(body))
-    result = _kubetune("run", manifest, cwd=tmp_path)
+    result = kubetune("run", manifest, cwd=tmp_path)
     assert result.returncode == 2
     assert f"kubetune: error: {field}" in result.stderr
     assert not (tmp_path / ".kubetune" / "tiny.db").exists()
 
 
 def test_a_missing_or_invalid_file_exits_2(tmp_path: Path) -> None:
-    assert "file: cannot read" in _kubetune("run", "nope.yaml", cwd=tmp_path).stderr
+    assert "file: cannot read" in kubetune("run", "nope.yaml", cwd=tmp_path).stderr
     (tmp_path / "bad.yaml").write_text("spec: [unclosed\n")
-    result = _kubetune("run", "bad.yaml", cwd=tmp_path)
+    result = kubetune("run", "bad.yaml", cwd=tmp_path)
     assert result.returncode == 2 and "is not valid YAML at line" in result.stderr
 
 
@@ -271,7 +244,7 @@ def test_early_stopping_prunes_with_asha(tmp_path: Path) -> None:
         parallelism=2,
         earlyStopping={"name": "asha", "minResource": 1, "maxResource": 9, "reductionFactor": 3},
     )
-    result = _kubetune("run", manifest, "-o", "json", cwd=tmp_path)
+    result = kubetune("run", manifest, "-o", "json", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     doc = json.loads(result.stdout)
     assert doc["trials"] == 8
@@ -314,7 +287,7 @@ def test_ctrl_c_then_rerun_continues_without_repeating_finished_trials(tmp_path:
     time.sleep(0.6)
     assert sizes == {n: (logs / f"trial-{n}.log").stat().st_size for n in interrupted}
 
-    result = _kubetune("run", manifest, "-o", "json", cwd=tmp_path)
+    result = kubetune("run", manifest, "-o", "json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     after = {t["number"]: t for t in _trials(manifest, tmp_path)}
@@ -341,7 +314,7 @@ def test_a_second_run_of_the_same_experiment_is_refused_while_one_runs(tmp_path:
         while not (tmp_path / ".kubetune" / "tiny" / "trial-0.log").exists():
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
-        second = _kubetune("run", manifest, cwd=tmp_path)
+        second = kubetune("run", manifest, cwd=tmp_path)
         assert second.returncode == 1
         assert "already being run by pid" in second.stderr
     finally:
@@ -401,7 +374,7 @@ def test_the_resume_hint_after_ctrl_c_continues_the_same_experiment(tmp_path: Pa
     hint = lines[at + 1]
     command = shlex.split(hint)
     assert command[:2] == ["kubetune", "run"]
-    resumed = _kubetune(*command[1:], cwd=tmp_path)  # run as printed
+    resumed = kubetune(*command[1:], cwd=tmp_path)  # run as printed
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "continuing: 0/1 trials already done, 1 interrupted to re-run" in resumed.stdout
     assert not (tmp_path / ".kubetune").exists()  # nothing started elsewhere
@@ -412,19 +385,19 @@ def test_status_tells_the_outcome_the_run_ended_with_in_the_same_json_schema(
     tmp_path: Path,
 ) -> None:
     manifest = _manifest(tmp_path, args=["--silent=1"], maxTrials=2)
-    run = _kubetune("run", manifest, "-o", "json", cwd=tmp_path)
+    run = kubetune("run", manifest, "-o", "json", cwd=tmp_path)
     assert run.returncode == 1, run.stdout + run.stderr
     ran = json.loads(run.stdout)
     assert ran["status"] == "failed"
     assert ran["reason"] == "maxTrials (2) reached, but no trial produced the objective"
-    status = _kubetune("status", manifest, "-o", "json", cwd=tmp_path)
+    status = kubetune("status", manifest, "-o", "json", cwd=tmp_path)
     assert status.returncode == 0, status.stderr
     told = json.loads(status.stdout)
     assert list(told) == list(ran)  # one schema
     assert told["elapsedSeconds"] is None  # only a run knows how long it took
     for key in ("experiment", "uid", "status", "reason", "objective", "best", "counts"):
         assert told[key] == ran[key], key
-    table = _kubetune("status", manifest, cwd=tmp_path)
+    table = kubetune("status", manifest, cwd=tmp_path)
     assert table.stdout.splitlines()[0] == (
         "Experiment tiny FAILED: maxTrials (2) reached, but no trial produced the objective"
     )
@@ -439,13 +412,13 @@ def test_status_tells_the_outcome_the_run_ended_with_in_the_same_json_schema(
 )
 def test_a_crash_shows_the_last_lines_of_its_log(tmp_path: Path, arg: str, last_line: str) -> None:
     manifest = _manifest(tmp_path, args=[arg], maxTrials=1)
-    result = _kubetune("run", manifest, cwd=tmp_path)
+    result = kubetune("run", manifest, cwd=tmp_path)
     assert result.returncode == 1
     live = result.stdout.splitlines()
     (at,) = [i for i, line in enumerate(live) if "trial 0 failed" in line]
     assert live[at].endswith("last lines of its log:")
     assert f"  {last_line}" in live[at + 1 : at + 12]
-    table = _kubetune("trials", manifest, cwd=tmp_path).stdout.splitlines()
+    table = kubetune("trials", manifest, cwd=tmp_path).stdout.splitlines()
     assert table[1].endswith("last lines of its log:")
     assert f"      {last_line}" in table[2:]
 
@@ -461,7 +434,7 @@ def _without_root_powers() -> list[str]:
 
 def test_a_read_only_dir_gives_a_one_line_error(tmp_path: Path) -> None:
     manifest = _manifest(tmp_path, maxTrials=1)
-    assert _kubetune("run", manifest, cwd=tmp_path).returncode == 0
+    assert kubetune("run", manifest, cwd=tmp_path).returncode == 0
     (tmp_path / "locked").mkdir()
     paths = [tmp_path / "locked", *(tmp_path / ".kubetune").rglob("*"), tmp_path / ".kubetune"]
     for path in paths:
@@ -491,10 +464,10 @@ def test_a_read_only_dir_gives_a_one_line_error(tmp_path: Path) -> None:
 
 def test_grace_must_not_be_negative_and_version_is_known(tmp_path: Path) -> None:
     manifest = _manifest(tmp_path)
-    result = _kubetune("run", manifest, "--grace", "-1", cwd=tmp_path)
+    result = kubetune("run", manifest, "--grace", "-1", cwd=tmp_path)
     assert result.returncode == 2
     assert "argument --grace: must be 0 or more seconds, got -1" in result.stderr
     assert not (tmp_path / ".kubetune").exists()
-    version = _kubetune("--version", cwd=tmp_path)
+    version = kubetune("--version", cwd=tmp_path)
     assert version.returncode == 0
     assert version.stdout.strip() == f"kubetune {importlib.metadata.version('kubetune')}"

@@ -13,10 +13,15 @@ from typing import Any
 import yaml
 
 from kubetune_suggestion.runner.manifest import Manifest, parse_manifest
-from kubetune_suggestion.runner.progress import Quiet
-from kubetune_suggestion.runner.run import LocalRunner, RunPaths
 from kubetune_suggestion.service.core import TuningService
 from kubetune_suggestion.service.models import StopAnswer
+from tests.suggestion.runner.harness import (
+    ServiceSpy,
+    experiment_body,
+    kubetune,
+    run_local,
+    run_paths,
+)
 
 # Trial 0 is good, every later trial worse than all before it: ASHA stops them at rung 1. Each trial
 # notes when it reported step 1 and when SIGTERM reached it (wall clock,
@@ -44,32 +49,17 @@ for step in range(1, 101):
 
 def _manifest(tmp_path: Path, script: str, **spec: Any) -> Manifest:
     (tmp_path / "t.py").write_text(script)
-    body = {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "Experiment",
-        "metadata": {"name": "procs"},
-        "spec": {
-            "objective": {"metric": "loss", "direction": "minimize"},
-            "parameters": [{"name": "x", "type": "float", "min": 0.0, "max": 1.0}],
-            "algorithm": {"name": "random", "seed": 0},
-            "maxTrials": 2,
-            "parallelism": 1,
-            "template": {"spec": {"containers": [{"name": "t", "command": ["python", "t.py"]}]}},
-            **spec,
-        },
-    }
+    container = {"name": "t", "command": ["python", "t.py"]}
+    body = experiment_body("procs", container, **{"maxTrials": 2, "parallelism": 1, **spec})
     return parse_manifest(body, tmp_path / "procs.yaml")
 
 
-class _DecisionClock:
+class _DecisionClock(ServiceSpy):
     """The service, noting when it first decided that each trial should stop."""
 
     def __init__(self, service: TuningService) -> None:
-        self.service = service
+        super().__init__(service)
         self.decided: dict[int, float] = {}
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.service, name)
 
     def report(
         self, uid: str, number: int, token: str, step: int, metrics: dict[str, float]
@@ -87,18 +77,9 @@ def test_a_stop_reaches_the_trial_within_50_ms_of_the_decision(tmp_path: Path) -
         earlyStopping={"name": "asha", "minResource": 1, "maxResource": 100},
         maxTrials=6,
     )
-    paths = RunPaths(tmp_path / "state", "procs")
-    paths.root.mkdir()
-    service = TuningService.open(paths.database_url)
-    try:
-        clock = _DecisionClock(service)
-        # The CLI's poll interval: the stop must not wait for the next poll.
-        runner = LocalRunner(
-            manifest, clock, paths, Quiet(), lambda n: service.token(manifest.uid, n)
-        )
-        result = runner.run()
-    finally:
-        service.close()
+    # The CLI's poll interval: the stop must not wait for the next poll.
+    run = run_local(manifest, run_paths(tmp_path, "procs"), _DecisionClock)
+    result, clock = run.result, run.spy
     counts = {str(state): n for state, n in result.summary.counts.items()}
     assert (counts["succeeded"], counts["pruned"]) == (1, 5)
     assert sorted(clock.decided) == [1, 2, 3, 4, 5]
@@ -116,16 +97,6 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone but not yet reaped
-
-
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kubetune_suggestion.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_trials_die_with_a_killed_runner_and_a_survivor_blocks_a_rerun(tmp_path: Path) -> None:
@@ -166,16 +137,16 @@ def test_trials_die_with_a_killed_runner_and_a_survivor_blocks_a_rerun(tmp_path:
         assert time.monotonic() < deadline, "trial processes outlived their runner"
         time.sleep(0.02)
     # Nothing runs them any more: they do not show as running.
-    shown = json.loads(_cli("trials", "procs", "-o", "json", cwd=tmp_path).stdout)
+    shown = json.loads(kubetune("trials", "procs", "-o", "json", cwd=tmp_path).stdout)
     assert [t["state"] for t in shown] == ["interrupted", "interrupted"]
-    status = json.loads(_cli("status", "procs", "-o", "json", cwd=tmp_path).stdout)
+    status = json.loads(kubetune("status", "procs", "-o", "json", cwd=tmp_path).stdout)
     assert status["status"] == "interrupted" and status["counts"]["interrupted"] == 2
 
     # A trial process that survived anyway (here: a stand-in) keeps a re-run from duplicating it.
     survivor = subprocess.Popen(["sleep", "60"], start_new_session=True)
     try:
         pid_files[1].write_text(f"{survivor.pid}\n")
-        again = _cli("run", "procs.yaml", cwd=tmp_path)
+        again = kubetune("run", "procs.yaml", cwd=tmp_path)
         assert again.returncode == 1
         assert (
             f"trial 1 of an earlier run is still running (process group {survivor.pid})"

@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
+from kubetune_suggestion.runner.files import RunPaths
 from kubetune_suggestion.runner.manifest import Manifest, parse_manifest
-from kubetune_suggestion.runner.progress import Quiet
-from kubetune_suggestion.runner.run import LocalRunner, RunPaths, RunResult
+from kubetune_suggestion.runner.result import RunResult
 from kubetune_suggestion.service.core import TuningService
+from tests.suggestion.runner.harness import experiment_body, local_runner, run_paths
 
 SCRIPT = "import kubetune, sys\nkubetune.report(step=1, loss=float(sys.argv[1]))\n"
 
@@ -32,15 +33,7 @@ class Interrupted:
 
     def resume(self) -> RunResult:
         """Run the experiment again on the same state, as ``kubetune run`` resumes it."""
-        runner = LocalRunner(
-            self.manifest,
-            self.service,
-            self.paths,
-            Quiet(),
-            lambda n: self.service.token(self.uid, n),
-            poll_interval=0.02,
-        )
-        return runner.run()
+        return local_runner(self.manifest, self.paths, self.service, poll_interval=0.02).run()
 
 
 @pytest.fixture
@@ -55,26 +48,10 @@ def interrupted(tmp_path: Path) -> Iterator[Callable[..., Interrupted]]:
     (tmp_path / "t.py").write_text(SCRIPT)
 
     def make(name: str, **spec: Any) -> Interrupted:
-        body = {
-            "apiVersion": "kubetune.io/v1alpha1",
-            "kind": "Experiment",
-            "metadata": {"name": name},
-            "spec": {
-                "objective": {"metric": "loss", "direction": "minimize"},
-                "parameters": [{"name": "x", "type": "float", "min": 0.0, "max": 1.0}],
-                "algorithm": {"name": "random", "seed": 0},
-                "maxTrials": 2,
-                "template": {
-                    "spec": {
-                        "containers": [{"name": "t", "command": ["python", "t.py", "${params.x}"]}]
-                    }
-                },
-                **spec,
-            },
-        }
+        container = {"name": "t", "command": ["python", "t.py", "${params.x}"]}
+        body = experiment_body(name, container, **{"maxTrials": 2, **spec})
         manifest = parse_manifest(body, tmp_path / f"{name}.yaml")
-        paths = RunPaths(tmp_path / "state", name)
-        paths.root.mkdir()
+        paths = run_paths(tmp_path, name)
         service = TuningService.open(paths.database_url)
         services.append(service)
         service.register(manifest.uid, name, "local", manifest.spec)

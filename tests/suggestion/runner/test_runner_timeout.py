@@ -16,9 +16,14 @@ import yaml
 
 from kubetune_suggestion.runner.manifest import Manifest, parse_manifest
 from kubetune_suggestion.runner.outcome import timed_out, trial_end
-from kubetune_suggestion.runner.progress import Quiet
-from kubetune_suggestion.runner.run import LocalRunner, RunPaths, RunResult
 from kubetune_suggestion.service.core import TuningService
+from tests.suggestion.runner.harness import (
+    ServiceSpy,
+    experiment_body,
+    kubetune,
+    run_local,
+    run_paths,
+)
 
 # Reports every 50 ms for --seconds (30 by default), then exits 0. On SIGTERM
 # it notes the time (wall clock, comparable across processes) and exits 0, as
@@ -68,77 +73,30 @@ def test_a_timeout_fails_the_trial_however_it_exited(code: int) -> None:
 
 def _body(tmp_path: Path, args: list[str], **spec: Any) -> dict[str, Any]:
     (tmp_path / "trial.py").write_text(TRIAL)
-    return {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "Experiment",
-        "metadata": {"name": "slow"},
-        "spec": {
-            "objective": {"metric": "loss", "direction": "minimize"},
-            "parameters": [{"name": "x", "type": "float", "min": 0.0, "max": 1.0}],
-            "algorithm": {"name": "random", "seed": 0},
-            "maxTrials": 1,
-            "trialTimeoutSeconds": 1,
-            "template": {
-                "spec": {
-                    "containers": [
-                        {"name": "train", "command": ["python", "trial.py"], "args": args}
-                    ]
-                }
-            },
-            **spec,
-        },
-    }
+    container = {"name": "train", "command": ["python", "trial.py"], "args": args}
+    return experiment_body("slow", container, **{"maxTrials": 1, "trialTimeoutSeconds": 1, **spec})
 
 
 def _manifest(tmp_path: Path, args: list[str], **spec: Any) -> Manifest:
     return parse_manifest(_body(tmp_path, args, **spec), tmp_path / "slow.yaml")
 
 
-class _StartClock:
+class _StartClock(ServiceSpy):
     """The service, noting when each trial was marked running (just before its process starts)."""
 
     def __init__(self, service: TuningService) -> None:
-        self.service = service
+        super().__init__(service)
         self.started: dict[int, float] = {}
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.service, name)
 
     def start(self, uid: str, number: int) -> None:
         self.started[number] = time.time()
         self.service.start(uid, number)
 
 
-def _run(
-    manifest: Manifest, paths: RunPaths, grace: float
-) -> tuple[RunResult, dict[int, dict[str, Any]], _StartClock]:
-    service = TuningService.open(paths.database_url)
-    try:
-        clock = _StartClock(service)
-        runner = LocalRunner(
-            manifest,
-            clock,
-            paths,
-            Quiet(),
-            lambda n: service.token(manifest.uid, n),
-            grace=grace,
-        )
-        result = runner.run()
-        trials = {t.number: t.model_dump(mode="json") for t in service.trials(manifest.uid)}
-    finally:
-        service.close()
-    return result, trials, clock
-
-
-def _paths(tmp_path: Path) -> RunPaths:
-    paths = RunPaths(tmp_path / "state", "slow")
-    paths.root.mkdir()
-    return paths
-
-
 def test_a_trial_past_its_limit_is_stopped_within_a_poll_and_fails(tmp_path: Path) -> None:
-    paths = _paths(tmp_path)
-    result, trials, clock = _run(_manifest(tmp_path, []), paths, grace=2.0)
+    paths = run_paths(tmp_path, "slow")
+    run = run_local(_manifest(tmp_path, []), paths, _StartClock, grace=2.0)
+    result, trials, clock = run.result, run.trials, run.spy
     # It reported the objective and exited 0 on SIGTERM: failed all the same.
     assert trials[0]["state"] == "failed"
     assert trials[0]["last_step"] is not None
@@ -162,7 +120,8 @@ def test_a_trial_within_its_limit_succeeds_beside_one_that_times_out(tmp_path: P
         parallelism=2,
         trialTimeoutSeconds=2,
     )
-    result, trials, _ = _run(manifest, _paths(tmp_path), grace=2.0)
+    run = run_local(manifest, run_paths(tmp_path, "slow"), _StartClock, grace=2.0)
+    result, trials = run.result, run.trials
     by_seconds = {t["params"]["seconds"]: t for t in trials.values()}
     assert by_seconds["0.3"]["state"] == "succeeded"
     assert by_seconds["0.3"]["objective"] is not None
@@ -174,7 +133,8 @@ def test_a_trial_within_its_limit_succeeds_beside_one_that_times_out(tmp_path: P
 
 def test_a_trial_that_ignores_sigterm_is_killed_after_the_grace(tmp_path: Path) -> None:
     begun = time.monotonic()
-    _, trials, _ = _run(_manifest(tmp_path, ["--term=ignore"]), _paths(tmp_path), grace=0.5)
+    manifest = _manifest(tmp_path, ["--term=ignore"])
+    trials = run_local(manifest, run_paths(tmp_path, "slow"), _StartClock, grace=0.5).trials
     took = time.monotonic() - begun
     assert trials[0]["state"] == "failed"
     assert trials[0]["message"].startswith(TIMED_OUT + " and was stopped (killed by SIGKILL)")
@@ -188,33 +148,23 @@ def _write_manifest(tmp_path: Path, args: list[str], **spec: Any) -> Path:
     return path
 
 
-def _kubetune(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kubetune_suggestion.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def test_the_timeout_shows_in_the_live_log_trials_and_status_json(tmp_path: Path) -> None:
     _write_manifest(tmp_path, [], maxTrials=3, maxFailedTrials=0)
-    run = _kubetune("run", "slow.yaml", "--grace", "2", cwd=tmp_path)
+    run = kubetune("run", "slow.yaml", "--grace", "2", cwd=tmp_path)
     assert run.returncode == 1, run.stdout + run.stderr
     assert f"trial 0 failed (log: .kubetune/slow/trial-0.log): {TIMED_OUT}" in run.stdout
     assert "Experiment slow FAILED" in run.stdout
 
-    status = _kubetune("status", "slow", "-o", "json", cwd=tmp_path)
+    status = kubetune("status", "slow", "-o", "json", cwd=tmp_path)
     assert status.returncode == 0, status.stderr
     doc = json.loads(status.stdout)
     assert doc["status"] == "failed"
     assert doc["counts"]["failed"] == 1  # counted toward maxFailedTrials
     assert doc["reason"] == "1 trials failed, more than maxFailedTrials (0)"
 
-    shown = json.loads(_kubetune("trials", "slow", "-o", "json", cwd=tmp_path).stdout)
+    shown = json.loads(kubetune("trials", "slow", "-o", "json", cwd=tmp_path).stdout)
     assert [(t["state"], t["message"].startswith(TIMED_OUT)) for t in shown] == [("failed", True)]
-    table = _kubetune("trials", "slow", cwd=tmp_path).stdout
+    table = kubetune("trials", "slow", cwd=tmp_path).stdout
     assert TIMED_OUT in table.splitlines()[1]
 
 
@@ -265,12 +215,12 @@ def test_a_timed_out_trial_is_not_rerun_when_its_run_ends_first(tmp_path: Path, 
             assert time.monotonic() < deadline
             time.sleep(0.02)
 
-    again = _kubetune("run", "slow.yaml", "-o", "json", cwd=tmp_path)
+    again = kubetune("run", "slow.yaml", "-o", "json", cwd=tmp_path)
     assert again.returncode == 1, again.stdout + again.stderr
     doc = json.loads(again.stdout)
     assert {state: n for state, n in doc["counts"].items() if n} == {"failed": 1}
     assert doc["reason"] == "maxTrials (1) reached, but no trial produced the objective"
-    (trial,) = json.loads(_kubetune("trials", "slow", "-o", "json", cwd=tmp_path).stdout)
+    (trial,) = json.loads(kubetune("trials", "slow", "-o", "json", cwd=tmp_path).stdout)
     assert trial["state"] == "failed" and trial["message"].startswith(TIMED_OUT)
     assert "re-run" not in (logs / "trial-0.log").read_text()  # its clock was not reset
     assert not (logs / "trial-0.timedout").exists()

@@ -271,88 +271,11 @@ class ParzenEstimator:
         bandwidth: Bandwidth,
         min_widths: np.ndarray | None,
     ) -> None:
-        # Kernels in columns: each group's observations then its prior, group
-        # after group; (start row, start column, size) of each group.
-        spans: list[tuple[int, int, int]] = []
-        row = column = 0
-        for w in weights:
-            spans.append((row, column, w.shape[0]))
-            row += w.shape[0]
-            column += w.shape[0] + 1
-        n_dims = len(dims.n_choices)
-
-        normalised = np.empty(column)
-        for (_, c, n), w in zip(spans, weights, strict=True):
-            group = normalised[c : c + n + 1]
-            group[:n] = w
-            group[n] = prior_weight
-            total = group.sum()
-            if n == 0 or total <= 0:
-                group[:] = 1.0
-                total = group.sum()
-            group /= total
-
-        # Numeric columns as rows, kernels along them; an inactive observation
-        # is uniform along the column (mean 0.5, width 1, marked inactive).
-        # Masking is skipped when nothing is inactive (the usual case): the
-        # masked values would be the unmasked ones.
-        k = dims.numeric.size
-        xt = obs.T[dims.numeric_cols]
-        inactive = np.isnan(xt)
-        any_inactive = bool(inactive.any())
-        means = np.where(inactive, 0.5, xt) if any_inactive else xt
-        floors = None if min_widths is None else min_widths.T[dims.numeric_cols]
-        draw = np.empty((4, k, column))
-        mu, sigma = draw[2], draw[3]
-        for r, c, n in spans:
-            mu[:, c : c + n] = means[:, r : r + n]
-            mu[:, c + n] = 0.5
-            widths = _widths(xt[:, r : r + n], n_dims, bandwidth, inactive[:, r : r + n])
-            if floors is not None:
-                np.maximum(widths, floors[:, r : r + n], out=widths)
-            sigma[:, c : c + n] = widths
-            sigma[:, c + n] = 1.0
-        # The normal CDF at both ends of [0, 1]: what sampling inverts, and
-        # the log of the mass in between (see :func:`truncnorm_log_z`, whose
-        # values these are, computed once for both uses).
-        to_low, to_high = mu / sigma, (1.0 - mu) / sigma
-        ndtr(-to_low, out=draw[0])
-        ndtr(to_high, out=draw[1])
-        near = np.minimum(to_low, to_high) < 8.0
-        log_z = np.where(near, np.log(draw[1] - draw[0]), 0.0)
-
-        # Pieces of the expanded quadratic form; an inactive kernel has zero
-        # precision and zero constant: density 1. One matrix product gives
-        # every numeric term and the log weights: features [x^2, x, active, 1]
-        # times the rows of the coefficients.
-        prec = 1.0 / sigma**2
-        const = -np.log(sigma) - _LOG_SQRT_2PI - log_z
-        masked = None
-        if any_inactive:
-            masked = np.zeros((k, column), dtype=bool)
-            for r, c, n in spans:
-                masked[:, c : c + n] = inactive[:, r : r + n]
-            prec[masked] = 0.0
-            const[masked] = 0.0
-        coef = np.empty((3 * k + 1, column))
-        np.multiply(prec, -0.5, out=coef[:k])
-        np.multiply(mu, prec, out=coef[k : 2 * k])
-        np.subtract(const, 0.5 * mu**2 * prec, out=coef[2 * k : 3 * k])
-        np.log(np.maximum(normalised, 1e-300), out=coef[3 * k])
-
-        # Categorical columns: a kernel's probabilities by the choice it
-        # observed (the last kind: inactive, or the prior: uniform).
-        choices = []
-        for j in dims.categorical.tolist():
-            n_choices = int(dims.n_choices[j])
-            col = obs[:, j]
-            kinds = np.empty(column, dtype=np.intp)
-            kinds[:] = n_choices
-            picked = np.where(np.isnan(col), n_choices, col)
-            for r, c, n in spans:
-                kinds[c : c + n] = picked[r : r + n]
-            choices.append((j, n_choices, kinds))
-
+        spans, columns = _kernel_spans(weights)
+        normalised = _normalised_weights(spans, weights, prior_weight, columns)
+        draw, log_z, masked = _numeric_kernels(obs, dims, spans, columns, bandwidth, min_widths)
+        coef = _coefficients(draw, log_z, masked, normalised)
+        kinds_by_column = _choice_kinds(obs, dims, spans, columns)
         for est, (_, c, n) in zip(estimators, spans, strict=True):
             end = c + n + 1
             est.dims = dims
@@ -362,7 +285,7 @@ class ParzenEstimator:
             est._coef = np.ascontiguousarray(coef[:, c:end])
             est._cdf = None
             est._choices = []
-            for j, n_choices, kinds in choices:
+            for j, n_choices, kinds in kinds_by_column:
                 log_p_t, cdf = _choice_tables(n, n_choices, prior_weight)
                 # (C, n + 1): one row per candidate choice, kernels along it.
                 est._choices.append((j, log_p_t[:, kinds[c:end]], kinds[c:end], cdf))
@@ -437,6 +360,143 @@ class ParzenEstimator:
         np.maximum(rel, -80.0, out=rel)
         np.exp(rel, out=rel)
         return np.asarray(np.log(rel.sum(axis=1, dtype=np.float64)) + top[:, 0])
+
+
+# A group of kernels in the fitted columns: (start row in the observations,
+# start column, number of observations); its prior kernel follows them.
+_Span = tuple[int, int, int]
+
+
+def _kernel_spans(weights: Sequence[np.ndarray]) -> tuple[list[_Span], int]:
+    """Where each group's kernels go, and how many kernel columns there are in all.
+
+    Kernels in columns: each group's observations then its prior, group after group.
+    """
+    spans: list[_Span] = []
+    row = column = 0
+    for w in weights:
+        spans.append((row, column, w.shape[0]))
+        row += w.shape[0]
+        column += w.shape[0] + 1
+    return spans, column
+
+
+def _normalised_weights(
+    spans: Sequence[_Span], weights: Sequence[np.ndarray], prior_weight: float, columns: int
+) -> np.ndarray:
+    """``(columns,)`` kernel weights, each group's (prior last) summing to 1.
+
+    A group with no observations, or no positive weight, weighs its kernels equally.
+    """
+    normalised = np.empty(columns)
+    for (_, c, n), w in zip(spans, weights, strict=True):
+        group = normalised[c : c + n + 1]
+        group[:n] = w
+        group[n] = prior_weight
+        total = group.sum()
+        if n == 0 or total <= 0:
+            group[:] = 1.0
+            total = group.sum()
+        group /= total
+    return normalised
+
+
+def _numeric_kernels(
+    obs: np.ndarray,
+    dims: Dims,
+    spans: Sequence[_Span],
+    columns: int,
+    bandwidth: Bandwidth,
+    min_widths: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The numeric columns' kernels, as rows with the kernels along them.
+
+    An inactive observation is uniform along the column (mean 0.5, width 1,
+    marked inactive). Masking is skipped when nothing is inactive (the usual
+    case): the masked values would be the unmasked ones.
+
+    Returns:
+        ``(4, k, columns)``: the normal CDF at 0 and at 1, the mean and the
+        width of each kernel; ``(k, columns)`` log of each kernel's mass in
+        ``[0, 1]``; ``(k, columns)`` which kernels are inactive along which
+        column, None when none is.
+    """
+    k = dims.numeric.size
+    xt = obs.T[dims.numeric_cols]
+    inactive = np.isnan(xt)
+    any_inactive = bool(inactive.any())
+    means = np.where(inactive, 0.5, xt) if any_inactive else xt
+    floors = None if min_widths is None else min_widths.T[dims.numeric_cols]
+    n_dims = len(dims.n_choices)
+    draw = np.empty((4, k, columns))
+    mu, sigma = draw[2], draw[3]
+    for r, c, n in spans:
+        mu[:, c : c + n] = means[:, r : r + n]
+        mu[:, c + n] = 0.5
+        widths = _widths(xt[:, r : r + n], n_dims, bandwidth, inactive[:, r : r + n])
+        if floors is not None:
+            np.maximum(widths, floors[:, r : r + n], out=widths)
+        sigma[:, c : c + n] = widths
+        sigma[:, c + n] = 1.0
+    # The normal CDF at both ends of [0, 1]: what sampling inverts, and
+    # the log of the mass in between (see :func:`truncnorm_log_z`, whose
+    # values these are, computed once for both uses).
+    to_low, to_high = mu / sigma, (1.0 - mu) / sigma
+    ndtr(-to_low, out=draw[0])
+    ndtr(to_high, out=draw[1])
+    near = np.minimum(to_low, to_high) < 8.0
+    log_z = np.where(near, np.log(draw[1] - draw[0]), 0.0)
+    masked = None
+    if any_inactive:
+        masked = np.zeros((k, columns), dtype=bool)
+        for r, c, n in spans:
+            masked[:, c : c + n] = inactive[:, r : r + n]
+    return draw, log_z, masked
+
+
+def _coefficients(
+    draw: np.ndarray, log_z: np.ndarray, masked: np.ndarray | None, normalised: np.ndarray
+) -> np.ndarray:
+    """``(3k + 1, columns)`` coefficients of the features ``[x^2, x, active, 1]``.
+
+    Pieces of the expanded quadratic form; an inactive kernel has zero
+    precision and zero constant: density 1. One matrix product gives every
+    numeric term and the log weights: features times the rows of the coefficients.
+    """
+    mu, sigma = draw[2], draw[3]
+    k, columns = mu.shape
+    prec = 1.0 / sigma**2
+    const = -np.log(sigma) - _LOG_SQRT_2PI - log_z
+    if masked is not None:
+        prec[masked] = 0.0
+        const[masked] = 0.0
+    coef = np.empty((3 * k + 1, columns))
+    np.multiply(prec, -0.5, out=coef[:k])
+    np.multiply(mu, prec, out=coef[k : 2 * k])
+    np.subtract(const, 0.5 * mu**2 * prec, out=coef[2 * k : 3 * k])
+    np.log(np.maximum(normalised, 1e-300), out=coef[3 * k])
+    return coef
+
+
+def _choice_kinds(
+    obs: np.ndarray, dims: Dims, spans: Sequence[_Span], columns: int
+) -> list[tuple[int, int, np.ndarray]]:
+    """Per categorical column: its index, its number of choices and each kernel's kind.
+
+    A kernel's kind is the choice it observed; the last kind, ``C``, is
+    uniform (an inactive observation, or the prior).
+    """
+    out = []
+    for j in dims.categorical.tolist():
+        n_choices = int(dims.n_choices[j])
+        col = obs[:, j]
+        kinds = np.empty(columns, dtype=np.intp)
+        kinds[:] = n_choices
+        picked = np.where(np.isnan(col), n_choices, col)
+        for r, c, n in spans:
+            kinds[c : c + n] = picked[r : r + n]
+        out.append((j, n_choices, kinds))
+    return out
 
 
 @functools.lru_cache(maxsize=64)
