@@ -268,7 +268,11 @@ class Controller:
         """
         for synced, problem in self._streams:
             try:
-                await asyncio.wait_for(synced.wait(), self.settings.watch_grace_seconds)
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a
+                # cancellation that arrives as the event is set, and the worker
+                # it runs in would then outlive Controller.stop.
+                async with asyncio.timeout(self.settings.watch_grace_seconds):
+                    await synced.wait()
             except TimeoutError:
                 why = problem()
                 if why is not None:

@@ -200,9 +200,8 @@ class Recorder:
     async def drain(self, timeout: float) -> None:
         """Write every held Event now (at shutdown), for at most ``timeout`` seconds."""
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(
-                asyncio.gather(*(self._write_event(e) for e in self._events.drain())), timeout
-            )
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*(self._write_event(e) for e in self._events.drain()))
 
     async def _write_events(self, events: list[PendingEvent]) -> None:
         for event in events:

@@ -24,9 +24,9 @@ from kubetune_controller.controller import Controller
 from kubetune_controller.metrics import OperatorMetrics
 from kubetune_controller.service_client import ServiceClient
 from kubetune_controller.settings import Settings
-from kubetune_suggestion.service.app import Settings as ServiceSettings
 from kubetune_suggestion.service.app import create_app
 from kubetune_suggestion.service.core import TuningService
+from kubetune_suggestion.service.settings import ServiceSettings
 from tests.controller.factories import spec_dict
 from tests.controller.fake_cluster import FakeCluster, curve, kubelet
 

@@ -25,8 +25,9 @@ from kubetune_suggestion.collector import (
 )
 from kubetune_suggestion.metrics_protocol import Report
 from kubetune_suggestion.runner.reporter import ServiceReporter
-from kubetune_suggestion.service.app import Settings, create_app
+from kubetune_suggestion.service.app import create_app
 from kubetune_suggestion.service.core import TuningService
+from kubetune_suggestion.service.settings import ServiceSettings
 from kubetune_suggestion.service.testing import free_port, serve_in_thread
 from kubetune_suggestion.service.tokens import trial_token
 from tests import sigterm
@@ -172,7 +173,7 @@ def test_reports_wait_for_a_restore_after_the_service_lost_its_database(
     metrics = tmp_path / "metrics"
     metrics.write_text("step=0 loss=0.9\nstep=1 loss=0.8\n")
     logged: list[str] = []
-    app = create_app(Settings(db_url="unused"), svc)
+    app = create_app(ServiceSettings(db_url="unused"), svc)
     with serve_in_thread(app) as url:
         reporter, collector = _patient_collector(url, "exp-lost", 3, metrics, logged)
         worker, delivered = _collect_while_unknown(collector, logged)
@@ -191,7 +192,7 @@ def test_reports_delivered_before_the_database_was_lost_are_sent_again(tmp_path:
     """The restore brings back the trial, not its reports: the collector sends them again."""
     first = TuningService.open(f"sqlite:///{tmp_path}/first.db", secret=SECRET)
     _restore(first, "exp-lost", 0)
-    apps = [create_app(Settings(db_url="unused"), first)]
+    apps = [create_app(ServiceSettings(db_url="unused"), first)]
 
     async def current(scope: Any, receive: Any, send: Any) -> None:
         await apps[-1](scope, receive, send)  # whichever service is up, as behind a Service
@@ -204,7 +205,7 @@ def test_reports_delivered_before_the_database_was_lost_are_sent_again(tmp_path:
         assert [d.report.step for d in collector.collect()] == [0, 1]
         # The service's Pod is replaced: an empty database.
         second = TuningService.open(f"sqlite:///{tmp_path}/second.db", secret=SECRET)
-        apps.append(create_app(Settings(db_url="unused"), second))
+        apps.append(create_app(ServiceSettings(db_url="unused"), second))
         with metrics.open("a") as f:
             f.write("step=2 loss=0.7\n")
         worker, delivered = _collect_while_unknown(collector, logged)

@@ -4,7 +4,7 @@
     kubetune-service migrate --db sqlite:///kubetune.db
 
 Settings come from the environment, read by
-:meth:`~kubetune_suggestion.service.app.Settings.from_env` (``KUBETUNE_DB_URL``,
+:meth:`~kubetune_suggestion.service.settings.ServiceSettings.from_env` (``KUBETUNE_DB_URL``,
 ``KUBETUNE_SECRET``, ``KUBETUNE_PORT``...; the table is in the chart's
 README); the flags win over the variables they name. Without a secret the one
 stored in the database is used (the first replica generates it), so replicas
@@ -32,11 +32,12 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from kubetune_suggestion.service.app import Settings, SettingsError
+from kubetune_suggestion.env_settings import SettingsError
+from kubetune_suggestion.service.settings import ServiceSettings
 from kubetune_suggestion.store import Store, UnsupportedDatabase
 
 
-def _parser(defaults: Settings) -> argparse.ArgumentParser:
+def _parser(defaults: ServiceSettings) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubetune-service", description=__doc__.split("\n")[0])
     parser.add_argument(
         "command",
@@ -48,18 +49,18 @@ def _parser(defaults: Settings) -> argparse.ArgumentParser:
     parser.add_argument(
         "--db",
         default=defaults.db_url,
-        help=f"database URL (KUBETUNE_DB_URL; default {Settings.db_url})",
+        help=f"database URL (KUBETUNE_DB_URL; default {ServiceSettings.db_url})",
     )
     parser.add_argument(
         "--host",
         default=defaults.host,
-        help=f"address to listen on (KUBETUNE_HOST; default {Settings.host})",
+        help=f"address to listen on (KUBETUNE_HOST; default {ServiceSettings.host})",
     )
     parser.add_argument(
         "--port",
         type=int,
         default=defaults.port,
-        help=f"port to listen on (KUBETUNE_PORT; default {Settings.port})",
+        help=f"port to listen on (KUBETUNE_PORT; default {ServiceSettings.port})",
     )
     parser.add_argument(
         "--secret-file",
@@ -81,7 +82,7 @@ def _parser(defaults: Settings) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``kubetune-service`` and ``python -m kubetune_suggestion.service``."""
     try:
-        settings = Settings.from_env()
+        settings = ServiceSettings.from_env()
     except SettingsError as exc:
         print(f"kubetune-service: {exc}", file=sys.stderr)
         return 2

@@ -15,9 +15,9 @@ import asyncio
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 
-from kubetune_suggestion.service.core import Report
 from kubetune_suggestion.service.errors import ServiceError
 from kubetune_suggestion.service.models import StopAnswer
+from kubetune_suggestion.service.reporting import Report
 
 BatchFn = Callable[[Sequence[Report]], list[StopAnswer | ServiceError]]
 

@@ -1,20 +1,14 @@
 """The suggestion service's application layer: the engine over the store.
 
 :class:`TuningService` is what the HTTP app (:mod:`.app`) and ``kubetune run``
-call. Each method is one database transaction in which it reads the stored
+call. Each operation has one path, the same on SQLite and PostgreSQL: one
+database transaction in which it locks what it changes, reads the stored
 state, decides with the pure engine (samplers, early-stopping rules, the pure
-helpers of :mod:`.logic`), and writes the outcome, so any replica (or a
-restarted process) continues exactly where the last one stopped.
+helpers of :mod:`.logic` and :mod:`.trial_end`), and writes the outcome, so any
+replica (or a restarted process) continues exactly where the last one stopped.
 
-Process-local caches (:mod:`.caches`) hold only what can be rebuilt from the
-database and are keyed so that they can never serve stale data.
-
-On PostgreSQL the hot paths first try one conditional statement in
-autocommit (:mod:`kubetune_suggestion.store.oneshot`), built from the caches:
-``ask`` when the cached history is the stored one and no trial may be
-pending, a report when no early-stopping decision is due. The statement
-writes only if what the cache assumed is still stored; otherwise it writes
-nothing and the method runs its locked transaction, as on SQLite.
+The one cache (:mod:`.cache`) keeps compiled specs and sampler histories
+between calls; its docstring says what may be stale and when it is re-read.
 
 Errors are :class:`~.errors.ServiceError` subclasses (404 unknown, 401/403
 token, 409 conflicting state, 422 invalid input); when one is raised nothing
@@ -27,28 +21,15 @@ import logging
 import secrets
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
-from datetime import datetime
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
-from kubetune_suggestion.engine.history import Direction, TrialRecord
-from kubetune_suggestion.engine.samplers import Sampler, Suggestions, make_sampler
-from kubetune_suggestion.engine.space import SpaceError
-from kubetune_suggestion.engine.stopping import StoppingRule, make_rule
-from kubetune_suggestion.service import logic
+from kubetune_suggestion.service import asking, logic, reads, trial_end
 from kubetune_suggestion.service import metrics as prom
-from kubetune_suggestion.service.caches import (
-    Backoff,
-    EngineCache,
-    Head,
-    HistoryCache,
-    Lru,
-    ReportedTrials,
-    SamplerHistory,
-    UidHints,
-)
+from kubetune_suggestion.service.cache import ExperimentCache
+from kubetune_suggestion.service.compiled import Compiled, compile_spec, compile_stored
 from kubetune_suggestion.service.errors import (
     Conflict,
     Forbidden,
@@ -59,10 +40,8 @@ from kubetune_suggestion.service.errors import (
 )
 from kubetune_suggestion.service.models import (
     AskResult,
-    BestTrial,
     ExperimentSummary,
     ExperimentView,
-    ObservationView,
     RestoreResult,
     RestoreTrial,
     StartRefusal,
@@ -74,74 +53,18 @@ from kubetune_suggestion.service.models import (
     TrialState,
     TrialView,
 )
+from kubetune_suggestion.service.reporting import CheckedReport, Report, not_found, store_reports
 from kubetune_suggestion.service.tokens import token_matches, trial_token
 from kubetune_suggestion.spec import ExperimentSpec, SpecError, parse_experiment
 from kubetune_suggestion.store import (
-    AskedBy,
     ExperimentRow,
-    NewTrial,
-    RestoredTrial,
-    StepRow,
     Store,
     TrialRow,
     WriteTxn,
 )
-from kubetune_suggestion.store.oneshot import FinalReport, FinishRead, OneShot
 from kubetune_suggestion.store.rows import utcnow
 
 log = logging.getLogger(__name__)
-
-# Spec fields that cannot change once trials exist: the history would no
-# longer mean what the sampler and the rule think it means.
-_FROZEN_SPEC_FIELDS = ("objective", "parameters", "algorithm")
-MAX_ASK = 1000
-# The longest lease an ask may give (a week): longer is no lease at all.
-MAX_LEASE_SECONDS = 7 * 24 * 3600
-# Tries of the unlocked finish before the locked one (a report in between costs one).
-_FINISH_TRIES = 2
-
-
-@dataclass(frozen=True)
-class Report:
-    """One observation to store (the arguments of :meth:`TuningService.report`)."""
-
-    uid: str
-    number: int
-    # The trial's token (None when the request carried none).
-    token: str | None
-    step: int
-    metrics: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class _Compiled:
-    """An experiment's spec with the engine objects built from it."""
-
-    spec: ExperimentSpec
-    sampler: Sampler
-    rule: StoppingRule | None
-
-
-def compile_spec(spec: ExperimentSpec) -> _Compiled:
-    """Build the sampler and rule ``spec`` asks for.
-
-    Raises:
-        InvalidInput: If the engine rejects the spec, naming the field.
-    """
-    try:
-        sampler = make_sampler(
-            spec.algorithm.name,
-            spec.search_space(),
-            spec.objective.direction,
-            spec.algorithm.seed,
-            spec.algorithm.settings,
-        )
-        # Rules name the objective in the reasons users read.
-        options = {"metric": spec.objective.metric, **spec.earlyStopping.options()}
-        rule = make_rule(spec.earlyStopping.name, spec.objective.direction, options)
-    except SpaceError as exc:
-        raise InvalidInput(exc.problem, field=f"spec.{exc.field}") from None
-    return _Compiled(spec=spec, sampler=sampler, rule=rule)
 
 
 class TuningService:
@@ -156,13 +79,7 @@ class TuningService:
     def __init__(self, store: Store, secret: str | None = None) -> None:
         self.store = store
         self.secret = secret if secret else store.secret(secrets.token_hex(32))
-        self._engines: EngineCache[_Compiled] = EngineCache()
-        self._histories = HistoryCache()
-        self._ids = UidHints()
-        self._ask_backoff = Backoff()
-        self._reported = ReportedTrials()
-        # The next ask's suggestion, worked out while the service had nothing to do.
-        self._prepared: Lru[_Prepared] = Lru(1024)
+        self._cache: ExperimentCache[Compiled] = ExperimentCache()
 
     @classmethod
     def open(cls, url: str, *, secret: str | None = None, migrate: bool = True) -> TuningService:
@@ -206,14 +123,7 @@ class TuningService:
             if not created and (
                 row.spec != spec_json or row.name != name or row.namespace != namespace
             ):
-                if row.next_number > 0:
-                    for field in _FROZEN_SPEC_FIELDS:
-                        if row.spec.get(field) != spec_json.get(field):
-                            raise Conflict(
-                                f"spec.{field} cannot change after trials were handed out "
-                                f"({row.next_number} so far); create a new Experiment instead",
-                                field=f"spec.{field}",
-                            )
+                logic.check_spec_change(row.spec, spec_json, row.next_number)
                 if row.spec != spec_json:
                     spec_version += 1
                 tx.update_experiment(
@@ -223,7 +133,6 @@ class TuningService:
                     spec=spec_json,
                     spec_version=spec_version,
                 )
-        self._ids.put(uid, row.id, spec_version)
         return ExperimentView(
             uid=uid,
             name=name,
@@ -273,60 +182,25 @@ class TuningService:
             row = tx.lock_experiment(uid)
             if row is None:
                 raise NotFound(f"no experiment {uid!r}", field="uid")
-            compiled = self._compiled_for(tx, row.id, row.spec_version, row.spec)
+            compiled = self._compiled(row)
             given = logic.restore_entries(trials, compiled.sampler.space)
             stored = {t.number: t for t in tx.history_since(row.id, -1)}
-            new: list[RestoredTrial] = []
-            for i, trial in enumerate(given):
-                old = stored.get(trial.number)
-                if old is not None:
-                    if old.params != trial.params:
-                        raise Conflict(
-                            f"trial {trial.number} is stored with params {old.params} "
-                            f"({old.state}); trials[{i}] gives {trial.params}",
-                            field=f"trials[{i}].params",
-                        )
-                    continue
-                state = TrialState(trial.state)
-                scored = state in (TrialState.SUCCEEDED, TrialState.PRUNED)
-                new.append(
-                    RestoredTrial(
-                        number=trial.number,
-                        params=trial.params,
-                        state=state.value,
-                        objective=trial.objective if scored else None,
-                        message=trial.message,
-                        stop_reason=trial.stop_reason if state.finished else None,
-                        stop_step=trial.step if state is TrialState.PRUNED else None,
-                    )
-                )
+            new = logic.restored_trials(given, stored)
             next_number = max([row.next_number, *(t.number + 1 for t in given)])
             version = row.history_version
-            if new or next_number != row.next_number:
-                # next_number is written: the history version moves with it (see Head).
+            if new:
                 version += 1
                 tx.insert_restored(row.id, new, version)
+            if new or next_number != row.next_number:
                 tx.update_experiment(row.id, next_number=next_number, history_version=version)
-        self._ids.put(uid, row.id, row.spec_version)
-        if version != row.history_version:
-            self._histories.restored(
-                row.id,
-                version,
-                (
-                    logic.trial_record(t.number, t.params, t.state, t.objective, t.stop_step)
-                    for t in new
-                ),
-                compiled.spec.objective.direction,
-                next_number,
-            )
-        for added in new:  # nothing known of a trial this store did not hold
-            self._reported.pop(uid, added.number)
         if new:
+            restored = (
+                logic.trial_record(t.number, t.params, t.state, t.objective, t.stop_step)
+                for t in new
+            )
+            self._cache.advance(row.id, version, restored, compiled.spec.objective.direction)
             log.info(
-                "experiment %s: %d trials restored; the next number is %d",
-                uid,
-                len(new),
-                next_number,
+                "experiment %s: %d trials restored; next number %d", uid, len(new), next_number
             )
         return RestoreResult(restored=len(new), next_number=next_number)
 
@@ -347,259 +221,51 @@ class TuningService:
         ``ask_id``, the ask is idempotent for that id: the trials an earlier
         ask with the same id handed out and nobody started yet come first
         (a retry, or a scheduler restarting, gets its trials back), then new
-        ones. Without it, only new trials. With ``lease_seconds``, each new trial must be started,
-        report or finish within that many seconds of its ask or of its last
-        start or report, or the next ask fails it as abandoned (its slot is
-        freed); without it, trials never expire. Never allocates beyond
-        ``spec.maxTrials``, nor beyond ``parallelism`` trials pending or
-        running at once when it is given; nothing once the objective target
-        is reached or too many trials failed. Safe across processes:
-        allocation holds the experiment's row lock, or (the fast path) is one
-        statement that only writes if nothing changed since the cached history.
+        ones. Without it, only new trials. With ``lease_seconds``, each new
+        trial must be started, report or finish within that many seconds of
+        its ask or of its last start or report, or the next ask fails it as
+        abandoned (its slot is freed); without it, trials never expire. Never
+        allocates beyond ``spec.maxTrials``, nor beyond ``parallelism`` trials
+        pending or running at once when it is given; nothing once the
+        objective target is reached or too many trials failed. Safe across
+        processes: it holds the experiment's row lock throughout.
 
         Raises:
             InvalidInput: For ``count`` outside 1..1000, an ``ask_id`` that
                 is not 1-128 characters, ``lease_seconds`` outside 1..604800.
             NotFound: If there is no such experiment.
         """
-        fast = self.ask_from_cache(
-            uid, count, parallelism, ask_id=ask_id, lease_seconds=lease_seconds
-        )
-        if fast is not None:
-            return fast
-        return self.ask_locked(uid, count, parallelism, ask_id=ask_id, lease_seconds=lease_seconds)
-
-    def ask_from_cache(
-        self,
-        uid: str,
-        count: int,
-        parallelism: int | None = None,
-        *,
-        ask_id: str | None = None,
-        lease_seconds: int | None = None,
-    ) -> AskResult | None:
-        """:meth:`ask` from the cached history, allocating with one conditional statement.
-
-        Never waits for the experiment's row lock beyond one statement: what
-        the HTTP app may run on its event loop.
-
-        Returns:
-            None, having written nothing, when the cache cannot answer alone
-            (then :meth:`ask_locked` must): not on PostgreSQL, nothing cached,
-            trials that may be pending (a retry must get them back), a lease
-            that may have run out (the locked path sweeps), an experiment
-            halted, suspended or full (rare: the locked path answers), or a
-            change since the cached version (another replica's).
-
-        Raises:
-            InvalidInput: As :meth:`ask`.
-        """
-        asked = _asked_by(count, parallelism, ask_id, lease_seconds)
-        cached = self._cached_ask(uid, count, parallelism)
-        if cached is None:
-            return None
-        experiment_id, history, head, compiled, wanted = cached
-        spec = compiled.spec
-        prepared = self._prepared.pop(experiment_id)
-        if prepared is not None and wanted == 1 and prepared.matches(history, compiled):
-            suggestions = prepared.suggestions
-        else:
-            records = list(history.records.values())
-            suggestions = compiled.sampler.suggest(records, wanted, head.sampler_state)
-        new = [
-            NewTrial(head.next_number + i, c) for i, c in enumerate(suggestions.configs[:wanted])
-        ]
-        with self.store.oneshot() as db:
-            allocated = db.allocate_if_current(
-                experiment_id,
-                (history.version, head.spec_version, head.next_number),
-                new,
-                suggestions.state,
-                asked,
-            )
-        if allocated is None:
-            self._ask_backoff.lost(experiment_id)
-            return None
-        self._ask_backoff.won(experiment_id)
-        self._remember_allocation(
-            experiment_id, compiled, history, head, new, allocated.sampler_state, asked
-        )
-        # What a finish would read of each new trial, until it changes.
-        params = {t.number: t.params for t in new}
-        for number, trial_id, row_version in allocated.trials:
-            row = TrialRow(
-                trial_id,
-                number,
-                dict(params[number]),
-                TrialState.PENDING.value,
-                None,
-                None,
-                None,
-                history.version + 1,
-                allocated.created_at,
-                None,
-                None,
-            )
-            self._reported.allocated(
-                uid, number, FinishRead(experiment_id, head.spec_version, row, row_version, [])
-            )
-        self._log_notes(uid, suggestions.notes)
-        return _ask_result(
-            [self._assignment(uid, t.number, t.params) for t in new],
-            count,
-            spec.maxTrials,
-            head.next_number + len(new),
-            suggestions.exhausted,
-        )
-
-    def _cached_ask(
-        self, uid: str, count: int, parallelism: int | None, *, trying: bool = True
-    ) -> tuple[int, SamplerHistory, Head, _Compiled, int] | None:
-        """What :meth:`ask_from_cache` works from, if the caches can answer alone.
-
-        (experiment id, history, its head, compiled spec, how many trials to
-        allocate), or None (see :meth:`ask_from_cache`). ``trying``: this is
-        the ask's try, which the backoff counts (a prepare only looks).
-        """
-        if not self.store.postgres:
-            return None
-        known = self._ids.get(uid)
-        history = None if known is None else self._histories.get(known[0])
-        if known is None or history is None or history.head is None or history.head.pending:
-            return None
-        if history.lease_deadline is not None and time.time() >= history.lease_deadline:
-            return None
-        experiment_id, head = known[0], history.head
-        backoff = self._ask_backoff
-        skip = (
-            (not backoff.should_try(experiment_id)) if trying else backoff.skipping(experiment_id)
-        )
-        if skip:
-            return None
-        compiled = self._engines.get(experiment_id, head.spec_version)
-        if compiled is None:
-            return None
-        spec = compiled.spec
-        if spec.suspend or logic.halt_reason(spec, {"failed": history.failures}, history.best):
-            return None
-        wanted = min(count, spec.maxTrials - head.next_number)
-        if parallelism is not None:
-            # No trial is pending here (see above), so every active one runs.
-            wanted = min(wanted, parallelism - history.active)
-        if wanted <= 0:
-            return None
-        return experiment_id, history, head, compiled, wanted
-
-    def prepare_ask(self, uid: str) -> bool:
-        """Work out the suggestion a one-trial :meth:`ask_from_cache` would make next.
-
-        For an idle moment after a finish: the sampler's work then leaves the
-        next ask's path. Writes nothing; the ask uses it only if nothing the
-        suggestion depends on changed meanwhile (the history's records, the
-        sampler state, the spec: compared by identity, as every change
-        replaces them), so asks answer exactly as without it.
-
-        Returns:
-            Whether a suggestion was prepared.
-        """
-        cached = self._cached_ask(uid, 1, None, trying=False)
-        if cached is None:
-            return False
-        experiment_id, history, head, compiled, _ = cached
-        records = list(history.records.values())
-        suggestions = compiled.sampler.suggest(records, 1, head.sampler_state)
-        self._prepared.put(experiment_id, _Prepared(history.records, head, compiled, suggestions))
-        return True
-
-    def ask_locked(
-        self,
-        uid: str,
-        count: int,
-        parallelism: int | None = None,
-        *,
-        ask_id: str | None = None,
-        lease_seconds: int | None = None,
-    ) -> AskResult:
-        """:meth:`ask` in a transaction holding the experiment's row lock.
-
-        First fails the trials whose lease ran out (their slots are then free).
-
-        Raises:
-            InvalidInput: As :meth:`ask`.
-            NotFound: If there is no such experiment.
-        """
-        asked = _asked_by(count, parallelism, ask_id, lease_seconds)
+        ask = asking.check_ask(count, parallelism, ask_id, lease_seconds)
         with self.store.write() as tx:
             row = tx.lock_experiment(uid)
             if row is None:
                 raise NotFound(f"no experiment {uid!r}", field="uid")
-            compiled = self._compiled_for(tx, row.id, row.spec_version, row.spec)
-            spec = compiled.spec
-            expired, lease_deadline = tx.expire_leases(row.id, time.time(), row.history_version + 1)
+            compiled = self._compiled(row)
+            direction = compiled.spec.objective.direction
+            history = self._cache.history_base(row.id, row.history_version)
+            read = tx.ask_trials(row.id, history.version, ask.asked.ask_id, time.time())
+            if history.version != row.history_version:
+                changed = map(logic.stored_record, read.changed)
+                history = history.updated(row.history_version, changed, direction)
+            # Trials whose lease ran out are failed first: their slots are then free.
+            expired = tx.expire(row.id, read.expired, history.version + 1)
             if expired:
-                row = replace(row, history_version=row.history_version + 1)
-            # One query for both what changed since the cached history and
-            # which trials are still pending.
-            base = self._histories.base(row)
-            loaded, mine = tx.ask_trials(row.id, base.version, asked.ask_id)
-            history = self._histories.refresh(
-                base,
-                row,
-                (t for t in loaded if t.history_version > base.version),
-                spec.objective.direction,
-            )
-            history = replace(history, lease_deadline=lease_deadline)
-            halted = logic.halt_reason(spec, {"failed": history.failures}, history.best)
-            if halted is not None:
-                return AskResult(trials=[], exhausted=True, reason=halted)
-            if spec.suspend:
-                return AskResult(trials=[], exhausted=False, reason="the experiment is suspended")
-            pending_now = [t for t in loaded if t.state == "pending"]
-            head = Head(
-                spec_version=row.spec_version,
-                next_number=row.next_number,
-                sampler_state=row.sampler_state,
-                pending=frozenset(t.number for t in pending_now),
-            )
-            history = replace(history, head=head)
-            assignments = [
-                self._assignment(uid, t.number, t.params) for t in pending_now if t.number in mine
-            ][:count]
-            room = spec.maxTrials - row.next_number
-            if parallelism is not None:
-                # Counted under the row lock that every allocation takes: a
-                # trial started meanwhile only moves from pending to running,
-                # and one finished meanwhile makes the count cautious.
-                room = min(room, parallelism - history.active)
-            wanted = min(count - len(assignments), room)
-            sampler_exhausted = False
-            notes: list[str] = []
-            new: list[NewTrial] = []
-            stored_state = row.sampler_state
-            if wanted > 0:
-                records = list(history.records.values())
-                suggestions = compiled.sampler.suggest(records, wanted, row.sampler_state)
-                sampler_exhausted = suggestions.exhausted
-                notes = suggestions.notes
-                new = [
-                    NewTrial(row.next_number + i, c)
-                    for i, c in enumerate(suggestions.configs[:wanted])
-                ]
-                stored_state = tx.allocate(
-                    row.id,
-                    new,
-                    row.history_version + 1,
-                    row.next_number + len(new),
-                    suggestions.state,
-                    asked,
+                failed = (replace(t, state="failed", objective=None) for t, _ in read.expired)
+                history = history.updated(
+                    history.version + 1, map(logic.stored_record, failed), direction
                 )
-                assignments += [self._assignment(uid, t.number, t.params) for t in new]
-        # Cache only what was committed: a rolled-back allocation must not be remembered.
-        self._ids.put(uid, row.id, row.spec_version)
-        if wanted > 0:
-            self._remember_allocation(row.id, compiled, history, head, new, stored_state, asked)
-        else:
-            self._histories.remember(row.id, history)
+            handed = asking.hand_out(
+                tx,
+                row,
+                compiled,
+                history,
+                read,
+                ask,
+                lambda number, params: self._assignment(uid, number, params),
+            )
+        # Only what was committed: a rolled-back allocation must not be remembered.
+        self._cache.remember(row.id, handed.history)
+        prom.SUGGESTIONS.labels(compiled.spec.algorithm.name).inc(handed.allocated)
         for trial in expired:
             log.info(
                 "experiment %s: trial %d failed: lease of %d s expired",
@@ -607,46 +273,9 @@ class TuningService:
                 trial.number,
                 trial.lease_seconds,
             )
-        self._log_notes(uid, notes)
-        return _ask_result(
-            assignments, count, spec.maxTrials, row.next_number + len(new), sampler_exhausted
-        )
-
-    def _remember_allocation(
-        self,
-        experiment_id: int,
-        compiled: _Compiled,
-        history: SamplerHistory,
-        head: Head,
-        new: Sequence[NewTrial],
-        sampler_state: dict[str, Any] | None,
-        asked: AskedBy,
-    ) -> None:
-        """Cache the history after a committed allocation of ``new`` (by ``asked``)."""
-        spec = compiled.spec
-        head = Head(
-            spec_version=head.spec_version,
-            next_number=head.next_number + len(new),
-            sampler_state=sampler_state,
-            pending=head.pending.union(t.number for t in new),
-        )
-        advanced = history.updated(
-            history.version + 1,
-            (logic.trial_record(t.number, t.params, "pending", None) for t in new),
-            spec.objective.direction,
-            head,
-        )
-        expires, deadline = asked.expires_at, history.lease_deadline
-        if new and expires is not None:
-            earliest = expires if deadline is None else min(deadline, expires)
-            advanced = replace(advanced, lease_deadline=earliest)
-        self._histories.remember(experiment_id, advanced)
-        prom.SUGGESTIONS.labels(spec.algorithm.name).inc(len(new))
-
-    @staticmethod
-    def _log_notes(uid: str, notes: Sequence[str]) -> None:
-        for note in notes:
+        for note in handed.notes:
             log.info("experiment %s: %s", uid, note)
+        return handed.result
 
     def start(self, uid: str, number: int) -> None:
         """Mark a handed-out trial as running (idempotent).
@@ -656,16 +285,7 @@ class TuningService:
             Conflict: If the trial already finished.
         """
         with self.store.write() as tx:
-            found = tx.lock_trial_of(uid, number)
-            if found is None:
-                raise self._not_found(tx, uid, number)
-            experiment_id, _, trial = found
-            if TrialState(trial.state).finished:
-                raise Conflict(f"trial {number} already finished ({trial.state})", field="number")
-            tx.mark_running(trial.id)
-        self._histories.started(experiment_id, [number])
-        # The row changed: what a finish would have known of it is stale.
-        self._reported.pop(uid, number)
+            tx.mark_running([_lock_open_trial(tx, uid, number).id])
 
     def start_many(self, uid: str, numbers: Sequence[int]) -> StartResult:
         """:meth:`start` for several trials of one experiment, in one transaction.
@@ -678,8 +298,8 @@ class TuningService:
             NotFound: If there is no such experiment.
         """
         wanted = sorted(set(numbers))
-        if not 1 <= len(wanted) <= MAX_ASK:
-            raise InvalidInput(f"numbers must list 1 to {MAX_ASK} trials", field="numbers")
+        if not 1 <= len(wanted) <= asking.MAX_ASK:
+            raise InvalidInput(f"numbers must list 1 to {asking.MAX_ASK} trials", field="numbers")
         refused: list[StartRefusal] = []
         with self.store.write() as tx:
             found = tx.lock_trials_of(uid, wanted)
@@ -687,7 +307,6 @@ class TuningService:
                 raise NotFound(f"no experiment {uid!r}", field="uid")
             ids: list[int] = []
             started: list[int] = []
-            experiment_id = None
             for number in wanted:
                 hit = found.get(number)
                 if hit is None:
@@ -696,7 +315,7 @@ class TuningService:
                         StartRefusal(number=number, status=404, code="not_found", message=message)
                     )
                     continue
-                experiment_id, _, trial = hit
+                _, _, trial = hit
                 if TrialState(trial.state).finished:
                     message = f"trial {number} already finished ({trial.state})"
                     refused.append(
@@ -705,11 +324,7 @@ class TuningService:
                     continue
                 ids.append(trial.id)
                 started.append(number)
-            tx.mark_running_many(ids)
-        if experiment_id is not None and started:
-            self._histories.started(experiment_id, started)
-        for number in started:  # their rows changed (see start)
-            self._reported.pop(uid, number)
+            tx.mark_running(ids)
         return StartResult(started=started, refused=refused)
 
     def retry(self, uid: str, number: int, ask_id: str | None = None) -> TrialView:
@@ -732,30 +347,12 @@ class TuningService:
         if ask_id is not None and not (isinstance(ask_id, str) and 1 <= len(ask_id) <= 128):
             raise InvalidInput("ask_id must be a string of 1-128 characters", field="ask_id")
         with self.store.write() as tx:
-            # The experiment first, as asks lock it: a trial made pending
-            # moves the history version (see caches.Head.pending).
-            row = tx.lock_experiment(uid) if ask_id is not None else None
-            found = tx.lock_trial_of(uid, number)
-            if found is None:
-                raise self._not_found(tx, uid, number)
-            experiment_id, _, trial = found
-            if TrialState(trial.state).finished:
-                raise Conflict(
-                    f"trial {number} already finished ({trial.state}); "
-                    "only a pending or running trial can be retried",
-                    field="number",
-                )
-            handed_back = None
-            if row is not None and ask_id is not None:
-                handed_back = (ask_id, row.history_version + 1)
-                tx.update_experiment(experiment_id, history_version=row.history_version + 1)
-            started_at = tx.restart_trial(trial.id, handed_back)
-        if handed_back is None:
-            self._histories.started(experiment_id, [number])
-        # What a finish would have known of it (its reports) is gone.
-        self._reported.pop(uid, number)
+            trial = _lock_open_trial(
+                tx, uid, number, "; only a pending or running one can be retried"
+            )
+            started_at = tx.restart_trial(trial.id, ask_id)
         log.info("experiment %s: trial %d retried (a new attempt)", uid, number)
-        state = TrialState.PENDING if handed_back is not None else TrialState.RUNNING
+        state = TrialState.PENDING if ask_id is not None else TrialState.RUNNING
         restarted = replace(
             trial,
             state=state.value,
@@ -763,7 +360,7 @@ class TuningService:
             stop_reason=None,
             stop_step=None,
         )
-        return _trial_view(restarted, None, None)
+        return logic.trial_view(restarted, None, None)
 
     def report(
         self, uid: str, number: int, token: str | None, step: int, metrics: Mapping[str, Any]
@@ -796,23 +393,25 @@ class TuningService:
         affect the others. Nothing is acknowledged before the commit.
         """
         results: list[StopAnswer | ServiceError | None] = [None] * len(reports)
-        checked: list[tuple[int, Report, int, dict[str, float]]] = []
+        checked: list[CheckedReport] = []
         for i, r in enumerate(reports):
             try:
-                checked.append((i, r, *self._check_report(r)))
+                checked.append(CheckedReport(i, r, *self._check_report(r)))
             except ServiceError as exc:
                 results[i] = exc
         if checked:
             try:
-                self._store_reports(checked, results)
+                with self.store.write() as tx:
+                    stored = store_reports(tx, checked, self._compiled_for, results)
+                prom.OBSERVATIONS.inc(stored)
             except DBAPIError:
                 if len(checked) == 1:
                     raise
                 # A deadlock or serialisation failure dooms the whole batch:
                 # retry each report on its own so one cannot fail the others.
                 log.warning("a batch of %d reports failed; retrying one by one", len(checked))
-                for i, r, _, _ in checked:
-                    results[i] = self.report_batch([r])[0]
+                for c in checked:
+                    results[c.index] = self.report_batch([c.report])[0]
         return [r if r is not None else ServiceError("not processed") for r in results]
 
     def _check_report(self, r: Report) -> tuple[int, dict[str, float]]:
@@ -824,122 +423,6 @@ class TuningService:
         if not token_matches(self.secret, r.uid, r.number, r.token):
             raise Forbidden(f"the token is not trial {r.number}'s token", field="token")
         return logic.check_step(r.step), logic.check_metrics(r.metrics)
-
-    def _store_reports(
-        self,
-        checked: Sequence[tuple[int, Report, int, dict[str, float]]],
-        results: list[StopAnswer | ServiceError | None],
-    ) -> None:
-        """Store checked reports and decide stops, filling ``results`` in place."""
-        if len(checked) == 1:
-            i, r, step, clean = checked[0]
-            try:
-                answer = self._report_in_one_statement(r, step, clean)
-            except ServiceError as exc:
-                results[i] = exc
-                return
-            if answer is not None:
-                results[i] = answer
-                return
-        accepted: list[tuple[int, Report, int, int, _Compiled, TrialRow, float | None]] = []
-        with self.store.write() as tx:
-            numbers: dict[str, set[int]] = {}
-            for _, r, _, _ in checked:
-                numbers.setdefault(r.uid, set()).add(r.number)
-            # Experiments in a fixed order too, so batches spanning several cannot deadlock.
-            found = {uid: tx.lock_trials_of(uid, sorted(numbers[uid])) for uid in sorted(numbers)}
-            seen = {uid: hit for uid, hits in found.items() for hit in hits.values()}
-            rows: list[tuple[int, int, dict[str, float], float | None]] = []
-            for i, r, step, clean in checked:
-                hit = found[r.uid].get(r.number)
-                if hit is None:
-                    results[i] = self._not_found(tx, r.uid, r.number)
-                    continue
-                experiment_id, spec_version, trial = hit
-                if TrialState(trial.state).finished:
-                    results[i] = _finished_conflict(r.number, trial.state)
-                    continue
-                compiled = self._compiled_for(tx, experiment_id, spec_version, None)
-                objective = clean.get(compiled.spec.objective.metric)
-                rows.append((trial.id, step, clean, objective))
-                accepted.append((i, r, step, experiment_id, compiled, trial, objective))
-            # Every reporting trial: a report renews its lease, and starts it if pending.
-            stored = tx.store_reports(rows, [t.id for *_, t, _ in accepted])
-            # One load of intermediate values per experiment serves every decision.
-            top_step: dict[int, int] = {}
-            for _, _, step, experiment_id, compiled, _, objective in accepted:
-                if compiled.rule is not None and objective is not None:
-                    top_step[experiment_id] = max(step, top_step.get(experiment_id, step))
-            curves = {e: tx.step_history(e, top) for e, top in top_step.items()}
-            stopped: dict[int, str] = {}
-            for i, _, step, experiment_id, compiled, trial, objective in accepted:
-                reason = trial.stop_reason or stopped.get(trial.id)
-                if reason is not None:
-                    results[i] = StopAnswer(stop=True, reason=reason)
-                elif (
-                    (trial.id, step) in stored and experiment_id in curves and objective is not None
-                ):
-                    answer = self._decide(tx, compiled, curves[experiment_id], trial, step)
-                    if answer.stop:
-                        stopped[trial.id] = answer.reason
-                        # Its later reports in this batch no longer count for the others.
-                        curves[experiment_id] = [
-                            replace(c, stop_step=step) if c.number == trial.number else c
-                            for c in curves[experiment_id]
-                        ]
-                    results[i] = answer
-                else:
-                    results[i] = StopAnswer(stop=False)
-        for uid, (experiment_id, spec_version, _) in seen.items():
-            self._ids.put(uid, experiment_id, spec_version)
-        for _, r, _, experiment_id, _, _, _ in accepted:
-            self._histories.started(experiment_id, [r.number])
-        prom.OBSERVATIONS.inc(len(stored))
-
-    def report_from_cache(self, r: Report) -> StopAnswer | None:
-        """:meth:`report` with one conditional statement, when no stop decision is due.
-
-        Never waits for more than the trial's row lock during one statement:
-        what the HTTP app may run on its event loop.
-
-        Returns:
-            None, having written nothing, when :meth:`report_batch` must
-            answer: not on PostgreSQL, the experiment's id and spec are not
-            cached, a rule must decide on this report (that needs the
-            experiment's curves), or the statement found no such trial under
-            the cached id and spec version (the locked path then tells which
-            error it is, or stores it).
-
-        Raises:
-            ServiceError: As :meth:`report` does (nothing stored).
-        """
-        step, clean = self._check_report(r)
-        return self._report_in_one_statement(r, step, clean)
-
-    def _report_in_one_statement(
-        self, r: Report, step: int, clean: dict[str, float]
-    ) -> StopAnswer | None:
-        if not self.store.postgres:
-            return None
-        known = self._ids.get(r.uid)
-        compiled = None if known is None else self._engines.get(*known)
-        if known is None or compiled is None:
-            return None
-        objective = clean.get(compiled.spec.objective.metric)
-        if compiled.rule is not None and objective is not None:
-            return None
-        with self.store.oneshot() as db:
-            outcome = db.report_if_current(r.uid, r.number, known, step, clean, objective)
-        if outcome is None:
-            return None
-        if TrialState(outcome.state).finished:
-            raise _finished_conflict(r.number, outcome.state)
-        self._reported.record(r.uid, r.number, known, outcome, step, objective)
-        self._histories.started(known[0], [r.number])
-        prom.OBSERVATIONS.inc(int(outcome.stored))
-        if outcome.stop_reason is not None:
-            return StopAnswer(stop=True, reason=outcome.stop_reason)
-        return StopAnswer(stop=False)
 
     def finish(
         self,
@@ -960,9 +443,6 @@ class TuningService:
         two at once, as Optuna's ``tell``): it needs the trial's ``token``,
         like any report, and its ``step`` defaults to one past the last
         reported step (a step already reported is not stored again).
-        On PostgreSQL it first tries two statements without a transaction
-        (read, then end the trial if its row is still the version read); a
-        report in between sends it round again, and then to the locked path.
 
         Raises:
             InvalidInput: For a state that is not a final one, a ``step``
@@ -972,162 +452,63 @@ class TuningService:
             NotFound: If there is no such experiment or trial.
             Conflict: If the trial already finished in another state.
         """
-        try:
-            final = TrialState(state)
-        except ValueError:
-            final = TrialState.PENDING
-        if not final.finished:
-            raise InvalidInput(
-                "state must be one of succeeded, failed, pruned, metrics_unavailable; "
-                f"got {state!r}",
-                field="state",
-            )
-        report = None
-        if metrics is not None:
-            checked_step, clean = self._check_report(Report(uid, number, token, step or 0, metrics))
-            report = _Final(None if step is None else checked_step, clean)
-        elif step is not None:
-            raise InvalidInput("step is only accepted together with metrics", field="step")
-        if self.store.postgres:
-            for _ in range(_FINISH_TRIES):
-                done = self._finish_unlocked(uid, number, final, message, report)
-                if done is not None:
-                    return done
-        return self._finish_locked(uid, number, final, message, report)
-
-    def _finish_unlocked(
-        self, uid: str, number: int, final: TrialState, message: str | None, report: _Final | None
-    ) -> TrialView | None:
-        """:meth:`finish` with two statements and no lock held between them.
-
-        One statement when this process allocated the trial or stored every
-        report of it itself (:class:`ReportedTrials`): the read is what those
-        writes left.
-
-        None, having written nothing, when the trial changed between the two.
-        """
-        known = self._reported.pop(uid, number)
-        with self.store.oneshot() as db:
-            if known is not None:
-                done = self._finish_as_read(db, uid, final, message, known, report)
-                if done is not None:
-                    return done
-            read = db.finish_read(uid, number)
-            if read is None:
-                if self.store.experiment(uid) is None:
-                    raise NotFound(f"no experiment {uid!r}", field="uid")
-                raise NotFound(f"experiment {uid!r} has no trial {number}", field="number")
-            compiled = self._engines.get(read.experiment_id, read.spec_version)
-            if compiled is None:
-                row = self.store.experiment(uid)
-                if row is None or (row.id, row.spec_version) != (
-                    read.experiment_id,
-                    read.spec_version,
-                ):
-                    return None  # changed since the read
-                compiled = self._compiled_from_row(row)
-            _check_final_report(compiled, final, report)
-            if TrialState(read.trial.state).finished:
-                _check_repeat(compiled, read.trial, final, message, report, read.observed)
-                return self._trial_view(read.experiment_id, number)
-            return self._finish_as_read(db, uid, final, message, read, report, compiled)
-
-    def _finish_as_read(
-        self,
-        db: OneShot,
-        uid: str,
-        final: TrialState,
-        message: str | None,
-        read: FinishRead,
-        report: _Final | None,
-        compiled: _Compiled | None = None,
-    ) -> TrialView | None:
-        """End the trial if its row is still the version ``read`` found; None if not."""
-        compiled = compiled or self._engines.get(read.experiment_id, read.spec_version)
-        trial = read.trial
-        if compiled is None or TrialState(trial.state).finished:
-            return None  # the caller reads and decides
-        observed, stored = _with_final(compiled, read.observed, report)
-        final, objective, message, stop_step = _ending(compiled, final, message, observed, trial)
-        now = utcnow()
-        version = db.finish_if_unchanged(
-            read, final.value, objective, message, trial.started_at or now, now, stored, stop_step
-        )
-        if version is None:
-            return None
-        if stored is not None:
-            prom.OBSERVATIONS.inc()
-        ended = _ended(trial, final, objective, message, now, stop_step)
-        return self._finished(
-            uid, read.experiment_id, read.spec_version, version, compiled, ended, observed
-        )
-
-    def _finish_locked(
-        self, uid: str, number: int, final: TrialState, message: str | None, report: _Final | None
-    ) -> TrialView:
-        """:meth:`finish` in a transaction holding the experiment's and the trial's row locks."""
+        final, report = self._check_finish(uid, number, state, metrics, step, token)
         with self.store.write() as tx:
-            # The experiment's row and the trial's, locked in that order (one round trip).
+            # The experiment's row too: a finish moves its history version.
             found = tx.lock_for_finish(uid, number)
             if found is None:
-                if tx.lock_experiment(uid) is None:
-                    raise NotFound(f"no experiment {uid!r}", field="uid")
-                raise NotFound(f"experiment {uid!r} has no trial {number}", field="number")
+                raise not_found(tx, uid, number)
             experiment_id, spec_version, history_version, trial = found
-            compiled = self._compiled_for(tx, experiment_id, spec_version, None)
-            _check_final_report(compiled, final, report)
+            compiled = self._compiled_for(tx, experiment_id, spec_version)
+            spec = compiled.spec
+            trial_end.check_final_report(spec, final, report)
             reported = tx.observed_steps(trial.id)
             if TrialState(trial.state).finished:
-                _check_repeat(compiled, trial, final, message, report, reported)
-                return self._trial_view(experiment_id, number)
-            observed, stored = _with_final(compiled, reported, report)
+                trial_end.check_repeat(spec, trial, final, message, report, reported)
+                return logic.trial_view(trial, reported[-1][0] if reported else None, None)
+            observed, stored = trial_end.with_final(spec, reported, report)
             if stored is not None:
-                tx.store_reports([(trial.id, stored.step, stored.metrics, stored.objective)], [])
-            final, objective, message, stop_step = _ending(
-                compiled, final, message, observed, trial
+                tx.store_reports([(trial.id, *stored)])
+            final, objective, message, stop_step = trial_end.ending(
+                spec, final, message, observed, trial
             )
-            version = history_version + 1
-            now = utcnow()
+            version, now = history_version + 1, utcnow()
+            ended = trial_end.ended(trial, final, objective, message, now, stop_step)
             tx.finish_trial(
                 experiment_id,
                 trial.id,
                 version,
                 trial.stop_reason is not None,
                 stop_step,
-                state=final.value,
-                objective=objective,
-                message=message,
-                started_at=trial.started_at or now,
+                state=ended.state,
+                objective=ended.objective,
+                message=ended.message,
+                started_at=ended.started_at,
                 finished_at=now,
             )
-        if stored is not None:
-            prom.OBSERVATIONS.inc()
-        ended = _ended(trial, final, objective, message, now, stop_step)
-        return self._finished(uid, experiment_id, spec_version, version, compiled, ended, observed)
+        prom.OBSERVATIONS.inc(stored is not None)
+        # A cached history just before this end takes it; any other catches up at its next ask.
+        record = logic.stored_record(ended)
+        self._cache.advance(experiment_id, version, [record], spec.objective.direction)
+        return logic.trial_view(ended, observed[-1][0] if observed else None, None)
 
-    def _finished(
+    def _check_finish(
         self,
         uid: str,
-        experiment_id: int,
-        spec_version: int,
-        version: int,
-        compiled: _Compiled,
-        ended: TrialRow,
-        observed: Sequence[tuple[int, float | None]],
-    ) -> TrialView:
-        """After a committed end (``ended``) at history ``version``: the caches, and its view."""
-        self._ids.put(uid, experiment_id, spec_version)
-        # The cached history, if it was the one just before, takes the change.
-        self._histories.advance(
-            experiment_id,
-            version,
-            logic.trial_record(
-                ended.number, ended.params, ended.state, ended.objective, ended.stop_step
-            ),
-            compiled.spec.objective.direction,
-        )
-        # Built from what the write knew: no re-read on the hot path.
-        return _trial_view(ended, observed[-1][0] if observed else None, None)
+        number: int,
+        state: str,
+        metrics: Mapping[str, Any] | None,
+        step: int | None,
+        token: str | None,
+    ) -> tuple[TrialState, trial_end.FinalReport | None]:
+        """A finish's final state and final report, checked before any I/O."""
+        final = trial_end.final_state(state)
+        if metrics is not None:
+            checked_step, clean = self._check_report(Report(uid, number, token, step or 0, metrics))
+            return final, trial_end.FinalReport(None if step is None else checked_step, clean)
+        if step is not None:
+            raise InvalidInput("step is only accepted together with metrics", field="step")
+        return final, None
 
     # -- reading ------------------------------------------------------------------
 
@@ -1155,29 +536,7 @@ class TuningService:
             NotFound: If there is no such experiment.
         """
         row = self._experiment(uid)
-        spec = self._compiled_from_row(row).spec
-        counts = self.store.count_states(row.id)
-        best_row = self.store.best_trial(row.id, spec.objective.direction is Direction.MAXIMIZE)
-        best = None
-        if best_row is not None and best_row.objective is not None:
-            best = BestTrial(
-                number=best_row.number, params=best_row.params, objective=best_row.objective
-            )
-        reason = logic.completion_reason(
-            spec, counts, row.next_number, best.objective if best else None
-        )
-        return ExperimentSummary(
-            uid=row.uid,
-            name=row.name,
-            namespace=row.namespace,
-            counts={s: counts.get(s.value, 0) for s in TrialState},
-            best=best,
-            allocated=row.next_number,
-            done=sum(n for s, n in counts.items() if TrialState(s).finished),
-            max_trials=spec.maxTrials,
-            complete=reason is not None,
-            complete_reason=reason,
-        )
+        return reads.summary(self.store, row, self._compiled(row).spec)
 
     def trials(self, uid: str, observations: bool = False) -> list[TrialView]:
         """Every trial by number, with every report when ``observations``.
@@ -1185,18 +544,7 @@ class TuningService:
         Raises:
             NotFound: If there is no such experiment.
         """
-        row = self._experiment(uid)
-        reports = self.store.observations(row.id) if observations else {}
-        return [
-            _trial_view(
-                t,
-                last_step,
-                [ObservationView(step=s, metrics=m) for s, m in reports.get(t.number, [])]
-                if observations
-                else None,
-            )
-            for t, last_step in self.store.trials(row.id)
-        ]
+        return reads.trials(self.store, self._experiment(uid).id, observations)
 
     def trial(self, uid: str, number: int) -> TrialView:
         """One trial.
@@ -1204,7 +552,7 @@ class TuningService:
         Raises:
             NotFound: If there is no such experiment or trial.
         """
-        return self._trial_view(self._experiment(uid).id, number, uid)
+        return reads.trial(self.store, self._experiment(uid).id, uid, number)
 
     def experiment_spec(self, uid: str) -> ExperimentSpec:
         """The experiment's current spec.
@@ -1212,7 +560,7 @@ class TuningService:
         Raises:
             NotFound: If there is no such experiment.
         """
-        return self._compiled_from_row(self._experiment(uid)).spec
+        return self._compiled(self._experiment(uid)).spec
 
     def ping(self) -> None:
         """Raise unless the database answers."""
@@ -1229,312 +577,33 @@ class TuningService:
             raise NotFound(f"no experiment {uid!r}", field="uid")
         return row
 
-    def _not_found(self, tx: WriteTxn, uid: str, number: int) -> NotFound:
-        if tx.experiment_id(uid) is None:
-            return NotFound(f"no experiment {uid!r}", field="uid")
-        return NotFound(f"experiment {uid!r} has no trial {number}", field="number")
-
-    def _trial_view(self, experiment_id: int, number: int, uid: str = "") -> TrialView:
-        found = self.store.trial(experiment_id, number)
-        if found is None:
-            raise NotFound(f"experiment {uid!r} has no trial {number}", field="number")
-        steps = self.store.last_step(found.id)
-        return _trial_view(found, steps, None)
-
-    def _compiled_from_row(self, row: ExperimentRow) -> _Compiled:
-        return self._engines.get(row.id, row.spec_version) or self._compile(
-            row.id, row.spec_version, row.spec
+    def _compiled(self, row: ExperimentRow) -> Compiled:
+        """The compiled spec of the experiment ``row`` (as read)."""
+        return self._cache.compiled(
+            row.id, row.spec_version, lambda: (row.spec_version, compile_stored(row.spec))
         )
 
-    def _compiled_for(
-        self, tx: WriteTxn, experiment_id: int, spec_version: int, spec: dict[str, Any] | None
-    ) -> _Compiled:
-        cached = self._engines.get(experiment_id, spec_version)
-        if cached is not None:
-            return cached
-        if spec is None:
-            spec_version, spec = tx.experiment_spec(experiment_id)
-        return self._compile(experiment_id, spec_version, spec)
+    def _compiled_for(self, tx: WriteTxn, experiment_id: int, spec_version: int) -> Compiled:
+        """The compiled spec at ``spec_version``, read in ``tx`` unless cached."""
 
-    def _compile(self, experiment_id: int, spec_version: int, spec: dict[str, Any]) -> _Compiled:
-        # Stored specs were validated at registration; parsing cannot fail
-        # unless the engine changed under them, which is a server error.
-        compiled = compile_spec(parse_experiment(spec))
-        self._engines.put(experiment_id, spec_version, compiled)
-        return compiled
+        def load() -> tuple[int, Compiled]:
+            version, spec = tx.experiment_spec(experiment_id)
+            return version, compile_stored(spec)
 
-    def _decide(
-        self,
-        tx: WriteTxn,
-        compiled: _Compiled,
-        rows: Sequence[StepRow],
-        trial: TrialRow,
-        step: int,
-    ) -> StopAnswer:
-        """Run the early-stopping rule for ``trial`` after its report at ``step``.
-
-        ``rows`` holds the experiment's intermediate values (possibly beyond
-        ``step``, when a batch holds later reports): the rule sees them up to
-        ``step``, as if the reports had come one by one.
-        """
-        assert compiled.rule is not None
-        me, history = logic.stop_inputs(
-            ((r.number, r.state, r.objective, r.step, r.value, r.stop_step) for r in rows),
-            trial.number,
-            trial.params,
-            step,
-        )
-        decision = compiled.rule.decide(me, history)
-        if not decision.stop:
-            return StopAnswer(stop=False)
-        reason = decision.reason or f"stopped by {compiled.rule.name}"
-        tx.add_stop_order(trial.id, reason, step)
-        prom.STOP_DECISIONS.labels(compiled.rule.name).inc()
-        return StopAnswer(stop=True, reason=reason)
+        return self._cache.compiled(experiment_id, spec_version, load)
 
 
-def _check_repeat(
-    compiled: _Compiled,
-    trial: TrialRow,
-    final: TrialState,
-    message: str | None,
-    report: _Final | None,
-    observed: Sequence[tuple[int, float | None]],
-) -> None:
-    """Check that finishing the finished ``trial`` again so would record what it did.
-
-    A repeat is compared with what the first finish recorded: the state it
-    would end in (so ``succeeded`` again of a trial that became
-    ``metrics_unavailable`` is the same finish), the message when it gives
-    one, and with a final report, the objective value stored at its step (the
-    last one when it names none).
+def _lock_open_trial(tx: WriteTxn, uid: str, number: int, why: str = "") -> TrialRow:
+    """The trial, row-locked, that must not have finished.
 
     Raises:
-        Conflict: Saying what is stored, if anything differs.
+        NotFound: If there is no such experiment or trial.
+        Conflict: If the trial already finished (``why`` added to the message).
     """
-    objective_metric = compiled.spec.objective.metric
-    differs = []
-    state, _, recorded, _ = _ending(compiled, final, message, observed, trial)
-    if state.value != trial.state:
-        differs.append(f"state ({final.value})")
-    elif message is not None and recorded != trial.message:
-        differs.append("message")
-    if report is not None:
-        values = dict(observed)
-        step = report.step if report.step is not None else max(values, default=None)
-        value = report.metrics.get(objective_metric)
-        if step is None or step not in values or values[step] != value:
-            differs.append(f"final report ({objective_metric}={value} at step {step})")
-    if not differs:
-        return
-    stored = f"state {trial.state}, objective {trial.objective}"
-    if trial.message:
-        text = trial.message if len(trial.message) <= 200 else trial.message[:200] + "..."
-        stored += f", message {text!r}"
-    raise Conflict(
-        f"trial {trial.number} already finished ({stored}); "
-        f"this finish differs in its {' and '.join(differs)}",
-        field="state" if state.value != trial.state else "metrics" if report else "message",
-    )
-
-
-def _check_final_report(compiled: _Compiled, final: TrialState, report: _Final | None) -> None:
-    """Refuse the final report of a ``succeeded`` finish that lacks the objective.
-
-    Stored, it would end the trial ``metrics_unavailable`` for good over what
-    is most likely a misspelt metric name. Other ends may carry any metrics
-    (a failed trial's last report rarely has a result).
-
-    Raises:
-        InvalidInput: Naming the objective metric.
-    """
-    metric = compiled.spec.objective.metric
-    if final is TrialState.SUCCEEDED and report is not None and metric not in report.metrics:
-        raise InvalidInput(
-            f"metrics must include the objective {metric!r} "
-            f"(got {', '.join(sorted(report.metrics))})",
-            field=f"metrics.{metric}",
-        )
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    """A suggestion worked out ahead of an ask, with what it was worked out from."""
-
-    records: dict[int, TrialRecord]
-    head: Head
-    compiled: _Compiled
-    suggestions: Suggestions
-
-    def matches(self, history: SamplerHistory, compiled: _Compiled) -> bool:
-        """Whether the ask would suggest from exactly these inputs.
-
-        Every change of the records, the sampler state or the spec replaces
-        the object holding it; this entry keeps its own alive, so identity
-        cannot be a reused address.
-        """
-        head = history.head
-        return (
-            history.records is self.records
-            and head is not None
-            and head.sampler_state is self.head.sampler_state
-            and head.next_number == self.head.next_number
-            and compiled is self.compiled
-        )
-
-
-@dataclass(frozen=True)
-class _Final:
-    """A finish's final report, checked: its step (None: after the last) and metrics."""
-
-    step: int | None
-    metrics: dict[str, float]
-
-
-def _with_final(
-    compiled: _Compiled,
-    observed: Sequence[tuple[int, float | None]],
-    report: _Final | None,
-) -> tuple[Sequence[tuple[int, float | None]], FinalReport | None]:
-    """The trial's reports (step, objective) with ``report``, and what of it to store.
-
-    Nothing to store without a report, or when its step was reported already
-    (a repeated step is kept as first stored, as :meth:`TuningService.report` does).
-    """
-    if report is None:
-        return observed, None
-    step = report.step
-    if step is None:
-        step = observed[-1][0] + 1 if observed else 0
-    elif any(s == step for s, _ in observed):
-        return observed, None
-    value = report.metrics.get(compiled.spec.objective.metric)
-    merged = sorted([*observed, (step, value)], key=lambda o: o[0])
-    return merged, FinalReport(step, report.metrics, value)
-
-
-def _ending(
-    compiled: _Compiled,
-    final: TrialState,
-    message: str | None,
-    observed: Sequence[tuple[int, float | None]],
-    trial: TrialRow,
-) -> tuple[TrialState, float | None, str | None, int | None]:
-    """(state, objective, message, stop step) a trial ends with, from its reports (step, objective).
-
-    A ``pruned`` trial that had reported its objective at its last step
-    (``maxResource``) ran to its end before its stop took effect: it ends
-    ``succeeded``, the stop withdrawn (see :func:`logic.ran_to_the_end`).
-    A ``pruned`` one counts its reports up to the step its stop was decided
-    on (see :func:`logic.counted`); pruned without a decision, the step it
-    was pruned at is its last with the objective.
-    """
-    if final is TrialState.PRUNED and logic.ran_to_the_end(compiled.spec, observed):
-        final = TrialState.SUCCEEDED
-        message = logic.stop_not_applied(compiled.spec, trial.stop_reason)
-    objective = None
-    values = logic.counted(observed, final.value, trial.stop_step)
-    if final in (TrialState.SUCCEEDED, TrialState.PRUNED):
-        objective = logic.final_objective(values, compiled.spec.objective.strategy)
-    stop_step = trial.stop_step
-    if final is TrialState.PRUNED and stop_step is None and values:
-        stop_step = max(step for step, _ in values)
-    if final is TrialState.SUCCEEDED and objective is None:
-        final = TrialState.METRICS_UNAVAILABLE
-        message = (
-            message or f"the trial never reported its objective {compiled.spec.objective.metric!r}"
-        )
-    return final, objective, message, stop_step
-
-
-def _ended(
-    trial: TrialRow,
-    final: TrialState,
-    objective: float | None,
-    message: str | None,
-    now: datetime,
-    stop_step: int | None,
-) -> TrialRow:
-    """``trial`` as its end at ``now`` wrote it."""
-    return replace(
-        trial,
-        stop_step=stop_step,
-        state=final.value,
-        objective=objective,
-        message=message,
-        started_at=trial.started_at or now,
-        finished_at=now,
-    )
-
-
-def _asked_by(count: Any, parallelism: int | None, ask_id: Any, lease_seconds: Any) -> AskedBy:
-    """Who an ask's new trials are asked by (its arguments checked), leased from now.
-
-    Raises:
-        InvalidInput: Naming the argument out of range.
-    """
-    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_ASK:
-        raise InvalidInput(
-            f"count must be a whole number from 1 to {MAX_ASK}, got {count!r}", field="count"
-        )
-    if ask_id is not None and (not isinstance(ask_id, str) or not 1 <= len(ask_id) <= 128):
-        raise InvalidInput(f"ask_id must be 1-128 characters, got {ask_id!r}", field="ask_id")
-    if lease_seconds is not None and (
-        isinstance(lease_seconds, bool)
-        or not isinstance(lease_seconds, int)
-        or not 1 <= lease_seconds <= MAX_LEASE_SECONDS
-    ):
-        raise InvalidInput(
-            f"lease_seconds must be a whole number from 1 to {MAX_LEASE_SECONDS}, "
-            f"got {lease_seconds!r}",
-            field="lease_seconds",
-        )
-    expires = None if lease_seconds is None else time.time() + lease_seconds
-    return AskedBy(ask_id, lease_seconds, expires)
-
-
-def _finished_conflict(number: int, state: str) -> Conflict:
-    """The answer to a report of a trial that finished."""
-    return Conflict(
-        f"trial {number} already finished ({state}); reports are no longer accepted",
-        field="number",
-    )
-
-
-def _ask_result(
-    assignments: list[TrialAssignment],
-    count: int,
-    max_trials: int,
-    next_number: int,
-    sampler_exhausted: bool,
-) -> AskResult:
-    """The answer to an ask for ``count`` that hands out ``assignments``."""
-    reason = None
-    if len(assignments) < count:
-        if next_number >= max_trials:
-            reason = f"maxTrials ({max_trials}) reached"
-        elif sampler_exhausted:
-            reason = "the search space is exhausted"
-    return AskResult(
-        trials=assignments,
-        exhausted=sampler_exhausted or next_number >= max_trials,
-        reason=reason,
-    )
-
-
-def _trial_view(
-    trial: TrialRow, last_step: int | None, observations: Sequence[ObservationView] | None
-) -> TrialView:
-    return TrialView(
-        number=trial.number,
-        state=TrialState(trial.state),
-        params=trial.params,
-        objective=trial.objective,
-        last_step=last_step,
-        stop_reason=trial.stop_reason,
-        message=trial.message,
-        created_at=trial.created_at,
-        started_at=trial.started_at,
-        finished_at=trial.finished_at,
-        observations=list(observations) if observations is not None else None,
-    )
+    found = tx.lock_trial_of(uid, number)
+    if found is None:
+        raise not_found(tx, uid, number)
+    _, _, trial = found
+    if TrialState(trial.state).finished:
+        raise Conflict(f"trial {number} already finished ({trial.state}){why}", field="number")
+    return trial

@@ -21,9 +21,15 @@ from kubetune_suggestion.experiment_end import (
     TrialCounts,
     experiment_end,
 )
-from kubetune_suggestion.service.errors import InvalidInput
-from kubetune_suggestion.service.models import RestoreTrial, TrialState
+from kubetune_suggestion.service.errors import Conflict, InvalidInput
+from kubetune_suggestion.service.models import (
+    ObservationView,
+    RestoreTrial,
+    TrialState,
+    TrialView,
+)
 from kubetune_suggestion.spec import ExperimentSpec, Strategy
+from kubetune_suggestion.store import RestoredTrial, TrialRow
 
 _ENGINE_STATES = {
     TrialState.PENDING: EngineState.RUNNING,
@@ -61,6 +67,30 @@ def trial_record(
         steps = {stop_step: value}
     return TrialRecord(
         number=number, params=params, state=engine_state(state), value=value, steps=steps
+    )
+
+
+def stored_record(trial: TrialRow) -> TrialRecord:
+    """What samplers see of a stored trial."""
+    return trial_record(trial.number, trial.params, trial.state, trial.objective, trial.stop_step)
+
+
+def trial_view(
+    trial: TrialRow, last_step: int | None, observations: Sequence[ObservationView] | None
+) -> TrialView:
+    """The API's view of a stored trial."""
+    return TrialView(
+        number=trial.number,
+        state=TrialState(trial.state),
+        params=trial.params,
+        objective=trial.objective,
+        last_step=last_step,
+        stop_reason=trial.stop_reason,
+        message=trial.message,
+        created_at=trial.created_at,
+        started_at=trial.started_at,
+        finished_at=trial.finished_at,
+        observations=list(observations) if observations is not None else None,
     )
 
 
@@ -240,6 +270,29 @@ def stop_inputs(
     return me, history
 
 
+# Spec fields that cannot change once trials exist: the history would no
+# longer mean what the sampler and the rule think it means.
+_FROZEN_SPEC_FIELDS = ("objective", "parameters", "algorithm")
+
+
+def check_spec_change(old: Mapping[str, Any], new: Mapping[str, Any], handed_out: int) -> None:
+    """Refuse a spec change that would change what the stored history means.
+
+    Raises:
+        Conflict: For a change of objective, parameters or algorithm after
+            ``handed_out`` (> 0) trials, naming the field.
+    """
+    if handed_out == 0:
+        return
+    for field in _FROZEN_SPEC_FIELDS:
+        if old.get(field) != new.get(field):
+            raise Conflict(
+                f"spec.{field} cannot change after trials were handed out "
+                f"({handed_out} so far); create a new Experiment instead",
+                field=f"spec.{field}",
+            )
+
+
 def restore_entries(
     items: Sequence[RestoreTrial | Mapping[str, Any]], space: SearchSpace
 ) -> list[RestoreTrial]:
@@ -289,3 +342,43 @@ def restore_entries(
             )
         checked.append(trial)
     return checked
+
+
+def restored_trials(
+    given: Sequence[RestoreTrial], stored: Mapping[int, TrialRow]
+) -> list[RestoredTrial]:
+    """The trials of a restore to insert: those whose number is not ``stored`` yet.
+
+    A number stored with the same params is left as it is (a restore may be
+    repeated). A pruned trial keeps its step as its stop step; the objective
+    is kept for scored states only, the stop reason for finished ones.
+
+    Raises:
+        Conflict: For a number stored with other params (naming
+            ``trials[i].params`` and what is stored).
+    """
+    new: list[RestoredTrial] = []
+    for i, trial in enumerate(given):
+        old = stored.get(trial.number)
+        if old is not None:
+            if old.params != trial.params:
+                raise Conflict(
+                    f"trial {trial.number} is stored with params {old.params} "
+                    f"({old.state}); trials[{i}] gives {trial.params}",
+                    field=f"trials[{i}].params",
+                )
+            continue
+        state = TrialState(trial.state)
+        scored = state in (TrialState.SUCCEEDED, TrialState.PRUNED)
+        new.append(
+            RestoredTrial(
+                number=trial.number,
+                params=trial.params,
+                state=state.value,
+                objective=trial.objective if scored else None,
+                message=trial.message,
+                stop_reason=trial.stop_reason if state.finished else None,
+                stop_step=trial.step if state is TrialState.PRUNED else None,
+            )
+        )
+    return new

@@ -5,12 +5,11 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI
 
 
 def free_port() -> int:
@@ -22,8 +21,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve_in_thread(app: FastAPI, timeout: float = 30.0) -> Iterator[str]:
-    """Serve ``app`` with uvicorn until the block ends; yields its base URL."""
+def serve_in_thread(
+    app: Callable[[Any, Any, Any], Awaitable[None]], timeout: float = 30.0
+) -> Iterator[str]:
+    """Serve the ASGI ``app`` with uvicorn until the block ends; yields its base URL."""
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
     server = uvicorn.Server(config)

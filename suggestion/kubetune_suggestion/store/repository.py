@@ -8,8 +8,8 @@ the pure engine, and writes, atomically. No domain rules live here: which
 trials to hand out, what the objective is, whether to stop, are decided by
 the caller.
 
-Statements are SQLAlchemy Core over the model tables: the service's hot paths
-run a handful of statements each, and Core keeps them lean.
+Statements are SQLAlchemy Core over the model tables, the same on SQLite and
+PostgreSQL, through the engine's one connection pool.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ from typing import Any
 from sqlalchemy import Engine, func, insert, select, text, update
 from sqlalchemy.engine import Connection
 
-from kubetune_suggestion.store.db import is_postgres, make_engine, writer
+from kubetune_suggestion.store.db import make_engine, writer
 from kubetune_suggestion.store.migrate import upgrade
-from kubetune_suggestion.store.oneshot import Connections, OneShot
 from kubetune_suggestion.store.rows import EXPERIMENT_COLUMNS as _EXPERIMENT_COLUMNS
 from kubetune_suggestion.store.rows import EXPERIMENTS as _experiments
 from kubetune_suggestion.store.rows import OBSERVATIONS as _observations
@@ -50,10 +49,9 @@ class Store:
         engine: From :func:`~kubetune_suggestion.store.db.make_engine`.
     """
 
-    def __init__(self, engine: Engine, pool_size: int = 10) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._writer = writer(engine)
-        self._autocommit = Connections(self._connect_autocommit, pool_size)
 
     @classmethod
     def open(cls, url: str, *, migrate: bool = True, pool_size: int = 10) -> Store:
@@ -61,11 +59,10 @@ class Store:
         engine = make_engine(url, pool_size=pool_size)
         if migrate:
             upgrade(engine)
-        return cls(engine, pool_size)
+        return cls(engine)
 
     def close(self) -> None:
         """Close every pooled connection."""
-        self._autocommit.close()
         self.engine.dispose()
 
     @contextmanager
@@ -73,27 +70,6 @@ class Store:
         """One write transaction: committed on success, rolled back on any exception."""
         with self._writer.begin() as connection:
             yield WriteTxn(connection)
-
-    @property
-    def postgres(self) -> bool:
-        """Whether the store is on PostgreSQL (where :meth:`oneshot` works)."""
-        return is_postgres(self.engine)
-
-    @contextmanager
-    def oneshot(self) -> Iterator[OneShot]:
-        """A connection in autocommit, for one-statement writes (PostgreSQL only)."""
-        connection = self._autocommit.acquire()
-        try:
-            yield OneShot(connection)
-        finally:
-            self._autocommit.release(connection)
-
-    def _connect_autocommit(self) -> Any:
-        import psycopg
-
-        # As the engine connects (same URL, options and adapters), in autocommit.
-        args, kwargs = self.engine.dialect.create_connect_args(self.engine.url)
-        return psycopg.connect(*args, **kwargs, autocommit=True)
 
     @contextmanager
     def read(self) -> Iterator[Connection]:

@@ -9,13 +9,14 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from kubetune_suggestion.service import core
-from kubetune_suggestion.service.app import Settings, create_app
+from kubetune_suggestion.service import asking, core
+from kubetune_suggestion.service.app import create_app
 from kubetune_suggestion.service.core import TuningService
 from kubetune_suggestion.service.errors import Conflict, InvalidInput
 from kubetune_suggestion.service.models import TrialState
+from kubetune_suggestion.service.settings import ServiceSettings
 from kubetune_suggestion.service.testing import example_spec, serve_in_thread
-from kubetune_suggestion.store import oneshot, writes
+from kubetune_suggestion.store import writes
 
 UID = "exp-ask"
 GRID = {"name": "grid"}
@@ -38,7 +39,7 @@ class _Clock:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.now = 1_000_000.0
         fake = SimpleNamespace(time=lambda: self.now)
-        for module in (core, writes, oneshot):
+        for module in (asking, core, writes):
             monkeypatch.setattr(module, "time", fake)
 
     def advance(self, seconds: float) -> None:
@@ -192,7 +193,7 @@ def test_bad_ask_arguments_are_refused(
 
 def test_http_ask_without_a_body_asks_for_one_new_trial(svc: TuningService, db_url: str) -> None:
     _register(svc, maxTrials=10)
-    app = create_app(Settings(db_url=db_url), service=svc)
+    app = create_app(ServiceSettings(db_url=db_url), service=svc)
     with serve_in_thread(app) as base_url, httpx.Client(base_url=base_url, timeout=30) as client:
         url = f"/v1/experiments/{UID}/ask"
         for expected in (0, 1):

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 import pytest
 
 from kubetune_suggestion.service.batching import ReportBatcher
-from kubetune_suggestion.service.core import Report
 from kubetune_suggestion.service.errors import Forbidden, ServiceError
 from kubetune_suggestion.service.models import StopAnswer
+from kubetune_suggestion.service.reporting import Report
 
 
 class FakeStore:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from kubetune_suggestion.service.core import Report, TuningService
+from kubetune_suggestion.service.core import TuningService
 from kubetune_suggestion.service.errors import (
     Conflict,
     Forbidden,
@@ -16,6 +16,7 @@ from kubetune_suggestion.service.errors import (
     Unauthorized,
 )
 from kubetune_suggestion.service.models import StopAnswer, TrialState
+from kubetune_suggestion.service.reporting import Report
 from kubetune_suggestion.service.testing import EXAMPLE_ASHA, example_spec
 
 UID = "0b6f-uid"

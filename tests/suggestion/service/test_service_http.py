@@ -12,8 +12,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kubetune_suggestion.service.app import Settings, create_app
+from kubetune_suggestion.service.app import create_app
 from kubetune_suggestion.service.core import TuningService
+from kubetune_suggestion.service.settings import ServiceSettings
 from kubetune_suggestion.service.testing import EXAMPLE_ASHA, example_spec, serve_in_thread
 
 UID = "7c1e-uid"
@@ -28,7 +29,7 @@ def service(db_url: str) -> Iterator[TuningService]:
 
 @pytest.fixture
 def client(service: TuningService, db_url: str) -> Iterator[httpx.Client]:
-    app = create_app(Settings(db_url=db_url, stop_poll_seconds=0.05), service)
+    app = create_app(ServiceSettings(db_url=db_url, stop_poll_seconds=0.05), service)
     with serve_in_thread(app) as base_url, httpx.Client(base_url=base_url, timeout=30) as http:
         yield http
 
@@ -377,7 +378,7 @@ def test_readiness_fails_when_the_database_is_unreachable(
         raise ConnectionRefusedError("database down")
 
     monkeypatch.setattr(service.store, "ping", unreachable)
-    with serve_in_thread(create_app(Settings(db_url=db_url), service)) as url:
+    with serve_in_thread(create_app(ServiceSettings(db_url=db_url), service)) as url:
         response = httpx.get(f"{url}/readyz")
         assert httpx.get(f"{url}/healthz").status_code == 200
     assert response.status_code == 503
@@ -510,37 +511,6 @@ def test_ask_and_tell_over_http_alike_on_the_fast_path_and_through_fastapi(
     paths = client.get("/openapi.json").json()["paths"]
     finish_doc = paths["/v1/experiments/{uid}/trials/{n}/finish"]["post"]
     assert any(p["name"].lower() == "authorization" for p in finish_doc["parameters"])
-
-
-def test_a_lone_finish_prepares_the_next_suggestion(
-    client: httpx.Client, service: TuningService, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """After answering a finish with nothing else in flight, the app works out the next ask."""
-    _register(client, maxTrials=4)
-    prepared: list[tuple[str, bool]] = []
-    prepare = service.prepare_ask
-
-    def spy(uid: str) -> bool:
-        done = prepare(uid)
-        prepared.append((uid, done))
-        return done
-
-    monkeypatch.setattr(service, "prepare_ask", spy)
-    for i in range(2):
-        trial = client.post(f"/v1/experiments/{UID}/ask", json={"count": 1}).json()["trials"][0]
-        finish = f"/v1/experiments/{UID}/trials/{trial['number']}/finish"
-        body = {"state": "succeeded", "metrics": {"loss": 0.5}}
-        told = client.post(finish, json=body, headers={"Authorization": f"Bearer {trial['token']}"})
-        assert told.status_code == 200
-        deadline = time.monotonic() + 5
-        while len(prepared) <= i and time.monotonic() < deadline:
-            time.sleep(0.01)
-    # Prepared after each finish (on PostgreSQL; SQLite has no cached ask to prepare).
-    assert prepared == [(UID, service.store.postgres)] * 2
-    # A finish answered with an error prepares nothing.
-    assert client.post(finish, json={"state": "failed"}).status_code == 409
-    time.sleep(0.2)
-    assert len(prepared) == 2
 
 
 def test_finish_answers_409_for_other_content_and_422_for_a_result_without_objective(

@@ -18,10 +18,11 @@ import pytest
 from kubetune_suggestion.engine.history import TrialRecord
 from kubetune_suggestion.engine.history import TrialState as EngineState
 from kubetune_suggestion.engine.samplers.tpe import TPESampler
-from kubetune_suggestion.service.app import Settings, create_app
+from kubetune_suggestion.service.app import create_app
 from kubetune_suggestion.service.core import TuningService
 from kubetune_suggestion.service.errors import Conflict, InvalidInput, NotFound
 from kubetune_suggestion.service.models import TrialState
+from kubetune_suggestion.service.settings import ServiceSettings
 from kubetune_suggestion.service.testing import example_spec, serve_in_thread
 from tests.suggestion.service.spies import record_calls
 
@@ -106,20 +107,13 @@ def test_caches_of_this_process_and_of_another_replica_see_the_restore(
 
 
 def test_the_cached_history_takes_the_restore_in(svc: TuningService) -> None:
-    """On PostgreSQL the next ask is still one statement, and keeps to parallelism."""
+    """An ask after a restore keeps to parallelism and numbers after the restored trials."""
     _register(svc)
     (first,) = svc.ask(UID, 1).trials
     svc.finish(UID, first.number, "failed")
     svc.restore(UID, [_trial(1), _trial(2), _trial(3, "succeeded", objective=0.2)])
-    if svc.store.postgres:
-        # From the cache alone (no locked ask in between): two restored trials run...
-        assert svc.ask_from_cache(UID, 5, parallelism=2) is None
-        # ... and the conditional allocation finds the version the restore left.
-        asked = svc.ask_from_cache(UID, 1, parallelism=3)
-        assert asked is not None and [t.number for t in asked.trials] == [4]
-    else:
-        assert svc.ask(UID, 5, parallelism=2).trials == []
-        assert [t.number for t in svc.ask(UID, 1, parallelism=3).trials] == [4]
+    assert svc.ask(UID, 5, parallelism=2).trials == []
+    assert [t.number for t in svc.ask(UID, 1, parallelism=3).trials] == [4]
 
 
 def test_the_summary_counts_restored_trials_and_their_best(svc: TuningService) -> None:
@@ -272,7 +266,7 @@ def test_a_restored_running_trial_takes_reports_with_its_token_and_finishes(
 
 @pytest.fixture
 def client(svc: TuningService, db_url: str) -> Iterator[httpx.Client]:
-    app = create_app(Settings(db_url=db_url), svc)
+    app = create_app(ServiceSettings(db_url=db_url), svc)
     with serve_in_thread(app) as base_url, httpx.Client(base_url=base_url, timeout=30) as http:
         yield http
 

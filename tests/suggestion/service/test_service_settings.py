@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 import uvicorn
 
+from kubetune_suggestion.env_settings import SettingsError
 from kubetune_suggestion.service.__main__ import main
-from kubetune_suggestion.service.app import Settings, SettingsError
+from kubetune_suggestion.service.settings import ServiceSettings
 from kubetune_suggestion.store import make_engine, migrate
 
 README = Path(__file__).resolve().parents[3] / "charts" / "kubetune" / "README.md"
@@ -34,11 +35,11 @@ EXAMPLES: dict[str, tuple[str, Any]] = {
 
 def variables() -> dict[str, str]:
     """Every variable the service reads, mapped to its field."""
-    return {f.metadata["env"]: f.name for f in fields(Settings)}
+    return {f.metadata["env"]: f.name for f in fields(ServiceSettings)}
 
 
 def test_defaults_without_any_variable() -> None:
-    assert Settings.from_env({}) == Settings(
+    assert ServiceSettings.from_env({}) == ServiceSettings(
         db_url="sqlite:///kubetune.db",
         secret=None,
         migrate=True,
@@ -50,7 +51,7 @@ def test_defaults_without_any_variable() -> None:
 
 def test_every_setting_comes_from_its_variable() -> None:
     assert set(EXAMPLES) == set(variables())
-    settings = Settings.from_env({name: text for name, (text, _) in EXAMPLES.items()})
+    settings = ServiceSettings.from_env({name: text for name, (text, _) in EXAMPLES.items()})
     for name, (_, value) in EXAMPLES.items():
         assert getattr(settings, variables()[name]) == value, name
 
@@ -59,11 +60,11 @@ def test_every_setting_comes_from_its_variable() -> None:
     ("text", "expected"), [("1", True), ("YES", True), ("True", True), ("0", False), ("no", False)]
 )
 def test_migrate_takes_the_usual_spellings(text: str, expected: bool) -> None:
-    assert Settings.from_env({"KUBETUNE_MIGRATE": text}).migrate is expected
+    assert ServiceSettings.from_env({"KUBETUNE_MIGRATE": text}).migrate is expected
 
 
 def test_an_empty_variable_counts_as_unset() -> None:
-    assert Settings.from_env({name: "" for name in variables()}) == Settings()
+    assert ServiceSettings.from_env({name: "" for name in variables()}) == ServiceSettings()
 
 
 def test_the_chart_readme_documents_every_variable_with_its_default() -> None:
@@ -73,10 +74,10 @@ def test_the_chart_readme_documents_every_variable_with_its_default() -> None:
     assert set(documented) == set(variables())
     for name, default in documented.items():
         if default == "unset":
-            assert getattr(Settings(), variables()[name]) is None, name
+            assert getattr(ServiceSettings(), variables()[name]) is None, name
         else:
             # The documented default, given as the value, changes nothing.
-            assert Settings.from_env({name: default.strip("`")}) == Settings(), name
+            assert ServiceSettings.from_env({name: default.strip("`")}) == ServiceSettings(), name
 
 
 def test_the_chart_sets_only_variables_that_are_read() -> None:
@@ -99,7 +100,7 @@ def test_an_unusable_value_is_refused_naming_its_variable(
     name: str, value: str, expected: str
 ) -> None:
     with pytest.raises(SettingsError, match=re.escape(f"{name}={value!r}: ")) as error:
-        Settings.from_env({name: value})
+        ServiceSettings.from_env({name: value})
     assert expected in str(error.value)
 
 
