@@ -62,7 +62,7 @@ from learning_curves import SCENARIOS, Population, Scenario, population
 from problems import MLP_PARAMS, MLPData, mlp_data, train_mlp
 from scipy.stats import spearmanr
 
-from kubetune_suggestion.engine.history import Direction, TrialRecord, TrialState
+from kubetune_suggestion.engine.history import Direction, RecordState, TrialRecord
 from kubetune_suggestion.engine.samplers import make_sampler
 from kubetune_suggestion.engine.samplers.base import JsonState
 from kubetune_suggestion.engine.space import SearchSpace
@@ -113,21 +113,21 @@ class KubetuneRule:
     def start(self, number: int) -> None:
         """Add a running trial without reports."""
         assert number == len(self.history)
-        self.history.append(TrialRecord(number, {}, TrialState.RUNNING, steps={}))
+        self.history.append(TrialRecord(number, {}, RecordState.RUNNING, steps={}))
 
     def report(self, number: int, step: int, value: float) -> bool:
         """Append the report and ask the rule, as the service does."""
         record = self.history[number]
         steps = dict(record.steps)
         steps[step] = value
-        record = TrialRecord(number, {}, TrialState.RUNNING, steps=steps)
+        record = TrialRecord(number, {}, RecordState.RUNNING, steps=steps)
         self.history[number] = record
         return self.rule.decide(record, self.history).stop
 
     def end(self, number: int, value: float, stopped: bool) -> None:
         """Record the trial as stopped or succeeded."""
         record = self.history[number]
-        state = TrialState.PRUNED if stopped else TrialState.SUCCEEDED
+        state = RecordState.PRUNED if stopped else RecordState.SUCCEEDED
         self.history[number] = TrialRecord(number, {}, state, value, record.steps)
 
 

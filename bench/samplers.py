@@ -45,7 +45,7 @@ sys.path.insert(
 
 from problems import PROBLEMS, Problem  # noqa: E402
 
-from kubetune_suggestion.engine.history import Direction, TrialRecord, TrialState  # noqa: E402
+from kubetune_suggestion.engine.history import Direction, RecordState, TrialRecord  # noqa: E402
 from kubetune_suggestion.engine.samplers import make_sampler  # noqa: E402
 from kubetune_suggestion.engine.space import (  # noqa: E402
     CategoricalParam,
@@ -76,7 +76,7 @@ def run_ours(
         state = result.state
         for config in result.configs:
             value = prob.objective(config)
-            history.append(TrialRecord(len(history), config, TrialState.SUCCEEDED, value))
+            history.append(TrialRecord(len(history), config, RecordState.SUCCEEDED, value))
     return min(float(t.value) for t in history if t.value is not None)
 
 
@@ -139,7 +139,8 @@ def _random_history(problem: Problem, n: int, seed: int) -> list[TrialRecord]:
     space = SearchSpace.from_spec(problem.params)
     configs = make_sampler("random", space, seed=seed).suggest([], n).configs
     return [
-        TrialRecord(i, c, TrialState.SUCCEEDED, problem.objective(c)) for i, c in enumerate(configs)
+        TrialRecord(i, c, RecordState.SUCCEEDED, problem.objective(c))
+        for i, c in enumerate(configs)
     ]
 
 

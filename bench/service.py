@@ -42,7 +42,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from kubetune_suggestion.engine.history import TrialRecord, TrialState
+from kubetune_suggestion.engine.history import RecordState, TrialRecord
 from kubetune_suggestion.engine.samplers import SAMPLERS, make_sampler
 from kubetune_suggestion.service.testing import free_port
 from kubetune_suggestion.spec import parse_experiment
@@ -238,7 +238,7 @@ def engine_suggest_times(algorithm: str, n: int, rounds: int) -> list[float]:
     """The engine's in-process ``suggest(history, 1)`` time at ``n`` completed trials."""
     space = parse_experiment(SPEC).search_space()
     history = [
-        TrialRecord(i, c, TrialState.SUCCEEDED, loss(c)) for i, c in enumerate(prefill_configs(n))
+        TrialRecord(i, c, RecordState.SUCCEEDED, loss(c)) for i, c in enumerate(prefill_configs(n))
     ]
     sampler = make_sampler(algorithm, space, "minimize", 1)
     state = None

@@ -27,7 +27,8 @@ import os
 import kopf
 
 from kubetune_controller.handlers import App, build_registry
-from kubetune_controller.settings import SettingsError, settings_from_env
+from kubetune_controller.settings import settings_from_env
+from kubetune_suggestion.env_settings import SettingsError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,7 +44,7 @@ from kubetune_controller.model import (
 )
 from kubetune_controller.recorder import Recorder
 from kubetune_controller.service_client import ServiceCallError, ServiceClient, ServiceUnavailable
-from kubetune_controller.settings import Settings
+from kubetune_controller.settings import OperatorSettings
 from kubetune_controller.stops import StopOrders
 from kubetune_controller.trials import TrialActions
 from kubetune_controller.workqueue import WorkQueue
@@ -66,7 +66,7 @@ class Controller:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: OperatorSettings,
         kube: KubeApi,
         service: ServiceClient,
         cache: ClusterCache,

@@ -37,7 +37,7 @@ from kubetune_controller.settings import (
     LABEL_EXPERIMENT,
     TRIALS,
     VERSION,
-    Settings,
+    OperatorSettings,
 )
 from kubetune_controller.watch import STREAM_DOWN_LIMIT_SECONDS, ObjectStream, stalled_streams
 
@@ -70,7 +70,7 @@ class NoDiffBase(kopf.DiffBaseStorage):
 class App:
     """The operator's dependencies, built at startup."""
 
-    settings: Settings
+    settings: OperatorSettings
     # A kubeconfig file (--kubeconfig); None: the in-cluster account, else
     # the kubeconfig the Kubernetes client finds (KUBECONFIG, ~/.kube/config).
     kubeconfig: str | None = None

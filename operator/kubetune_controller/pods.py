@@ -31,7 +31,7 @@ from kubetune_controller.settings import (
     LABEL_EXPERIMENT,
     LABEL_NUMBER,
     LABEL_TRIAL,
-    Settings,
+    OperatorSettings,
 )
 from kubetune_suggestion.template import (
     ENV_EXPERIMENT_UID,
@@ -115,7 +115,7 @@ def build_trial_pod(
     number: int,
     params: Mapping[str, Any],
     token: str,
-    settings: Settings,
+    settings: OperatorSettings,
     pod_name: str | None = None,
 ) -> dict[str, Any]:
     """The Pod that runs one trial, owned by its Trial.
@@ -214,7 +214,7 @@ def _collector_container(
     experiment: ExperimentResource,
     number: int,
     token: str,
-    settings: Settings,
+    settings: OperatorSettings,
     metrics_file: str,
     mount: Mapping[str, str],
 ) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from kubetune_controller.memory import ExperimentMemory
 from kubetune_controller.model import ExperimentPhase, ExperimentResource, TrialPhase, TrialResource
 from kubetune_controller.pods import build_event
 from kubetune_controller.reconcile import REASON_GOAL, Decision, Progress
-from kubetune_controller.settings import API_VERSION, COMPONENT, Settings
+from kubetune_controller.settings import API_VERSION, COMPONENT, OperatorSettings
 
 # Events that come once per trial: combined per experiment (see events.py).
 _COMBINED_REASONS = frozenset(
@@ -45,7 +45,7 @@ class Recorder:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: OperatorSettings,
         kube: KubeApi,
         cache: ClusterCache,
         spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],

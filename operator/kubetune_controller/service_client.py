@@ -14,9 +14,9 @@ for both sides.
 
 HTTP goes over aiohttp (kopf's HTTP stack, already in the process): with
 fifty trials starting and ending a second, httpx's connection pool cost the
-operator more CPU than anything it did itself. Tests may hand in an httpx
-transport instead (an in-process ASGI app or a mock); the retry logic above
-the transport is the same for both.
+operator more CPU than anything it did itself. Tests hand in another
+:class:`Sender` (``tests/controller/httpx_sender.py``: an in-process ASGI app
+or a mock); the retry logic above the sender is the same for both.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from collections.abc import Mapping
 from typing import Any, Protocol, TypeVar
 
 import aiohttp
-import httpx
 from pydantic import BaseModel
 
 from kubetune_suggestion.service.models import (
@@ -72,16 +71,18 @@ class ServiceCallError(Exception):
         self.field = field
 
 
-class _TransportError(Exception):
+class TransportError(Exception):
     """The request did not get an answer (connection refused, reset, timeout)."""
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
     """``ConnectError: [Errno 111] ...``, or just the class when the error says nothing."""
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-class _Sender(Protocol):
+class Sender(Protocol):
+    """How requests reach the service: over aiohttp here; tests hand in their own."""
+
     async def send(
         self,
         method: str,
@@ -89,11 +90,17 @@ class _Sender(Protocol):
         body: Any,
         params: Mapping[str, str] | None,
         timeout: float,
-    ) -> tuple[int, bytes]: ...
+    ) -> tuple[int, bytes]:
+        """Send one request; (status, body), or TransportError when no answer came."""
+        ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Release the connections."""
+        ...
 
-    async def reset(self) -> None: ...
+    async def reset(self) -> None:
+        """Drop pooled connections (after a failure), so the next request opens new ones."""
+        ...
 
 
 class _AiohttpSender:
@@ -131,7 +138,7 @@ class _AiohttpSender:
             ) as resp:
                 return resp.status, await resp.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _TransportError(_describe(exc)) from exc
+            raise TransportError(describe(exc)) from exc
 
     async def close(self) -> None:
         if self._session is not None:
@@ -142,35 +149,6 @@ class _AiohttpSender:
         await self.close()
 
 
-class _HttpxSender:
-    """Requests through an httpx transport (tests: an ASGI app or a mock handler)."""
-
-    def __init__(self, base_url: str, transport: httpx.AsyncBaseTransport) -> None:
-        self._client = httpx.AsyncClient(base_url=base_url, transport=transport)
-
-    async def send(
-        self,
-        method: str,
-        path: str,
-        body: Any,
-        params: Mapping[str, str] | None,
-        timeout: float,
-    ) -> tuple[int, bytes]:
-        try:
-            resp = await self._client.request(
-                method, path, json=body, params=params, timeout=timeout
-            )
-        except httpx.TransportError as exc:
-            raise _TransportError(_describe(exc)) from exc
-        return resp.status_code, resp.content
-
-    async def close(self) -> None:
-        await self._client.aclose()
-
-    async def reset(self) -> None:
-        return None
-
-
 class ServiceClient:
     """Async client of one suggestion service.
 
@@ -178,7 +156,8 @@ class ServiceClient:
         base_url: The service's address, e.g. ``http://kubetune-suggestion:8000``.
         retries: Attempts after the first one before giving up.
         timeout: Seconds per request (long polls add their wait).
-        transport: An httpx transport (tests pass a mock one).
+        sender: How requests are sent (tests pass one over an in-process
+            app or a mock); None, over aiohttp.
         start_window: Seconds :meth:`start` calls are gathered into one request.
     """
 
@@ -187,16 +166,14 @@ class ServiceClient:
         base_url: str,
         retries: int = 4,
         timeout: float = 15.0,
-        transport: httpx.AsyncBaseTransport | None = None,
+        sender: Sender | None = None,
         start_window: float = 0.01,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.retries = retries
         self.timeout = timeout
-        self._sender: _Sender = (
-            _HttpxSender(self.base_url, transport)
-            if transport is not None
-            else _AiohttpSender(self.base_url, connect_timeout=5.0, max_connections=32)
+        self._sender: Sender = sender or _AiohttpSender(
+            self.base_url, connect_timeout=5.0, max_connections=32
         )
         # Trials to mark started, per experiment, gathered for ``start_window``.
         self._starts: dict[str, dict[int, asyncio.Future[None]]] = {}
@@ -412,7 +389,7 @@ class ServiceClient:
                 status, content = await self._sender.send(
                     method, path, body, params, self.timeout + extra_timeout
                 )
-            except _TransportError as exc:
+            except TransportError as exc:
                 problem = str(exc)
                 continue
             if status >= 500 or status == 429:

@@ -1,9 +1,9 @@
 """Operator configuration: every environment variable the operator reads is read here.
 
 :func:`settings_from_env` reads the ``KUBETUNE_*`` variables once at startup
-into one frozen :class:`Settings` (``python -m kubetune_controller``'s flags
+into one frozen :class:`OperatorSettings` (``python -m kubetune_controller``'s flags
 win over the variables they name), which is injected where it is needed:
-nothing deeper reads ``os.environ``, and tests build :class:`Settings`
+nothing deeper reads ``os.environ``, and tests build :class:`OperatorSettings`
 directly. Each field's comment names its variable; the table of variables,
 defaults and meanings is in the chart's README (``charts/kubetune/README.md``,
 "Settings"), and a test keeps it in step with this module.
@@ -21,12 +21,17 @@ instance named in the operator's Events, by ``recorder.py``.
 from __future__ import annotations
 
 import json
-import math
-import os
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from kubetune_suggestion.env_settings import (
+    env,
+    from_env,
+    integer,
+    port,
+    seconds,
+)
 
 # Group, version and plurals of the custom resources; the CRDs in ``crds/``
 # define the same names.
@@ -46,12 +51,9 @@ LABEL_NUMBER = f"{GROUP}/trial-number"
 COMPONENT = "kubetune-operator"
 
 
-class SettingsError(ValueError):
-    """An environment variable whose value the operator cannot use; the message names it."""
-
-
-# -- parsers (besides ``str``): each turns a variable's text into a field's
-# value, or raises ValueError saying what was expected.
+# -- parsers of the operator's own kinds of value (the shared ones are in
+# kubetune_suggestion.env_settings): each turns a variable's text into a
+# field's value, or raises ValueError saying what was expected.
 
 
 def _url(value: str) -> str:
@@ -90,52 +92,8 @@ def _namespaces(value: str) -> tuple[str, ...]:
     return names
 
 
-def _port(value: str) -> int:
-    try:
-        port = int(value)
-    except ValueError:
-        port = 0
-    if not 1 <= port <= 65535:
-        raise ValueError("expected a port, 1 to 65535")
-    return port
-
-
-def _integer(minimum: int) -> Callable[[str], int]:
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise ValueError(f"expected an integer >= {minimum}") from None
-        if number < minimum:
-            raise ValueError(f"expected an integer >= {minimum}")
-        return number
-
-    return parse
-
-
-def _seconds(*, zero: bool) -> Callable[[str], float]:
-    """Seconds: ``zero`` allows 0 (a delay or window); else it must be positive (a period)."""
-    expected = "a number of seconds >= 0" if zero else "a number of seconds > 0"
-
-    def parse(value: str) -> float:
-        try:
-            seconds = float(value)
-        except ValueError:
-            raise ValueError(f"expected {expected}") from None
-        if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero):
-            raise ValueError(f"expected {expected}")
-        return seconds
-
-    return parse
-
-
-def _env(name: str, parse: Callable[[str], Any]) -> dict[str, Any]:
-    """A field's metadata: the variable it is read from and how its text is parsed."""
-    return {"env": name, "parse": parse}
-
-
 @dataclass(frozen=True)
-class Settings:
+class OperatorSettings:
     """How this installation of the operator behaves: configuration only.
 
     Each field is read from the variable its metadata names (see the comments);
@@ -145,23 +103,23 @@ class Settings:
     # KUBETUNE_SERVICE_URL (--service-url): where the operator reaches the
     # suggestion service.
     service_url: str = field(
-        default="http://kubetune-suggestion:8000", metadata=_env("KUBETUNE_SERVICE_URL", _url)
+        default="http://kubetune-suggestion:8000", metadata=env("KUBETUNE_SERVICE_URL", _url)
     )
     # KUBETUNE_COLLECTOR_SERVICE_URL: where trial sidecars reach the service;
     # unset, ``service_url``. Set it only when the operator runs outside the
     # cluster (development) and reaches the service by another address.
     collector_service_url: str | None = field(
-        default=None, metadata=_env("KUBETUNE_COLLECTOR_SERVICE_URL", _url)
+        default=None, metadata=env("KUBETUNE_COLLECTOR_SERVICE_URL", _url)
     )
     # KUBETUNE_COLLECTOR_IMAGE: image of the metrics-collector sidecar (the
     # chart sets the operator's own image).
     collector_image: str = field(
-        default="kubetune/kubetune:0.1.0", metadata=_env("KUBETUNE_COLLECTOR_IMAGE", str)
+        default="kubetune/kubetune:0.1.0", metadata=env("KUBETUNE_COLLECTOR_IMAGE", str)
     )
     # KUBETUNE_COLLECTOR_COMMAND: the sidecar's command, words separated by spaces.
     collector_command: tuple[str, ...] = field(
         default=("python", "-m", "kubetune_suggestion.collector"),
-        metadata=_env("KUBETUNE_COLLECTOR_COMMAND", _words),
+        metadata=env("KUBETUNE_COLLECTOR_COMMAND", _words),
     )
     # KUBETUNE_COLLECTOR_RESOURCES (JSON): the sidecar's requests and limits,
     # small so it never competes with the trial for a node. Configurable
@@ -172,60 +130,60 @@ class Settings:
             "requests": {"cpu": "10m", "memory": "32Mi"},
             "limits": {"memory": "128Mi"},
         },
-        metadata=_env("KUBETUNE_COLLECTOR_RESOURCES", _resources),
+        metadata=env("KUBETUNE_COLLECTOR_RESOURCES", _resources),
     )
     # KUBETUNE_METRICS_DIR: directory of the shared emptyDir in every
     # container of a trial Pod.
-    metrics_dir: str = field(default="/kubetune", metadata=_env("KUBETUNE_METRICS_DIR", str))
+    metrics_dir: str = field(default="/kubetune", metadata=env("KUBETUNE_METRICS_DIR", str))
     # KUBETUNE_NAMESPACES (comma-separated; --namespace, --all-namespaces):
     # the namespaces watched; empty, every namespace.
     namespaces: tuple[str, ...] = field(
-        default=(), metadata=_env("KUBETUNE_NAMESPACES", _namespaces)
+        default=(), metadata=env("KUBETUNE_NAMESPACES", _namespaces)
     )
     # KUBETUNE_METRICS_PORT (--metrics-port): port of the Prometheus /metrics endpoint.
-    metrics_port: int = field(default=9090, metadata=_env("KUBETUNE_METRICS_PORT", _port))
+    metrics_port: int = field(default=9090, metadata=env("KUBETUNE_METRICS_PORT", port))
     # KUBETUNE_HEALTH_PORT (--health-port): port of the /healthz endpoint.
-    health_port: int = field(default=8080, metadata=_env("KUBETUNE_HEALTH_PORT", _port))
+    health_port: int = field(default=8080, metadata=env("KUBETUNE_HEALTH_PORT", port))
     # KUBETUNE_WORKERS: concurrent reconciles (of different experiments; one
     # experiment is never reconciled twice at once).
-    workers: int = field(default=8, metadata=_env("KUBETUNE_WORKERS", _integer(1)))
+    workers: int = field(default=8, metadata=env("KUBETUNE_WORKERS", integer(1)))
     # KUBETUNE_TRIAL_CONCURRENCY: trial operations (create, finish, stop) in
     # progress at once. Configurable because it is what bounds the operator's
     # request rate in a burst: an API server with tighter flow-control limits
     # needs less, a large one takes more.
     trial_concurrency: int = field(
-        default=64, metadata=_env("KUBETUNE_TRIAL_CONCURRENCY", _integer(1))
+        default=64, metadata=env("KUBETUNE_TRIAL_CONCURRENCY", integer(1))
     )
     # KUBETUNE_STOP_GRACE_SECONDS: seconds a pruned trial's Pod gets to exit:
     # short, because the early-stopping decision makes the rest of its work
     # useless.
     stop_grace_seconds: int = field(
-        default=1, metadata=_env("KUBETUNE_STOP_GRACE_SECONDS", _integer(0))
+        default=1, metadata=env("KUBETUNE_STOP_GRACE_SECONDS", integer(0))
     )
     # KUBETUNE_LOG_TAIL_LINES: log lines of a failed trial copied into the
     # Trial's message (at most 4000 characters). Configurable because a
     # Python traceback is often longer than ten lines.
-    log_tail_lines: int = field(default=10, metadata=_env("KUBETUNE_LOG_TAIL_LINES", _integer(1)))
+    log_tail_lines: int = field(default=10, metadata=env("KUBETUNE_LOG_TAIL_LINES", integer(1)))
     # KUBETUNE_RECONCILE_INTERVAL_SECONDS: an experiment is reconciled at most
     # once per this many seconds; events arriving meanwhile are handled
     # together by the next reconcile. Configurable: with thousands of short
     # trials a longer interval batches more events per reconcile (less CPU)
     # for a little latency.
     reconcile_interval_seconds: float = field(
-        default=0.1, metadata=_env("KUBETUNE_RECONCILE_INTERVAL_SECONDS", _seconds(zero=True))
+        default=0.1, metadata=env("KUBETUNE_RECONCILE_INTERVAL_SECONDS", seconds(zero=True))
     )
     # KUBETUNE_RESYNC_SECONDS: every experiment is reconciled at least this
     # often, catching anything a missed watch event or a service-side change
     # would otherwise delay.
     resync_seconds: float = field(
-        default=30.0, metadata=_env("KUBETUNE_RESYNC_SECONDS", _seconds(zero=False))
+        default=30.0, metadata=env("KUBETUNE_RESYNC_SECONDS", seconds(zero=False))
     )
     # KUBETUNE_STATUS_INTERVAL_SECONDS: progress-only changes of an
     # Experiment's status (counts, best so far) are written at most this
     # often; phase and condition changes at once. Configurable: it trades how
     # current `kubectl get experiments` is against status writes.
     status_interval_seconds: float = field(
-        default=1.0, metadata=_env("KUBETUNE_STATUS_INTERVAL_SECONDS", _seconds(zero=True))
+        default=1.0, metadata=env("KUBETUNE_STATUS_INTERVAL_SECONDS", seconds(zero=True))
     )
     # KUBETUNE_EVENT_WINDOW_SECONDS: Events that come once per trial
     # (TrialCreated, TrialPruned...) about one experiment: the first is
@@ -233,14 +191,14 @@ class Settings:
     # into one Event. Configurable: 0 writes one Event per trial, for whoever
     # follows every trial through Events.
     event_window_seconds: float = field(
-        default=5.0, metadata=_env("KUBETUNE_EVENT_WINDOW_SECONDS", _seconds(zero=True))
+        default=5.0, metadata=env("KUBETUNE_EVENT_WINDOW_SECONDS", seconds(zero=True))
     )
     # KUBETUNE_TRIAL_RUNNING_DELAY_SECONDS: a Trial is marked Running once its
     # Pod has run this long (counted from the end of the whole second its
     # startTime names: 1 to 2 s with the default); a trial that ends sooner
     # gets its final status only, one write instead of two.
     trial_running_delay_seconds: float = field(
-        default=1.0, metadata=_env("KUBETUNE_TRIAL_RUNNING_DELAY_SECONDS", _seconds(zero=True))
+        default=1.0, metadata=env("KUBETUNE_TRIAL_RUNNING_DELAY_SECONDS", seconds(zero=True))
     )
     # KUBETUNE_WATCH_GRACE_SECONDS: a watch stream (Trials, trial Pods) that
     # has not listed its objects after this long, and is failing, is reported
@@ -248,32 +206,32 @@ class Settings:
     # lists. Configurable: an API server that takes longer to list thousands
     # of Pods is slow, not broken.
     watch_grace_seconds: float = field(
-        default=10.0, metadata=_env("KUBETUNE_WATCH_GRACE_SECONDS", _seconds(zero=False))
+        default=10.0, metadata=env("KUBETUNE_WATCH_GRACE_SECONDS", seconds(zero=False))
     )
     # KUBETUNE_STEP_REFRESH_SECONDS: how often running trials' last reported
     # step is copied to their status. Configurable: it trades how current a
     # running Trial's step is against one status write per running trial.
     step_refresh_seconds: float = field(
-        default=10.0, metadata=_env("KUBETUNE_STEP_REFRESH_SECONDS", _seconds(zero=False))
+        default=10.0, metadata=env("KUBETUNE_STEP_REFRESH_SECONDS", seconds(zero=False))
     )
     # KUBETUNE_STOPS_WAIT_SECONDS: long-poll duration of ``GET /v1/stops``.
     stops_wait_seconds: float = field(
-        default=10.0, metadata=_env("KUBETUNE_STOPS_WAIT_SECONDS", _seconds(zero=False))
+        default=10.0, metadata=env("KUBETUNE_STOPS_WAIT_SECONDS", seconds(zero=False))
     )
     # KUBETUNE_LOST_POD_GRACE_SECONDS: a Pod is lost (Trial running, Pod gone)
     # only after this long without it, so a watch that lags behind the
     # operator's own create is never taken for a loss. Configurable: a loaded
     # API server's watches can lag longer.
     lost_pod_grace_seconds: float = field(
-        default=15.0, metadata=_env("KUBETUNE_LOST_POD_GRACE_SECONDS", _seconds(zero=True))
+        default=15.0, metadata=env("KUBETUNE_LOST_POD_GRACE_SECONDS", seconds(zero=True))
     )
     # KUBETUNE_SERVICE_RETRIES: retries of a failed request to the service
     # before the error is reported. Configurable, with the timeout below,
     # for a service behind a slow network or database.
-    service_retries: int = field(default=4, metadata=_env("KUBETUNE_SERVICE_RETRIES", _integer(0)))
+    service_retries: int = field(default=4, metadata=env("KUBETUNE_SERVICE_RETRIES", integer(0)))
     # KUBETUNE_SERVICE_TIMEOUT_SECONDS: timeout of one request to the service.
     service_timeout_seconds: float = field(
-        default=15.0, metadata=_env("KUBETUNE_SERVICE_TIMEOUT_SECONDS", _seconds(zero=False))
+        default=15.0, metadata=env("KUBETUNE_SERVICE_TIMEOUT_SECONDS", seconds(zero=False))
     )
 
     @property
@@ -282,25 +240,11 @@ class Settings:
         return self.collector_service_url or self.service_url
 
 
-def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
-    """Build settings from the ``KUBETUNE_*`` environment variables.
-
-    Args:
-        env: The environment (``os.environ`` when omitted).
+def settings_from_env(environ: Mapping[str, str] | None = None) -> OperatorSettings:
+    """Build settings from the ``KUBETUNE_*`` environment variables (``os.environ`` if omitted).
 
     Raises:
         SettingsError: If a variable's value does not parse or is out of
             range; the message names the variable.
     """
-    env = os.environ if env is None else env
-    values: dict[str, Any] = {}
-    for f in fields(Settings):
-        name = f.metadata["env"]
-        text = env.get(name, "")
-        if not text.strip():
-            continue
-        try:
-            values[f.name] = f.metadata["parse"](text)
-        except ValueError as exc:
-            raise SettingsError(f"{name}={text!r}: {exc}") from None
-    return Settings(**values)
+    return from_env(OperatorSettings, environ)

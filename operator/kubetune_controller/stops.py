@@ -19,7 +19,7 @@ from kubetune_controller.memory import ExperimentMemory
 from kubetune_controller.metrics import OperatorMetrics
 from kubetune_controller.model import ExperimentResource, trial_name
 from kubetune_controller.service_client import ServiceCallError, ServiceClient, ServiceUnavailable
-from kubetune_controller.settings import Settings
+from kubetune_controller.settings import OperatorSettings
 from kubetune_controller.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class StopOrders:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: OperatorSettings,
         kube: KubeApi,
         service: ServiceClient,
         cache: ClusterCache,

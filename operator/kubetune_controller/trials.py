@@ -31,7 +31,7 @@ from kubetune_controller.model import (
 from kubetune_controller.pods import TemplateError, build_trial, build_trial_pod
 from kubetune_controller.recorder import Recorder
 from kubetune_controller.service_client import ServiceCallError, ServiceClient, ServiceUnavailable
-from kubetune_controller.settings import Settings
+from kubetune_controller.settings import OperatorSettings
 from kubetune_controller.workqueue import WorkQueue
 from kubetune_suggestion.service.models import ExperimentSummary, TrialAssignment
 from kubetune_suggestion.spec import ExperimentSpec
@@ -54,7 +54,7 @@ class TrialActions:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: OperatorSettings,
         kube: KubeApi,
         service: ServiceClient,
         cache: ClusterCache,

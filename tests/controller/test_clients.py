@@ -10,6 +10,7 @@ import pytest
 
 from kubetune_controller.service_client import ServiceCallError, ServiceClient, ServiceUnavailable
 from kubetune_controller.workqueue import WorkQueue
+from tests.controller.httpx_sender import HttpxSender
 
 SUMMARY = {
     "uid": "u",
@@ -25,8 +26,12 @@ SUMMARY = {
 }
 
 
+def _mock(handler) -> HttpxSender:
+    return HttpxSender("http://svc", httpx.MockTransport(handler))
+
+
 def client(handler) -> ServiceClient:
-    return ServiceClient("http://svc", retries=3, transport=httpx.MockTransport(handler))
+    return ServiceClient("http://svc", retries=3, sender=_mock(handler))
 
 
 def test_retries_5xx_then_succeeds_and_marks_available():
@@ -303,7 +308,7 @@ def test_a_failed_start_batch_fails_every_waiter():
         raise httpx.ConnectError("connection refused", request=request)
 
     async def go():
-        c = ServiceClient("http://svc", retries=0, transport=httpx.MockTransport(handler))
+        c = ServiceClient("http://svc", retries=0, sender=_mock(handler))
         results = await asyncio.gather(c.start("u", 1), c.start("u", 2), return_exceptions=True)
         await c.close()
         return results

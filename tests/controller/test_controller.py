@@ -23,14 +23,15 @@ from kubetune_controller.cache import ClusterCache
 from kubetune_controller.controller import Controller
 from kubetune_controller.metrics import OperatorMetrics
 from kubetune_controller.service_client import ServiceClient
-from kubetune_controller.settings import Settings
+from kubetune_controller.settings import OperatorSettings
 from kubetune_suggestion.service.app import create_app
 from kubetune_suggestion.service.core import TuningService
 from kubetune_suggestion.service.settings import ServiceSettings
 from tests.controller.factories import spec_dict
 from tests.controller.fake_cluster import FakeCluster, curve, kubelet
+from tests.controller.httpx_sender import HttpxSender
 
-SETTINGS = Settings(
+SETTINGS = OperatorSettings(
     service_url="http://svc",
     workers=4,
     resync_seconds=0.5,
@@ -81,12 +82,12 @@ class Harness:
             transport=httpx.ASGITransport(app=self._app), base_url="http://svc"
         )
 
-    def start_controller(self, settings: Settings = SETTINGS) -> Controller:
+    def start_controller(self, settings: OperatorSettings = SETTINGS) -> Controller:
         cache = ClusterCache()
         service = ServiceClient(
             settings.service_url,
             settings.service_retries,
-            transport=httpx.ASGITransport(app=self._app),
+            sender=HttpxSender(settings.service_url, httpx.ASGITransport(app=self._app)),
         )
         controller = Controller(
             settings, self.cluster, service, cache, OperatorMetrics(cache.snapshot)
@@ -352,7 +353,7 @@ def test_no_metrics_ends_metrics_unavailable_with_log_tail(tmp_path: Path) -> No
 
 def test_service_down_sets_condition(tmp_path: Path) -> None:
     async def scenario() -> None:
-        settings = Settings(service_url="http://127.0.0.1:9", service_retries=0, workers=1)
+        settings = OperatorSettings(service_url="http://127.0.0.1:9", service_retries=0, workers=1)
         cache = ClusterCache()
         controller = Controller(
             settings,

@@ -16,10 +16,10 @@ from kubetune_controller.pods import (
     build_trial,
     build_trial_pod,
 )
-from kubetune_controller.settings import Settings
+from kubetune_controller.settings import OperatorSettings
 from tests.controller.factories import NOW, experiment, spec_dict
 
-SETTINGS = Settings(
+SETTINGS = OperatorSettings(
     service_url="http://svc:8000",
     collector_image="kubetune:test",
     metrics_dir="/kubetune",
@@ -118,7 +118,9 @@ def test_trial_identity_in_the_trial_env():
 
 
 def test_collector_url_override_for_out_of_cluster_operators():
-    settings = Settings(service_url="http://127.0.0.1:1", collector_service_url="http://svc:80")
+    settings = OperatorSettings(
+        service_url="http://127.0.0.1:1", collector_service_url="http://svc:80"
+    )
     pod = build_trial_pod(experiment(), "u", 0, SGD, "t", settings)
     assert env_of(pod["spec"]["initContainers"][0])["KUBETUNE_SERVICE_URL"] == "http://svc:80"
 

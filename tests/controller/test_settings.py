@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 import kubetune_controller.__main__ as operator_main
-from kubetune_controller.settings import Settings, SettingsError, settings_from_env
+from kubetune_controller.settings import OperatorSettings, settings_from_env
+from kubetune_suggestion.env_settings import SettingsError
 
 README = Path(__file__).resolve().parents[2] / "charts" / "kubetune" / "README.md"
 
@@ -53,7 +54,7 @@ EXAMPLES: dict[str, tuple[str, Any]] = {
 
 def variables() -> dict[str, str]:
     """Every variable the operator reads, mapped to its field."""
-    return {f.metadata["env"]: f.name for f in fields(Settings)}
+    return {f.metadata["env"]: f.name for f in fields(OperatorSettings)}
 
 
 def readme_table(heading: str) -> dict[str, str]:
@@ -65,7 +66,7 @@ def readme_table(heading: str) -> dict[str, str]:
 
 def test_defaults_without_any_variable() -> None:
     settings = settings_from_env({})
-    assert settings == Settings()
+    assert settings == OperatorSettings()
     assert settings.service_url == "http://kubetune-suggestion:8000"
     assert settings.sidecar_service_url == settings.service_url
     assert settings.namespaces == ()  # every namespace
@@ -85,8 +86,8 @@ def test_every_setting_comes_from_its_variable() -> None:
 
 
 def test_an_empty_variable_counts_as_unset() -> None:
-    assert settings_from_env({name: "" for name in variables()}) == Settings()
-    assert settings_from_env({"KUBETUNE_WORKERS": "  "}) == Settings()
+    assert settings_from_env({name: "" for name in variables()}) == OperatorSettings()
+    assert settings_from_env({"KUBETUNE_WORKERS": "  "}) == OperatorSettings()
 
 
 def test_the_chart_readme_documents_every_variable_with_its_default() -> None:
@@ -94,10 +95,10 @@ def test_the_chart_readme_documents_every_variable_with_its_default() -> None:
     assert set(documented) == set(variables())
     for name, default in documented.items():
         if default == "unset":
-            assert getattr(Settings(), variables()[name]) in (None, ()), name
+            assert getattr(OperatorSettings(), variables()[name]) in (None, ()), name
         else:
             # The documented default, given as the value, changes nothing.
-            assert settings_from_env({name: default.strip("`")}) == Settings(), name
+            assert settings_from_env({name: default.strip("`")}) == OperatorSettings(), name
 
 
 def test_the_chart_sets_only_variables_that_are_read() -> None:
@@ -150,7 +151,7 @@ class Started:
             monkeypatch.delenv(name, raising=False)
 
     @property
-    def settings(self) -> Settings:
+    def settings(self) -> OperatorSettings:
         assert self.app is not None
         return self.app.settings
 

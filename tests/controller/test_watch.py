@@ -20,7 +20,7 @@ from kubetune_controller.cache import ClusterCache
 from kubetune_controller.handlers import App, build_registry
 from kubetune_controller.kube import Kube, LineBuffer
 from kubetune_controller.kube_api import KubeError, KubeUnreachable
-from kubetune_controller.settings import LABEL_EXPERIMENT, Settings
+from kubetune_controller.settings import LABEL_EXPERIMENT, OperatorSettings
 from kubetune_controller.watch import (
     ObjectStream,
     ResourceVersionExpired,
@@ -200,7 +200,7 @@ def test_healthz_fails_while_a_watch_stream_is_down_and_passes_while_it_is_up() 
         trials = ObjectStream(
             cluster, "/apis/kubetune.io/v1alpha1/trials", LABEL_EXPERIMENT, print, print
         )
-        app = App(Settings(), streams=[pods, trials], stream_down_limit_seconds=60)
+        app = App(OperatorSettings(), streams=[pods, trials], stream_down_limit_seconds=60)
         tasks = [asyncio.create_task(s.run()) for s in app.streams]
         try:
             await trials.synced.wait()
@@ -233,7 +233,7 @@ def test_healthz_fails_once_a_stream_has_stopped_for_good() -> None:
             raise KeyError("a bug in a callback")
 
         stream = ObjectStream(FakeCluster(), "/api/v1/pods", LABEL_EXPERIMENT, broken, print)
-        app = App(Settings(), streams=[stream], stream_down_limit_seconds=0.0)
+        app = App(OperatorSettings(), streams=[stream], stream_down_limit_seconds=0.0)
         task = asyncio.create_task(stream.run())
         with pytest.raises(KeyError):
             await task

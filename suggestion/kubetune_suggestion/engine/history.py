@@ -26,7 +26,7 @@ class Direction(StrEnum):
         return self.loss(a) < self.loss(b)
 
 
-class TrialState(StrEnum):
+class RecordState(StrEnum):
     """The life of a trial, as the engine needs it."""
 
     RUNNING = "running"
@@ -52,7 +52,7 @@ class TrialRecord:
 
     number: int
     params: Mapping[str, Any]
-    state: TrialState
+    state: RecordState
     value: float | None = None
     steps: Mapping[int, float] = field(default_factory=dict)
 
@@ -64,9 +64,9 @@ class TrialRecord:
 
 def completed(history: Sequence[TrialRecord]) -> list[TrialRecord]:
     """Succeeded trials with a finite objective: what model-based samplers learn from."""
-    return [t for t in history if t.state is TrialState.SUCCEEDED and t.has_finite_value]
+    return [t for t in history if t.state is RecordState.SUCCEEDED and t.has_finite_value]
 
 
 def running(history: Sequence[TrialRecord]) -> list[TrialRecord]:
     """Trials still running (pending evaluations, for parallel-aware sampling)."""
-    return [t for t in history if t.state is TrialState.RUNNING]
+    return [t for t in history if t.state is RecordState.RUNNING]

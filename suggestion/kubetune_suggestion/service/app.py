@@ -83,7 +83,7 @@ Number = Annotated[int, Path(ge=0, description="The trial number.")]
 
 def _json(model: BaseModel, status_code: int = 200) -> Response:
     # Serialised straight from the model: FastAPI would otherwise validate the
-    # returned model a second time against response_model on the hot paths.
+    # returned model a second time against response_model.
     return Response(model.model_dump_json(), status_code=status_code, media_type="application/json")
 
 

@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from kubetune_suggestion.engine.history import Direction, TrialRecord, TrialState
+from kubetune_suggestion.engine.history import Direction, RecordState, TrialRecord
 
 T = TypeVar("T")
 
@@ -78,13 +78,13 @@ class SamplerHistory:
         failures, best, active = self.failures, self.best, self.active
         for record in changed:
             old = records.get(record.number)
-            failures -= old is not None and old.state is TrialState.FAILED
-            failures += record.state is TrialState.FAILED
+            failures -= old is not None and old.state is RecordState.FAILED
+            failures += record.state is RecordState.FAILED
             # The engine sees pending and running trials alike as running.
-            active -= old is not None and old.state is TrialState.RUNNING
-            active += record.state is TrialState.RUNNING
+            active -= old is not None and old.state is RecordState.RUNNING
+            active += record.state is RecordState.RUNNING
             # Finished trials never change again, so the best only ever improves.
-            if record.state is TrialState.SUCCEEDED and record.has_finite_value:
+            if record.state is RecordState.SUCCEEDED and record.has_finite_value:
                 assert record.value is not None
                 if best is None or direction.better(record.value, best):
                     best = record.value

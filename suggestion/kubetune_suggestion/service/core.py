@@ -458,11 +458,9 @@ class TuningService:
             found = tx.lock_for_finish(uid, number)
             if found is None:
                 raise not_found(tx, uid, number)
-            experiment_id, spec_version, history_version, trial = found
-            compiled = self._compiled_for(tx, experiment_id, spec_version)
-            spec = compiled.spec
+            experiment_id, trial, reported = found.experiment_id, found.trial, found.reported
+            spec = self._compiled_for(tx, experiment_id, found.spec_version).spec
             trial_end.check_final_report(spec, final, report)
-            reported = tx.observed_steps(trial.id)
             if TrialState(trial.state).finished:
                 trial_end.check_repeat(spec, trial, final, message, report, reported)
                 return logic.trial_view(trial, reported[-1][0] if reported else None, None)
@@ -472,7 +470,7 @@ class TuningService:
             final, objective, message, stop_step = trial_end.ending(
                 spec, final, message, observed, trial
             )
-            version, now = history_version + 1, utcnow()
+            version, now = found.history_version + 1, utcnow()
             ended = trial_end.ended(trial, final, objective, message, now, stop_step)
             tx.finish_trial(
                 experiment_id,

@@ -12,8 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubetune_suggestion.engine.history import Direction, TrialRecord
-from kubetune_suggestion.engine.history import TrialState as EngineState
+from kubetune_suggestion.engine.history import Direction, RecordState, TrialRecord
 from kubetune_suggestion.engine.space import SearchSpace, SpaceError
 from kubetune_suggestion.experiment_end import (
     EndReason,
@@ -32,18 +31,18 @@ from kubetune_suggestion.spec import ExperimentSpec, Strategy
 from kubetune_suggestion.store import RestoredTrial, TrialRow
 
 _ENGINE_STATES = {
-    TrialState.PENDING: EngineState.RUNNING,
-    TrialState.RUNNING: EngineState.RUNNING,
-    TrialState.SUCCEEDED: EngineState.SUCCEEDED,
-    TrialState.FAILED: EngineState.FAILED,
-    TrialState.METRICS_UNAVAILABLE: EngineState.FAILED,
-    TrialState.PRUNED: EngineState.PRUNED,
+    TrialState.PENDING: RecordState.RUNNING,
+    TrialState.RUNNING: RecordState.RUNNING,
+    TrialState.SUCCEEDED: RecordState.SUCCEEDED,
+    TrialState.FAILED: RecordState.FAILED,
+    TrialState.METRICS_UNAVAILABLE: RecordState.FAILED,
+    TrialState.PRUNED: RecordState.PRUNED,
 }
 MAX_METRIC_NAME = 128
 MAX_METRICS = 256
 
 
-def engine_state(state: str) -> EngineState:
+def engine_state(state: str) -> RecordState:
     """What the engine sees of a stored state."""
     return _ENGINE_STATES[TrialState(state)]
 
@@ -266,7 +265,7 @@ def stop_inputs(
         history.append(
             TrialRecord(trial_number, record.params, record.state, record.value, steps=curve)
         )
-    me = TrialRecord(number, params, EngineState.RUNNING, None, steps=curves.get(number, {}))
+    me = TrialRecord(number, params, RecordState.RUNNING, None, steps=curves.get(number, {}))
     return me, history
 
 

@@ -78,8 +78,12 @@ def store_reports(
     """
     accepted = _lock_trials(tx, checked, compiled, results)
     stored = tx.store_reports([(a.trial.id, a.step, a.metrics, a.objective) for a in accepted])
-    # A report renews its trial's lease, and starts it if pending.
-    tx.mark_running(a.trial.id for a in accepted)
+    # A report starts its trial if pending and renews its lease, if it has one.
+    tx.mark_running(
+        a.trial.id
+        for a in accepted
+        if a.trial.state != TrialState.RUNNING or a.trial.lease_seconds is not None
+    )
     # One load of intermediate values per experiment serves every decision.
     top_step: dict[int, int] = {}
     for a in accepted:

@@ -2,7 +2,8 @@
 
 SQLite (WAL) is the embedded default, PostgreSQL (psycopg 3) the production
 store for several service replicas. The schema is migrated with Alembic at
-startup (:func:`~kubetune_suggestion.store.migrate.upgrade`).
+startup (:func:`~kubetune_suggestion.store.migrate.upgrade`). Every write is
+SQLAlchemy Core, the same statements on both databases (:mod:`.writes`).
 """
 
 from kubetune_suggestion.store.db import UnsupportedDatabase, make_engine

@@ -70,6 +70,8 @@ class TrialRow:
     finished_at: datetime | None
     # See ``models.Trial.stop_step``.
     stop_step: int | None = None
+    # The lease an ask gave it, renewed by each start and report (None: none).
+    lease_seconds: int | None = None
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,7 @@ TRIAL_COLUMNS = (
     TRIALS.c.started_at,
     TRIALS.c.finished_at,
     TRIALS.c.stop_step,
+    TRIALS.c.lease_seconds,
 )
 
 
@@ -199,6 +202,7 @@ def trial_row(row: Any) -> TrialRow:
         started_at=_aware(row.started_at),
         finished_at=_aware(row.finished_at),
         stop_step=row.stop_step,
+        lease_seconds=row.lease_seconds,
     )
 
 

@@ -79,6 +79,10 @@ def _trial_of_select(many: bool) -> Any:
     )
 
 
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
 def lease_expired_message(lease_seconds: int) -> str:
     """The message of a trial failed because its lease ran out."""
     return (
@@ -101,6 +105,19 @@ class AskTrials:
     pending: list[TrialRow]
     mine: frozenset[int]
     expired: list[tuple[TrialRow, int]]
+
+
+@dataclass(frozen=True)
+class LockedForFinish:
+    """What a finish reads, in one round trip, with the rows it changes locked."""
+
+    experiment_id: int
+    spec_version: int
+    # The experiment's history version.
+    history_version: int
+    trial: TrialRow
+    # The trial's reported steps with their objective value (None if not reported), by step.
+    reported: list[tuple[int, float | None]]
 
 
 class WriteTxn:
@@ -249,7 +266,6 @@ class WriteTxn:
                     *_TRIAL_COLUMNS,
                     func.coalesce(mine, False).label("mine"),
                     func.coalesce(expired, False).label("expired"),
-                    _trials.c.lease_seconds,
                 )
                 .where(
                     _trials.c.experiment_id == bindparam("eid"),
@@ -268,7 +284,7 @@ class WriteTxn:
             changed=[t for t, _ in trials if t.history_version > version],
             pending=[t for t, r in trials if t.state == "pending" and not r.expired],
             mine=frozenset(t.number for t, r in trials if r.mine and not r.expired),
-            expired=[(t, int(r.lease_seconds)) for t, r in trials if r.expired],
+            expired=[(t, int(t.lease_seconds or 0)) for t, r in trials if r.expired],
         )
 
     def expire(
@@ -420,14 +436,14 @@ class WriteTxn:
             for row in rows
         }
 
-    def lock_for_finish(self, uid: str, number: int) -> tuple[int, int, int, TrialRow] | None:
-        """(experiment id, spec version, history version, trial), both rows locked.
+    def lock_for_finish(self, uid: str, number: int) -> LockedForFinish | None:
+        """The trial to finish with its experiment, both rows locked, and its reports.
 
         One round trip. The experiment's row is locked because a finish moves
         its history version, as every allocation does. None when the
         experiment or the trial does not exist.
         """
-        row = self._run(
+        rows = self._run(
             "lock_for_finish",
             lambda: (
                 select(
@@ -435,22 +451,35 @@ class WriteTxn:
                     _experiments.c.spec_version,
                     _experiments.c.history_version.label("experiment_version"),
                     *_TRIAL_COLUMNS,
+                    _observations.c.step.label("observed_step"),
+                    _observations.c.objective.label("observed_objective"),
                 )
                 .join(_trials, _trials.c.experiment_id == _experiments.c.id)
+                .outerjoin(_observations, _observations.c.trial_id == _trials.c.id)
                 .where(
                     _experiments.c.uid == bindparam("uid"), _trials.c.number == bindparam("number")
                 )
+                .order_by(_observations.c.step)
                 .with_for_update(of=[_experiments, _trials])
             ),
             {"uid": uid, "number": number},
-        ).first()
-        if row is None:
+        ).all()
+        if not rows:
             return None
-        return (
-            int(row.experiment_id),
-            int(row.spec_version),
-            int(row.experiment_version),
-            trial_row(row),
+        first = rows[0]
+        return LockedForFinish(
+            experiment_id=int(first.experiment_id),
+            spec_version=int(first.spec_version),
+            history_version=int(first.experiment_version),
+            trial=trial_row(first),
+            reported=[
+                (
+                    int(r.observed_step),
+                    None if r.observed_objective is None else float(r.observed_objective),
+                )
+                for r in rows
+                if r.observed_step is not None
+            ],
         )
 
     def restart_trial(self, trial_id: int, handed_back_to: str | None = None) -> datetime | None:
@@ -565,19 +594,6 @@ class WriteTxn:
             ],
         )
         return {(int(r.trial_id), int(r.step)) for r in result}
-
-    def observed_steps(self, trial_id: int) -> list[tuple[int, float | None]]:
-        """The trial's reported steps with their objective value (None if not reported), by step."""
-        rows = self._run(
-            "observed_steps",
-            lambda: (
-                select(_observations.c.step, _observations.c.objective)
-                .where(_observations.c.trial_id == bindparam("tid"))
-                .order_by(_observations.c.step)
-            ),
-            {"tid": trial_id},
-        )
-        return [(int(r.step), None if r.objective is None else float(r.objective)) for r in rows]
 
     def step_history(self, experiment_id: int, max_step: int) -> list[StepRow]:
         """Every trial's objective values at steps up to ``max_step``, in one query.

@@ -14,7 +14,7 @@ import numpy as np
 import optuna
 import pytest
 
-from kubetune_suggestion.engine.history import Direction, TrialRecord, TrialState
+from kubetune_suggestion.engine.history import Direction, RecordState, TrialRecord
 from kubetune_suggestion.engine.stopping.asha import ASHARule
 
 MAX_RESOURCE = 27
@@ -51,7 +51,7 @@ def test_same_decisions_as_optuna(
     def start(now: float) -> None:
         number = len(history)
         if number < trials:
-            history.append(TrialRecord(number, {}, TrialState.RUNNING, steps={}))
+            history.append(TrialRecord(number, {}, RecordState.RUNNING, steps={}))
             handles[number] = study.ask()
             heapq.heappush(events, (now + duration[number], number, 1))
 
@@ -61,7 +61,7 @@ def test_same_decisions_as_optuna(
         now, number, step = heapq.heappop(events)
         value = float(curves[number, step - 1])
         steps = {**history[number].steps, step: value}
-        history[number] = TrialRecord(number, {}, TrialState.RUNNING, steps=steps)
+        history[number] = TrialRecord(number, {}, RecordState.RUNNING, steps=steps)
         ours = rule.decide(history[number], history).stop
         handles[number].report(value, step)
         theirs = handles[number].should_prune()
@@ -71,7 +71,7 @@ def test_same_decisions_as_optuna(
             assert ours == theirs, (number, step, value)
             decisions += 1
         if ours or step == MAX_RESOURCE:
-            state = TrialState.PRUNED if ours else TrialState.SUCCEEDED
+            state = RecordState.PRUNED if ours else RecordState.SUCCEEDED
             history[number] = TrialRecord(number, {}, state, value, steps)
             if ours:
                 study.tell(handles[number], state=optuna.trial.TrialState.PRUNED)
@@ -81,4 +81,4 @@ def test_same_decisions_as_optuna(
         else:
             heapq.heappush(events, (now + duration[number], number, step + 1))
     assert decisions > trials
-    assert any(t.state is TrialState.PRUNED for t in history)
+    assert any(t.state is RecordState.PRUNED for t in history)

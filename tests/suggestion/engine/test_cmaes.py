@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kubetune_suggestion.engine.history import Direction, TrialRecord, TrialState
+from kubetune_suggestion.engine.history import Direction, RecordState, TrialRecord
 from kubetune_suggestion.engine.samplers.cmaes import CMAESSampler
 from kubetune_suggestion.engine.space import SearchSpace
 
@@ -38,7 +38,7 @@ def run(
         notes += out.notes
         for config in out.configs:
             history.append(
-                TrialRecord(len(history), config, TrialState.SUCCEEDED, objective(config))
+                TrialRecord(len(history), config, RecordState.SUCCEEDED, objective(config))
             )
     return history, notes
 
@@ -70,7 +70,7 @@ def test_batches_hand_out_distinct_members_and_extras_when_all_run() -> None:
     sampler = CMAESSampler(BOX, seed=0)
     popsize = sampler._fresh(0).population_size
     first = sampler.suggest([], popsize, None)
-    history = [TrialRecord(i, c, TrialState.RUNNING) for i, c in enumerate(first.configs)]
+    history = [TrialRecord(i, c, RecordState.RUNNING) for i, c in enumerate(first.configs)]
     assert len({json.dumps(c, sort_keys=True) for c in first.configs}) == popsize
     # Everything still running: the next request gets extra members of the
     # same generation instead of waiting.
@@ -80,10 +80,10 @@ def test_batches_hand_out_distinct_members_and_extras_when_all_run() -> None:
     assert all(json.dumps(c, sort_keys=True) not in seen for c in extra.configs)
     # The first popsize members to finish close the generation, whatever their order.
     history += [
-        TrialRecord(popsize + i, c, TrialState.RUNNING) for i, c in enumerate(extra.configs)
+        TrialRecord(popsize + i, c, RecordState.RUNNING) for i, c in enumerate(extra.configs)
     ]
     finished = [
-        TrialRecord(t.number, t.params, TrialState.SUCCEEDED, sphere(dict(t.params)))
+        TrialRecord(t.number, t.params, RecordState.SUCCEEDED, sphere(dict(t.params)))
         if t.number != 0
         else t
         for t in history
@@ -103,11 +103,11 @@ def test_failed_and_nan_trials_rank_last_without_crashing() -> None:
         config = out.configs[0]
         n = len(history)
         if n % 3 == 0:
-            history.append(TrialRecord(n, config, TrialState.FAILED))
+            history.append(TrialRecord(n, config, RecordState.FAILED))
         elif n % 3 == 1:
-            history.append(TrialRecord(n, config, TrialState.SUCCEEDED, math.nan))
+            history.append(TrialRecord(n, config, RecordState.SUCCEEDED, math.nan))
         else:
-            history.append(TrialRecord(n, config, TrialState.SUCCEEDED, sphere(config)))
+            history.append(TrialRecord(n, config, RecordState.SUCCEEDED, sphere(config)))
     assert len(history) == 40
 
 
@@ -166,7 +166,7 @@ def test_stagnation_restarts_with_a_larger_population() -> None:
     for i in range(0, 240, 4):
         out = sampler.suggest(replayed, 4, state)
         state = out.state
-        replayed += [TrialRecord(len(replayed), c, TrialState.SUCCEEDED, 1.0) for c in out.configs]
+        replayed += [TrialRecord(len(replayed), c, RecordState.SUCCEEDED, 1.0) for c in out.configs]
         assert [t.params for t in replayed] == [t.params for t in history[: i + 4]]
 
 
@@ -209,15 +209,17 @@ def _drive(
         calls.append((out.configs, out.state, out.notes))
         state = json.loads(json.dumps(out.state))
         base = len(history) + len(running)
-        running += [TrialRecord(base + i, c, TrialState.RUNNING) for i, c in enumerate(out.configs)]
+        running += [
+            TrialRecord(base + i, c, RecordState.RUNNING) for i, c in enumerate(out.configs)
+        ]
         # Finish all but the newest two, newest first, one in 7 failing.
         done, running = running[:-2], running[-2:]
         for t in reversed(done):
             if failures and t.number % 7 == 3:
-                history.append(TrialRecord(t.number, t.params, TrialState.FAILED))
+                history.append(TrialRecord(t.number, t.params, RecordState.FAILED))
             else:
                 value = objective(dict(t.params))
-                history.append(TrialRecord(t.number, t.params, TrialState.SUCCEEDED, value))
+                history.append(TrialRecord(t.number, t.params, RecordState.SUCCEEDED, value))
         history.sort(key=lambda t: t.number)
     return calls
 
@@ -254,7 +256,7 @@ def test_a_history_that_disagrees_with_the_kept_optimizer_is_replayed() -> None:
         out = sampler.suggest(history, 1, state)
         state = out.state
         c = out.configs[0]
-        history.append(TrialRecord(len(history), c, TrialState.SUCCEEDED, sphere(c)))
+        history.append(TrialRecord(len(history), c, RecordState.SUCCEEDED, sphere(c)))
     assert sampler._checkpoint is not None
     # The same state with other objective values (another experiment's, or a
     # corrected history): the kept optimizer does not apply.

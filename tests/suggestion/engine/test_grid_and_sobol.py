@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from kubetune_suggestion.engine.history import TrialRecord, TrialState
+from kubetune_suggestion.engine.history import RecordState, TrialRecord
 from kubetune_suggestion.engine.samplers import make_sampler
 from kubetune_suggestion.engine.samplers.grid import GridSampler
 from kubetune_suggestion.engine.space import Config, SearchSpace
@@ -47,7 +47,7 @@ def run_all(sampler: GridSampler, batch: int) -> list[Config]:
         out = sampler.suggest(history, batch, state)
         state = out.state
         for config in out.configs:
-            history.append(TrialRecord(len(history), config, TrialState.SUCCEEDED, 1.0))
+            history.append(TrialRecord(len(history), config, RecordState.SUCCEEDED, 1.0))
         if out.exhausted:
             return [dict(t.params) for t in history]
 
@@ -90,7 +90,7 @@ def test_grid_says_when_it_is_exhausted() -> None:
     sampler = GridSampler(CONDITIONAL)
     first = sampler.suggest([], 10)
     assert len(first.configs) == 10 and first.exhausted
-    history = [TrialRecord(i, c, TrialState.RUNNING) for i, c in enumerate(first.configs)]
+    history = [TrialRecord(i, c, RecordState.RUNNING) for i, c in enumerate(first.configs)]
     again = sampler.suggest(history, 4, first.state)
     assert again.configs == [] and again.exhausted
     assert again.notes == ["grid exhausted: all 10 configurations suggested"]
@@ -100,7 +100,7 @@ def test_grid_never_repeats_the_history_after_losing_its_state() -> None:
     sampler = GridSampler(CONDITIONAL)
     out = sampler.suggest([], 7)
     # Trials in every state count: a failed configuration is not retried.
-    states = [TrialState.SUCCEEDED, TrialState.FAILED, TrialState.PRUNED, TrialState.RUNNING]
+    states = [RecordState.SUCCEEDED, RecordState.FAILED, RecordState.PRUNED, RecordState.RUNNING]
     history = [TrialRecord(i, c, states[i % 4]) for i, c in enumerate(out.configs)]
     rest = sampler.suggest(history, 100, state=None)
     assert {key(c) for c in rest.configs}.isdisjoint(key(c) for c in out.configs)
@@ -113,7 +113,7 @@ def test_grid_matches_history_values_that_went_through_a_database() -> None:
     # Float noise from a database round trip must still match the grid point.
     noisy: list[dict[str, Any]] = [dict(c) for c in out.configs]
     noisy[2]["momentum"] = 0.5 + 1e-13
-    history = [TrialRecord(i, c, TrialState.SUCCEEDED, 1.0) for i, c in enumerate(noisy)]
+    history = [TrialRecord(i, c, RecordState.SUCCEEDED, 1.0) for i, c in enumerate(noisy)]
     rest = sampler.suggest(history, 100)
     assert len(rest.configs) == 7
 
@@ -122,7 +122,7 @@ def test_grid_matches_ints_that_came_back_as_floats() -> None:
     sampler = GridSampler(CONDITIONAL)
     out = sampler.suggest([], 4)
     stored = [{k: float(v) if k == "layers" else v for k, v in c.items()} for c in out.configs]
-    history = [TrialRecord(i, c, TrialState.SUCCEEDED, 1.0) for i, c in enumerate(stored)]
+    history = [TrialRecord(i, c, RecordState.SUCCEEDED, 1.0) for i, c in enumerate(stored)]
     rest = sampler.suggest(history, 100, state=None)
     assert len(rest.configs) == 6
 
@@ -131,7 +131,9 @@ def test_grid_finds_suggestions_that_never_became_trials() -> None:
     sampler = GridSampler(CONDITIONAL)
     lost = sampler.suggest([], 5)
     # The service handed out 5, the operator created only the last 3.
-    history = [TrialRecord(i, c, TrialState.SUCCEEDED, 1.0) for i, c in enumerate(lost.configs[2:])]
+    history = [
+        TrialRecord(i, c, RecordState.SUCCEEDED, 1.0) for i, c in enumerate(lost.configs[2:])
+    ]
     rest = sampler.suggest(history, 100, lost.state)
     assert len(rest.configs) == 7
     assert lost.configs[0] in rest.configs and lost.configs[1] in rest.configs
@@ -165,6 +167,6 @@ def test_sobol_skips_configurations_already_tried_in_a_small_space() -> None:
     out = sampler.suggest([], 4)
     assert sorted(str(c["c"]) for c in out.configs) == ["a", "b", "c", "d"]
     # Nothing new is left: it repeats, says so, and does not spin.
-    history = [TrialRecord(i, c, TrialState.SUCCEEDED, 1.0) for i, c in enumerate(out.configs)]
+    history = [TrialRecord(i, c, RecordState.SUCCEEDED, 1.0) for i, c in enumerate(out.configs)]
     more = sampler.suggest(history, 2, out.state)
     assert len(more.configs) == 2 and more.notes

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kubetune_suggestion.engine.history import Direction, TrialRecord, TrialState
+from kubetune_suggestion.engine.history import Direction, RecordState, TrialRecord
 from kubetune_suggestion.engine.samplers import make_sampler
 from kubetune_suggestion.engine.samplers.base import JsonState
 from kubetune_suggestion.engine.space import SearchSpace
@@ -71,18 +71,18 @@ def run(algorithm: str, rule_name: str, fresh: bool) -> list[dict[str, Any]]:
         state = json.loads(json.dumps(out.state)) if fresh else out.state
         config = out.configs[0]
         steps: dict[int, float] = {}
-        end = TrialState.SUCCEEDED
+        end = RecordState.SUCCEEDED
         for step in range(1, MAX_STEP + 1):
             steps[step] = curve(config, step)
-            me = TrialRecord(number, config, TrialState.RUNNING, None, dict(steps))
+            me = TrialRecord(number, config, RecordState.RUNNING, None, dict(steps))
             others = [*history, me]
             if fresh:
                 others = [others[i] for i in shuffle.permutation(len(others))]
             if step < MAX_STEP and (rule() if fresh else kept_rule).decide(me, others).stop:
-                end = TrialState.PRUNED
+                end = RecordState.PRUNED
                 break
         history.append(TrialRecord(number, config, end, steps[max(steps)], steps))
-    assert any(t.state is TrialState.PRUNED for t in history)
+    assert any(t.state is RecordState.PRUNED for t in history)
     return [dict(t.params) for t in history]
 
 

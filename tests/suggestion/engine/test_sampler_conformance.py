@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from kubetune_suggestion.engine.history import Direction, TrialRecord, TrialState
+from kubetune_suggestion.engine.history import Direction, RecordState, TrialRecord
 from kubetune_suggestion.engine.samplers import SAMPLERS, Sampler, make_sampler
 from kubetune_suggestion.engine.samplers.base import JsonState
 from kubetune_suggestion.engine.space import (
@@ -124,15 +124,17 @@ def simulate(
         for config in out.configs:
             number = len(history)
             if r == rounds - 1:
-                history.append(TrialRecord(number, config, TrialState.RUNNING))
+                history.append(TrialRecord(number, config, RecordState.RUNNING))
             elif number % 5 == 4:
-                history.append(TrialRecord(number, config, TrialState.FAILED))
+                history.append(TrialRecord(number, config, RecordState.FAILED))
             elif number % 7 == 6:
-                history.append(TrialRecord(number, config, TrialState.SUCCEEDED, math.nan))
+                history.append(TrialRecord(number, config, RecordState.SUCCEEDED, math.nan))
             elif number % 11 == 10:
-                history.append(TrialRecord(number, config, TrialState.SUCCEEDED, math.inf))
+                history.append(TrialRecord(number, config, RecordState.SUCCEEDED, math.inf))
             else:
-                history.append(TrialRecord(number, config, TrialState.SUCCEEDED, objective(config)))
+                history.append(
+                    TrialRecord(number, config, RecordState.SUCCEEDED, objective(config))
+                )
     return history, state, batches
 
 
@@ -213,8 +215,8 @@ def test_empty_history(name: str) -> None:
     json.dumps(out.state)
 
 
-@pytest.mark.parametrize("failed_state", [TrialState.FAILED, TrialState.PRUNED])
-def test_history_without_a_single_usable_value(name: str, failed_state: TrialState) -> None:
+@pytest.mark.parametrize("failed_state", [RecordState.FAILED, RecordState.PRUNED])
+def test_history_without_a_single_usable_value(name: str, failed_state: RecordState) -> None:
     space = space_for(name)
     sampler = make_sampler(name, space, seed=SEED)
     first = sampler.suggest([], 12)
@@ -235,7 +237,7 @@ def test_nan_and_inf_results_do_not_break_sampling(name: str, direction: Directi
         TrialRecord(
             i,
             c,
-            TrialState.SUCCEEDED,
+            RecordState.SUCCEEDED,
             bad[i % 3] if i % 2 == 0 else objective(c),
             steps={1: bad[i % 3]},
         )
@@ -254,7 +256,7 @@ def test_a_batch_of_8_has_8_distinct_points(name: str) -> None:
     out = sampler.suggest(history, 8, state)
     assert len({key(c) for c in out.configs}) == 8
     # Nor should the batch repeat what is running right now.
-    running = {key(t.params) for t in history if t.state is TrialState.RUNNING}
+    running = {key(t.params) for t in history if t.state is RecordState.RUNNING}
     assert not running & {key(c) for c in out.configs}
 
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 
-from kubetune_suggestion.engine.history import Direction, TrialRecord, TrialState
+from kubetune_suggestion.engine.history import Direction, RecordState, TrialRecord
 from kubetune_suggestion.engine.space import SpaceError
 from kubetune_suggestion.engine.stopping import RULES, StopDecision, make_rule
 from kubetune_suggestion.engine.stopping.asha import ASHARule
@@ -25,7 +25,7 @@ ASHA_OPTIONS = {"minResource": 1, "maxResource": 27, "reductionFactor": 3, "metr
 
 
 def trial(
-    number: int, steps: Mapping[int, float], state: TrialState = TrialState.RUNNING
+    number: int, steps: Mapping[int, float], state: RecordState = RecordState.RUNNING
 ) -> TrialRecord:
     return TrialRecord(number=number, params={}, state=state, steps=dict(steps))
 
@@ -72,8 +72,8 @@ def reason(text: str, direction: Direction) -> str:
 RUNG1 = [
     trial(i, {1: 0.1 * (i + 1), 2: 0.05 if i == 7 else 0.1 * (i + 1)}, state)
     for i, state in enumerate(
-        [TrialState.SUCCEEDED, TrialState.RUNNING, TrialState.PRUNED] * 2
-        + [TrialState.FAILED, TrialState.RUNNING]
+        [RecordState.SUCCEEDED, RecordState.RUNNING, RecordState.PRUNED] * 2
+        + [RecordState.FAILED, RecordState.RUNNING]
     )
 ]
 
@@ -127,7 +127,7 @@ def test_asha_with_fewer_trials_than_the_reduction_factor_keeps_only_the_best(
 def test_asha_higher_rung_compares_values_at_that_rung(direction: Direction) -> None:
     # Rung 2 is step 3. Trials 0-5 got there; trial 6 stopped at step 1.
     others = [trial(i, {1: 0.5, 3: 0.1 * (i + 1), 9: 0.01}) for i in range(6)]
-    others.append(trial(6, {1: 0.01}, TrialState.PRUNED))
+    others.append(trial(6, {1: 0.01}, RecordState.PRUNED))
     # 7 at the rung, top 2 continue: cut-off 0.2.
     assert not decide(
         ASHARule, direction, ASHA_OPTIONS, trial(9, {1: 0.5, 2: 0.4, 3: 0.2}), others
@@ -215,7 +215,7 @@ def test_median_waits_for_warmup_and_enough_trials(direction: Direction) -> None
     at_step_1 = [trial(i, {1: 0.1}) for i in range(5)]
     assert not decide(MedianRule, direction, MEDIAN_OPTIONS, trial(9, {1: 0.9}), at_step_1).stop
     # Step 4 reached by only two others (the rest stopped at step 3).
-    others = AT_STEP_4[:2] + [trial(5 + i, {3: 0.1}, TrialState.PRUNED) for i in range(4)]
+    others = AT_STEP_4[:2] + [trial(5 + i, {3: 0.1}, RecordState.PRUNED) for i in range(4)]
     assert not decide(MedianRule, direction, MEDIAN_OPTIONS, trial(9, {4: 0.9}), others).stop
 
 
@@ -224,8 +224,8 @@ def test_median_uses_others_value_at_that_step(direction: Direction) -> None:
     # Others that passed step 4 count with their value at 4 (or just before it),
     # not their best or later values.
     others = [
-        trial(0, {4: 0.2, 8: 0.01}, TrialState.SUCCEEDED),
-        trial(1, {3: 0.3, 6: 0.01}, TrialState.PRUNED),
+        trial(0, {4: 0.2, 8: 0.01}, RecordState.SUCCEEDED),
+        trial(1, {3: 0.3, 6: 0.01}, RecordState.PRUNED),
         trial(2, {4: 0.4, 5: 0.01}),
     ]
     got = decide(MedianRule, direction, MEDIAN_OPTIONS, trial(9, {4: 0.31}), others)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from kubetune_suggestion.engine.history import Direction, TrialRecord, TrialState
+from kubetune_suggestion.engine.history import Direction, RecordState, TrialRecord
 from kubetune_suggestion.engine.samplers.tpe import TPESampler, _best_first, default_weights, thin
 from kubetune_suggestion.engine.samplers.tpe_encoding import Encoder
 from kubetune_suggestion.engine.samplers.tpe_parzen import (
@@ -200,7 +200,7 @@ def run(sampler: TPESampler, objective: Any, trials: int, batch: int = 1) -> lis
         state = out.state
         for config in out.configs:
             history.append(
-                TrialRecord(len(history), config, TrialState.SUCCEEDED, objective(config))
+                TrialRecord(len(history), config, RecordState.SUCCEEDED, objective(config))
             )
     return history
 
@@ -221,7 +221,7 @@ def test_concentrates_near_the_optimum_of_a_quadratic(
 def test_a_batch_spreads_out_around_running_trials() -> None:
     sampler = TPESampler(LINE, seed=0)
     history = run(sampler, lambda c: (c["x"] - 1.3) ** 2, 30)
-    running = [TrialRecord(30 + i, {"x": 1.3 + 0.01 * i}, TrialState.RUNNING) for i in range(4)]
+    running = [TrialRecord(30 + i, {"x": 1.3 + 0.01 * i}, RecordState.RUNNING) for i in range(4)]
     batch = sampler.suggest(history + running, 8, {"calls": 99}).configs
     xs = sorted(c["x"] for c in batch)
     assert len(set(xs)) == 8
@@ -245,12 +245,12 @@ def test_good_group_is_optunas_with_pruned_trials(seed: int, direction: Directio
     frozen: list[optuna.trial.FrozenTrial] = []
     for number in range(int(rng.integers(12, 60))):
         x = float(rng.uniform(-5, 5))
-        state, value, steps = TrialState.PRUNED, None, {}
+        state, value, steps = RecordState.PRUNED, None, {}
         kind = rng.random()
         if kind < 0.1:
-            state, value = TrialState.SUCCEEDED, float(rng.random())
+            state, value = RecordState.SUCCEEDED, float(rng.random())
         elif kind < 0.15:
-            state = TrialState.RUNNING
+            state = RecordState.RUNNING
         else:
             # A falling curve whose last value overlaps other rungs' values.
             depth = int(rng.choice([1, 3, 9]))
@@ -258,13 +258,13 @@ def test_good_group_is_optunas_with_pruned_trials(seed: int, direction: Directio
             value = steps[depth]
         history.append(TrialRecord(number, {"x": x}, state, value, steps))
         optuna_state = {
-            TrialState.SUCCEEDED: optuna.trial.TrialState.COMPLETE,
-            TrialState.PRUNED: optuna.trial.TrialState.PRUNED,
-            TrialState.RUNNING: optuna.trial.TrialState.RUNNING,
+            RecordState.SUCCEEDED: optuna.trial.TrialState.COMPLETE,
+            RecordState.PRUNED: optuna.trial.TrialState.PRUNED,
+            RecordState.RUNNING: optuna.trial.TrialState.RUNNING,
         }[state]
         trial = optuna.trial.create_trial(
             state=optuna_state,
-            value=value if state is TrialState.SUCCEEDED else None,
+            value=value if state is RecordState.SUCCEEDED else None,
             intermediate_values=steps,
         )
         trial.number = number
@@ -283,15 +283,15 @@ def test_good_group_is_optunas_with_pruned_trials(seed: int, direction: Directio
 def test_good_group_never_holds_failed_nan_or_running(gamma: float, expected: set[int]) -> None:
     sampler = TPESampler(LINE, Direction.MAXIMIZE, seed=0, options={"gamma": gamma})
     history = [
-        TrialRecord(0, {"x": 0.0}, TrialState.SUCCEEDED, 1.0),
-        TrialRecord(1, {"x": 1.0}, TrialState.SUCCEEDED, math.nan),
-        TrialRecord(2, {"x": 2.0}, TrialState.FAILED),
-        TrialRecord(3, {"x": 3.0}, TrialState.PRUNED, 5.0, steps={1: 5.0}),
-        TrialRecord(4, {"x": 4.0}, TrialState.PRUNED, 9.0, steps={1: 9.0}),
-        TrialRecord(5, {"x": -1.0}, TrialState.PRUNED, 0.5, steps={1: 0.1, 3: 0.5}),
-        TrialRecord(6, {"x": -2.0}, TrialState.RUNNING),
-        TrialRecord(7, {"x": -3.0}, TrialState.SUCCEEDED, 2.0),
-        TrialRecord(8, {"x": -4.0}, TrialState.SUCCEEDED, math.inf),
+        TrialRecord(0, {"x": 0.0}, RecordState.SUCCEEDED, 1.0),
+        TrialRecord(1, {"x": 1.0}, RecordState.SUCCEEDED, math.nan),
+        TrialRecord(2, {"x": 2.0}, RecordState.FAILED),
+        TrialRecord(3, {"x": 3.0}, RecordState.PRUNED, 5.0, steps={1: 5.0}),
+        TrialRecord(4, {"x": 4.0}, RecordState.PRUNED, 9.0, steps={1: 9.0}),
+        TrialRecord(5, {"x": -1.0}, RecordState.PRUNED, 0.5, steps={1: 0.1, 3: 0.5}),
+        TrialRecord(6, {"x": -2.0}, RecordState.RUNNING),
+        TrialRecord(7, {"x": -3.0}, RecordState.SUCCEEDED, 2.0),
+        TrialRecord(8, {"x": -4.0}, RecordState.SUCCEEDED, math.inf),
     ]
     obs = sampler._observe(history)
     # Succeeded trials by value (maximised), then pruned ones, those that got
@@ -326,7 +326,7 @@ def test_unknown_and_bad_settings_are_named() -> None:
 def test_sobol_startup_fills_the_space_across_calls() -> None:
     sampler = TPESampler(LINE, seed=0, options={"startup": "sobol", "n_startup_trials": 8})
     first = sampler.suggest([], 4).configs
-    history = [TrialRecord(i, c, TrialState.RUNNING) for i, c in enumerate(first)]
+    history = [TrialRecord(i, c, RecordState.RUNNING) for i, c in enumerate(first)]
     second = sampler.suggest(history, 4, {"calls": 1}).configs
     xs = sorted(c["x"] for c in first + second)
     # Eight Sobol points: one in each eighth of the range.
@@ -358,9 +358,9 @@ def test_a_sampler_reused_across_a_changing_history_suggests_what_a_fresh_one_do
     state = None
     for call in range(40):
         for i, t in enumerate(history):
-            if t.state is TrialState.RUNNING and rng.random() < 0.5:
-                end = [TrialState.SUCCEEDED, TrialState.FAILED, TrialState.PRUNED][call % 3]
-                value = None if end is TrialState.FAILED else float(rng.random())
+            if t.state is RecordState.RUNNING and rng.random() < 0.5:
+                end = [RecordState.SUCCEEDED, RecordState.FAILED, RecordState.PRUNED][call % 3]
+                value = None if end is RecordState.FAILED else float(rng.random())
                 history[i] = TrialRecord(t.number, dict(t.params), end, value, steps={1: 0.5})
         if call == 30:
             history = history[:-3]
@@ -368,7 +368,7 @@ def test_a_sampler_reused_across_a_changing_history_suggests_what_a_fresh_one_do
         got = reused.suggest(list(history), 1 + call % 3, state)
         assert got == fresh.suggest(list(history), 1 + call % 3, state), f"call {call}"
         state = got.state
-        history += [TrialRecord(len(history), c, TrialState.RUNNING) for c in got.configs]
+        history += [TrialRecord(len(history), c, RecordState.RUNNING) for c in got.configs]
 
 
 # -- fast paths: each must give what the plain computation gives, to the bit ------

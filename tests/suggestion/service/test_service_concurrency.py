@@ -66,8 +66,8 @@ def two_services(db_url: str, tmp_path: Any) -> Iterator[list[str]]:
 
 @pytest.mark.parametrize(
     ("early_stopping", "ask_count"),
-    # With a rule, reports of the objective take the locked path (the rule
-    # decides); without one, reports and single asks take one statement each.
+    # With a rule, reports of the objective also decide stops; without one,
+    # single asks.
     [(EXAMPLE_ASHA, 2), (None, 1)],
     ids=["asha", "no-rule"],
 )

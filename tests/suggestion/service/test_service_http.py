@@ -409,60 +409,56 @@ def test_metrics_move(client: httpx.Client) -> None:
     )
 
 
-def test_the_hot_routes_answer_alike_on_the_fast_path_and_through_fastapi(
+def test_ask_report_and_finish_answer_alike_whatever_the_json_content_type(
     client: httpx.Client,
 ) -> None:
-    """The same answers, errors included, on the fast path and through FastAPI.
-
-    A plain ``application/json`` request to ask, observations or finish takes
-    the app's fast path; any other content type goes through FastAPI's routing.
-    """
+    """The same answers, errors included, for ``application/json`` with or without parameters."""
     _register(client, maxTrials=4)
     ask = f"/v1/experiments/{UID}/ask"
 
-    def post(url: str, body: Any, fast: bool, token: str | None = None) -> httpx.Response:
-        headers = {"Content-Type": "application/json" if fast else "application/json; x=1"}
+    def post(url: str, body: Any, plain: bool, token: str | None = None) -> httpx.Response:
+        headers = {"Content-Type": "application/json" if plain else "application/json; x=1"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
         return client.post(url, content=json.dumps(body), headers=headers)
 
     keyed = {"count": 1, "ask_id": "w"}
-    fast_trial = post(ask, keyed, True).json()["trials"][0]
+    plain_trial = post(ask, keyed, True).json()["trials"][0]
     # Idempotent either way with an ask id: the pending trial again, until it starts.
-    assert post(ask, keyed, False).json()["trials"][0] == fast_trial
+    assert post(ask, keyed, False).json()["trials"][0] == plain_trial
     assert client.post(f"/v1/experiments/{UID}/trials/0/start").status_code == 204
-    slow_trial = post(ask, keyed, False).json()["trials"][0]
-    assert (fast_trial["number"], slow_trial["number"]) == (0, 1)
-    for trial, fast in [(fast_trial, True), (slow_trial, False)]:
+    other_trial = post(ask, keyed, False).json()["trials"][0]
+    assert (plain_trial["number"], other_trial["number"]) == (0, 1)
+    for trial, plain in [(plain_trial, True), (other_trial, False)]:
         n = trial["number"]
         obs = f"/v1/experiments/{UID}/trials/{n}/observations"
-        answer = post(obs, {"step": 1, "metrics": {"loss": 0.5}}, fast, trial["token"])
+        answer = post(obs, {"step": 1, "metrics": {"loss": 0.5}}, plain, trial["token"])
         assert answer.status_code == 200 and answer.json() == {"stop": False, "reason": ""}
         # Errors: the same status and body either way.
-        no_token = post(obs, {"step": 2, "metrics": {"loss": 0.5}}, fast)
+        no_token = post(obs, {"step": 2, "metrics": {"loss": 0.5}}, plain)
         assert no_token.status_code == 401 and no_token.json()["error"]["code"] == "unauthorized"
-        other = post(obs, {"step": 2, "metrics": {"loss": 0.5}}, fast, fast_trial["token"] + "0")
+        other = post(obs, {"step": 2, "metrics": {"loss": 0.5}}, plain, plain_trial["token"] + "0")
         assert other.status_code == 403
-        bad = post(obs, {"step": -1, "metrics": {"loss": 0.5}}, fast, trial["token"])
+        bad = post(obs, {"step": -1, "metrics": {"loss": 0.5}}, plain, trial["token"])
         assert bad.status_code == 422 and bad.json()["error"]["field"] == "step"
         finish = f"/v1/experiments/{UID}/trials/{n}/finish"
-        assert post(finish, {"state": "nope"}, fast).status_code == 422
-        done = post(finish, {"state": "succeeded"}, fast)
+        assert post(finish, {"state": "nope"}, plain).status_code == 422
+        done = post(finish, {"state": "succeeded"}, plain)
         assert done.status_code == 200 and done.json()["objective"] == 0.5
-        again = post(finish, {"state": "failed"}, fast)
+        again = post(finish, {"state": "failed"}, plain)
         assert again.status_code == 409 and again.json()["error"]["field"] == "state"
-    for fast in (True, False):
-        missing = post("/v1/experiments/nope/ask", {"count": 1}, fast)
+    for plain in (True, False):
+        missing = post("/v1/experiments/nope/ask", {"count": 1}, plain)
         assert missing.status_code == 404 and missing.json()["error"]["field"] == "uid"
-        assert post(ask, {"count": 0}, fast).json()["error"]["field"] == "count"
+        assert post(ask, {"count": 0}, plain).json()["error"]["field"] == "count"
         malformed = client.post(
             ask,
             content=b"{",
-            headers={"Content-Type": "application/json" if fast else "application/json; x=1"},
+            headers={"Content-Type": "application/json" if plain else "application/json; x=1"},
         )
         assert malformed.status_code == 400
         assert malformed.json()["error"]["code"] == "malformed_json"
-    # The fast path is timed under the route's template, like every route.
+    # Timed under the route's template, like every route.
     name, route = "kubetune_service_request_duration_seconds_count", "/v1/experiments/{uid}/ask"
     before = _metric(client, name, method="POST", route=route)
     assert post(ask, {"count": 1}, True).status_code == 200

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from kubetune_suggestion.engine.history import TrialState as EngineState
+from kubetune_suggestion.engine.history import RecordState
 from kubetune_suggestion.service import logic
 from kubetune_suggestion.service.errors import InvalidInput
 from kubetune_suggestion.service.testing import example_spec as make_spec
@@ -58,8 +58,8 @@ def test_bad_steps_are_refused(step: object) -> None:
 
 
 def test_engine_sees_pending_as_running_and_metrics_unavailable_as_failed() -> None:
-    assert logic.engine_state("pending") is EngineState.RUNNING
-    assert logic.engine_state("metrics_unavailable") is EngineState.FAILED
+    assert logic.engine_state("pending") is RecordState.RUNNING
+    assert logic.engine_state("metrics_unavailable") is RecordState.FAILED
     record = logic.trial_record(3, {"x": 1}, "failed", 0.5)
     assert record.value is None  # a failed trial's value is never a signal
 

@@ -15,8 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from kubetune_suggestion.engine.history import TrialRecord
-from kubetune_suggestion.engine.history import TrialState as EngineState
+from kubetune_suggestion.engine.history import RecordState, TrialRecord
 from kubetune_suggestion.engine.samplers.tpe import TPESampler
 from kubetune_suggestion.service.app import create_app
 from kubetune_suggestion.service.core import TuningService
@@ -167,10 +166,10 @@ def test_the_sampler_sees_the_restored_trials(
     records: Sequence[TrialRecord] = history
     by_number = {r.number: r for r in records}
     assert set(by_number) == set(range(42))
-    assert by_number[7].state is EngineState.SUCCEEDED
+    assert by_number[7].state is RecordState.SUCCEEDED
     assert by_number[7].value == pytest.approx(trials[7]["objective"])
-    assert by_number[40].state is EngineState.PRUNED and dict(by_number[40].steps) == {2: -1.0}
-    assert by_number[41].state is EngineState.RUNNING
+    assert by_number[40].state is RecordState.PRUNED and dict(by_number[40].steps) == {2: -1.0}
+    assert by_number[41].state is RecordState.RUNNING
     # TPE learnt from them: it proposes small learning rates (low loss here).
     assert all(t.params["lr"] < 0.01 for t in asked)
 
@@ -251,7 +250,7 @@ def test_a_restored_running_trial_takes_reports_with_its_token_and_finishes(
     a.restore(UID, [_trial(0, "succeeded", objective=0.9), _trial(1)])
     token = a.token(UID, 1)
     assert not a.report(UID, 1, token, 0, {"loss": 0.7}).stop
-    # Again, now with the experiment's id and spec cached (the fast path on PostgreSQL).
+    # Again, now with the experiment's spec cached.
     assert not a.report(UID, 1, token, 1, {"loss": 0.4}).stop
     assert not b.report(UID, 1, token, 2, {"loss": 0.6}).stop
     view = a.finish(UID, 1, "succeeded")
@@ -299,7 +298,7 @@ def test_restore_over_http(client: httpx.Client, svc: TuningService) -> None:
     conflict = client.post(url, json={"trials": [_trial(4), moved]})
     assert conflict.status_code == 409
     assert conflict.json()["error"]["field"] == "trials[1].params"
-    # The restored running trial reports with its token (the hot path) and finishes.
+    # The restored running trial reports with its token and finishes.
     token = svc.token(UID, 2)
     report = client.post(
         f"/v1/experiments/{UID}/trials/2/observations",

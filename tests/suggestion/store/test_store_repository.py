@@ -151,10 +151,10 @@ def test_an_ask_reads_what_changed_and_what_is_pending(store: Store) -> None:
         assert tx.lock_for_finish("nope", 0) is None
         found = tx.lock_for_finish("uid-1", 0)
         assert found is not None
-        experiment_id, spec_version, history_version, trial = found
-        assert (experiment_id, spec_version, history_version) == (eid, 1, 1)
+        assert (found.experiment_id, found.spec_version, found.history_version) == (eid, 1, 1)
+        trial = found.trial
         assert trial.state == "running" and trial.started_at is not None
-        assert tx.observed_steps(trial.id) == [(1, 0.5), (2, None)]
+        assert found.reported == [(1, 0.5), (2, None)]
         tx.finish_trial(
             eid,
             trial.id,

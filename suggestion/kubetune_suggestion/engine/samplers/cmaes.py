@@ -56,7 +56,7 @@ from typing import Any, Protocol
 import numpy as np
 from cmaes import CMA, CMAwM
 
-from kubetune_suggestion.engine.history import Direction, TrialRecord, TrialState
+from kubetune_suggestion.engine.history import Direction, RecordState, TrialRecord
 from kubetune_suggestion.engine.samplers.base import JsonState, Sampler, Suggestions
 from kubetune_suggestion.engine.samplers.random import RandomSampler
 from kubetune_suggestion.engine.samplers.tpe import TPESampler
@@ -155,7 +155,7 @@ class _Checkpoint:
     told: tuple[tuple[int, ...] | None, ...]
     restart: int
     optimizer: Any
-    matched: tuple[tuple[Hashable, tuple[int, TrialState, float | None] | None], ...]
+    matched: tuple[tuple[Hashable, tuple[int, RecordState, float | None] | None], ...]
 
 
 class CMAESSampler(Sampler):
@@ -245,7 +245,7 @@ class CMAESSampler(Sampler):
         finished = [
             i
             for i, (_, t) in enumerate(members)
-            if t is not None and t.state is not TrialState.RUNNING
+            if t is not None and t.state is not RecordState.RUNNING
         ]
         if len(finished) >= opt.population_size:
             chosen = finished[: opt.population_size]
@@ -351,7 +351,7 @@ class CMAESSampler(Sampler):
         """The (point, loss) pairs to tell; trials without a finite value rank last."""
         losses = [
             self.direction.loss(t.value)
-            if t is not None and t.state is TrialState.SUCCEEDED and t.value is not None
+            if t is not None and t.state is RecordState.SUCCEEDED and t.value is not None
             else math.inf
             for _, t in members
         ]
@@ -423,7 +423,7 @@ def _told(told: Mapping[str, list[int]], generation: int) -> tuple[int, ...] | N
     return None if chosen is None else tuple(chosen)
 
 
-def _fingerprint(trial: TrialRecord | None) -> tuple[int, TrialState, float | None] | None:
+def _fingerprint(trial: TrialRecord | None) -> tuple[int, RecordState, float | None] | None:
     """What of a matched trial a told generation depends on."""
     return None if trial is None else (trial.number, trial.state, trial.value)
 

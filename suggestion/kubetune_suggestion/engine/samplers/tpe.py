@@ -62,7 +62,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import qmc
 
-from kubetune_suggestion.engine.history import Direction, TrialRecord, TrialState
+from kubetune_suggestion.engine.history import Direction, RecordState, TrialRecord
 from kubetune_suggestion.engine.samplers.base import JsonState, Sampler, Suggestions
 from kubetune_suggestion.engine.samplers.tpe_encoding import Encoder
 from kubetune_suggestion.engine.samplers.tpe_parzen import (
@@ -274,13 +274,13 @@ class TPESampler(Sampler):
     def _observe(self, history: Sequence[TrialRecord]) -> _Observed:
         trials = list(history)
         if not self.settings.constant_liar:
-            trials = [t for t in trials if t.state is not TrialState.RUNNING]
+            trials = [t for t in trials if t.state is not RecordState.RUNNING]
         rows = self._rows_of(trials)
         loss = -rows.values if self.direction is Direction.MAXIMIZE else rows.values
         finite = np.isfinite(loss)
         ids = rows.state_ids
-        good = ((ids == id(TrialState.SUCCEEDED)) & finite).nonzero()[0]
-        pruned = ((ids == id(TrialState.PRUNED)) & finite).nonzero()[0]
+        good = ((ids == id(RecordState.SUCCEEDED)) & finite).nonzero()[0]
+        pruned = ((ids == id(RecordState.PRUNED)) & finite).nonzero()[0]
         n_finished = len(good) + len(pruned)
         bandwidth = self.bandwidth
         if self.settings.clip_by_history:
@@ -296,7 +296,7 @@ class TPESampler(Sampler):
             numbers=rows.numbers,
             ascending=rows.ascending,
             below=self._split(trials, loss, good, pruned, self._n_below(n_finished)),
-            running=[trials[i].params for i in (ids == id(TrialState.RUNNING)).nonzero()[0]],
+            running=[trials[i].params for i in (ids == id(RecordState.RUNNING)).nonzero()[0]],
             n_finished=n_finished,
             bandwidth=bandwidth,
         )
