@@ -11,7 +11,7 @@ trial's own token. So the run measures the operator's bookkeeping (Trials,
 Pods, service calls, status) and the control plane, not training.
 
 The suggestion service and the operator run as host processes (see
-``e2e/operator_helpers.py``). Printed: total time against the ideal
+``e2e/host_stack.py``). Printed: total time against the ideal
 ``trials / parallelism * seconds``, apply-to-first-trial-Running, and the
 peak number of trial Pods running at once. Then, with kubetune stopped, the
 floor (``--no-floor`` skips it): the same number of copies of a trial Pod
@@ -40,9 +40,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from e2e.cluster import Cluster, bin_dir  # noqa: E402
-from e2e.helpers import Kube, find_kubectl, wait_for  # noqa: E402
+from e2e.helpers import Kube, Samples, find_kubectl, wait_for  # noqa: E402
+from e2e.host_stack import HostStack  # noqa: E402
 from e2e.kube import Api  # noqa: E402
-from e2e.operator_helpers import ChartStack, HostStack, synthetic_experiment  # noqa: E402
+from e2e.operator_helpers import ChartStack, synthetic_experiment  # noqa: E402
 from kubetune_controller.pods import COLLECTOR_NAME  # noqa: E402
 from kubetune_suggestion.store import testing  # noqa: E402
 
@@ -314,7 +315,7 @@ def measure_floor(
     return bare.run(args.parallelism, args.timeout)
 
 
-def main() -> int:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=1000)
     parser.add_argument("--parallelism", type=int, default=50)
@@ -343,8 +344,112 @@ def main() -> int:
         help="run the trials as real containers on the cluster's real node, kubetune installed "
         "by its chart (no kwok); e.g. --trials 200 --parallelism 20",
     )
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def _start_kwok(kube: Kube, work: Path, args: argparse.Namespace) -> subprocess.Popen[bytes]:
+    """Kwok with its fast stages and one that ends trial Pods after ``--seconds``."""
+    binaries = bin_dir()
+    stages = trial_stages(
+        binaries / "kwok-stages.yaml",
+        args.seconds,
+        work / "stages.yaml",
+        args.kwok_parallelism or args.parallelism,
+    )
+    return subprocess.Popen(
+        [
+            str(binaries / "kwok"),
+            f"--kubeconfig={kube.kubeconfig}",
+            # kwok's own "fast" stages (copied by e2e/cluster/build.sh) and
+            # one that ends trial Pods.
+            f"--config={stages}",
+            "--manage-all-nodes=false",
+            f"--manage-nodes-with-annotation-selector={TAINT}=fake",
+            "--cidr=10.128.0.0/16",
+            "--node-lease-duration-seconds=40",
+        ],
+        stdout=(work / "kwok.log").open("w"),
+        stderr=subprocess.STDOUT,
+        env=kube.env(),
+    )
+
+
+def _bench_experiment(args: argparse.Namespace) -> dict[str, Any]:
+    exp = synthetic_experiment(
+        "bench", max_trials=args.trials, parallelism=args.parallelism, epochs=1, sleep=args.seconds
+    )
+    if not args.real_node:
+        exp["spec"]["template"]["spec"].update(
+            nodeSelector={"type": "kwok"},
+            tolerations=[{"key": TAINT, "operator": "Exists", "effect": "NoSchedule"}],
+        )
+    return exp
+
+
+def _wait_for_end(
+    timeline: PodTimeline, kwok: subprocess.Popen[bytes] | None, work: Path, timeout: float
+) -> str:
+    """The experiment's final phase, with its progress shown every 5 s."""
+    # Polled through the API client: a kubectl process four times a second
+    # would cost more CPU than some of the parts measured.
+    exp_path = f"/apis/kubetune.io/v1alpha1/namespaces/{NAMESPACE}/experiments/bench"
+    shown = [time.time()]
+
+    def finished() -> str | None:
+        if kwok is not None and kwok.poll() is not None:
+            raise RuntimeError(f"kwok exited with {kwok.returncode}: see {work}/kwok.log")
+        status = timeline.api.get(exp_path).get("status") or {}
+        if time.time() - shown[0] >= 5:
+            shown[0] = time.time()
+            done = status.get("trialsSummary", "0")
+            print(f"  kubetune: {done} trials done", file=sys.stderr)
+        phase = status.get("phase")
+        return phase if phase in ("Succeeded", "Failed") else None
+
+    phase: str = wait_for(finished, timeout, "the benchmark experiment to end", interval=0.25)
+    return phase
+
+
+def _rows(
+    kube: Kube,
+    args: argparse.Namespace,
+    phase: str,
+    total: float,
+    first: float,
+    timeline: PodTimeline,
+    samples: Samples,
+) -> list[tuple[str, str]]:
+    """The result table's rows, kubetune's run only."""
+    status = kube.get("experiment", "-n", NAMESPACE, "bench")["status"]
+    trials = len(kube.get("trials", "-n", NAMESPACE)["items"])
+    ideal = args.trials / args.parallelism * args.seconds
+    reconciles = samples.get(("kubetune_reconcile_duration_seconds_count", ()), 0.0)
+    busy = samples.get(("kubetune_reconcile_duration_seconds_sum", ()), 0.0)
+    return [
+        ("trials (created / max)", f"{trials} / {args.trials}"),
+        ("parallelism", str(args.parallelism)),
+        ("trial duration", f"{args.seconds:g} s"),
+        ("nodes", "the real node (containerd)" if args.real_node else f"{args.nodes} kwok"),
+        ("service database", "PostgreSQL, 2 workers" if args.postgres else "SQLite, 1 worker"),
+        ("experiment phase", f"{phase} ({status.get('trialsSummary')})"),
+        (
+            "succeeded / metricsUnavailable",
+            f"{status.get('succeeded')} / {status.get('metricsUnavailable')}",
+        ),
+        ("ideal total", f"{ideal:.1f} s"),
+        ("measured total (apply -> phase final)", f"{total:.1f} s"),
+        ("ratio (target <= 1.5)", f"{total / ideal:.2f}"),
+        ("apply -> first trial Running (target <= 3 s)", f"{first:.2f} s"),
+        ("peak trial Pods Running at once", str(timeline.peak)),
+        (
+            "operator reconciles (mean duration)",
+            f"{reconciles:.0f} ({busy / max(reconciles, 1) * 1000:.0f} ms)",
+        ),
+    ]
+
+
+def main() -> int:
+    args = _arguments()
     cluster = Cluster()
     if not cluster.is_up():
         print('no cluster: run `eval "$(python -m e2e.cluster up)"` first', file=sys.stderr)
@@ -352,30 +457,7 @@ def main() -> int:
     binaries = bin_dir()
     kube = Kube(cluster.kubeconfig, find_kubectl(binaries), local=True, bin_dir=binaries)
     work = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
-    kwok: subprocess.Popen[bytes] | None = None
-    if not args.real_node:
-        stages = trial_stages(
-            binaries / "kwok-stages.yaml",
-            args.seconds,
-            work / "stages.yaml",
-            args.kwok_parallelism or args.parallelism,
-        )
-        kwok = subprocess.Popen(
-            [
-                str(binaries / "kwok"),
-                f"--kubeconfig={kube.kubeconfig}",
-                # kwok's own "fast" stages (copied by e2e/cluster/build.sh) and
-                # one that ends trial Pods.
-                f"--config={stages}",
-                "--manage-all-nodes=false",
-                f"--manage-nodes-with-annotation-selector={TAINT}=fake",
-                "--cidr=10.128.0.0/16",
-                "--node-lease-duration-seconds=40",
-            ],
-            stdout=(work / "kwok.log").open("w"),
-            stderr=subprocess.STDOUT,
-            env=kube.env(),
-        )
+    kwok = None if args.real_node else _start_kwok(kube, work, args)
     stack: HostStack | ChartStack = (
         ChartStack(kube, work) if args.real_node else HostStack(kube, work)
     )
@@ -395,79 +477,22 @@ def main() -> int:
         kube.kubectl("create", "namespace", NAMESPACE)
         wait_for(lambda: kube.try_get("sa", "-n", NAMESPACE, "default"), 60, "default SA")
         stack.start()
-        exp = synthetic_experiment(
-            "bench",
-            max_trials=args.trials,
-            parallelism=args.parallelism,
-            epochs=1,
-            sleep=args.seconds,
-        )
-        if not args.real_node:
-            exp["spec"]["template"]["spec"].update(
-                nodeSelector={"type": "kwok"},
-                tolerations=[{"key": TAINT, "operator": "Exists", "effect": "NoSchedule"}],
-            )
         timeline = PodTimeline(kube, stack.service_url, play=not args.real_node)
         timeline.thread.start()
         time.sleep(1)
         applied = time.time()
-        kube.apply(exp, namespace=NAMESPACE)
-
-        # Polled through the API client: a kubectl process four times a
-        # second would cost more CPU than some of the parts measured.
-        exp_path = f"/apis/kubetune.io/v1alpha1/namespaces/{NAMESPACE}/experiments/bench"
-
-        shown = [time.time()]
-
-        def finished() -> str | None:
-            if kwok is not None and kwok.poll() is not None:
-                raise RuntimeError(f"kwok exited with {kwok.returncode}: see {work}/kwok.log")
-            status = timeline.api.get(exp_path).get("status") or {}
-            if time.time() - shown[0] >= 5:
-                shown[0] = time.time()
-                done = status.get("trialsSummary", "0")
-                print(f"  kubetune: {done} trials done", file=sys.stderr)
-            phase = status.get("phase")
-            return phase if phase in ("Succeeded", "Failed") else None
-
-        phase = wait_for(finished, args.timeout, "the benchmark experiment to end", interval=0.25)
+        kube.apply(_bench_experiment(args), namespace=NAMESPACE)
+        phase = _wait_for_end(timeline, kwok, work, args.timeout)
         total = time.time() - applied
-        status = kube.get("experiment", "-n", NAMESPACE, "bench")["status"]
-        trials = len(kube.get("trials", "-n", NAMESPACE)["items"])
-        ideal = args.trials / args.parallelism * args.seconds
         first = (timeline.first_running or float("nan")) - applied
-        rows = [
-            ("trials (created / max)", f"{trials} / {args.trials}"),
-            ("parallelism", str(args.parallelism)),
-            ("trial duration", f"{args.seconds:g} s"),
-            ("nodes", "the real node (containerd)" if args.real_node else f"{args.nodes} kwok"),
-            ("service database", "PostgreSQL, 2 workers" if args.postgres else "SQLite, 1 worker"),
-            ("experiment phase", f"{phase} ({status.get('trialsSummary')})"),
-            (
-                "succeeded / metricsUnavailable",
-                f"{status.get('succeeded')} / {status.get('metricsUnavailable')}",
-            ),
-            ("ideal total", f"{ideal:.1f} s"),
-            ("measured total (apply -> phase final)", f"{total:.1f} s"),
-            ("ratio (target <= 1.5)", f"{total / ideal:.2f}"),
-            ("apply -> first trial Running (target <= 3 s)", f"{first:.2f} s"),
-            ("peak trial Pods Running at once", str(timeline.peak)),
-        ]
-        samples = stack.metrics()
-        reconciles = samples.get(("kubetune_reconcile_duration_seconds_count", ()), 0.0)
-        busy = samples.get(("kubetune_reconcile_duration_seconds_sum", ()), 0.0)
-        rows.append(
-            (
-                "operator reconciles (mean duration)",
-                f"{reconciles:.0f} ({busy / max(reconciles, 1) * 1000:.0f} ms)",
-            )
-        )
+        rows = _rows(kube, args, phase, total, first, timeline, stack.metrics())
         if not args.no_floor:
             # Everything of kubetune's stops first: the floor run has the
             # machine to itself but for the control plane and kwok.
             timeline.stop.set()
             stack.stop()
             floor = measure_floor(kube, timeline.api, args, cleanup)
+            ideal = args.trials / args.parallelism * args.seconds
             rows += [
                 ("floor: the same Pods without kubetune", f"{floor:.1f} s"),
                 ("floor ratio (control plane, node(s), machine)", f"{floor / ideal:.2f}"),

@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Header, Path, Query, Request
+from fastapi import APIRouter, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -186,6 +186,18 @@ def create_app(settings: ServiceSettings, service: TuningService | None = None) 
         responses=_ERRORS,
     )
     app.state.service = svc
+    _add_error_handlers(app)
+    app.include_router(_experiment_routes(svc))
+    app.include_router(_trial_routes(svc))
+    app.include_router(_report_routes(svc))
+    app.include_router(_stop_routes(svc, settings))
+    app.include_router(_health_routes(svc))
+    app.add_middleware(_LatencyMiddleware)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error answered as ``{"error": {code, message, field}}``."""
 
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
@@ -217,24 +229,28 @@ def create_app(settings: ServiceSettings, service: TuningService | None = None) 
         log.exception("unhandled error", exc_info=exc)
         return _error(500, "internal", "internal server error (see the service log)")
 
-    @app.put("/v1/experiments/{uid}", response_model=ExperimentView, tags=["experiments"])
+
+def _experiment_routes(svc: TuningService) -> APIRouter:
+    router = APIRouter(tags=["experiments"])
+
+    @router.put("/v1/experiments/{uid}", response_model=ExperimentView)
     def register(uid: Uid, body: RegisterRequest) -> Response:
         """Create or update an experiment (keyed by the Kubernetes object's UID)."""
         view = svc.register(uid, body.name, body.namespace, body.spec)
         return _json(view, 201 if view.created else 200)
 
-    @app.get("/v1/experiments/{uid}", response_model=ExperimentSummary, tags=["experiments"])
+    @router.get("/v1/experiments/{uid}", response_model=ExperimentSummary)
     def summary(uid: Uid) -> Response:
         """Counts by state, the best trial, whether the experiment is complete."""
         return _json(svc.summary(uid))
 
-    @app.delete("/v1/experiments/{uid}", status_code=204, tags=["experiments"])
+    @router.delete("/v1/experiments/{uid}", status_code=204)
     def delete(uid: Uid) -> Response:
         """Delete an experiment with all its trials and observations."""
         svc.delete(uid)
         return Response(status_code=204)
 
-    @app.post("/v1/experiments/{uid}/restore", response_model=RestoreResult, tags=["experiments"])
+    @router.post("/v1/experiments/{uid}/restore", response_model=RestoreResult)
     def restore(uid: Uid, body: RestoreRequest) -> Response:
         """Put back the trials the cluster holds, after the service lost its database.
 
@@ -244,7 +260,13 @@ def create_app(settings: ServiceSettings, service: TuningService | None = None) 
         """
         return _json(svc.restore(uid, body.trials))
 
-    @app.post("/v1/experiments/{uid}/ask", response_model=AskResult, tags=["trials"])
+    return router
+
+
+def _trial_routes(svc: TuningService) -> APIRouter:
+    router = APIRouter(tags=["trials"])
+
+    @router.post("/v1/experiments/{uid}/ask", response_model=AskResult)
     def ask(uid: Uid, body: AskRequest | None = None) -> Response:
         """Up to ``count`` trials to run that no other ask returned (no body: one trial).
 
@@ -264,7 +286,7 @@ def create_app(settings: ServiceSettings, service: TuningService | None = None) 
         )
         return _json(asked)
 
-    @app.get("/v1/experiments/{uid}/trials", response_model=list[TrialView], tags=["trials"])
+    @router.get("/v1/experiments/{uid}/trials", response_model=list[TrialView])
     def trials(
         uid: Uid,
         observations: Annotated[bool, Query(description="Include every report.")] = False,
@@ -274,12 +296,12 @@ def create_app(settings: ServiceSettings, service: TuningService | None = None) 
         body = b"[" + b",".join(v.model_dump_json().encode() for v in views) + b"]"
         return Response(body, media_type="application/json")
 
-    @app.get("/v1/experiments/{uid}/trials/{n}", response_model=TrialView, tags=["trials"])
+    @router.get("/v1/experiments/{uid}/trials/{n}", response_model=TrialView)
     def trial(uid: Uid, n: Number) -> Response:
         """One trial."""
         return _json(svc.trial(uid, n))
 
-    @app.post("/v1/experiments/{uid}/start", response_model=StartResult, tags=["trials"])
+    @router.post("/v1/experiments/{uid}/start", response_model=StartResult)
     def start_many(uid: Uid, request: StartRequest) -> StartResult:
         """Mark several handed-out trials as running, in one transaction.
 
@@ -287,13 +309,13 @@ def create_app(settings: ServiceSettings, service: TuningService | None = None) 
         """
         return svc.start_many(uid, request.numbers)
 
-    @app.post("/v1/experiments/{uid}/trials/{n}/start", status_code=204, tags=["trials"])
+    @router.post("/v1/experiments/{uid}/trials/{n}/start", status_code=204)
     def start(uid: Uid, n: Number) -> Response:
         """Mark a handed-out trial as running (idempotent)."""
         svc.start(uid, n)
         return Response(status_code=204)
 
-    @app.post("/v1/experiments/{uid}/trials/{n}/retry", response_model=TrialView, tags=["trials"])
+    @router.post("/v1/experiments/{uid}/trials/{n}/retry", response_model=TrialView)
     def retry(uid: Uid, n: Number, body: RetryRequest | None = None) -> Response:
         """Start a new attempt of a pending or running trial (its Pod was lost).
 
@@ -302,6 +324,13 @@ def create_app(settings: ServiceSettings, service: TuningService | None = None) 
         back; without, it is running at once.
         """
         return _json(svc.retry(uid, n, (body or RetryRequest()).ask_id))
+
+    return router
+
+
+def _report_routes(svc: TuningService) -> APIRouter:
+    """Reports and finishes."""
+    router = APIRouter(tags=["trials"])
 
     # The report batcher's database calls run here: the
     # event loop's own executor is lighter than anyio's thread hop, and this
@@ -313,10 +342,9 @@ def create_app(settings: ServiceSettings, service: TuningService | None = None) 
     # The hottest route: it reads its body and header itself, which costs
     # about half of what FastAPI's body and header parameters do; the
     # request body and header are documented through openapi_extra instead.
-    @app.post(
+    @router.post(
         "/v1/experiments/{uid}/trials/{n}/observations",
         response_model=StopAnswer,
-        tags=["trials"],
         openapi_extra=_OBSERVATION_DOCS,
     )
     async def observe(uid: Uid, n: Number, request: Request) -> Response:
@@ -330,7 +358,7 @@ def create_app(settings: ServiceSettings, service: TuningService | None = None) 
         token = _bearer(authorization)
         return _json(await batcher.submit(Report(uid, n, token, body.step, body.metrics)))
 
-    @app.post("/v1/experiments/{uid}/trials/{n}/finish", response_model=TrialView, tags=["trials"])
+    @router.post("/v1/experiments/{uid}/trials/{n}/finish", response_model=TrialView)
     def finish(
         uid: Uid,
         n: Number,
@@ -351,7 +379,14 @@ def create_app(settings: ServiceSettings, service: TuningService | None = None) 
         )
         return _json(view)
 
-    @app.get("/v1/experiments/{uid}/stops", response_model=list[StopOrder], tags=["trials"])
+    return router
+
+
+def _stop_routes(svc: TuningService, settings: ServiceSettings) -> APIRouter:
+    """Stop orders: per experiment, and the operator's long poll over all of them."""
+    router = APIRouter(tags=["trials"])
+
+    @router.get("/v1/experiments/{uid}/stops", response_model=list[StopOrder])
     def experiment_stops(uid: Uid) -> Response:
         """Running trials of the experiment that should stop."""
         orders = svc.stops(uid)
@@ -360,7 +395,7 @@ def create_app(settings: ServiceSettings, service: TuningService | None = None) 
             media_type="application/json",
         )
 
-    @app.get("/v1/stops", response_model=StopList, tags=["trials"])
+    @router.get("/v1/stops", response_model=StopList)
     async def stops(
         experiment: Annotated[str | None, Query(max_length=128)] = None,
         wait: Annotated[
@@ -382,14 +417,18 @@ def create_app(settings: ServiceSettings, service: TuningService | None = None) 
                 min(settings.stop_poll_seconds, max(0.0, deadline - time.monotonic()))
             )
 
-    app.add_middleware(_LatencyMiddleware)
+    return router
 
-    @app.get("/healthz", tags=["health"])
+
+def _health_routes(svc: TuningService) -> APIRouter:
+    router = APIRouter(tags=["health"])
+
+    @router.get("/healthz")
     def healthz() -> dict[str, str]:
         """The process is alive."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], responses={503: {"model": ErrorBody}})
+    @router.get("/readyz", responses={503: {"model": ErrorBody}})
     def readyz() -> Response:
         """The database answers."""
         try:
@@ -398,12 +437,12 @@ def create_app(settings: ServiceSettings, service: TuningService | None = None) 
             return _error(503, "unavailable", f"database unreachable: {type(exc).__name__}")
         return JSONResponse({"status": "ready"})
 
-    @app.get("/metrics", tags=["health"], response_class=Response)
+    @router.get("/metrics", response_class=Response)
     def metrics() -> Response:
         """Prometheus metrics."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    return app
+    return router
 
 
 def app_from_env() -> FastAPI:
