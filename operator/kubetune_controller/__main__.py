@@ -26,7 +26,7 @@ import os
 
 import kopf
 
-from kubetune_controller.handlers import App, build_registry
+from kubetune_controller.handlers import OperatorApp, build_registry
 from kubetune_controller.settings import settings_from_env
 from kubetune_suggestion.env_settings import SettingsError
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig  # for kopf's own login too
-    app = App(settings=settings, kubeconfig=args.kubeconfig)
+    app = OperatorApp(settings=settings, kubeconfig=args.kubeconfig)
     kopf.run(
         loop=_event_loop(),
         registry=build_registry(app),

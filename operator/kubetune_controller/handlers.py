@@ -67,7 +67,7 @@ class NoDiffBase(kopf.DiffBaseStorage):
 
 
 @dataclass
-class App:
+class OperatorApp:
     """The operator's dependencies, built at startup."""
 
     settings: OperatorSettings
@@ -81,7 +81,7 @@ class App:
     stream_down_limit_seconds: float = STREAM_DOWN_LIMIT_SECONDS
 
 
-def build_registry(app: App) -> kopf.OperatorRegistry:
+def build_registry(app: OperatorApp) -> kopf.OperatorRegistry:
     """Register the operator's handlers for ``app``.
 
     The watch handlers are coroutines on purpose: kopf runs plain functions in

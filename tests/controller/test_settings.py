@@ -138,10 +138,10 @@ class Started:
     """What ``main`` handed to kopf, with kopf itself replaced."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.app: operator_main.App | None = None
+        self.app: operator_main.OperatorApp | None = None
         self.run: dict[str, Any] = {}
 
-        def build_registry(app: operator_main.App) -> None:
+        def build_registry(app: operator_main.OperatorApp) -> None:
             self.app = app
 
         monkeypatch.setattr(operator_main, "build_registry", build_registry)

@@ -17,7 +17,7 @@ from kopf._core.engines.probing import health_reporter
 from kubernetes import client as k8s_client
 
 from kubetune_controller.cache import ClusterCache
-from kubetune_controller.handlers import App, build_registry
+from kubetune_controller.handlers import OperatorApp, build_registry
 from kubetune_controller.kube import Kube, LineBuffer
 from kubetune_controller.kube_api import KubeError, KubeUnreachable
 from kubetune_controller.settings import LABEL_EXPERIMENT, OperatorSettings
@@ -165,7 +165,7 @@ def test_a_stream_down_longer_than_the_limit_is_stalled() -> None:
     assert stalled_streams([stream], began + 1000, limit=120) == []
 
 
-async def _healthz(app: App) -> tuple[int, str]:
+async def _healthz(app: OperatorApp) -> tuple[int, str]:
     """GET kopf's liveness endpoint, served with the operator's registry."""
     port = _free_port()
     ready = asyncio.Event()
@@ -200,7 +200,7 @@ def test_healthz_fails_while_a_watch_stream_is_down_and_passes_while_it_is_up() 
         trials = ObjectStream(
             cluster, "/apis/kubetune.io/v1alpha1/trials", LABEL_EXPERIMENT, print, print
         )
-        app = App(OperatorSettings(), streams=[pods, trials], stream_down_limit_seconds=60)
+        app = OperatorApp(OperatorSettings(), streams=[pods, trials], stream_down_limit_seconds=60)
         tasks = [asyncio.create_task(s.run()) for s in app.streams]
         try:
             await trials.synced.wait()
@@ -233,7 +233,7 @@ def test_healthz_fails_once_a_stream_has_stopped_for_good() -> None:
             raise KeyError("a bug in a callback")
 
         stream = ObjectStream(FakeCluster(), "/api/v1/pods", LABEL_EXPERIMENT, broken, print)
-        app = App(OperatorSettings(), streams=[stream], stream_down_limit_seconds=0.0)
+        app = OperatorApp(OperatorSettings(), streams=[stream], stream_down_limit_seconds=0.0)
         task = asyncio.create_task(stream.run())
         with pytest.raises(KeyError):
             await task
