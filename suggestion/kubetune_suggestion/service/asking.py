@@ -55,8 +55,7 @@ def check_ask(count: Any, parallelism: int | None, ask_id: Any, lease_seconds: A
         raise InvalidInput(
             f"count must be a whole number from 1 to {MAX_ASK}, got {count!r}", field="count"
         )
-    if ask_id is not None and (not isinstance(ask_id, str) or not 1 <= len(ask_id) <= 128):
-        raise InvalidInput(f"ask_id must be 1-128 characters, got {ask_id!r}", field="ask_id")
+    check_ask_id(ask_id)
     if lease_seconds is not None and (
         isinstance(lease_seconds, bool)
         or not isinstance(lease_seconds, int)
@@ -69,6 +68,16 @@ def check_ask(count: Any, parallelism: int | None, ask_id: Any, lease_seconds: A
         )
     expires = None if lease_seconds is None else time.time() + lease_seconds
     return Ask(count, parallelism, AskedBy(ask_id, lease_seconds, expires))
+
+
+def check_ask_id(ask_id: Any) -> None:
+    """Refuse an ``ask_id`` that is not None or a string of 1-128 characters.
+
+    Raises:
+        InvalidInput: Naming ``ask_id``.
+    """
+    if ask_id is not None and (not isinstance(ask_id, str) or not 1 <= len(ask_id) <= 128):
+        raise InvalidInput(f"ask_id must be 1-128 characters, got {ask_id!r}", field="ask_id")
 
 
 def hand_out(

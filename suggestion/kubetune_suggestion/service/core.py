@@ -250,7 +250,7 @@ class TuningService:
             # Trials whose lease ran out are failed first: their slots are then free.
             expired = tx.expire(row.id, read.expired, history.version + 1)
             if expired:
-                failed = (replace(t, state="failed", objective=None) for t, _ in read.expired)
+                failed = (replace(t, state="failed", objective=None) for t in read.expired)
                 history = history.updated(
                     history.version + 1, map(logic.stored_record, failed), direction
                 )
@@ -344,12 +344,10 @@ class TuningService:
             NotFound: If there is no such experiment or trial.
             Conflict: If the trial already finished (naming its state).
         """
-        if ask_id is not None and not (isinstance(ask_id, str) and 1 <= len(ask_id) <= 128):
-            raise InvalidInput("ask_id must be a string of 1-128 characters", field="ask_id")
+        asking.check_ask_id(ask_id)
         with self.store.write() as tx:
-            trial = _lock_open_trial(
-                tx, uid, number, "; only a pending or running one can be retried"
-            )
+            why = "; only a pending or running trial can be retried"
+            trial = _lock_open_trial(tx, uid, number, why)
             started_at = tx.restart_trial(trial.id, ask_id)
         log.info("experiment %s: trial %d retried (a new attempt)", uid, number)
         state = TrialState.PENDING if ask_id is not None else TrialState.RUNNING

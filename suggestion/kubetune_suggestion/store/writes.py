@@ -83,6 +83,12 @@ def _float_or_none(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
+def _lease(trial: TrialRow) -> int:
+    # Only a trial with a lease can expire.
+    assert trial.lease_seconds is not None
+    return trial.lease_seconds
+
+
 def lease_expired_message(lease_seconds: int) -> str:
     """The message of a trial failed because its lease ran out."""
     return (
@@ -98,13 +104,13 @@ class AskTrials:
         changed: Trials added or changed after the history version given, by number.
         pending: Trials handed out and never started, by number.
         mine: Numbers of the pending trials handed out under the ask id given.
-        expired: Open trials whose lease ran out, each with its lease in seconds.
+        expired: Open trials whose lease ran out.
     """
 
     changed: list[TrialRow]
     pending: list[TrialRow]
     mine: frozenset[int]
-    expired: list[tuple[TrialRow, int]]
+    expired: list[TrialRow]
 
 
 @dataclass(frozen=True)
@@ -284,13 +290,13 @@ class WriteTxn:
             changed=[t for t, _ in trials if t.history_version > version],
             pending=[t for t, r in trials if t.state == "pending" and not r.expired],
             mine=frozenset(t.number for t, r in trials if r.mine and not r.expired),
-            expired=[(t, int(t.lease_seconds or 0)) for t, r in trials if r.expired],
+            expired=[t for t, r in trials if r.expired],
         )
 
     def expire(
-        self, experiment_id: int, expired: Sequence[tuple[TrialRow, int]], history_version: int
+        self, experiment_id: int, expired: Sequence[TrialRow], history_version: int
     ) -> list[ExpiredTrial]:
-        """Fail trials whose lease ran out (each with its lease in seconds), as a finish would.
+        """Fail trials whose lease ran out, as a finish would.
 
         Each gets the reason as its message, its stop order (if any) closed,
         and the experiment moves to ``history_version``. The caller holds the
@@ -315,18 +321,18 @@ class WriteTxn:
             [
                 {
                     "b_id": trial.id,
-                    "b_message": lease_expired_message(seconds),
+                    "b_message": lease_expired_message(_lease(trial)),
                     "b_version": history_version,
                     "b_now": now,
                 }
-                for trial, seconds in expired
+                for trial in expired
             ],
         )
         self.connection.execute(
-            delete(_stop_orders).where(_stop_orders.c.trial_id.in_([t.id for t, _ in expired]))
+            delete(_stop_orders).where(_stop_orders.c.trial_id.in_([t.id for t in expired]))
         )
         self.update_experiment(experiment_id, history_version=history_version)
-        return [ExpiredTrial(trial.number, seconds) for trial, seconds in expired]
+        return [ExpiredTrial(trial.number, _lease(trial)) for trial in expired]
 
     def allocate(
         self,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import httpx
@@ -23,16 +22,6 @@ GRID = {"name": "grid"}
 GRID_PARAMETERS = [{"name": "opt", "type": "categorical", "values": ["adam", "sgd"]}]
 
 
-@pytest.fixture
-def replicas(db_url: str) -> Iterator[tuple[TuningService, TuningService]]:
-    """Two services on one database, as two replicas (or two local processes) are."""
-    a = TuningService.open(db_url)
-    b = TuningService.open(db_url, secret=a.secret)
-    yield a, b
-    a.close()
-    b.close()
-
-
 class _Clock:
     """A settable ``time`` module for the service and the store (leases read ``time.time``)."""
 
@@ -44,13 +33,6 @@ class _Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-@pytest.fixture
-def svc(db_url: str) -> Iterator[TuningService]:
-    service = TuningService.open(db_url)
-    yield service
-    service.close()
 
 
 def _register(svc: TuningService, **overrides: object) -> None:

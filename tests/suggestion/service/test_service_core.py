@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,13 +19,6 @@ from kubetune_suggestion.service.reporting import Report
 from kubetune_suggestion.service.testing import EXAMPLE_ASHA, example_spec
 
 UID = "0b6f-uid"
-
-
-@pytest.fixture
-def svc(db_url: str) -> Iterator[TuningService]:
-    service = TuningService.open(db_url)
-    yield service
-    service.close()
 
 
 def _register(svc: TuningService, uid: str = UID, **overrides: Any) -> None:

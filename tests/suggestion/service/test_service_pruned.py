@@ -8,7 +8,6 @@ runs diverge by timing alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -23,13 +22,6 @@ from kubetune_suggestion.service.testing import example_spec
 UID = "pruned-uid"
 # The median rule against a single other trial: easy to steer step by step.
 MEDIAN = {"name": "median", "minTrials": 1}
-
-
-@pytest.fixture
-def svc(db_url: str) -> Iterator[TuningService]:
-    service = TuningService.open(db_url)
-    yield service
-    service.close()
 
 
 def _register(svc: TuningService, **overrides: Any) -> None:

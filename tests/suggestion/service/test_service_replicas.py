@@ -9,7 +9,6 @@ check that the other answers as if it had no cache.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,16 +19,6 @@ from kubetune_suggestion.service.models import StopAnswer, TrialAssignment, Tria
 from kubetune_suggestion.service.testing import EXAMPLE_ASHA, example_spec
 
 UID = "fast-uid"
-
-
-@pytest.fixture
-def replicas(db_url: str) -> Iterator[tuple[TuningService, TuningService]]:
-    """Two services on one database, as two replicas (each with its own caches)."""
-    a = TuningService.open(db_url)
-    b = TuningService.open(db_url, migrate=False)
-    yield a, b
-    a.close()
-    b.close()
 
 
 def _register(svc: TuningService, **overrides: Any) -> None:

@@ -27,16 +27,6 @@ MEDIAN = {"name": "median", "minTrials": 1}
 
 
 @pytest.fixture
-def replicas(db_url: str) -> Iterator[tuple[TuningService, TuningService]]:
-    """Two services on one database, as two replicas (each with its own caches)."""
-    a = TuningService.open(db_url)
-    b = TuningService.open(db_url, migrate=False)
-    yield a, b
-    a.close()
-    b.close()
-
-
-@pytest.fixture
 def svc(replicas: tuple[TuningService, TuningService]) -> TuningService:
     return replicas[0]
 

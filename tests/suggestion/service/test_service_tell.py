@@ -7,7 +7,6 @@ stored); bad input is refused before anything is written.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,13 +17,6 @@ from kubetune_suggestion.service.models import TrialAssignment, TrialState, Tria
 from kubetune_suggestion.service.testing import EXAMPLE_ASHA, example_spec
 
 UID = "tell-uid"
-
-
-@pytest.fixture
-def svc(db_url: str) -> Iterator[TuningService]:
-    service = TuningService.open(db_url)
-    yield service
-    service.close()
 
 
 def _register(svc: TuningService, strategy: str = "last", **overrides: Any) -> None:

@@ -220,6 +220,6 @@ def test_expire_fails_the_silent_trials(store: Store) -> None:
         # A start renews the lease from now: past the old expiry.
         tx.mark_running([_lock(tx, 1).id])
         assert tx.ask_trials(eid, 4, None, now + 59.5).expired == []
-        assert [t.number for t, _ in tx.ask_trials(eid, 4, None, time.time() + 61).expired] == [1]
+        assert [t.number for t in tx.ask_trials(eid, 4, None, time.time() + 61).expired] == [1]
     row = store.experiment("uid-1")
     assert row is not None and row.history_version == 4
