@@ -229,7 +229,7 @@ class Cluster:
         self.log("starting kube-apiserver")
         self.procs.start(
             "kube-apiserver",
-            control_plane.apiserver_argv(self.bin, ports, node_ip, creds),
+            control_plane.apiserver_argv(self.bin, ports, node_ip, creds, self.state),
             env=control_plane.apiserver_env(),
         )
         admin = Api.from_kubeconfig(self.kubeconfig)

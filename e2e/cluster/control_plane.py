@@ -90,10 +90,34 @@ def etcd_argv(binaries: Path, data_dir: Path, ports: dict[str, int]) -> list[str
     ]
 
 
+# What the API server's audit log keeps: every request of a ServiceAccount
+# (the operator's and the service's calls, from which e2e derives the RBAC
+# they use) and who deleted a Pod. Metadata only: no bodies.
+AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  userGroups: ["system:serviceaccounts"]
+- level: Metadata
+  verbs: [delete, deletecollection]
+  resources: [{group: "", resources: [pods]}]
+- level: None
+"""
+
+
+def audit_files(state: Path) -> tuple[Path, Path]:
+    """The audit policy the API server reads and the log it writes, under ``state``."""
+    return state / "audit-policy.yaml", state / "audit.log"
+
+
 def apiserver_argv(
-    binaries: Path, ports: dict[str, int], node_ip: str, creds: Credentials
+    binaries: Path, ports: dict[str, int], node_ip: str, creds: Credentials, state: Path
 ) -> list[str]:
     """kube-apiserver: Node and RBAC authorization, NodeRestriction, advertised on the node IP."""
+    policy, audit_log = audit_files(state)
+    policy.write_text(AUDIT_POLICY)
     return [
         str(binaries / "kube-apiserver"),
         f"--etcd-servers={etcd_url(ports)}",
@@ -126,6 +150,10 @@ def apiserver_argv(
         f"--cert-dir={creds.pki_dir}",
         # Profiling on demand (go tool pprof against /debug/pprof).
         f"--profiling={str(os.environ.get('KUBETUNE_E2E_PROFILING') == '1').lower()}",
+        f"--audit-policy-file={policy}",
+        f"--audit-log-path={audit_log}",
+        "--audit-log-maxsize=1000",
+        "--audit-log-maxbackup=1",
         "--v=1",
     ]
 
