@@ -44,7 +44,7 @@ from typing import Any
 
 from kubetune_suggestion.engine.history import RecordState, TrialRecord
 from kubetune_suggestion.engine.samplers import SAMPLERS, make_sampler
-from kubetune_suggestion.service.testing import free_port
+from kubetune_suggestion.service.testing import API_KEY, free_port
 from kubetune_suggestion.spec import parse_experiment
 from kubetune_suggestion.store import Store
 from kubetune_suggestion.store.testing import postgres_schema
@@ -91,7 +91,9 @@ def service_process(db_url: str, workers: int = 1) -> Iterator[tuple[int, int]]:
     """A ``kubetune-service`` on a free port (its database migrated); yields (port, pid)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("KUBETUNE_SECRET",)}
+    env["KUBETUNE_API_KEY"] = API_KEY
     cmd = [sys.executable, "-m", "kubetune_suggestion.service", "--db", db_url, "--port", str(port)]
+    cmd += ["--metrics-port", str(free_port())]
     cmd += ["--workers", str(workers), "--log-level", "warning"]
     # Its own session: the CPU of its worker processes is summed by session id.
     process = subprocess.Popen(cmd, env=env, start_new_session=True)
@@ -154,9 +156,11 @@ class Http:
 
     def call(self, method: str, path: str, body: Any = None, token: str | None = None) -> Any:
         """One request; the decoded JSON answer (or None for 204)."""
-        headers = {"Content-Type": "application/json"}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
+        # The trial's token for its own reports, else the service's API key.
+        headers = {
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {token or API_KEY}",
+        }
         payload = None if body is None else json.dumps(body)
         self.conn.request(method, path, body=payload, headers=headers)
         response = self.conn.getresponse()

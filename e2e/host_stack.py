@@ -34,6 +34,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# The host-mode service's API key (the operator and the tests show it).
+API_KEY = "e2e-host-stack-key"
+
 # Where the host-mode operator's ServiceAccount lives.
 HOST_OPERATOR_NAMESPACE = "kubetune-host"
 
@@ -117,6 +120,11 @@ class HostStack:
         return f"http://127.0.0.1:{self.service_port}"
 
     @property
+    def service_headers(self) -> dict[str, str]:
+        """What a client of the service shows: the API key."""
+        return {"Authorization": f"Bearer {API_KEY}"}
+
+    @property
     def metrics_url(self) -> str:
         """The operator's /metrics."""
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
@@ -146,7 +154,7 @@ class HostStack:
         log = (self.workdir / "service.log").open("ab")
         # The trial-token key is fixed, as the chart's Secret keeps it: a
         # service that loses its database still takes running trials' reports.
-        env = {**os.environ, "KUBETUNE_SECRET": "e2e-host-stack"}
+        env = {**os.environ, "KUBETUNE_SECRET": "e2e-host-stack", "KUBETUNE_API_KEY": API_KEY}
         self.service = subprocess.Popen(
             [
                 sys.executable,
@@ -160,6 +168,8 @@ class HostStack:
                 "127.0.0.1",
                 "--port",
                 str(self.service_port),
+                "--metrics-port",
+                str(free_port()),
                 "--log-level",
                 "warning",
             ],
@@ -196,6 +206,7 @@ class HostStack:
         env = dict(os.environ)
         env.update(
             KUBETUNE_SERVICE_URL=self.service_url,
+            KUBETUNE_SERVICE_API_KEY=API_KEY,
             KUBETUNE_COLLECTOR_IMAGE="kubetune:e2e",
             KUBECONFIG=config,
             PYTHONUNBUFFERED="1",
@@ -254,6 +265,8 @@ class HostStack:
 
     def service_get(self, path: str, **params: Any) -> Any:
         """GET from the service's API."""
-        resp = httpx.get(f"{self.service_url}{path}", params=params, timeout=10)
+        resp = httpx.get(
+            f"{self.service_url}{path}", params=params, timeout=10, headers=self.service_headers
+        )
         resp.raise_for_status()
         return resp.json()

@@ -29,6 +29,10 @@ import httpx
 from e2e.helpers import REPO, TRIAL_IMAGE, Kube, Obj, Samples, metric_samples, run_helm, wait_for
 from e2e.host_stack import HostStack
 
+# The audience of the tokens the suggestion service accepts (the chart's
+# suggestion.auth.audience).
+SERVICE_AUDIENCE = "kubetune-suggestion"
+
 # The admission policy and its binding, as crds/ and the chart name them.
 POLICY_NAME = "experiments.kubetune.io"
 
@@ -51,6 +55,7 @@ class ChartStack:
     release: str = "kt"
     namespace: str = "kubetune-system"
     operator_starts: int = 0
+    _token: str = ""
 
     def _service_address(self, name: str) -> str:
         svc = self.kube.get("service", "-n", self.namespace, name)
@@ -60,6 +65,24 @@ class ChartStack:
     def service_url(self) -> str:
         """The suggestion service, through its Service."""
         return f"http://{self._service_address(f'{self.release}-kubetune-suggestion')}"
+
+    @property
+    def service_headers(self) -> dict[str, str]:
+        """What a client of the service shows: a token of the operator's ServiceAccount.
+
+        Issued for the service's audience, as the operator's projected one.
+        """
+        if not self._token:
+            self._token = self.kube.kubectl(
+                "create",
+                "token",
+                "-n",
+                self.namespace,
+                f"{self.release}-kubetune-operator",
+                f"--audience={SERVICE_AUDIENCE}",
+                "--duration=2h",
+            ).strip()
+        return {"Authorization": f"Bearer {self._token}"}
 
     @property
     def metrics_url(self) -> str:

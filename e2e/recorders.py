@@ -191,7 +191,9 @@ class StopRecorder:
         self._stop.set()
 
     def _run(self) -> None:
-        with httpx.Client(base_url=self.stack.service_url, timeout=10) as client:
+        with httpx.Client(
+            base_url=self.stack.service_url, timeout=10, headers=self.stack.service_headers
+        ) as client:
             while not self._stop.is_set():
                 try:
                     resp = client.get(f"/v1/experiments/{self.uid}/stops")

@@ -116,6 +116,7 @@ def build_registry(app: OperatorApp) -> kopf.OperatorRegistry:
                 app.settings.service_url,
                 app.settings.service_retries,
                 app.settings.service_timeout_seconds,
+                credentials=app.settings.service_credentials,
             ),
             cache,
             metrics,

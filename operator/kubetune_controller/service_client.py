@@ -25,7 +25,7 @@ import asyncio
 import json
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 import aiohttp
@@ -90,6 +90,7 @@ class Sender(Protocol):
         body: Any,
         params: Mapping[str, str] | None,
         timeout: float,
+        headers: Mapping[str, str],
     ) -> tuple[int, bytes]:
         """Send one request; (status, body), or TransportError when no answer came."""
         ...
@@ -127,6 +128,7 @@ class _AiohttpSender:
         body: Any,
         params: Mapping[str, str] | None,
         timeout: float,
+        headers: Mapping[str, str],
     ) -> tuple[int, bytes]:
         try:
             async with self._client().request(
@@ -134,6 +136,7 @@ class _AiohttpSender:
                 self.base_url + path,
                 json=body,
                 params=params,
+                headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout, connect=self.connect_timeout),
             ) as resp:
                 return resp.status, await resp.read()
@@ -159,6 +162,9 @@ class ServiceClient:
         sender: How requests are sent (tests pass one over an in-process
             app or a mock); None, over aiohttp.
         start_window: Seconds :meth:`start` calls are gathered into one request.
+        credentials: The bearer token to show, asked for each request (a
+            ServiceAccount token is rotated); None, or one answering None:
+            none.
     """
 
     def __init__(
@@ -168,6 +174,7 @@ class ServiceClient:
         timeout: float = 15.0,
         sender: Sender | None = None,
         start_window: float = 0.01,
+        credentials: Callable[[], str | None] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.retries = retries
@@ -179,6 +186,7 @@ class ServiceClient:
         self._starts: dict[str, dict[int, asyncio.Future[None]]] = {}
         self._flushes: set[asyncio.Future[None]] = set()
         self.start_window = start_window
+        self.credentials = credentials
         # The outcome of the last request, for the ServiceAvailable condition.
         self.available = True
         self.last_error = ""
@@ -387,9 +395,10 @@ class ServiceClient:
                 delay = min(delay * 2, 5.0)
             try:
                 status, content = await self._sender.send(
-                    method, path, body, params, self.timeout + extra_timeout
+                    method, path, body, params, self.timeout + extra_timeout, self._headers()
                 )
-            except TransportError as exc:
+            except (TransportError, OSError) as exc:
+                # OSError: the token file, mid-rotation or not mounted yet.
                 problem = str(exc)
                 continue
             if status >= 500 or status == 429:
@@ -410,6 +419,10 @@ class ServiceClient:
         self.last_error = f"{method} {self.base_url}{path}: {problem}"
         log.warning("suggestion service unavailable: %s", self.last_error)
         raise ServiceUnavailable(self.last_error)
+
+    def _headers(self) -> dict[str, str]:
+        token = self.credentials() if self.credentials else None
+        return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def _from_the_service(content: bytes) -> bool:

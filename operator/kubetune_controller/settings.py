@@ -105,6 +105,15 @@ class OperatorSettings:
     service_url: str = field(
         default="http://kubetune-suggestion:8000", metadata=env("KUBETUNE_SERVICE_URL", _url)
     )
+    # KUBETUNE_SERVICE_TOKEN_FILE: a ServiceAccount token issued for the
+    # service's audience (the chart mounts a projected one), shown on every
+    # call; read again for each call, as the kubelet rotates it.
+    service_token_file: str | None = field(
+        default=None, metadata=env("KUBETUNE_SERVICE_TOKEN_FILE", str)
+    )
+    # KUBETUNE_SERVICE_API_KEY: else, the service's API key (an operator
+    # outside the cluster, in development).
+    service_api_key: str | None = field(default=None, metadata=env("KUBETUNE_SERVICE_API_KEY", str))
     # KUBETUNE_COLLECTOR_SERVICE_URL: where trial sidecars reach the service;
     # unset, ``service_url``. Set it only when the operator runs outside the
     # cluster (development) and reaches the service by another address.
@@ -233,6 +242,17 @@ class OperatorSettings:
     service_timeout_seconds: float = field(
         default=15.0, metadata=env("KUBETUNE_SERVICE_TIMEOUT_SECONDS", seconds(zero=False))
     )
+
+    def service_credentials(self) -> str | None:
+        """The bearer token the operator shows the service now (None: none configured).
+
+        Raises:
+            OSError: If the token file cannot be read.
+        """
+        if self.service_token_file:
+            with open(self.service_token_file) as f:
+                return f.read().strip()
+        return self.service_api_key
 
     @property
     def sidecar_service_url(self) -> str:

@@ -72,6 +72,14 @@ def flag(value: str) -> bool:
         raise ValueError("expected 1, true, yes, 0, false or no") from None
 
 
+def names(value: str) -> frozenset[str]:
+    """A comma-separated list of names (blanks around each are dropped)."""
+    out = frozenset(n.strip() for n in value.split(",") if n.strip())
+    if not out:
+        raise ValueError("expected comma-separated names")
+    return out
+
+
 def integer(minimum: int) -> Callable[[str], int]:
     """A parser of whole numbers of at least ``minimum``."""
 

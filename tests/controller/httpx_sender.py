@@ -27,10 +27,11 @@ class HttpxSender:
         body: Any,
         params: Mapping[str, str] | None,
         timeout: float,
+        headers: Mapping[str, str],
     ) -> tuple[int, bytes]:
         try:
             resp = await self._client.request(
-                method, path, json=body, params=params, timeout=timeout
+                method, path, json=body, params=params, timeout=timeout, headers=headers
             )
         except httpx.TransportError as exc:
             raise TransportError(describe(exc)) from exc

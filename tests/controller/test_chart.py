@@ -85,9 +85,10 @@ def test_default_render(helm: str) -> None:
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == sorted(
         ["ServiceAccount"] * 2
-        + ["Secret", "PersistentVolumeClaim", "Service", "Service", "Deployment", "Deployment"]
+        + ["PersistentVolumeClaim", "Service", "Service", "Deployment", "Deployment"]
         + ["ClusterRole"] * 2
-        + ["ClusterRoleBinding"] * 2
+        + ["ClusterRoleBinding"] * 3
+        + ["Role", "RoleBinding", "NetworkPolicy"]
         + ["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
     )
     op = deployment(docs, "operator")["spec"]["template"]["spec"]
@@ -103,7 +104,7 @@ def test_default_render(helm: str) -> None:
         == "http://kt-kubetune-suggestion.kubetune.svc:8000"
     )
     assert env_of(svc_c)["KUBETUNE_DB_URL"]["value"] == "sqlite:////data/kubetune.db"
-    assert env_of(svc_c)["KUBETUNE_SECRET"]["valueFrom"]["secretKeyRef"]["key"] == "secret"
+    assert env_of(svc_c)["KUBETUNE_SECRET_NAME"]["value"] == "kt-kubetune-token"
     assert svc["volumes"][1]["persistentVolumeClaim"]["claimName"] == "kt-kubetune-data"
     for pod, container in ((op, op_c), (svc, svc_c)):
         assert pod["securityContext"]["runAsNonRoot"] is True
@@ -120,17 +121,101 @@ def test_default_render(helm: str) -> None:
     assert service["spec"]["ports"][0]["port"] == 8000
 
 
-def test_suggestion_service_has_no_kubernetes_access(helm: str) -> None:
+def _rights_of(docs: list[Obj], account: str) -> list[tuple[str, ...]]:
+    """(binding kind, role) of every binding naming ``account``."""
+    return sorted(
+        (b["kind"], b["roleRef"]["name"])
+        for b in by_kind(docs, "ClusterRoleBinding") + by_kind(docs, "RoleBinding")
+        if any(s["name"] == account for s in b["subjects"])
+    )
+
+
+def test_suggestion_service_may_only_review_tokens_and_keep_its_key(helm: str) -> None:
     docs = render(helm)
-    svc_pod = deployment(docs, "suggestion")["spec"]["template"]["spec"]
-    assert svc_pod["automountServiceAccountToken"] is False
-    (sa,) = [
-        d for d in by_kind(docs, "ServiceAccount") if d["metadata"]["name"].endswith("suggestion")
+    account = "kt-kubetune-suggestion"
+    assert _rights_of(docs, account) == [
+        ("ClusterRoleBinding", "system:auth-delegator"),
+        ("RoleBinding", "kt-kubetune-suggestion"),
     ]
-    assert sa["automountServiceAccountToken"] is False
-    for binding in by_kind(docs, "ClusterRoleBinding") + by_kind(docs, "RoleBinding"):
-        for subject in binding["subjects"]:
-            assert subject["name"] != sa["metadata"]["name"]
+    (role,) = by_kind(docs, "Role")
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["kt-kubetune-token"],
+            "verbs": ["get"],
+        },
+    ]
+    # With a Secret of the user's, not even that.
+    docs = render(helm, "suggestion.tokenSecret.existingSecret=mine")
+    assert _rights_of(docs, account) == [("ClusterRoleBinding", "system:auth-delegator")]
+    (svc_c,) = deployment(docs, "suggestion")["spec"]["template"]["spec"]["containers"]
+    assert env_of(svc_c)["KUBETUNE_SECRET"]["valueFrom"]["secretKeyRef"] == {
+        "name": "mine",
+        "key": "secret",
+    }
+
+
+def test_the_operator_shows_the_service_a_token_only_the_service_accepts(helm: str) -> None:
+    docs = render(helm, "suggestion.auth.extraUsers={alice}")
+    op = deployment(docs, "operator")["spec"]["template"]["spec"]
+    (op_c,) = op["containers"]
+    (volume,) = [v for v in op["volumes"] if v["name"] == "service-token"]
+    (source,) = volume["projected"]["sources"]
+    assert source["serviceAccountToken"]["audience"] == "kubetune-suggestion"
+    (mount,) = [m for m in op_c["volumeMounts"] if m["name"] == "service-token"]
+    token_file = f"{mount['mountPath']}/{source['serviceAccountToken']['path']}"
+    assert env_of(op_c)["KUBETUNE_SERVICE_TOKEN_FILE"]["value"] == token_file
+    (svc_c,) = deployment(docs, "suggestion")["spec"]["template"]["spec"]["containers"]
+    env = env_of(svc_c)
+    assert env["KUBETUNE_TOKEN_AUDIENCE"]["value"] == "kubetune-suggestion"
+    assert env["KUBETUNE_ALLOWED_USERS"]["value"] == (
+        "system:serviceaccount:kubetune:kt-kubetune-operator,alice"
+    )
+    assert "KUBETUNE_API_KEY" not in env
+    docs = render(helm, "suggestion.auth.apiKey.existingSecret=keys")
+    (svc_c,) = deployment(docs, "suggestion")["spec"]["template"]["spec"]["containers"]
+    assert env_of(svc_c)["KUBETUNE_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "keys",
+        "key": "key",
+    }
+
+
+def test_a_render_is_the_same_every_time(helm: str) -> None:
+    """Nothing random in the chart: helm template, Argo CD or Flux never replace a key."""
+    assert render(helm) == render(helm)
+    assert not by_kind(render(helm), "Secret")
+
+
+def test_the_network_policy_opens_the_api_to_the_operator_and_trials_and_metrics_apart(
+    helm: str,
+) -> None:
+    docs = render(helm)
+    (policy,) = by_kind(docs, "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == (
+        "suggestion"
+    )
+    api, metrics = policy["spec"]["ingress"]
+    assert api["ports"] == [{"port": "http", "protocol": "TCP"}]
+    operator, trials = api["from"]
+    assert operator["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+    assert "namespaceSelector" not in operator  # the release's namespace only
+    assert trials == {
+        "namespaceSelector": {},
+        "podSelector": {"matchExpressions": [{"key": "kubetune.io/trial", "operator": "Exists"}]},
+    }
+    assert metrics["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert metrics["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+    (svc_c,) = deployment(docs, "suggestion")["spec"]["template"]["spec"]["containers"]
+    assert {p["name"]: p["containerPort"] for p in svc_c["ports"]} == {
+        "http": 8000,
+        "metrics": 9090,
+    }
+    assert "--metrics-port=9090" in svc_c["args"]
+    assert not by_kind(render(helm, "networkPolicy.enabled=false"), "NetworkPolicy")
 
 
 # What the operator does to the cluster, each (apiGroup, resource, verb) with
@@ -196,11 +281,17 @@ def test_watching_namespaces_binds_roles_there_only(helm: str) -> None:
     docs = render(helm, "operator.watchNamespaces={team-a,team-b}")
     op_c = deployment(docs, "operator")["spec"]["template"]["spec"]["containers"][0]
     assert op_c["args"] == ["--namespace=team-a", "--namespace=team-b"]
-    bindings = by_kind(docs, "RoleBinding")
+    bindings = [
+        b
+        for b in by_kind(docs, "RoleBinding")
+        if b["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
+    ]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
-    # Only the read-only discovery role stays cluster-wide.
-    (crb,) = by_kind(docs, "ClusterRoleBinding")
-    assert crb["roleRef"]["name"].endswith("operator-discovery")
+    # Only the read-only discovery role stays cluster-wide (and the service's TokenReviews).
+    assert sorted(b["roleRef"]["name"] for b in by_kind(docs, "ClusterRoleBinding")) == [
+        "kt-kubetune-operator-discovery",
+        "system:auth-delegator",
+    ]
 
 
 def test_external_postgres_from_secret(helm: str) -> None:

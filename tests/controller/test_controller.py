@@ -27,6 +27,7 @@ from kubetune_controller.settings import OperatorSettings
 from kubetune_suggestion.service.app import create_app
 from kubetune_suggestion.service.core import TuningService
 from kubetune_suggestion.service.settings import ServiceSettings
+from kubetune_suggestion.service.testing import API_KEY, CLIENT_HEADERS
 from tests.controller.factories import spec_dict
 from tests.controller.fake_cluster import FakeCluster, curve, kubelet
 from tests.controller.httpx_sender import HttpxSender
@@ -71,7 +72,9 @@ class Harness:
         """Start the service afresh on an empty database (an emptyDir lost with its Pod)."""
         self.databases += 1
         service = TuningService.open(f"sqlite:///{self.tmp}/svc{self.databases}.db", secret=SECRET)
-        self.app = create_app(ServiceSettings(db_url="unused", stop_poll_seconds=0.02), service)
+        self.app = create_app(
+            ServiceSettings(db_url="unused", stop_poll_seconds=0.02, api_key=API_KEY), service
+        )
 
     async def _app(self, scope: Any, receive: Any, send: Any) -> None:
         # Clients reach whichever service is current, as through a Service.
@@ -79,7 +82,9 @@ class Harness:
 
     def client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=self._app), base_url="http://svc"
+            transport=httpx.ASGITransport(app=self._app),
+            base_url="http://svc",
+            headers=CLIENT_HEADERS,
         )
 
     def start_controller(self, settings: OperatorSettings = SETTINGS) -> Controller:
@@ -88,6 +93,7 @@ class Harness:
             settings.service_url,
             settings.service_retries,
             sender=HttpxSender(settings.service_url, httpx.ASGITransport(app=self._app)),
+            credentials=lambda: API_KEY,
         )
         controller = Controller(
             settings, self.cluster, service, cache, OperatorMetrics(cache.snapshot)

@@ -24,6 +24,8 @@ README = Path(__file__).resolve().parents[2] / "charts" / "kubetune" / "README.m
 EXAMPLES: dict[str, tuple[str, Any]] = {
     "KUBETUNE_SERVICE_URL": ("http://svc.kubetune:8000/", "http://svc.kubetune:8000"),
     "KUBETUNE_COLLECTOR_SERVICE_URL": ("https://svc.example", "https://svc.example"),
+    "KUBETUNE_SERVICE_TOKEN_FILE": ("/var/run/token", "/var/run/token"),
+    "KUBETUNE_SERVICE_API_KEY": ("k3y", "k3y"),
     "KUBETUNE_COLLECTOR_IMAGE": ("registry/kubetune:1.2.3", "registry/kubetune:1.2.3"),
     "KUBETUNE_COLLECTOR_COMMAND": ("kubetune-collector --quiet", ("kubetune-collector", "--quiet")),
     "KUBETUNE_COLLECTOR_RESOURCES": (
@@ -207,3 +209,18 @@ def test_main_refuses_an_unusable_value_naming_its_variable(
     assert exit.value.code == 2
     assert named in capsys.readouterr().err
     assert started.run == {}
+
+
+def test_the_service_credentials_are_the_token_file_read_anew_else_the_api_key(
+    tmp_path: Path,
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("first\n")
+    settings = settings_from_env(
+        {"KUBETUNE_SERVICE_TOKEN_FILE": str(token), "KUBETUNE_SERVICE_API_KEY": "key"}
+    )
+    assert settings.service_credentials() == "first"
+    token.write_text("rotated\n")
+    assert settings.service_credentials() == "rotated"
+    assert settings_from_env({"KUBETUNE_SERVICE_API_KEY": "key"}).service_credentials() == "key"
+    assert settings_from_env({}).service_credentials() is None

@@ -28,7 +28,12 @@ from kubetune_suggestion.runner.reporter import ServiceReporter
 from kubetune_suggestion.service.app import create_app
 from kubetune_suggestion.service.core import TuningService
 from kubetune_suggestion.service.settings import ServiceSettings
-from kubetune_suggestion.service.testing import free_port, serve_in_thread
+from kubetune_suggestion.service.testing import (
+    API_KEY,
+    CLIENT_HEADERS,
+    free_port,
+    serve_in_thread,
+)
 from kubetune_suggestion.service.tokens import trial_token
 from tests import sigterm
 
@@ -173,7 +178,7 @@ def test_reports_wait_for_a_restore_after_the_service_lost_its_database(
     metrics = tmp_path / "metrics"
     metrics.write_text("step=0 loss=0.9\nstep=1 loss=0.8\n")
     logged: list[str] = []
-    app = create_app(ServiceSettings(db_url="unused"), svc)
+    app = create_app(ServiceSettings(db_url="unused", api_key=API_KEY), svc)
     with serve_in_thread(app) as url:
         reporter, collector = _patient_collector(url, "exp-lost", 3, metrics, logged)
         worker, delivered = _collect_while_unknown(collector, logged)
@@ -192,7 +197,7 @@ def test_reports_delivered_before_the_database_was_lost_are_sent_again(tmp_path:
     """The restore brings back the trial, not its reports: the collector sends them again."""
     first = TuningService.open(f"sqlite:///{tmp_path}/first.db", secret=SECRET)
     _restore(first, "exp-lost", 0)
-    apps = [create_app(ServiceSettings(db_url="unused"), first)]
+    apps = [create_app(ServiceSettings(db_url="unused", api_key=API_KEY), first)]
 
     async def current(scope: Any, receive: Any, send: Any) -> None:
         await apps[-1](scope, receive, send)  # whichever service is up, as behind a Service
@@ -205,7 +210,7 @@ def test_reports_delivered_before_the_database_was_lost_are_sent_again(tmp_path:
         assert [d.report.step for d in collector.collect()] == [0, 1]
         # The service's Pod is replaced: an empty database.
         second = TuningService.open(f"sqlite:///{tmp_path}/second.db", secret=SECRET)
-        apps.append(create_app(ServiceSettings(db_url="unused"), second))
+        apps.append(create_app(ServiceSettings(db_url="unused", api_key=API_KEY), second))
         with metrics.open("a") as f:
             f.write("step=2 loss=0.7\n")
         worker, delivered = _collect_while_unknown(collector, logged)
@@ -249,7 +254,7 @@ class _ServiceProcess:
         self.db = db
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.client = httpx.Client(base_url=self.url, timeout=10.0)
+        self.client = httpx.Client(base_url=self.url, timeout=10.0, headers=CLIENT_HEADERS)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -263,10 +268,12 @@ class _ServiceProcess:
                 f"sqlite:///{self.db}",
                 "--port",
                 str(self.port),
+                "--metrics-port",
+                str(free_port()),
                 "--log-level",
                 "warning",
             ],
-            env={**os.environ, "KUBETUNE_SECRET": SECRET},
+            env={**os.environ, "KUBETUNE_SECRET": SECRET, "KUBETUNE_API_KEY": API_KEY},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

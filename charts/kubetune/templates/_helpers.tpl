@@ -96,6 +96,12 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end }}
 
 {{/* Secret holding the per-trial token key. */}}
+{{/* The users whose ServiceAccount tokens may make every call of the service. */}}
+{{- define "kubetune.serviceUsers" -}}
+{{- $op := printf "system:serviceaccount:%s:%s" .Release.Namespace (include "kubetune.operator.serviceAccountName" .) }}
+{{- join "," (concat (list $op) .Values.suggestion.auth.extraUsers) }}
+{{- end }}
+
 {{- define "kubetune.tokenSecretName" -}}
 {{- default (include "kubetune.componentName" (list . "token")) .Values.suggestion.tokenSecret.existingSecret }}
 {{- end }}

@@ -1,7 +1,13 @@
 """``kubetune-service``: run the suggestion service, or only migrate its database.
 
-    kubetune-service --db postgresql+psycopg://u:p@db/kubetune --port 8000
+    kubetune-service --db postgresql+psycopg://u:p@db/kubetune --api-key-file key.txt
     kubetune-service migrate --db sqlite:///kubetune.db
+
+Every call but ``/healthz`` and ``/readyz`` needs credentials
+(:mod:`~kubetune_suggestion.service.auth`): an API key (``--api-key-file`` or
+``KUBETUNE_API_KEY``), ServiceAccount tokens checked by TokenReview (in a
+cluster), or a trial's own token for its own trial. ``/metrics`` is served on
+``--metrics-port`` (9090).
 
 Settings come from the environment, read by
 :meth:`~kubetune_suggestion.service.settings.ServiceSettings.from_env` (``KUBETUNE_DB_URL``,
@@ -30,9 +36,13 @@ import argparse
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
+from prometheus_client import start_http_server
+
 from kubetune_suggestion.env_settings import SettingsError
+from kubetune_suggestion.service.auth import Authenticator, Review
 from kubetune_suggestion.service.settings import ServiceSettings
 from kubetune_suggestion.store import Store, UnsupportedDatabase
 
@@ -63,6 +73,18 @@ def _parser(defaults: ServiceSettings) -> argparse.ArgumentParser:
         help=f"port to listen on (KUBETUNE_PORT; default {ServiceSettings.port})",
     )
     parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=defaults.metrics_port,
+        help=f"port of /metrics (KUBETUNE_METRICS_PORT; default {ServiceSettings.metrics_port})",
+    )
+    parser.add_argument(
+        "--api-key-file",
+        type=Path,
+        help="file holding the key clients show as 'Authorization: Bearer <key>'"
+        " (else KUBETUNE_API_KEY)",
+    )
+    parser.add_argument(
         "--secret-file",
         type=Path,
         help="file holding the trial-token secret (else KUBETUNE_SECRET)",
@@ -79,6 +101,23 @@ def _parser(defaults: ServiceSettings) -> argparse.ArgumentParser:
     return parser
 
 
+def _read_file(path: Path | None, flag: str) -> str | None:
+    """The stripped text of a flag's file (None without the flag)."""
+    if path is None:
+        return None
+    try:
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise SettingsError(f"cannot read {flag}: {exc}") from None
+    if not text:
+        raise SettingsError(f"{flag} {path} is empty")
+    return text
+
+
+def _no_review(token: str) -> Review:
+    return Review(None, "not checked at startup")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``kubetune-service`` and ``python -m kubetune_suggestion.service``."""
     try:
@@ -90,16 +129,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    secret = settings.secret
-    if args.secret_file is not None:
-        try:
-            secret = args.secret_file.read_text().strip()
-        except OSError as exc:
-            print(f"kubetune-service: cannot read --secret-file: {exc}", file=sys.stderr)
-            return 2
-        if not secret:
-            print(f"kubetune-service: {args.secret_file} is empty", file=sys.stderr)
-            return 2
+    try:
+        secret = _read_file(args.secret_file, "--secret-file") or settings.secret
+        api_key = _read_file(args.api_key_file, "--api-key-file") or settings.api_key
+        if secret is None and settings.secret_name and args.command == "serve":
+            from kubetune_suggestion.service.kubernetes import InCluster
+
+            secret = InCluster.from_environment().token_secret(settings.secret_name)
+        if args.command == "serve":
+            # Refuse settings that authenticate nobody before anything starts.
+            Authenticator.from_settings(replace(settings, api_key=api_key), lambda: _no_review)
+    except SettingsError as exc:
+        print(f"kubetune-service: {exc}", file=sys.stderr)
+        return 2
     try:
         migrate = args.command == "migrate" or (settings.migrate and not args.no_migrate)
         store = Store.open(args.db, migrate=migrate)
@@ -120,6 +162,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ["KUBETUNE_DB_URL"] = args.db
     os.environ["KUBETUNE_SECRET"] = secret
     os.environ["KUBETUNE_MIGRATE"] = "0"
+    if api_key:
+        os.environ["KUBETUNE_API_KEY"] = api_key
+    if args.workers == 1:
+        # One process: its registry is the one the routes count in.
+        start_http_server(args.metrics_port, addr=args.host)
+    else:
+        logging.getLogger("kubetune_suggestion.service").warning(
+            "no /metrics with --workers %d: each worker counts on its own;"
+            " run one worker per replica instead",
+            args.workers,
+        )
     uvicorn.run(
         "kubetune_suggestion.service.app:app_from_env",
         factory=True,

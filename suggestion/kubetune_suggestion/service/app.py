@@ -18,22 +18,23 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Header, Path, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kubetune_suggestion.service import metrics as prom
+from kubetune_suggestion.service.auth import Authenticator, Caller, Reviewer
 from kubetune_suggestion.service.batching import ReportBatcher
 from kubetune_suggestion.service.core import TuningService
-from kubetune_suggestion.service.errors import NotFound, ServiceError, Unauthorized
+from kubetune_suggestion.service.errors import NotFound, ServiceError
 from kubetune_suggestion.service.models import (
     AskRequest,
     AskResult,
@@ -67,8 +68,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": description}
     for status, description in [
         (400, "Malformed JSON"),
-        (401, "No trial token"),
-        (403, "A token of another trial"),
+        (401, "No credentials, or credentials not accepted"),
+        (403, "Credentials that may not make this call (a token of another trial)"),
         (404, "Unknown experiment or trial"),
         (409, "Conflicts with the stored state"),
         (422, "Invalid input; `field` names it"),
@@ -94,15 +95,6 @@ def _error(status: int, code: str, message: str, field: str | None = None) -> JS
     )
 
 
-def _bearer(authorization: str | None) -> str | None:
-    if not authorization:
-        return None
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("the Authorization header must be 'Bearer <token>'", field="token")
-    return token.strip()
-
-
 _OBSERVATION_DOCS: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -113,7 +105,7 @@ _OBSERVATION_DOCS: dict[str, Any] = {
             "name": "Authorization",
             "in": "header",
             "required": True,
-            "description": "Bearer <trial token>",
+            "description": "Bearer <the trial's token> (or a client's credentials)",
             "schema": {"type": "string"},
         }
     ],
@@ -174,8 +166,21 @@ class _LatencyMiddleware:
             )
 
 
-def create_app(settings: ServiceSettings, service: TuningService | None = None) -> FastAPI:
-    """The HTTP app over ``service`` (or one opened from ``settings``)."""
+def create_app(
+    settings: ServiceSettings,
+    service: TuningService | None = None,
+    reviewer: Callable[[], Reviewer] | None = None,
+) -> FastAPI:
+    """The HTTP app over ``service`` (or one opened from ``settings``).
+
+    ``reviewer`` makes the TokenReview client when ``settings`` accept
+    ServiceAccount tokens (None: the API server of the cluster the service
+    runs in).
+
+    Raises:
+        SettingsError: If ``settings`` give no way to authenticate callers.
+    """
+    auth = Authenticator.from_settings(settings, reviewer or _in_cluster_reviewer(settings))
     svc = service or TuningService.open(
         settings.db_url, secret=settings.secret, migrate=settings.migrate
     )
@@ -187,6 +192,7 @@ def create_app(settings: ServiceSettings, service: TuningService | None = None) 
     )
     app.state.service = svc
     _add_error_handlers(app)
+    app.state.auth = auth
     app.include_router(_experiment_routes(svc))
     app.include_router(_trial_routes(svc))
     app.include_router(_report_routes(svc))
@@ -194,6 +200,54 @@ def create_app(settings: ServiceSettings, service: TuningService | None = None) 
     app.include_router(_health_routes(svc))
     app.add_middleware(_LatencyMiddleware)
     return app
+
+
+def _in_cluster_reviewer(settings: ServiceSettings) -> Callable[[], Reviewer]:
+    def make() -> Reviewer:
+        from kubetune_suggestion.service.kubernetes import InCluster
+
+        cluster = InCluster.from_environment()
+        audience = settings.token_audience or ""
+        return lambda token: cluster.review(token, audience)
+
+    return make
+
+
+Authorization = Annotated[
+    str | None,
+    Header(description="Bearer <API key | ServiceAccount token | the trial's token>"),
+]
+
+
+def _client(request: Request, authorization: Authorization = None) -> Caller:
+    """The caller, who must be a client (401/403 otherwise)."""
+    auth: Authenticator = request.app.state.auth
+    return auth.client(authorization)
+
+
+def _caller(request: Request, authorization: Authorization = None) -> Caller:
+    """Whoever calls; a route acting on a trial checks a trial caller's token."""
+    auth: Authenticator = request.app.state.auth
+    return auth.caller(authorization)
+
+
+# Route dependencies: a client only; anyone, the route checks the trial's token.
+CLIENT = [Depends(_client)]
+AnyCaller = Annotated[Caller, Depends(_caller)]
+
+
+def _trial_token(svc: TuningService, caller: Caller, uid: str, number: int) -> str:
+    """The token to act on trial ``number`` with: its own, or the caller's once checked.
+
+    Raises:
+        Unauthorized: A caller without credentials.
+        Forbidden: A token of another trial.
+    """
+    if caller.client:
+        return svc.token(uid, number)
+    svc.check_token(uid, number, caller.token)
+    assert caller.token is not None
+    return caller.token
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -231,7 +285,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def _experiment_routes(svc: TuningService) -> APIRouter:
-    router = APIRouter(tags=["experiments"])
+    router = APIRouter(tags=["experiments"], dependencies=CLIENT)
 
     @router.put("/v1/experiments/{uid}", response_model=ExperimentView)
     def register(uid: Uid, body: RegisterRequest) -> Response:
@@ -266,7 +320,7 @@ def _experiment_routes(svc: TuningService) -> APIRouter:
 def _trial_routes(svc: TuningService) -> APIRouter:
     router = APIRouter(tags=["trials"])
 
-    @router.post("/v1/experiments/{uid}/ask", response_model=AskResult)
+    @router.post("/v1/experiments/{uid}/ask", response_model=AskResult, dependencies=CLIENT)
     def ask(uid: Uid, body: AskRequest | None = None) -> Response:
         """Up to ``count`` trials to run that no other ask returned (no body: one trial).
 
@@ -286,7 +340,7 @@ def _trial_routes(svc: TuningService) -> APIRouter:
         )
         return _json(asked)
 
-    @router.get("/v1/experiments/{uid}/trials", response_model=list[TrialView])
+    @router.get("/v1/experiments/{uid}/trials", response_model=list[TrialView], dependencies=CLIENT)
     def trials(
         uid: Uid,
         observations: Annotated[bool, Query(description="Include every report.")] = False,
@@ -297,11 +351,12 @@ def _trial_routes(svc: TuningService) -> APIRouter:
         return Response(body, media_type="application/json")
 
     @router.get("/v1/experiments/{uid}/trials/{n}", response_model=TrialView)
-    def trial(uid: Uid, n: Number) -> Response:
-        """One trial."""
+    def trial(uid: Uid, n: Number, caller: AnyCaller) -> Response:
+        """One trial (a client, or the trial with its token)."""
+        _trial_token(svc, caller, uid, n)
         return _json(svc.trial(uid, n))
 
-    @router.post("/v1/experiments/{uid}/start", response_model=StartResult)
+    @router.post("/v1/experiments/{uid}/start", response_model=StartResult, dependencies=CLIENT)
     def start_many(uid: Uid, request: StartRequest) -> StartResult:
         """Mark several handed-out trials as running, in one transaction.
 
@@ -310,12 +365,15 @@ def _trial_routes(svc: TuningService) -> APIRouter:
         return svc.start_many(uid, request.numbers)
 
     @router.post("/v1/experiments/{uid}/trials/{n}/start", status_code=204)
-    def start(uid: Uid, n: Number) -> Response:
-        """Mark a handed-out trial as running (idempotent)."""
+    def start(uid: Uid, n: Number, caller: AnyCaller) -> Response:
+        """Mark a handed-out trial as running (idempotent; a client, or the trial)."""
+        _trial_token(svc, caller, uid, n)
         svc.start(uid, n)
         return Response(status_code=204)
 
-    @router.post("/v1/experiments/{uid}/trials/{n}/retry", response_model=TrialView)
+    @router.post(
+        "/v1/experiments/{uid}/trials/{n}/retry", response_model=TrialView, dependencies=CLIENT
+    )
     def retry(uid: Uid, n: Number, body: RetryRequest | None = None) -> Response:
         """Start a new attempt of a pending or running trial (its Pod was lost).
 
@@ -350,12 +408,11 @@ def _report_routes(svc: TuningService) -> APIRouter:
     async def observe(uid: Uid, n: Number, request: Request) -> Response:
         """Store one report (step + metrics) and answer whether the trial should stop."""
         body = _observation(await request.body())
-        return await report(uid, n, body, request.headers.get("authorization"))
-
-    async def report(
-        uid: str, n: int, body: ObservationRequest, authorization: str | None
-    ) -> Response:
-        token = _bearer(authorization)
+        # No TokenReview here (it would block the event loop): reports come
+        # from trials, with their token, or from a client with the API key.
+        auth: Authenticator = request.app.state.auth
+        caller = auth.caller(request.headers.get("authorization"), review=False)
+        token = svc.token(uid, n) if caller.client else caller.token
         return _json(await batcher.submit(Report(uid, n, token, body.step, body.metrics)))
 
     @router.post("/v1/experiments/{uid}/trials/{n}/finish", response_model=TrialView)
@@ -363,17 +420,14 @@ def _report_routes(svc: TuningService) -> APIRouter:
         uid: Uid,
         n: Number,
         body: FinishRequest,
-        authorization: Annotated[
-            str | None, Header(description="Bearer <trial token>: needed with metrics.")
-        ] = None,
+        caller: AnyCaller,
     ) -> Response:
-        """End a trial; its objective is computed from its reports.
+        """End a trial (a client, or the trial itself); its objective comes from its reports.
 
         With ``metrics``, the trial's final report is stored with its end (as
-        Optuna's ``tell``); it then needs the trial's token, as any report.
+        Optuna's ``tell``).
         """
-        # The header matters only with a final report, as it does for any report.
-        token = None if body.metrics is None else _bearer(authorization)
+        token = _trial_token(svc, caller, uid, n)
         view = svc.finish(
             uid, n, body.state, body.message, metrics=body.metrics, step=body.step, token=token
         )
@@ -384,7 +438,7 @@ def _report_routes(svc: TuningService) -> APIRouter:
 
 def _stop_routes(svc: TuningService, settings: ServiceSettings) -> APIRouter:
     """Stop orders: per experiment, and the operator's long poll over all of them."""
-    router = APIRouter(tags=["trials"])
+    router = APIRouter(tags=["trials"], dependencies=CLIENT)
 
     @router.get("/v1/experiments/{uid}/stops", response_model=list[StopOrder])
     def experiment_stops(uid: Uid) -> Response:
@@ -436,11 +490,6 @@ def _health_routes(svc: TuningService) -> APIRouter:
         except Exception as exc:  # any failure to reach the database means "not ready"
             return _error(503, "unavailable", f"database unreachable: {type(exc).__name__}")
         return JSONResponse({"status": "ready"})
-
-    @router.get("/metrics", response_class=Response)
-    def metrics() -> Response:
-        """Prometheus metrics."""
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return router
 

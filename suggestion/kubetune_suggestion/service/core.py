@@ -94,6 +94,20 @@ class TuningService:
         """The token trial ``number``'s reports must carry."""
         return trial_token(self.secret, uid, number)
 
+    def check_token(self, uid: str, number: int, token: str | None) -> None:
+        """Refuse ``token`` unless it is trial ``number``'s.
+
+        Raises:
+            Unauthorized: Without a token.
+            Forbidden: With a token of another trial.
+        """
+        if not token:
+            raise Unauthorized(
+                "a trial token is required (Authorization: Bearer <token>)", field="token"
+            )
+        if not token_matches(self.secret, uid, number, token):
+            raise Forbidden(f"the token is not trial {number}'s token", field="token")
+
     # -- experiments -------------------------------------------------------------
 
     def register(
@@ -414,12 +428,7 @@ class TuningService:
 
     def _check_report(self, r: Report) -> tuple[int, dict[str, float]]:
         """The report's step and clean metrics, checked before any I/O."""
-        if not r.token:
-            raise Unauthorized(
-                "a trial token is required (Authorization: Bearer <token>)", field="token"
-            )
-        if not token_matches(self.secret, r.uid, r.number, r.token):
-            raise Forbidden(f"the token is not trial {r.number}'s token", field="token")
+        self.check_token(r.uid, r.number, r.token)
         return logic.check_step(r.step), logic.check_metrics(r.metrics)
 
     def finish(

@@ -57,3 +57,10 @@ class Conflict(ServiceError):
 
     status = 409
     code = "conflict"
+
+
+class Unavailable(ServiceError):
+    """A service the request depends on (the Kubernetes API, for a TokenReview) did not answer."""
+
+    status = 503
+    code = "unavailable"

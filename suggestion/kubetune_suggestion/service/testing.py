@@ -11,6 +11,11 @@ from typing import Any
 
 import uvicorn
 
+# The API key of test services (``ServiceSettings(api_key=API_KEY)``) and the
+# header a client shows with it.
+API_KEY = "test-api-key"
+CLIENT_HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+
 
 def free_port() -> int:
     """A TCP port nobody listens on right now."""

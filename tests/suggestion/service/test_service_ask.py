@@ -14,7 +14,12 @@ from kubetune_suggestion.service.core import TuningService
 from kubetune_suggestion.service.errors import Conflict, InvalidInput
 from kubetune_suggestion.service.models import TrialState
 from kubetune_suggestion.service.settings import ServiceSettings
-from kubetune_suggestion.service.testing import example_spec, serve_in_thread
+from kubetune_suggestion.service.testing import (
+    API_KEY,
+    CLIENT_HEADERS,
+    example_spec,
+    serve_in_thread,
+)
 from kubetune_suggestion.store import writes
 
 UID = "exp-ask"
@@ -175,8 +180,11 @@ def test_bad_ask_arguments_are_refused(
 
 def test_http_ask_without_a_body_asks_for_one_new_trial(svc: TuningService, db_url: str) -> None:
     _register(svc, maxTrials=10)
-    app = create_app(ServiceSettings(db_url=db_url), service=svc)
-    with serve_in_thread(app) as base_url, httpx.Client(base_url=base_url, timeout=30) as client:
+    app = create_app(ServiceSettings(db_url=db_url, api_key=API_KEY), service=svc)
+    with (
+        serve_in_thread(app) as base_url,
+        httpx.Client(base_url=base_url, timeout=30, headers=CLIENT_HEADERS) as client,
+    ):
         url = f"/v1/experiments/{UID}/ask"
         for expected in (0, 1):
             answer = client.post(url)

@@ -19,7 +19,13 @@ from typing import Any
 import httpx
 import pytest
 
-from kubetune_suggestion.service.testing import EXAMPLE_ASHA, example_spec, free_port
+from kubetune_suggestion.service.testing import (
+    API_KEY,
+    CLIENT_HEADERS,
+    EXAMPLE_ASHA,
+    example_spec,
+    free_port,
+)
 
 UID = "hammered"
 MAX_TRIALS = 120
@@ -32,12 +38,14 @@ REPORTERS = 6
 def two_services(db_url: str, tmp_path: Any) -> Iterator[list[str]]:
     """Two `kubetune-service` processes on ``db_url`` (started at once: both migrate)."""
     env = {k: v for k, v in os.environ.items() if k not in ("KUBETUNE_SECRET", "KUBETUNE_DB_URL")}
+    env["KUBETUNE_API_KEY"] = API_KEY
     processes, urls = [], []
     for i in range(2):
         port = free_port()
         log = open(tmp_path / f"service-{i}.log", "w")  # noqa: SIM115 - closed with the process
         command = [sys.executable, "-m", "kubetune_suggestion.service", "--db", db_url]
-        command += ["--port", str(port), "--log-level", "warning"]
+        command += ["--port", str(port), "--metrics-port", str(free_port())]
+        command += ["--log-level", "warning"]
         processes.append((subprocess.Popen(command, env=env, stdout=log, stderr=log), log))
         urls.append(f"http://127.0.0.1:{port}")
     try:
@@ -74,7 +82,9 @@ def two_services(db_url: str, tmp_path: Any) -> Iterator[list[str]]:
 def test_two_processes_never_duplicate_a_trial_or_lose_an_observation(
     two_services: list[str], early_stopping: dict[str, Any] | None, ask_count: int
 ) -> None:
-    clients = [httpx.Client(base_url=url, timeout=60) for url in two_services]
+    clients = [
+        httpx.Client(base_url=url, timeout=60, headers=CLIENT_HEADERS) for url in two_services
+    ]
     spec = example_spec(maxTrials=MAX_TRIALS, algorithm={"name": "tpe", "seed": 3})
     if early_stopping is not None:
         spec["earlyStopping"] = early_stopping
@@ -171,7 +181,9 @@ def test_two_processes_asking_with_parallelism_never_run_more_at_once(
 ) -> None:
     """Asks that overlap starts and finishes, on two replicas, keep to ``parallelism``."""
     parallelism, total = 5, 60
-    clients = [httpx.Client(base_url=url, timeout=60) for url in two_services]
+    clients = [
+        httpx.Client(base_url=url, timeout=60, headers=CLIENT_HEADERS) for url in two_services
+    ]
     spec = example_spec(maxTrials=total, algorithm={"name": "random", "seed": 3})
     clients[0].put(f"/v1/experiments/{UID}", json={"name": "h", "namespace": "ns", "spec": spec})
     lock = threading.Lock()

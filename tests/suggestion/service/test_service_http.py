@@ -10,12 +10,19 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune_suggestion.service.app import create_app
 from kubetune_suggestion.service.core import TuningService
 from kubetune_suggestion.service.settings import ServiceSettings
-from kubetune_suggestion.service.testing import EXAMPLE_ASHA, example_spec, serve_in_thread
+from kubetune_suggestion.service.testing import (
+    API_KEY,
+    CLIENT_HEADERS,
+    EXAMPLE_ASHA,
+    example_spec,
+    serve_in_thread,
+)
 
 UID = "7c1e-uid"
 
@@ -29,8 +36,13 @@ def service(db_url: str) -> Iterator[TuningService]:
 
 @pytest.fixture
 def client(service: TuningService, db_url: str) -> Iterator[httpx.Client]:
-    app = create_app(ServiceSettings(db_url=db_url, stop_poll_seconds=0.05), service)
-    with serve_in_thread(app) as base_url, httpx.Client(base_url=base_url, timeout=30) as http:
+    app = create_app(
+        ServiceSettings(db_url=db_url, stop_poll_seconds=0.05, api_key=API_KEY), service
+    )
+    with (
+        serve_in_thread(app) as base_url,
+        httpx.Client(base_url=base_url, timeout=30, headers=CLIENT_HEADERS) as http,
+    ):
         yield http
 
 
@@ -42,12 +54,22 @@ def _register(client: httpx.Client, **overrides: Any) -> httpx.Response:
 def _report(
     client: httpx.Client, number: int, token: str | None, body: Any, raw: bool = False
 ) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
     url = f"/v1/experiments/{UID}/trials/{number}/observations"
     if raw:
-        headers["Content-Type"] = "application/json"
-        return client.post(url, content=body, headers=headers)
-    return client.post(url, json=body, headers=headers)
+        return _as_trial(client, token, url, content=body, headers={"Content-Type": JSON})
+    return _as_trial(client, token, url, json=body)
+
+
+JSON = "application/json"
+
+
+def _as_trial(client: httpx.Client, token: str | None, url: str, **kwargs: Any) -> httpx.Response:
+    """POST ``url`` with the trial's ``token``, or no credentials at all (not the client's key)."""
+    request = client.build_request("POST", url, **kwargs)
+    del request.headers["Authorization"]
+    if token:
+        request.headers["Authorization"] = f"Bearer {token}"
+    return client.send(request)
 
 
 def _state(client: httpx.Client) -> tuple[Any, ...]:
@@ -59,7 +81,9 @@ def _state(client: httpx.Client) -> tuple[Any, ...]:
 
 
 def _metric(client: httpx.Client, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(client.get("/metrics").text):
+    # The service serves in this process: its registry is this one (the
+    # /metrics port itself is tested with a real process, test_service_settings).
+    for family in text_string_to_metric_families(generate_latest().decode()):
         for sample in family.samples:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
@@ -378,7 +402,9 @@ def test_readiness_fails_when_the_database_is_unreachable(
         raise ConnectionRefusedError("database down")
 
     monkeypatch.setattr(service.store, "ping", unreachable)
-    with serve_in_thread(create_app(ServiceSettings(db_url=db_url), service)) as url:
+    with serve_in_thread(
+        create_app(ServiceSettings(db_url=db_url, api_key=API_KEY), service)
+    ) as url:
         response = httpx.get(f"{url}/readyz")
         assert httpx.get(f"{url}/healthz").status_code == 200
     assert response.status_code == 503
@@ -435,7 +461,10 @@ def test_ask_report_and_finish_answer_alike_whatever_the_json_content_type(
         answer = post(obs, {"step": 1, "metrics": {"loss": 0.5}}, plain, trial["token"])
         assert answer.status_code == 200 and answer.json() == {"stop": False, "reason": ""}
         # Errors: the same status and body either way.
-        no_token = post(obs, {"step": 2, "metrics": {"loss": 0.5}}, plain)
+        ct = {"Content-Type": "application/json" if plain else "application/json; x=1"}
+        no_token = _as_trial(
+            client, None, obs, json={"step": 2, "metrics": {"loss": 0.5}}, headers=ct
+        )
         assert no_token.status_code == 401 and no_token.json()["error"]["code"] == "unauthorized"
         other = post(obs, {"step": 2, "metrics": {"loss": 0.5}}, plain, plain_trial["token"] + "0")
         assert other.status_code == 403
@@ -477,10 +506,7 @@ def test_ask_and_tell_over_http_alike_on_the_fast_path_and_through_fastapi(
         finish = f"/v1/experiments/{UID}/trials/{trial['number']}/finish"
 
         def tell(body: str, token: str | None, url: str = finish, ct: str = content_type) -> Any:
-            headers = {"Content-Type": ct}
-            if token:
-                headers["Authorization"] = f"Bearer {token}"
-            return client.post(url, content=body, headers=headers)
+            return _as_trial(client, token, url, content=body, headers={"Content-Type": ct})
 
         before = _state(client)
         metrics = '"metrics": {"loss": 0.25}'

@@ -22,7 +22,12 @@ from kubetune_suggestion.service.core import TuningService
 from kubetune_suggestion.service.errors import Conflict, InvalidInput, NotFound
 from kubetune_suggestion.service.models import TrialState
 from kubetune_suggestion.service.settings import ServiceSettings
-from kubetune_suggestion.service.testing import example_spec, serve_in_thread
+from kubetune_suggestion.service.testing import (
+    API_KEY,
+    CLIENT_HEADERS,
+    example_spec,
+    serve_in_thread,
+)
 from tests.suggestion.service.spies import record_calls
 
 UID = "restore-uid"
@@ -255,8 +260,11 @@ def test_a_restored_running_trial_takes_reports_with_its_token_and_finishes(
 
 @pytest.fixture
 def client(svc: TuningService, db_url: str) -> Iterator[httpx.Client]:
-    app = create_app(ServiceSettings(db_url=db_url), svc)
-    with serve_in_thread(app) as base_url, httpx.Client(base_url=base_url, timeout=30) as http:
+    app = create_app(ServiceSettings(db_url=db_url, api_key=API_KEY), svc)
+    with (
+        serve_in_thread(app) as base_url,
+        httpx.Client(base_url=base_url, timeout=30, headers=CLIENT_HEADERS) as http,
+    ):
         yield http
 
 

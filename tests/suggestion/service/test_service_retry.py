@@ -19,7 +19,12 @@ from kubetune_suggestion.service.errors import Conflict, NotFound
 from kubetune_suggestion.service.models import StopAnswer, TrialState
 from kubetune_suggestion.service.reporting import Report
 from kubetune_suggestion.service.settings import ServiceSettings
-from kubetune_suggestion.service.testing import example_spec, serve_in_thread
+from kubetune_suggestion.service.testing import (
+    API_KEY,
+    CLIENT_HEADERS,
+    example_spec,
+    serve_in_thread,
+)
 
 UID = "retry-uid"
 # The median rule against a single other trial: easy to steer.
@@ -172,8 +177,11 @@ def test_a_repeated_step_after_a_retry_is_a_new_report_on_every_replica(
 
 @pytest.fixture
 def client(svc: TuningService, db_url: str) -> Iterator[httpx.Client]:
-    app = create_app(ServiceSettings(db_url=db_url), svc)
-    with serve_in_thread(app) as base_url, httpx.Client(base_url=base_url, timeout=30) as http:
+    app = create_app(ServiceSettings(db_url=db_url, api_key=API_KEY), svc)
+    with (
+        serve_in_thread(app) as base_url,
+        httpx.Client(base_url=base_url, timeout=30, headers=CLIENT_HEADERS) as http,
+    ):
         yield http
 
 

@@ -7,6 +7,7 @@ takes its defaults (port 8000 included) from the same settings.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import fields
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 import uvicorn
 
 from kubetune_suggestion.env_settings import SettingsError
+from kubetune_suggestion.service import __main__ as service_main
 from kubetune_suggestion.service.__main__ import main
 from kubetune_suggestion.service.settings import ServiceSettings
 from kubetune_suggestion.store import make_engine, migrate
@@ -30,6 +32,15 @@ EXAMPLES: dict[str, tuple[str, Any]] = {
     "KUBETUNE_HOST": ("0.0.0.0", "0.0.0.0"),
     "KUBETUNE_PORT": ("8123", 8123),
     "KUBETUNE_STOP_POLL_SECONDS": ("0.5", 0.5),
+    "KUBETUNE_METRICS_PORT": ("9191", 9191),
+    "KUBETUNE_SECRET_NAME": ("kt-token-key", "kt-token-key"),
+    "KUBETUNE_API_KEY": ("k3y", "k3y"),
+    "KUBETUNE_TOKEN_AUDIENCE": ("kubetune", "kubetune"),
+    "KUBETUNE_ALLOWED_USERS": (
+        "system:serviceaccount:kt:op, alice",
+        frozenset({"system:serviceaccount:kt:op", "alice"}),
+    ),
+    "KUBETUNE_NO_AUTH": ("yes", True),
 }
 
 
@@ -45,7 +56,13 @@ def test_defaults_without_any_variable() -> None:
         migrate=True,
         host="127.0.0.1",
         port=8000,
+        metrics_port=9090,
         stop_poll_seconds=0.15,
+        secret_name=None,
+        api_key=None,
+        token_audience=None,
+        allowed_users=frozenset(),
+        no_auth=False,
     )
 
 
@@ -74,7 +91,7 @@ def test_the_chart_readme_documents_every_variable_with_its_default() -> None:
     assert set(documented) == set(variables())
     for name, default in documented.items():
         if default == "unset":
-            assert getattr(ServiceSettings(), variables()[name]) is None, name
+            assert not getattr(ServiceSettings(), variables()[name]), name
         else:
             # The documented default, given as the value, changes nothing.
             assert ServiceSettings.from_env({name: default.strip("`")}) == ServiceSettings(), name
@@ -129,6 +146,10 @@ class Served:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         self.run: dict[str, Any] = {}
         monkeypatch.setattr(uvicorn, "run", lambda app, **kw: self.run.update(kw))
+        self.metrics: dict[str, Any] = {}
+        monkeypatch.setattr(
+            service_main, "start_http_server", lambda port, addr: self.metrics.update(port=port)
+        )
         for name in variables():
             monkeypatch.delenv(name, raising=False)
         # main() hands the settings to uvicorn's workers through these
@@ -136,6 +157,7 @@ class Served:
         monkeypatch.setenv("KUBETUNE_DB_URL", f"sqlite:///{tmp_path}/served.db")
         monkeypatch.setenv("KUBETUNE_SECRET", "s")
         monkeypatch.setenv("KUBETUNE_MIGRATE", "1")
+        monkeypatch.setenv("KUBETUNE_API_KEY", "k")
 
 
 def test_the_cli_serves_on_port_8000_by_default(
@@ -144,6 +166,23 @@ def test_the_cli_serves_on_port_8000_by_default(
     served = Served(monkeypatch, tmp_path)
     assert main([]) == 0
     assert (served.run["host"], served.run["port"]) == ("127.0.0.1", 8000)
+    assert served.metrics == {"port": 9090}
+
+
+def test_the_cli_refuses_to_serve_without_a_way_to_authenticate(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    served = Served(monkeypatch, tmp_path)
+    monkeypatch.delenv("KUBETUNE_API_KEY")
+    assert main([]) == 2
+    assert "KUBETUNE_API_KEY" in capsys.readouterr().err and not served.run
+    key = tmp_path / "key"
+    key.write_text("from-a-file\n")
+    assert main(["--api-key-file", str(key)]) == 0
+    assert served.run and os.environ["KUBETUNE_API_KEY"] == "from-a-file"
+    monkeypatch.setenv("KUBETUNE_TOKEN_AUDIENCE", "kubetune")
+    assert main(["--api-key-file", str(key)]) == 2
+    assert "KUBETUNE_ALLOWED_USERS" in capsys.readouterr().err
 
 
 def test_the_cli_takes_the_environment_and_its_flags_win(

@@ -29,6 +29,8 @@ def _service(db: Path, port: int) -> list[str]:
         "127.0.0.1",
         "--port",
         str(port),
+        "--metrics-port",
+        str(free_port()),
     ]
 
 
@@ -44,7 +46,7 @@ def test_serving_service_stops_promptly_at_sigterm(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{port}"
     service = start(
         _service(tmp_path / "store.db", port),
-        env={**os.environ, "KUBETUNE_SECRET": "s"},
+        env={**os.environ, "KUBETUNE_SECRET": "s", "KUBETUNE_API_KEY": "k"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -69,7 +71,7 @@ def test_starting_service_stops_promptly_at_sigterm(tmp_path: Path) -> None:
     # The signal arrives during the imports: the handler is there before them.
     service = start(
         _service(tmp_path / "store.db", free_port()),
-        env={**os.environ, "KUBETUNE_SECRET": "s"},
+        env={**os.environ, "KUBETUNE_SECRET": "s", "KUBETUNE_API_KEY": "k"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
