@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from e2e.cluster.control_plane import audit_files
+from e2e.cluster.paths import state_dir
 from e2e.helpers import Kube, Obj, wait_for
 from e2e.host_stack import HostStack
 from e2e.operator_helpers import (
@@ -425,3 +427,64 @@ def test_an_operator_that_may_not_list_pods_says_so_on_the_experiment(
     # The stream lists at its next retry (backoff of at most 30 s).
     wait_condition(kube, namespace, "blind", "Succeeded", 180)
     assert len(trials_of(kube, namespace, "blind")) == 2
+
+
+# Granted for the API server's admission checks, not for requests: an owner
+# reference with blockOwnerDeletion needs update on the owner's finalizers.
+NOT_REQUESTS = {
+    ("kubetune.io", "experiments/finalizers", "update"),
+    ("kubetune.io", "trials/finalizers", "update"),
+}
+
+
+def _operator_requests(user: str) -> set[tuple[str, str, str]]:
+    """(group, resource[/subresource], verb) of every request ``user`` made, from the audit log."""
+    _, log = audit_files(state_dir())
+    made: set[tuple[str, str, str]] = set()
+    for line in log.read_text().splitlines():
+        event = json.loads(line)
+        ref = event.get("objectRef")
+        if event["user"]["username"] != user or ref is None:
+            continue
+        resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+        made.add((ref.get("apiGroup", ""), resource, event["verb"]))
+    return made
+
+
+def test_the_operators_rbac_equals_the_requests_it_makes(
+    kube: Kube, stack: HostStack | ChartStack, request: pytest.FixtureRequest
+) -> None:
+    """The chart's roles grant exactly what the operator asked of the API server in this run.
+
+    Read from the real API server's audit log after every other test of this
+    module ran; alone (``-k``), only that nothing asked was left ungranted.
+    """
+    if not isinstance(stack, ChartStack):
+        pytest.skip("the chart's roles: KUBETUNE_E2E_STACK=chart")
+    if not audit_files(state_dir())[1].exists():
+        pytest.skip("the cluster keeps no audit log (not the local e2e cluster)")
+    user = f"system:serviceaccount:{stack.namespace}:{stack.release}-kubetune-operator"
+    roles = kube.get(
+        "clusterroles,roles",
+        "-A",
+        "-l",
+        f"app.kubernetes.io/instance={stack.release},app.kubernetes.io/component=operator",
+    )["items"]
+    granted = {
+        (group, resource, verb)
+        for role in roles
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    made = _operator_requests(user)
+    assert sorted(made - granted) == [], "asked for but not granted"
+    ran = {
+        getattr(item, "originalname", item.name)
+        for item in request.session.items
+        if getattr(item, "module", None) is request.module
+    }
+    whole_module = {name for name in dir(request.module) if name.startswith("test_")}
+    if ran >= whole_module:
+        assert sorted(granted - NOT_REQUESTS - made) == [], "granted but never used"
