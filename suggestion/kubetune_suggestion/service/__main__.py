@@ -42,7 +42,7 @@ from pathlib import Path
 from prometheus_client import start_http_server
 
 from kubetune_suggestion.env_settings import SettingsError
-from kubetune_suggestion.service.auth import Authenticator, Review
+from kubetune_suggestion.service.auth import Authenticator
 from kubetune_suggestion.service.settings import ServiceSettings
 from kubetune_suggestion.store import Store, UnsupportedDatabase
 
@@ -114,10 +114,6 @@ def _read_file(path: Path | None, flag: str) -> str | None:
     return text
 
 
-def _no_review(token: str) -> Review:
-    return Review(None, "not checked at startup")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``kubetune-service`` and ``python -m kubetune_suggestion.service``."""
     try:
@@ -137,8 +133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             secret = InCluster.from_environment().token_secret(settings.secret_name)
         if args.command == "serve":
-            # Refuse settings that authenticate nobody before anything starts.
-            Authenticator.from_settings(replace(settings, api_key=api_key), lambda: _no_review)
+            from kubetune_suggestion.service.app import in_cluster  # FastAPI: only to serve
+
+            # Refuse settings that authenticate nobody, or a TokenReview
+            # outside a cluster, before anything starts.
+            Authenticator.from_settings(replace(settings, api_key=api_key), in_cluster(settings))
     except SettingsError as exc:
         print(f"kubetune-service: {exc}", file=sys.stderr)
         return 2

@@ -180,7 +180,7 @@ def create_app(
     Raises:
         SettingsError: If ``settings`` give no way to authenticate callers.
     """
-    auth = Authenticator.from_settings(settings, reviewer or _in_cluster_reviewer(settings))
+    auth = Authenticator.from_settings(settings, reviewer or in_cluster(settings))
     svc = service or TuningService.open(
         settings.db_url, secret=settings.secret, migrate=settings.migrate
     )
@@ -202,13 +202,13 @@ def create_app(
     return app
 
 
-def _in_cluster_reviewer(settings: ServiceSettings) -> Callable[[], Reviewer]:
-    def make() -> Reviewer:
-        from kubetune_suggestion.service.kubernetes import InCluster
+def in_cluster(settings: ServiceSettings) -> Callable[[], Reviewer]:
+    """What makes the TokenReview client of the cluster the service runs in."""
 
-        cluster = InCluster.from_environment()
-        audience = settings.token_audience or ""
-        return lambda token: cluster.review(token, audience)
+    def make() -> Reviewer:
+        from kubetune_suggestion.service.kubernetes import in_cluster_reviewer
+
+        return in_cluster_reviewer(settings.token_audience or "")
 
     return make
 

@@ -19,13 +19,23 @@ from typing import Any
 import httpx
 
 from kubetune_suggestion.env_settings import SettingsError
-from kubetune_suggestion.service.auth import Review
+from kubetune_suggestion.service.auth import Review, Reviewer
 from kubetune_suggestion.service.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
 ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 SECRET_KEY = "secret"
+
+
+def in_cluster_reviewer(audience: str) -> Reviewer:
+    """TokenReviews for ``audience`` by the API server of the cluster the service runs in.
+
+    Raises:
+        SettingsError: Outside a Pod with a ServiceAccount token.
+    """
+    cluster = InCluster.from_environment()
+    return lambda token: cluster.review(token, audience)
 
 
 class InCluster:

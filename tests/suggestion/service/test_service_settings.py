@@ -183,6 +183,11 @@ def test_the_cli_refuses_to_serve_without_a_way_to_authenticate(
     monkeypatch.setenv("KUBETUNE_TOKEN_AUDIENCE", "kubetune")
     assert main(["--api-key-file", str(key)]) == 2
     assert "KUBETUNE_ALLOWED_USERS" in capsys.readouterr().err
+    # TokenReviews need the Kubernetes API: outside a Pod, said at once.
+    monkeypatch.setenv("KUBETUNE_ALLOWED_USERS", "system:serviceaccount:kt:op")
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert main([]) == 2
+    assert "run the service in a Pod" in capsys.readouterr().err
 
 
 def test_the_cli_takes_the_environment_and_its_flags_win(
