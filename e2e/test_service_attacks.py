@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from e2e.helpers import Kube, Obj, python_pod
+from e2e.helpers import REPO, Kube, Obj, python_pod
 from e2e.operator_helpers import (
     SERVICE_AUDIENCE,
     ChartStack,
@@ -189,3 +189,27 @@ def test_a_pod_in_the_cluster_can_change_nothing_it_does_not_own(
     # No credentials: 401; a token (a trial's, forged, or an account's): 403.
     assert all((r[1] == 401) == r[0].startswith("none:") for r in results), results
     assert _held(stack, [a, b]) == before
+
+
+def test_the_token_key_outlives_an_upgrade_that_restarts_the_service(
+    kube: Kube, stack: ChartStack
+) -> None:
+    """The key is the service's, not the render's: an upgrade (as a GitOps re-sync) keeps it."""
+    name = f"{stack.release}-kubetune-token"
+    before = kube.get("secret", "-n", stack.namespace, name)
+    assert "meta.helm.sh/release-name" not in (before["metadata"].get("annotations") or {})
+    stack.helm(
+        "upgrade",
+        stack.release,
+        str(REPO / "charts" / "kubetune"),
+        "--namespace",
+        stack.namespace,
+        "--reuse-values",
+        "--set",
+        "suggestion.podAnnotations.restarted=yes",
+    )
+    deployment = f"deploy/{stack.release}-kubetune-suggestion"
+    kube.kubectl("rollout", "status", "-n", stack.namespace, deployment, "--timeout=180s")
+    after = kube.get("secret", "-n", stack.namespace, name)
+    assert after["data"] == before["data"]
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]
