@@ -28,7 +28,12 @@ from kubetune_controller.model import (
     TrialPhase,
     TrialResource,
 )
-from kubetune_controller.pods import TemplateError, build_trial, build_trial_pod
+from kubetune_controller.pods import (
+    TemplateError,
+    build_token_secret,
+    build_trial,
+    build_trial_pod,
+)
 from kubetune_controller.recorder import Recorder
 from kubetune_controller.service_client import ServiceCallError, ServiceClient, ServiceUnavailable
 from kubetune_controller.settings import OperatorSettings
@@ -96,13 +101,17 @@ class TrialActions:
                 trial.uid,
                 assignment.number,
                 assignment.params,
-                assignment.token,
                 self.settings,
                 trial.pod_name,
             )
         except TemplateError as exc:
             await self._template_failed(experiment, memory, trial, assignment.number, str(exc))
             return
+        # The token goes in a Secret the collector mounts, never in the Pod
+        # spec; a retry's Pod finds it there already.
+        await self.kube.create_secret(
+            build_token_secret(experiment, assignment.number, trial.uid, assignment.token)
+        )
         try:
             pod = await self.kube.create_pod(pod_body)
         except KubeError as exc:

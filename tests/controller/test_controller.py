@@ -471,7 +471,7 @@ def test_a_trial_whose_pod_ends_is_finished_at_once_not_at_the_next_reconcile(
             resp = await svc.post(
                 f"/v1/experiments/{env['KUBETUNE_EXPERIMENT_UID']}/trials/0/observations",
                 json={"step": 1, "metrics": {"val_loss": 0.25}},
-                headers={"Authorization": f"Bearer {env['KUBETUNE_TRIAL_TOKEN']}"},
+                headers={"Authorization": f"Bearer {h.cluster.mounted_token(pod)}"},
             )
             assert resp.status_code == 200
         ended = time.monotonic()
