@@ -1,6 +1,6 @@
 """Pure builders of the objects the operator creates: Trials, their Pods, Events.
 
-A trial Pod is the user's Pod template with three additions and nothing else:
+A trial Pod is the user's Pod template with these additions and nothing else:
 
 - ``${params.NAME}`` substituted in every container's command, args and env
   values (:mod:`kubetune_suggestion.template`, shared with ``kubetune run``);
@@ -9,7 +9,9 @@ A trial Pod is the user's Pod template with three additions and nothing else:
 - the metrics collector as a native sidecar (an init container with
   ``restartPolicy: Always``): it starts before the trial, tails the metrics
   file, streams reports to the service with the per-trial token, and is
-  stopped by the kubelet once the trial's containers finish.
+  stopped by the kubelet once the trial's containers finish;
+- ``automountServiceAccountToken: false`` unless the template sets it: a
+  training script has no business calling the Kubernetes API.
 
 The per-trial token is not in the Pod spec (anyone who may read Pods, the
 built-in ``view`` role included, would read it there): it is in a Secret of
@@ -183,6 +185,9 @@ def build_trial_pod(
         {"name": METRICS_VOLUME, "emptyDir": {}},
         token_volume,
     ]
+    # The Pod's ServiceAccount token is not mounted unless the template asks:
+    # nothing kubetune runs in the Pod uses it.
+    spec.setdefault("automountServiceAccountToken", False)
     # A trial runs once: a restarted container would report its steps again
     # from zero and corrupt the learning curve early stopping compares.
     spec["restartPolicy"] = "Never"

@@ -155,6 +155,13 @@ def test_a_retry_mounts_the_trials_secret():
     assert [v for v in retry["spec"]["volumes"] if v["name"] == TOKEN_VOLUME] == volumes
 
 
+def test_service_account_token_not_mounted_unless_the_template_asks():
+    assert render()["spec"]["automountServiceAccountToken"] is False
+    template = spec_dict()["template"]
+    template["spec"]["automountServiceAccountToken"] = True
+    assert render(template=template)["spec"]["automountServiceAccountToken"] is True
+
+
 def test_collector_url_override_for_out_of_cluster_operators():
     settings = OperatorSettings(
         service_url="http://127.0.0.1:1", collector_service_url="http://svc:80"
