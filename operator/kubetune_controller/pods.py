@@ -16,7 +16,9 @@ A trial Pod is the user's Pod template with these additions and nothing else:
 The per-trial token is not in the Pod spec (anyone who may read Pods, the
 built-in ``view`` role included, would read it there): it is in a Secret of
 its own (:func:`build_token_secret`, owned by the Trial, so it goes with it),
-mounted into the collector only.
+mounted into the collector only. The collector meets the ``restricted`` Pod
+Security profile, so a namespace that enforces it runs trials whose own
+containers do.
 
 The user's command is run as written (not wrapped in a shell or a launcher)
 and its stdout/stderr are not redirected, so ``kubectl logs`` shows exactly
@@ -51,6 +53,7 @@ from kubetune_suggestion.template import (
 
 __all__ = [
     "COLLECTOR_NAME",
+    "COLLECTOR_UID",
     "METRICS_VOLUME",
     "TOKEN_VOLUME",
     "TemplateError",
@@ -71,6 +74,9 @@ METRICS_FILE_NAME = "metrics.jsonl"
 TOKEN_DIR = "/var/run/secrets/kubetune.io/trial"
 TOKEN_KEY = "token"
 ENV_TOKEN_FILE = "KUBETUNE_TRIAL_TOKEN_FILE"
+# The collector's user: the kubetune image's non-root user (any non-root uid
+# would do; a number, so the kubelet can check runAsNonRoot without /etc/passwd).
+COLLECTOR_UID = 65532
 # Mode of the token file: readable by the collector's uid whatever the Pod's
 # fsGroup. Only the collector mounts the volume, so no other container sees it.
 TOKEN_FILE_MODE = 0o444
@@ -280,6 +286,10 @@ def _collector_container(
         "restartPolicy": "Always",
         "resources": copy.deepcopy(dict(settings.collector_resources)),
         "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": COLLECTOR_UID,
+            "runAsGroup": COLLECTOR_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},

@@ -10,6 +10,7 @@ import pytest
 from kubetune_controller.model import label_value
 from kubetune_controller.pods import (
     COLLECTOR_NAME,
+    COLLECTOR_UID,
     METRICS_VOLUME,
     TOKEN_VOLUME,
     TemplateError,
@@ -160,6 +161,27 @@ def test_service_account_token_not_mounted_unless_the_template_asks():
     template = spec_dict()["template"]
     template["spec"]["automountServiceAccountToken"] = True
     assert render(template=template)["spec"]["automountServiceAccountToken"] is True
+
+
+def test_sidecar_meets_the_restricted_pod_security_profile():
+    side = render()["spec"]["initContainers"][0]
+    ctx = side["securityContext"]
+    assert ctx["runAsNonRoot"] is True
+    assert ctx["runAsUser"] == COLLECTOR_UID and COLLECTOR_UID != 0
+    assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert ctx["allowPrivilegeEscalation"] is False
+    assert ctx["capabilities"] == {"drop": ["ALL"]}
+    assert ctx["readOnlyRootFilesystem"] is True
+    # Only the volumes the restricted profile allows: emptyDir and secret.
+    pod_volumes = {v["name"]: v for v in render()["spec"]["volumes"]}
+    for mount in side["volumeMounts"]:
+        assert set(pod_volumes[mount["name"]]) - {"name"} <= {"emptyDir", "secret"}
+
+
+def test_trial_identity_in_the_trial_env():
+    train = env_of(render()["spec"]["containers"][0])
+    assert train["KUBETUNE_TRIAL_NAME"] == "exp-7"
+    assert json.loads(train["KUBETUNE_PARAMS"]) == SGD
 
 
 def test_collector_url_override_for_out_of_cluster_operators():
