@@ -49,6 +49,9 @@ REASON_NO_SUCCESS = EndReason.NO_TRIAL_SUCCEEDED.value
 REASON_INVALID = "InvalidSpec"
 REASON_RUNNING = "TrialsRunning"
 REASON_SUSPENDED = "Suspended"
+# Why a trial failed before its Pod existed (its Trial's Failed condition).
+REASON_INVALID_PARAMS = "InvalidParams"
+REASON_INVALID_TEMPLATE = "InvalidTemplate"
 
 # Reasons that end an experiment for good: a later spec edit does not revive it.
 # ``MaxTrialsReached`` is not one of them (raising maxTrials continues the

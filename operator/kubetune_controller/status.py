@@ -232,6 +232,35 @@ def progress_status(
     return status
 
 
+def refused_status(
+    trial: TrialResource, reason: str, message: str, now: datetime
+) -> dict[str, Any]:
+    """A trial failed before its Pod ran: the Pod was not made, or was refused.
+
+    Args:
+        trial: The Trial.
+        reason: Its Failed condition's reason (``InvalidParams``,
+            ``InvalidTemplate``).
+        message: Why, for a person (the API server's message included).
+        now: The time of the failure.
+    """
+    return {
+        "phase": TrialPhase.FAILED.value,
+        "message": message,
+        "podName": trial.pod_name,
+        "completionTime": format_time(now),
+        "conditions": [
+            {
+                "type": "Failed",
+                "status": "True",
+                "reason": reason,
+                "message": message[:32000],
+                "lastTransitionTime": format_time(now),
+            }
+        ],
+    }
+
+
 def retry_status(trial: TrialResource, retry: TrialRetry, max_retries: int) -> dict[str, Any]:
     """A disrupted trial's next attempt: Pending again, in a Pod of its own (``<trial>-retryN``)."""
     attempt = trial.attempt + 1

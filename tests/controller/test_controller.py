@@ -586,3 +586,45 @@ def test_without_max_retries_a_lost_pod_fails_its_trial(tmp_path: Path) -> None:
     assert trial["status"]["phase"] == "Failed"
     assert "disappeared" in trial["status"]["message"]
     assert h.cluster.pods_ever == ["exp-0"]
+
+
+def test_params_outside_the_search_space_never_reach_a_pod(tmp_path: Path) -> None:
+    """A service that hands out lr=5.0 for lr in [1e-4, 1]: that trial fails, unlaunched."""
+    h = Harness(tmp_path)
+
+    async def go() -> None:
+        controller = h.start_controller()
+        asking = controller.service.ask
+
+        async def corrupted(uid: str, count: int, parallelism: int) -> Any:
+            answer = await asking(uid, count, parallelism)
+            trials = [
+                t.model_copy(update={"params": {"lr": 5.0}}) if t.number == 0 else t
+                for t in answer.trials
+            ]
+            return answer.model_copy(update={"trials": trials})
+
+        controller.service.ask = corrupted  # type: ignore[method-assign]
+        h.cluster.apply_experiment("exp", simple_spec(maxTrials=3, parallelism=1))
+        stop = asyncio.Event()
+        async with h.client() as svc:
+            task = asyncio.create_task(kubelet(h.cluster, svc, 2, stop))
+            try:
+                await h.wait(lambda: phase(h) in ("Succeeded", "Failed"))
+            finally:
+                stop.set()
+                await task
+                await h.kill_controller()
+
+    asyncio.run(go())
+    assert "exp-0" not in h.cluster.pods_ever
+    trial = h.cluster.objects[("Trial", "ns", "exp-0")]
+    assert trial["status"]["phase"] == "Failed"
+    (failed,) = trial["status"]["conditions"]
+    assert failed["reason"] == "InvalidParams"
+    assert "lr: 5.0 is above its max 1.0" in failed["message"]
+    # The others ran; one invalid configuration does not end the experiment.
+    assert phase(h) == "Succeeded"
+    assert sorted(h.cluster.pods_ever) == ["exp-1", "exp-2"]
+    (event,) = [e for e in h.cluster.events if e["reason"] == "InvalidParams"]
+    assert event["type"] == "Warning" and "lr: 5.0" in event["message"]

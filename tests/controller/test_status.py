@@ -11,7 +11,7 @@ import pytest
 from kubetune_controller import reconcile as rc
 from kubetune_controller import status as st
 from kubetune_controller import trial_plan as tp
-from kubetune_controller.model import ExperimentPhase, PodResource, TrialPhase
+from kubetune_controller.model import ExperimentPhase, PodResource, TrialPhase, TrialResource
 from kubetune_suggestion.service.models import TrialView as ServiceTrial
 from tests.controller.factories import NOW, experiment, pod, progress, trial
 
@@ -252,3 +252,19 @@ def test_finished_status_condition_by_phase(
     assert ("stopReason" in status) is (phase is TrialPhase.PRUNED)
     if phase is TrialPhase.PRUNED:
         assert status["stopReason"] == "OOMKilled"  # the service's reason, else the plan's
+
+
+def _refused(number: int, reason: str, message: str) -> TrialResource:
+    body = {
+        "metadata": {"name": f"exp-{number}", "namespace": "ns", "uid": f"t-{number}"},
+        "spec": {"experiment": "exp", "number": number},
+        "status": st.refused_status(trial(number, TrialPhase.PENDING), reason, message, NOW),
+    }
+    return TrialResource.from_body(body)
+
+
+def test_a_refused_trial_fails_with_its_reason_in_a_condition():
+    view = _refused(3, rc.REASON_INVALID_PARAMS, "lr: 5.0 is above its max 1.0")
+    assert view.phase is TrialPhase.FAILED
+    assert view.failure_reason == rc.REASON_INVALID_PARAMS
+    assert view.message == "lr: 5.0 is above its max 1.0"
