@@ -27,6 +27,7 @@ from kubetune_controller.pods import build_event
 from kubetune_controller.reconcile import (
     REASON_GOAL,
     REASON_INVALID_PARAMS,
+    REASON_POD_FORBIDDEN,
     Decision,
     Progress,
 )
@@ -39,6 +40,7 @@ _COMBINED_REASONS = frozenset(
         "TrialPruned",
         "TrialFailed",
         "TrialMetricsUnavailable",
+        REASON_POD_FORBIDDEN,
         REASON_INVALID_PARAMS,
     }
 )
@@ -98,6 +100,7 @@ class Recorder:
             service_ok,
             service_message if not service_ok else f"reachable at {self.settings.service_url}",
         )
+        desired.append(st.pod_admission(trials.values()))
         conditions = st.render_conditions(
             desired, experiment.status.get("conditions") or [], now, experiment.generation
         )

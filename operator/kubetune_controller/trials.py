@@ -37,6 +37,7 @@ from kubetune_controller.pods import (
 from kubetune_controller.reconcile import (
     REASON_INVALID_PARAMS,
     REASON_INVALID_TEMPLATE,
+    REASON_POD_FORBIDDEN,
 )
 from kubetune_controller.recorder import Recorder
 from kubetune_controller.service_client import ServiceCallError, ServiceClient, ServiceUnavailable
@@ -129,6 +130,12 @@ class TrialActions:
         try:
             pod = await self.kube.create_pod(pod_body)
         except KubeError as exc:
+            if tp.pod_forbidden(exc.status, exc.message):
+                # Admission (Pod Security, a webhook) refuses it, and would
+                # refuse it again: the trial fails, visibly, with the reason.
+                problem = f"the API server refused the trial's Pod: {exc.message}"
+                await self._refuse(experiment, trial, REASON_POD_FORBIDDEN, problem)
+                return
             if exc.status not in (400, 422):
                 raise
             # The API server refuses the rendered Pod: the template is wrong,
@@ -170,8 +177,9 @@ class TrialActions:
     ) -> None:
         """Fail a trial that will never start; it counts toward maxFailedTrials.
 
-        The Trial's Failed condition carries ``reason``, and a Warning
-        Event of that reason says so on the Experiment.
+        The Trial's Failed condition carries ``reason`` (what the
+        Experiment's TrialPodsAdmitted condition is built from), and a
+        Warning Event of that reason says so on the Experiment.
         """
         await self.service.finish(experiment.uid, trial.number, "failed", problem)
         now = datetime.now(UTC)

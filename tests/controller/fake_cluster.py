@@ -65,6 +65,8 @@ class FakeCluster:
         self.peak_live_pods = 0
         # Collections ("pods", "trials") whose LIST is refused, as RBAC would.
         self.forbidden: set[str] = set()
+        # The message of a 403 every Pod create gets, as admission refuses one.
+        self.pod_refusal: str | None = None
         # Open watches: the kind, namespace (None: all) and label each follows.
         self._watches: list[tuple[str, str | None, str, asyncio.Queue[Obj]]] = []
 
@@ -80,6 +82,8 @@ class FakeCluster:
 
     async def create_pod(self, body: Obj) -> Obj:
         await asyncio.sleep(self.create_delay)
+        if self.pod_refusal is not None:
+            raise KubeError(403, "Forbidden", self.pod_refusal)
         self.pod_creates[body["metadata"]["name"]] += 1
         key = ("Pod", body["metadata"]["namespace"], body["metadata"]["name"])
         if key not in self.objects:

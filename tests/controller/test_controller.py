@@ -588,6 +588,55 @@ def test_without_max_retries_a_lost_pod_fails_its_trial(tmp_path: Path) -> None:
     assert h.cluster.pods_ever == ["exp-0"]
 
 
+POD_SECURITY = (
+    'pods "exp-0" is forbidden: violates PodSecurity "restricted:latest": '
+    'hostPath volumes (volume "host")'
+)
+
+
+def test_a_trial_pod_that_admission_refuses_fails_the_trial_and_the_experiment_says_why(
+    tmp_path: Path,
+) -> None:
+    h = Harness(tmp_path)
+    h.cluster.pod_refusal = POD_SECURITY
+    asyncio.run(run_experiment(h, simple_spec(maxTrials=4, parallelism=1, maxFailedTrials=0)))
+    assert h.cluster.pods_ever == []
+    (trial,) = h.cluster.of_kind("Trial")  # not retried silently, not run again
+    assert trial["status"]["phase"] == "Failed"
+    (failed,) = trial["status"]["conditions"]
+    assert failed["reason"] == "TrialPodForbidden"
+    assert POD_SECURITY in failed["message"]
+    assert phase(h) == "Failed"
+    assert condition(h, "Failed")["reason"] == "TooManyFailedTrials"
+    admitted = condition(h, "TrialPodsAdmitted")
+    assert (admitted["status"], admitted["reason"]) == ("False", "TrialPodForbidden")
+    assert admitted["message"].startswith("trial exp-0: ")
+    assert POD_SECURITY in admitted["message"]
+    (event,) = [e for e in h.cluster.events if e["reason"] == "TrialPodForbidden"]
+    assert event["type"] == "Warning"
+    assert POD_SECURITY in event["message"]
+
+
+def test_a_used_up_quota_delays_a_trial_pod_without_failing_it(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.cluster.pod_refusal = 'pods "exp-0" is forbidden: exceeded quota: compute, requested: cpu=1'
+
+    async def lift() -> None:
+        await h.wait(lambda: len(h.cluster.of_kind("Trial")) == 1)
+        await asyncio.sleep(0.5)
+        h.cluster.pod_refusal = None
+
+    async def go() -> None:
+        lifting = asyncio.create_task(lift())
+        await run_experiment(h, simple_spec(maxTrials=2, parallelism=1, maxFailedTrials=0))
+        await lifting
+
+    asyncio.run(go())
+    assert phase(h) == "Succeeded"
+    assert {t["status"]["phase"] for t in h.cluster.of_kind("Trial")} == {"Succeeded"}
+    assert condition(h, "TrialPodsAdmitted")["status"] == "True"
+
+
 def test_params_outside_the_search_space_never_reach_a_pod(tmp_path: Path) -> None:
     """A service that hands out lr=5.0 for lr in [1e-4, 1]: that trial fails, unlaunched."""
     h = Harness(tmp_path)
@@ -628,3 +677,5 @@ def test_params_outside_the_search_space_never_reach_a_pod(tmp_path: Path) -> No
     assert sorted(h.cluster.pods_ever) == ["exp-1", "exp-2"]
     (event,) = [e for e in h.cluster.events if e["reason"] == "InvalidParams"]
     assert event["type"] == "Warning" and "lr: 5.0" in event["message"]
+    # A trial that never tried a Pod says nothing about admission.
+    assert condition(h, "TrialPodsAdmitted")["status"] == "True"
