@@ -21,6 +21,7 @@ kept ``--parallelism`` at a time by a minimal loop, and kubetune's time over it.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import subprocess
@@ -44,7 +45,7 @@ from e2e.helpers import Kube, Samples, find_kubectl, wait_for  # noqa: E402
 from e2e.host_stack import HostStack  # noqa: E402
 from e2e.kube import Api  # noqa: E402
 from e2e.operator_helpers import ChartStack, synthetic_experiment  # noqa: E402
-from kubetune_controller.pods import COLLECTOR_NAME  # noqa: E402
+from kubetune_controller.pods import COLLECTOR_NAME, TOKEN_KEY, TOKEN_VOLUME  # noqa: E402
 from kubetune_suggestion.store import testing  # noqa: E402
 
 NAMESPACE = f"kubetune-bench-{uuid.uuid4().hex[:5]}"
@@ -210,8 +211,16 @@ class PodTimeline:
                     return
 
     def play_trial(self, pod: dict[str, Any]) -> None:
-        """What the sidecar would do: report the trial's objective with its token."""
+        """What the sidecar would do: report the trial's objective with its token.
+
+        The token is the one the sidecar would read: its Secret volume's.
+        """
         env = {e["name"]: e.get("value") for e in pod["spec"]["initContainers"][0]["env"]}
+        (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == TOKEN_VOLUME]
+        secret = self.api.get(
+            f"/api/v1/namespaces/{NAMESPACE}/secrets/{volume['secret']['secretName']}"
+        )
+        token = base64.b64decode(secret["data"][TOKEN_KEY]).decode()
         train_env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
         params = json.loads(train_env["KUBETUNE_PARAMS"])
         loss = 0.05 + 0.08 * (abs(float(params["lr"])) ** 0.5)
@@ -220,7 +229,7 @@ class PodTimeline:
                 f"{self.service_url}/v1/experiments/{env['KUBETUNE_EXPERIMENT_UID']}"
                 f"/trials/{env['KUBETUNE_TRIAL_NUMBER']}/observations",
                 json={"step": 1, "metrics": {"val_loss": loss}},
-                headers={"Authorization": f"Bearer {env['KUBETUNE_TRIAL_TOKEN']}"},
+                headers={"Authorization": f"Bearer {token}"},
             )
 
 
@@ -246,6 +255,7 @@ class BarePods:
         spec["initContainers"] = [
             c for c in spec.get("initContainers") or [] if c["name"] != COLLECTOR_NAME
         ]
+        spec["volumes"] = [v for v in spec.get("volumes") or [] if v["name"] != TOKEN_VOLUME]
         self.spec = spec
         self.created = 0
         self.succeeded = 0

@@ -419,9 +419,9 @@ class Controller:
         if memory.template_error:
             decision = rc.Decision(
                 ExperimentPhase.FAILED,
-                "InvalidTemplate",
+                rc.REASON_INVALID_TEMPLATE,
                 f"{memory.template_error}; fix spec.template and apply it again",
-                ending="InvalidTemplate",
+                ending=rc.REASON_INVALID_TEMPLATE,
             )
         else:
             names = {t.number: t.name for t in trials.values()}

@@ -15,8 +15,8 @@ Watch events are decoded with orjson: per event, the standard library's
 decoder was a large share of the operator's CPU in the 1,000-trial benchmark.
 
 Every write is idempotent: creates treat 409 (already exists) as success and
-return the existing object, deletes treat 404 as success, status writes are
-JSON merge patches of the operator's own fields.
+return the existing object (a Secret is never read back), deletes treat 404
+as success, status writes are JSON merge patches of the operator's own fields.
 """
 
 from __future__ import annotations
@@ -150,6 +150,17 @@ class Kube:
         """Create a Pod, or return the existing one of that name."""
         meta = body["metadata"]
         return await self._create(self._pods(meta["namespace"]), body)
+
+    async def create_secret(self, body: Obj) -> bool:
+        """Create a Secret; ``False`` if one of that name exists (it is not read back)."""
+        meta = body["metadata"]
+        try:
+            await self._request("POST", f"/api/v1/namespaces/{meta['namespace']}/secrets", body)
+        except KubeError as exc:
+            if exc.status != 409:
+                raise
+            return False
+        return True
 
     async def get_pod(self, namespace: str, name: str) -> Obj | None:
         """Read a Pod directly from the API server; ``None`` if it does not exist."""

@@ -55,6 +55,14 @@ class KubeApi(Protocol):
         """Create a Pod, or return the existing one of that name."""
         ...
 
+    async def create_secret(self, body: Obj) -> bool:
+        """Create a Secret; ``False`` if one of that name exists (it is not read back).
+
+        The operator never reads Secrets: a trial's token Secret has a name
+        only its Trial's (see :func:`~kubetune_controller.pods.token_secret_name`).
+        """
+        ...
+
     async def get_pod(self, namespace: str, name: str) -> Obj | None:
         """Read a Pod directly from the API server; ``None`` if it does not exist."""
         ...

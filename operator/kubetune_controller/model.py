@@ -166,6 +166,8 @@ class TrialResource:
     params: Mapping[str, Any] = field(default_factory=dict, compare=False)
     # status.attempt: 1, then one more per retry.
     attempt: int = 1
+    # The reason of its Failed condition, once it failed (TrialPodForbidden...).
+    failure_reason: str | None = None
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> TrialResource:
@@ -198,6 +200,14 @@ class TrialResource:
             started=parse_time(status.get("startTime")),
             params=dict(spec.get("params") or {}),
             attempt=int(status.get("attempt") or 1),
+            failure_reason=next(
+                (
+                    str(c.get("reason"))
+                    for c in status.get("conditions") or []
+                    if c.get("type") == "Failed" and c.get("status") == "True"
+                ),
+                None,
+            ),
         )
 
     @property

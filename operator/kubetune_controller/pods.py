@@ -1,6 +1,6 @@
 """Pure builders of the objects the operator creates: Trials, their Pods, Events.
 
-A trial Pod is the user's Pod template with three additions and nothing else:
+A trial Pod is the user's Pod template with these additions and nothing else:
 
 - ``${params.NAME}`` substituted in every container's command, args and env
   values (:mod:`kubetune_suggestion.template`, shared with ``kubetune run``);
@@ -9,7 +9,16 @@ A trial Pod is the user's Pod template with three additions and nothing else:
 - the metrics collector as a native sidecar (an init container with
   ``restartPolicy: Always``): it starts before the trial, tails the metrics
   file, streams reports to the service with the per-trial token, and is
-  stopped by the kubelet once the trial's containers finish.
+  stopped by the kubelet once the trial's containers finish;
+- ``automountServiceAccountToken: false`` unless the template sets it: a
+  training script has no business calling the Kubernetes API.
+
+The per-trial token is not in the Pod spec (anyone who may read Pods, the
+built-in ``view`` role included, would read it there): it is in a Secret of
+its own (:func:`build_token_secret`, owned by the Trial, so it goes with it),
+mounted into the collector only. The collector meets the ``restricted`` Pod
+Security profile, so a namespace that enforces it runs trials whose own
+containers do.
 
 The user's command is run as written (not wrapped in a shell or a launcher)
 and its stdout/stderr are not redirected, so ``kubectl logs`` shows exactly
@@ -44,18 +53,33 @@ from kubetune_suggestion.template import (
 
 __all__ = [
     "COLLECTOR_NAME",
+    "COLLECTOR_UID",
     "METRICS_VOLUME",
+    "TOKEN_VOLUME",
     "TemplateError",
     "build_event",
+    "build_token_secret",
     "build_trial",
     "build_trial_pod",
     "owner_reference",
+    "token_secret_name",
 ]
 
 # Names the operator adds to a trial Pod; a template using them is refused.
 COLLECTOR_NAME = "kubetune-collector"
 METRICS_VOLUME = "kubetune-metrics"
+TOKEN_VOLUME = "kubetune-trial-token"
 METRICS_FILE_NAME = "metrics.jsonl"
+# Where the collector finds the token (a Secret volume) and the key it is under.
+TOKEN_DIR = "/var/run/secrets/kubetune.io/trial"
+TOKEN_KEY = "token"
+ENV_TOKEN_FILE = "KUBETUNE_TRIAL_TOKEN_FILE"
+# The collector's user: the kubetune image's non-root user (any non-root uid
+# would do; a number, so the kubelet can check runAsNonRoot without /etc/passwd).
+COLLECTOR_UID = 65532
+# Mode of the token file: readable by the collector's uid whatever the Pod's
+# fsGroup. Only the collector mounts the volume, so no other container sees it.
+TOKEN_FILE_MODE = 0o444
 
 
 def owner_reference(
@@ -114,18 +138,19 @@ def build_trial_pod(
     trial_uid: str,
     number: int,
     params: Mapping[str, Any],
-    token: str,
     settings: OperatorSettings,
     pod_name: str | None = None,
 ) -> dict[str, Any]:
     """The Pod that runs one trial, owned by its Trial.
 
+    Its collector reads the trial's token from the Secret
+    :func:`build_token_secret` makes, which must exist before the Pod starts.
+
     Args:
         experiment: The Experiment (its ``spec.template`` and identity).
-        trial_uid: The Trial's uid (for the owner reference).
+        trial_uid: The Trial's uid (for the owner reference and the Secret's name).
         number: The trial number.
         params: The configuration to substitute.
-        token: The per-trial token the collector authenticates reports with.
         settings: Collector image, service address, metrics directory.
         pod_name: The Pod's name: the Trial's, or a retry's own.
 
@@ -148,12 +173,27 @@ def build_trial_pod(
         params=params,
         metrics_file=metrics_file,
     )
-    collector = _collector_container(experiment, number, token, settings, metrics_file, mount)
+    collector = _collector_container(experiment, number, settings, metrics_file, mount)
+    token_volume = {
+        "name": TOKEN_VOLUME,
+        "secret": {
+            "secretName": token_secret_name(trial_name(experiment.name, number), trial_uid),
+            "items": [{"key": TOKEN_KEY, "path": TOKEN_KEY}],
+            "defaultMode": TOKEN_FILE_MODE,
+        },
+    }
 
     if spec.get("containers"):
         spec["containers"] = [_with_metrics(c, identity, mount) for c in spec["containers"]]
     spec["initContainers"] = [collector, *(spec.get("initContainers") or [])]
-    spec["volumes"] = [*(spec.get("volumes") or []), {"name": METRICS_VOLUME, "emptyDir": {}}]
+    spec["volumes"] = [
+        *(spec.get("volumes") or []),
+        {"name": METRICS_VOLUME, "emptyDir": {}},
+        token_volume,
+    ]
+    # The Pod's ServiceAccount token is not mounted unless the template asks:
+    # nothing kubetune runs in the Pod uses it.
+    spec.setdefault("automountServiceAccountToken", False)
     # A trial runs once: a restarted container would report its steps again
     # from zero and corrupt the learning curve early stopping compares.
     spec["restartPolicy"] = "Never"
@@ -177,22 +217,24 @@ def _check_reserved_names(spec: Mapping[str, Any]) -> None:
     Raises:
         TemplateError: Naming the first offending field.
     """
+    reserved = (METRICS_VOLUME, TOKEN_VOLUME)
     for i, container in enumerate(spec.get("containers") or []):
         for mount in container.get("volumeMounts") or []:
-            if mount.get("name") == METRICS_VOLUME:
+            if mount.get("name") in reserved:
                 raise TemplateError(
                     f"template.spec.containers[{i}].volumeMounts",
-                    f"the volume name {METRICS_VOLUME} is reserved",
+                    f"the volume name {mount.get('name')} is reserved",
                 )
     for container in spec.get("initContainers") or []:
         if container.get("name") == COLLECTOR_NAME:
             raise TemplateError(
                 "template.spec.initContainers", f"the name {COLLECTOR_NAME} is reserved"
             )
-    if any(v.get("name") == METRICS_VOLUME for v in spec.get("volumes") or []):
-        raise TemplateError(
-            "template.spec.volumes", f"the volume name {METRICS_VOLUME} is reserved"
-        )
+    for volume in spec.get("volumes") or []:
+        if volume.get("name") in reserved:
+            raise TemplateError(
+                "template.spec.volumes", f"the volume name {volume.get('name')} is reserved"
+            )
 
 
 def _with_metrics(
@@ -213,19 +255,23 @@ def _with_metrics(
 def _collector_container(
     experiment: ExperimentResource,
     number: int,
-    token: str,
     settings: OperatorSettings,
     metrics_file: str,
     mount: Mapping[str, str],
 ) -> dict[str, Any]:
-    """The metrics collector, as a native sidecar (an init container that keeps running)."""
+    """The metrics collector, as a native sidecar (an init container that keeps running).
+
+    It meets the ``restricted`` Pod Security profile whatever the Pod's own
+    security context. It only reads: the metrics file (created by the trial
+    with the usual umask, so readable by any uid) and the token file.
+    """
     env = {
         "KUBETUNE_SERVICE_URL": settings.sidecar_service_url,
         ENV_EXPERIMENT_UID: experiment.uid,
         ENV_TRIAL_NUMBER: str(number),
-        # The token only authorises reports for this one trial; it lives in the
-        # sidecar's env (not the trainer's) so training code cannot log it.
-        "KUBETUNE_TRIAL_TOKEN": token,
+        # The token only authorises reports for this one trial; the file is
+        # mounted into the collector only, so training code cannot read it.
+        ENV_TOKEN_FILE: f"{TOKEN_DIR}/{TOKEN_KEY}",
         ENV_METRICS_FILE: metrics_file,
     }
     return {
@@ -233,14 +279,65 @@ def _collector_container(
         "image": settings.collector_image,
         "command": list(settings.collector_command),
         "env": [{"name": k, "value": v} for k, v in env.items()],
-        "volumeMounts": [dict(mount)],
+        "volumeMounts": [
+            dict(mount),
+            {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
+        ],
         "restartPolicy": "Always",
         "resources": copy.deepcopy(dict(settings.collector_resources)),
         "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": COLLECTOR_UID,
+            "runAsGroup": COLLECTOR_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
         },
+    }
+
+
+def token_secret_name(trial: str, trial_uid: str) -> str:
+    """The name of a trial's token Secret: its Trial's, and a piece of the Trial's uid.
+
+    The uid makes the name the Trial's own: a Secret left by a deleted Trial
+    of the same name (garbage collection takes a moment) is never taken for
+    this one's, without the operator reading Secrets to check.
+    """
+    return f"{trial}-token-{trial_uid.replace('-', '')[:8]}"
+
+
+def build_token_secret(
+    experiment: ExperimentResource,
+    number: int,
+    trial_uid: str,
+    token: str,
+) -> dict[str, Any]:
+    """The Secret holding a trial's token, owned by its Trial (it goes with it).
+
+    Every attempt of the trial (a retry runs in a Pod of its own) mounts the
+    same Secret: the token depends on the trial, not the attempt.
+
+    Args:
+        experiment: The Experiment (namespace, name).
+        number: The trial number.
+        trial_uid: The Trial's uid.
+        token: The per-trial token the service issued.
+    """
+    name = trial_name(experiment.name, number)
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": token_secret_name(name, trial_uid),
+            "namespace": experiment.namespace,
+            "labels": _labels(experiment.name, number),
+            "ownerReferences": [owner_reference("Trial", name, trial_uid)],
+        },
+        "type": "Opaque",
+        # Never changes: the kubelet need not watch it for updates.
+        "immutable": True,
+        "stringData": {TOKEN_KEY: token},
     }
 
 

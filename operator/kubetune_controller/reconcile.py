@@ -38,6 +38,9 @@ COND_SUCCEEDED = "Succeeded"
 COND_FAILED = "Failed"
 COND_SUSPENDED = "Suspended"
 COND_SERVICE = "ServiceAvailable"
+# False while the API server refuses the newest trial's Pod (Pod Security
+# admission, another admission webhook): kubectl wait --for=condition=... works.
+COND_PODS_ADMITTED = "TrialPodsAdmitted"
 
 # Condition reasons (CamelCase, as Kubernetes conventions ask); those of an
 # end are the shared rule's (kubetune_suggestion.experiment_end).
@@ -49,6 +52,10 @@ REASON_NO_SUCCESS = EndReason.NO_TRIAL_SUCCEEDED.value
 REASON_INVALID = "InvalidSpec"
 REASON_RUNNING = "TrialsRunning"
 REASON_SUSPENDED = "Suspended"
+# Why a trial failed before its Pod existed (its Trial's Failed condition).
+REASON_POD_FORBIDDEN = "TrialPodForbidden"
+REASON_INVALID_PARAMS = "InvalidParams"
+REASON_INVALID_TEMPLATE = "InvalidTemplate"
 
 # Reasons that end an experiment for good: a later spec edit does not revive it.
 # ``MaxTrialsReached`` is not one of them (raising maxTrials continues the

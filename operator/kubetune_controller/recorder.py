@@ -24,12 +24,25 @@ from kubetune_controller.kube_api import KubeApi
 from kubetune_controller.memory import ExperimentMemory
 from kubetune_controller.model import ExperimentPhase, ExperimentResource, TrialPhase, TrialResource
 from kubetune_controller.pods import build_event
-from kubetune_controller.reconcile import REASON_GOAL, Decision, Progress
+from kubetune_controller.reconcile import (
+    REASON_GOAL,
+    REASON_INVALID_PARAMS,
+    REASON_POD_FORBIDDEN,
+    Decision,
+    Progress,
+)
 from kubetune_controller.settings import API_VERSION, COMPONENT, OperatorSettings
 
 # Events that come once per trial: combined per experiment (see events.py).
 _COMBINED_REASONS = frozenset(
-    {"TrialCreated", "TrialPruned", "TrialFailed", "TrialMetricsUnavailable"}
+    {
+        "TrialCreated",
+        "TrialPruned",
+        "TrialFailed",
+        "TrialMetricsUnavailable",
+        REASON_POD_FORBIDDEN,
+        REASON_INVALID_PARAMS,
+    }
 )
 
 
@@ -81,15 +94,16 @@ class Recorder:
             Seconds until a deferred write is due, or ``None``.
         """
         now = datetime.now(UTC)
+        trials = self.cache.trials(experiment.key)
         desired = st.desired_conditions(
             decision,
             service_ok,
             service_message if not service_ok else f"reachable at {self.settings.service_url}",
         )
+        desired.append(st.pod_admission(trials.values()))
         conditions = st.render_conditions(
             desired, experiment.status.get("conditions") or [], now, experiment.generation
         )
-        trials = self.cache.trials(experiment.key)
         names = {t.number: t.name for t in trials.values()}
         status = st.experiment_status(
             experiment, max_trials, decision, progress, trials.values(), conditions, names

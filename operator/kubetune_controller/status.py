@@ -24,10 +24,14 @@ from kubetune_controller.model import (
 )
 from kubetune_controller.reconcile import (
     COND_FAILED,
+    COND_PODS_ADMITTED,
     COND_RUNNING,
     COND_SERVICE,
     COND_SUCCEEDED,
     COND_SUSPENDED,
+    REASON_INVALID_PARAMS,
+    REASON_INVALID_TEMPLATE,
+    REASON_POD_FORBIDDEN,
     Decision,
     Progress,
 )
@@ -84,6 +88,37 @@ def desired_conditions(
             service_message,
         ),
     ]
+
+
+# Failures before a Pod was created (or tried): they say nothing about admission.
+_NO_POD_REASONS = frozenset({REASON_INVALID_PARAMS, REASON_INVALID_TEMPLATE})
+
+
+def pod_admission(trials: Iterable[TrialResource]) -> DesiredCondition:
+    """Whether the API server admits trial Pods, judged by the newest trial that tried.
+
+    False (``TrialPodForbidden``, the API server's message) when the newest
+    trial whose Pod was created or refused was refused; True once a later
+    trial's Pod runs (the namespace's policy or the template was changed).
+    Built from the Trials, so an operator restart keeps it.
+    """
+    tried = [
+        t
+        for t in trials
+        if (t.phase is TrialPhase.RUNNING or (t.phase is not None and t.phase.final))
+        and t.failure_reason not in _NO_POD_REASONS
+    ]
+    if not tried:
+        return DesiredCondition(COND_PODS_ADMITTED, True, "NoTrialPodYet", "")
+    newest = max(tried, key=lambda t: t.number)
+    if newest.failure_reason == REASON_POD_FORBIDDEN:
+        return DesiredCondition(
+            COND_PODS_ADMITTED,
+            False,
+            REASON_POD_FORBIDDEN,
+            f"trial {newest.name}: {newest.message or 'its Pod was refused'}",
+        )
+    return DesiredCondition(COND_PODS_ADMITTED, True, "TrialPodsAdmitted", "")
 
 
 def render_conditions(
@@ -230,6 +265,35 @@ def progress_status(
     if progress.phase is TrialPhase.RUNNING and pod is not None and pod.started:
         status["startTime"] = format_time(pod.started)
     return status
+
+
+def refused_status(
+    trial: TrialResource, reason: str, message: str, now: datetime
+) -> dict[str, Any]:
+    """A trial failed before its Pod ran: the Pod was not made, or was refused.
+
+    Args:
+        trial: The Trial.
+        reason: Its Failed condition's reason (``TrialPodForbidden``,
+            ``InvalidParams``, ``InvalidTemplate``).
+        message: Why, for a person (the API server's message included).
+        now: The time of the failure.
+    """
+    return {
+        "phase": TrialPhase.FAILED.value,
+        "message": message,
+        "podName": trial.pod_name,
+        "completionTime": format_time(now),
+        "conditions": [
+            {
+                "type": "Failed",
+                "status": "True",
+                "reason": reason,
+                "message": message[:32000],
+                "lastTransitionTime": format_time(now),
+            }
+        ],
+    }
 
 
 def retry_status(trial: TrialResource, retry: TrialRetry, max_retries: int) -> dict[str, Any]:

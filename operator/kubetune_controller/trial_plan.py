@@ -20,6 +20,24 @@ from typing import Any
 
 from kubetune_controller.model import PodResource, TrialPhase, TrialResource
 
+# 403 answers to a Pod create that pass: the Pod may be admitted later.
+_TRANSIENT_FORBIDDEN = (
+    "exceeded quota",  # ResourceQuota: admitted once other Pods end
+    "because it is being terminated",  # the namespace goes, and the trial with it
+)
+
+
+def pod_forbidden(status: int, message: str) -> bool:
+    """Whether a Pod create's error answer means the trial's Pod will never be admitted.
+
+    403 Forbidden from an admission plugin (Pod Security admission's
+    ``violates PodSecurity "restricted:latest": ...``, a webhook, a
+    LimitRange) refuses the same Pod every time: the trial fails with that
+    reason, rather than being retried unseen. A quota that is used up is
+    not such a refusal: the create is retried.
+    """
+    return status == 403 and not any(t in message for t in _TRANSIENT_FORBIDDEN)
+
 
 @dataclass(frozen=True)
 class TrialFinish:

@@ -28,13 +28,23 @@ from kubetune_controller.model import (
     TrialPhase,
     TrialResource,
 )
-from kubetune_controller.pods import TemplateError, build_trial, build_trial_pod
+from kubetune_controller.pods import (
+    TemplateError,
+    build_token_secret,
+    build_trial,
+    build_trial_pod,
+)
+from kubetune_controller.reconcile import (
+    REASON_INVALID_PARAMS,
+    REASON_INVALID_TEMPLATE,
+    REASON_POD_FORBIDDEN,
+)
 from kubetune_controller.recorder import Recorder
 from kubetune_controller.service_client import ServiceCallError, ServiceClient, ServiceUnavailable
 from kubetune_controller.settings import OperatorSettings
 from kubetune_controller.workqueue import WorkQueue
 from kubetune_suggestion.service.models import ExperimentSummary, TrialAssignment
-from kubetune_suggestion.spec import ExperimentSpec
+from kubetune_suggestion.spec import ExperimentSpec, param_problems, parse_experiment
 
 log = logging.getLogger(__name__)
 
@@ -90,22 +100,42 @@ class TrialActions:
         self.cache.put_trial(trial)
         if trial.final:
             return
+        # What the service hands out is checked before it reaches a command
+        # line: a configuration outside spec.parameters never runs.
+        space = (memory.spec or parse_experiment(experiment.spec)).search_space()
+        problems = param_problems(space, assignment.params)
+        if problems:
+            problem = "the suggestion service's parameters are not in spec.parameters: " + (
+                "; ".join(problems)
+            )
+            await self._refuse(experiment, trial, REASON_INVALID_PARAMS, problem)
+            return
         try:
             pod_body = build_trial_pod(
                 experiment,
                 trial.uid,
                 assignment.number,
                 assignment.params,
-                assignment.token,
                 self.settings,
                 trial.pod_name,
             )
         except TemplateError as exc:
             await self._template_failed(experiment, memory, trial, assignment.number, str(exc))
             return
+        # The token goes in a Secret the collector mounts, never in the Pod
+        # spec; a retry's Pod finds it there already.
+        await self.kube.create_secret(
+            build_token_secret(experiment, assignment.number, trial.uid, assignment.token)
+        )
         try:
             pod = await self.kube.create_pod(pod_body)
         except KubeError as exc:
+            if tp.pod_forbidden(exc.status, exc.message):
+                # Admission (Pod Security, a webhook) refuses it, and would
+                # refuse it again: the trial fails, visibly, with the reason.
+                problem = f"the API server refused the trial's Pod: {exc.message}"
+                await self._refuse(experiment, trial, REASON_POD_FORBIDDEN, problem)
+                return
             if exc.status not in (400, 422):
                 raise
             # The API server refuses the rendered Pod: the template is wrong,
@@ -138,12 +168,27 @@ class TrialActions:
         memory.template_error = problem
         memory.template_error_generation = experiment.generation
         await self.service.finish(experiment.uid, number, "failed", problem)
-        body = await self.kube.patch_trial_status(
-            trial.namespace,
-            trial.name,
-            {"phase": TrialPhase.FAILED.value, "message": problem},
-        )
+        status = st.refused_status(trial, REASON_INVALID_TEMPLATE, problem, datetime.now(UTC))
+        body = await self.kube.patch_trial_status(trial.namespace, trial.name, status)
         self.cache.put_trial(TrialResource.from_body(body))
+
+    async def _refuse(
+        self, experiment: ExperimentResource, trial: TrialResource, reason: str, problem: str
+    ) -> None:
+        """Fail a trial that will never start; it counts toward maxFailedTrials.
+
+        The Trial's Failed condition carries ``reason`` (what the
+        Experiment's TrialPodsAdmitted condition is built from), and a
+        Warning Event of that reason says so on the Experiment.
+        """
+        await self.service.finish(experiment.uid, trial.number, "failed", problem)
+        now = datetime.now(UTC)
+        status = st.refused_status(trial, reason, problem, now)
+        body = await self.kube.patch_trial_status(trial.namespace, trial.name, status)
+        self.cache.put_trial(TrialResource.from_body(body))
+        self._count_finish(experiment, trial, TrialPhase.FAILED, now)
+        self.recorder.event(experiment, reason, f"trial {trial.name}: {problem}", warning=True)
+        self.queue.add(experiment.key)
 
     # -- while it runs ----------------------------------------------------------------------
 

@@ -5,8 +5,10 @@ One piece of logic, two deployments:
 - In a cluster it is the trial Pod's native sidecar,
   ``python -m kubetune_suggestion.collector``, configured by env
   (``KUBETUNE_SERVICE_URL``, ``KUBETUNE_EXPERIMENT_UID``,
-  ``KUBETUNE_TRIAL_NUMBER``, ``KUBETUNE_TRIAL_TOKEN``,
-  ``KUBETUNE_METRICS_FILE``). It posts every report to the suggestion service
+  ``KUBETUNE_TRIAL_NUMBER``, ``KUBETUNE_TRIAL_TOKEN_FILE``,
+  ``KUBETUNE_METRICS_FILE``). The token is read from a file (the operator
+  mounts it from a Secret into this container only), never from the env: a
+  Pod's env is readable by whoever may read Pods. It posts every report to the suggestion service
   over HTTP (:class:`HttpReporter`), retries with backoff while the service is
   unavailable, and on SIGTERM drains the complete lines left in the file and
   exits 0. It logs one line per report to stdout, so
@@ -77,7 +79,7 @@ __all__ = [
 ENV_SERVICE_URL: Final = "KUBETUNE_SERVICE_URL"
 ENV_EXPERIMENT_UID: Final = "KUBETUNE_EXPERIMENT_UID"
 ENV_TRIAL_NUMBER: Final = "KUBETUNE_TRIAL_NUMBER"
-ENV_TRIAL_TOKEN: Final = "KUBETUNE_TRIAL_TOKEN"
+ENV_TRIAL_TOKEN_FILE: Final = "KUBETUNE_TRIAL_TOKEN_FILE"
 ENV_METRICS_FILE: Final = "KUBETUNE_METRICS_FILE"
 # Optional tuning knobs (seconds); the defaults suit a Pod's 30 s grace period.
 ENV_POLL_INTERVAL: Final = "KUBETUNE_COLLECTOR_POLL_SECONDS"
@@ -384,7 +386,7 @@ class SidecarConfig:
             ENV_SERVICE_URL,
             ENV_EXPERIMENT_UID,
             ENV_TRIAL_NUMBER,
-            ENV_TRIAL_TOKEN,
+            ENV_TRIAL_TOKEN_FILE,
             ENV_METRICS_FILE,
         )
         missing = [name for name in names if not env.get(name)]
@@ -407,11 +409,27 @@ class SidecarConfig:
             service_url=env[ENV_SERVICE_URL],
             experiment_uid=env[ENV_EXPERIMENT_UID],
             trial_number=number,
-            token=env[ENV_TRIAL_TOKEN],
+            token=_read_token(env[ENV_TRIAL_TOKEN_FILE]),
             metrics_file=env[ENV_METRICS_FILE],
             poll_interval=poll,
             drain_timeout=drain,
         )
+
+
+def _read_token(path: str) -> str:
+    """The trial's token from its file.
+
+    Raises:
+        ValueError: Naming the variable and the file if it cannot be read or is empty.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            token = handle.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{ENV_TRIAL_TOKEN_FILE}: cannot read {path}: {exc}") from None
+    if not token:
+        raise ValueError(f"{ENV_TRIAL_TOKEN_FILE}: {path} is empty")
+    return token
 
 
 def run_sidecar(config: SidecarConfig, reporter: Reporter | None = None) -> int:
@@ -455,7 +473,7 @@ def _parser() -> argparse.ArgumentParser:
         (ENV_SERVICE_URL, "the suggestion service's base URL"),
         (ENV_EXPERIMENT_UID, "the Experiment's uid"),
         (ENV_TRIAL_NUMBER, "the trial number"),
-        (ENV_TRIAL_TOKEN, "the trial's token (reports of this trial only)"),
+        (ENV_TRIAL_TOKEN_FILE, "a file holding the trial's token (reports of this trial only)"),
         (ENV_METRICS_FILE, "the file the trial appends its reports to"),
         (ENV_POLL_INTERVAL, "seconds between reads (default 0.2)"),
         (ENV_DRAIN_TIMEOUT, "seconds to deliver what is left after SIGTERM (default 20)"),

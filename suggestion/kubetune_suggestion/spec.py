@@ -18,7 +18,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kubetune_suggestion.engine.history import Direction
-from kubetune_suggestion.engine.space import SearchSpace, SpaceError
+from kubetune_suggestion.engine.space import (
+    CategoricalParam,
+    IntParam,
+    Param,
+    SearchSpace,
+    SpaceError,
+)
 
 API_GROUP = "kubetune.io"
 API_VERSION = "v1alpha1"
@@ -164,6 +170,51 @@ class ExperimentSpec(_Model):
                 for p in self.parameters
             ]
         )
+
+
+def param_problems(space: SearchSpace, params: Mapping[str, Any]) -> list[str]:
+    """What is wrong with a configuration for a search space, one line per parameter.
+
+    The operator checks what the service hands out before it renders it into a
+    Pod: a configuration outside the declared space (a service bug, or a
+    service that is not the one it should be) must not reach a command line.
+
+    Returns:
+        ``"name: problem"`` for each parameter that is unknown, missing while
+        active, given while its ``when`` condition does not hold, or has an
+        invalid value; empty when the configuration is valid.
+    """
+    problems = [
+        f"{name}: not a parameter of the search space" for name in params if name not in space
+    ]
+    for param in space:
+        active = space.is_active(param, params)
+        if active and param.name not in params:
+            problems.append(f"{param.name}: missing")
+        elif not active and param.name in params:
+            problems.append(f"{param.name}: given although its `when` condition does not hold")
+        elif active:
+            problem = _value_problem(param, params[param.name])
+            if problem:
+                problems.append(f"{param.name}: {problem}")
+    return problems
+
+
+def _value_problem(param: Param, value: Any) -> str | None:
+    """What is wrong with one value of a parameter, or ``None`` (the engine's ``contains``)."""
+    if param.contains(value):
+        return None
+    if isinstance(param, CategoricalParam):
+        return f"{value!r} is not one of {list(param.choices)}"
+    if isinstance(param, IntParam) and (isinstance(value, bool) or not isinstance(value, int)):
+        return f"{value!r} is not an integer"
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        return f"{value!r} is not a number"
+    if value < param.low:
+        return f"{value!r} is below its min {param.low!r}"
+    if value > param.high:
+        return f"{value!r} is above its max {param.high!r}"
+    return f"{value!r} is not on its step grid ({param.low!r} + k * {param.step!r})"
 
 
 def parse_experiment(spec: Mapping[str, Any], prefix: str = "spec") -> ExperimentSpec:

@@ -65,6 +65,8 @@ class FakeCluster:
         self.peak_live_pods = 0
         # Collections ("pods", "trials") whose LIST is refused, as RBAC would.
         self.forbidden: set[str] = set()
+        # The message of a 403 every Pod create gets, as admission refuses one.
+        self.pod_refusal: str | None = None
         # Open watches: the kind, namespace (None: all) and label each follows.
         self._watches: list[tuple[str, str | None, str, asyncio.Queue[Obj]]] = []
 
@@ -80,6 +82,8 @@ class FakeCluster:
 
     async def create_pod(self, body: Obj) -> Obj:
         await asyncio.sleep(self.create_delay)
+        if self.pod_refusal is not None:
+            raise KubeError(403, "Forbidden", self.pod_refusal)
         self.pod_creates[body["metadata"]["name"]] += 1
         key = ("Pod", body["metadata"]["namespace"], body["metadata"]["name"])
         if key not in self.objects:
@@ -93,6 +97,13 @@ class FakeCluster:
         ]
         self.peak_live_pods = max(self.peak_live_pods, len(live))
         return created
+
+    async def create_secret(self, body: Obj) -> bool:
+        meta = body["metadata"]
+        if ("Secret", meta["namespace"], meta["name"]) in self.objects:
+            return False
+        self._create("Secret", body)
+        return True
 
     async def get_pod(self, namespace: str, name: str) -> Obj | None:
         return copy.deepcopy(self.objects.get(("Pod", namespace, name)))
@@ -178,6 +189,18 @@ class FakeCluster:
             self._notify("Experiment", obj, False)
         for stream in watch_streams(self, controller, []):
             controller.adopt(stream.run(), f"watch {stream.path}", stream.synced, stream.failing)
+
+    def mounted_token(self, pod: Obj) -> str:
+        """The token a Pod's collector reads: its Secret volume's, as the kubelet mounts it.
+
+        Raises:
+            KeyError: If the Pod has no such volume, or its Secret does not exist.
+        """
+        (volume,) = [v for v in pod["spec"]["volumes"] if "secret" in v]
+        name = volume["secret"]["secretName"]
+        secret = self.objects[("Secret", pod["metadata"]["namespace"], name)]
+        (item,) = volume["secret"]["items"]
+        return str(secret["stringData"][item["key"]])
 
     def set_pod_phase(self, pod: Obj, phase: str, exit_code: int | None = None) -> None:
         status = pod.setdefault("status", {})
@@ -267,6 +290,7 @@ async def kubelet(
                 continue
             env = {e["name"]: e["value"] for e in pod["spec"]["initContainers"][0]["env"]}
             uid, number = env["KUBETUNE_EXPERIMENT_UID"], env["KUBETUNE_TRIAL_NUMBER"]
+            token = cluster.mounted_token(pod)
             params = _params(cluster, pod)
             progress = pod.setdefault("_step", 0)
             stopped = False
@@ -277,7 +301,7 @@ async def kubelet(
                         "step": progress + 1,
                         "metrics": {"val_loss": curve(params, progress + 1)},
                     },
-                    headers={"Authorization": f"Bearer {env['KUBETUNE_TRIAL_TOKEN']}"},
+                    headers={"Authorization": f"Bearer {token}"},
                 )
                 if resp.status_code == 404:
                     # A service that lost its database: the collector retries

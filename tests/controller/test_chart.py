@@ -251,6 +251,8 @@ OPERATOR_NEEDS: dict[tuple[str, str, str], str] = {
     ("", "pods", "watch"): "the trial-Pod stream (watch.py)",
     ("", "pods", "delete"): "Kube.delete_pod (a trial stopped early)",
     ("", "pods/log", "get"): "Kube.pod_logs (MetricsUnavailable messages)",
+    # Trial tokens: created, never read back (the name is the Trial's own).
+    ("", "secrets", "create"): "Kube.create_secret",
     # core/v1 Events: the operator's own and kopf's warnings.
     ("", "events", "create"): "Kube.create_event, kopf's posting",
 }

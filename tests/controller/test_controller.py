@@ -477,7 +477,7 @@ def test_a_trial_whose_pod_ends_is_finished_at_once_not_at_the_next_reconcile(
             resp = await svc.post(
                 f"/v1/experiments/{env['KUBETUNE_EXPERIMENT_UID']}/trials/0/observations",
                 json={"step": 1, "metrics": {"val_loss": 0.25}},
-                headers={"Authorization": f"Bearer {env['KUBETUNE_TRIAL_TOKEN']}"},
+                headers={"Authorization": f"Bearer {h.cluster.mounted_token(pod)}"},
             )
             assert resp.status_code == 200
         ended = time.monotonic()
@@ -592,3 +592,96 @@ def test_without_max_retries_a_lost_pod_fails_its_trial(tmp_path: Path) -> None:
     assert trial["status"]["phase"] == "Failed"
     assert "disappeared" in trial["status"]["message"]
     assert h.cluster.pods_ever == ["exp-0"]
+
+
+POD_SECURITY = (
+    'pods "exp-0" is forbidden: violates PodSecurity "restricted:latest": '
+    'hostPath volumes (volume "host")'
+)
+
+
+def test_a_trial_pod_that_admission_refuses_fails_the_trial_and_the_experiment_says_why(
+    tmp_path: Path,
+) -> None:
+    h = Harness(tmp_path)
+    h.cluster.pod_refusal = POD_SECURITY
+    asyncio.run(run_experiment(h, simple_spec(maxTrials=4, parallelism=1, maxFailedTrials=0)))
+    assert h.cluster.pods_ever == []
+    (trial,) = h.cluster.of_kind("Trial")  # not retried silently, not run again
+    assert trial["status"]["phase"] == "Failed"
+    (failed,) = trial["status"]["conditions"]
+    assert failed["reason"] == "TrialPodForbidden"
+    assert POD_SECURITY in failed["message"]
+    assert phase(h) == "Failed"
+    assert condition(h, "Failed")["reason"] == "TooManyFailedTrials"
+    admitted = condition(h, "TrialPodsAdmitted")
+    assert (admitted["status"], admitted["reason"]) == ("False", "TrialPodForbidden")
+    assert admitted["message"].startswith("trial exp-0: ")
+    assert POD_SECURITY in admitted["message"]
+    (event,) = [e for e in h.cluster.events if e["reason"] == "TrialPodForbidden"]
+    assert event["type"] == "Warning"
+    assert POD_SECURITY in event["message"]
+
+
+def test_a_used_up_quota_delays_a_trial_pod_without_failing_it(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.cluster.pod_refusal = 'pods "exp-0" is forbidden: exceeded quota: compute, requested: cpu=1'
+
+    async def lift() -> None:
+        await h.wait(lambda: len(h.cluster.of_kind("Trial")) == 1)
+        await asyncio.sleep(0.5)
+        h.cluster.pod_refusal = None
+
+    async def go() -> None:
+        lifting = asyncio.create_task(lift())
+        await run_experiment(h, simple_spec(maxTrials=2, parallelism=1, maxFailedTrials=0))
+        await lifting
+
+    asyncio.run(go())
+    assert phase(h) == "Succeeded"
+    assert {t["status"]["phase"] for t in h.cluster.of_kind("Trial")} == {"Succeeded"}
+    assert condition(h, "TrialPodsAdmitted")["status"] == "True"
+
+
+def test_params_outside_the_search_space_never_reach_a_pod(tmp_path: Path) -> None:
+    """A service that hands out lr=5.0 for lr in [1e-4, 1]: that trial fails, unlaunched."""
+    h = Harness(tmp_path)
+
+    async def go() -> None:
+        controller = h.start_controller()
+        asking = controller.service.ask
+
+        async def corrupted(uid: str, count: int, parallelism: int) -> Any:
+            answer = await asking(uid, count, parallelism)
+            trials = [
+                t.model_copy(update={"params": {"lr": 5.0}}) if t.number == 0 else t
+                for t in answer.trials
+            ]
+            return answer.model_copy(update={"trials": trials})
+
+        controller.service.ask = corrupted  # type: ignore[method-assign]
+        h.cluster.apply_experiment("exp", simple_spec(maxTrials=3, parallelism=1))
+        stop = asyncio.Event()
+        async with h.client() as svc:
+            task = asyncio.create_task(kubelet(h.cluster, svc, 2, stop))
+            try:
+                await h.wait(lambda: phase(h) in ("Succeeded", "Failed"))
+            finally:
+                stop.set()
+                await task
+                await h.kill_controller()
+
+    asyncio.run(go())
+    assert "exp-0" not in h.cluster.pods_ever
+    trial = h.cluster.objects[("Trial", "ns", "exp-0")]
+    assert trial["status"]["phase"] == "Failed"
+    (failed,) = trial["status"]["conditions"]
+    assert failed["reason"] == "InvalidParams"
+    assert "lr: 5.0 is above its max 1.0" in failed["message"]
+    # The others ran; one invalid configuration does not end the experiment.
+    assert phase(h) == "Succeeded"
+    assert sorted(h.cluster.pods_ever) == ["exp-1", "exp-2"]
+    (event,) = [e for e in h.cluster.events if e["reason"] == "InvalidParams"]
+    assert event["type"] == "Warning" and "lr: 5.0" in event["message"]
+    # A trial that never tried a Pod says nothing about admission.
+    assert condition(h, "TrialPodsAdmitted")["status"] == "True"

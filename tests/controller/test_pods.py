@@ -10,9 +10,12 @@ import pytest
 from kubetune_controller.model import label_value
 from kubetune_controller.pods import (
     COLLECTOR_NAME,
+    COLLECTOR_UID,
     METRICS_VOLUME,
+    TOKEN_VOLUME,
     TemplateError,
     build_event,
+    build_token_secret,
     build_trial,
     build_trial_pod,
 )
@@ -29,7 +32,7 @@ ADAM = {"lr": 1e-05, "layers": 2, "optimizer": "adam"}
 
 
 def render(params=SGD, **spec):
-    return build_trial_pod(experiment(**spec), "trial-uid", 7, params, "tok-7", SETTINGS)
+    return build_trial_pod(experiment(**spec), "trial-uid", 7, params, SETTINGS)
 
 
 def env_of(container):
@@ -101,14 +104,78 @@ def test_metrics_file_shared_between_trial_and_native_sidecar():
     assert env_of(train)["KUBETUNE_METRICS_FILE"].startswith("/kubetune/")
 
 
-def test_token_only_in_the_sidecar():
-    spec = render()["spec"]
-    side = env_of(spec["initContainers"][0])
-    assert side["KUBETUNE_TRIAL_TOKEN"] == "tok-7"
+def test_sidecar_identity_in_its_env():
+    side = env_of(render()["spec"]["initContainers"][0])
     assert side["KUBETUNE_SERVICE_URL"] == "http://svc:8000"
     assert side["KUBETUNE_EXPERIMENT_UID"] == "uid-1"
     assert side["KUBETUNE_TRIAL_NUMBER"] == "7"
-    assert "KUBETUNE_TRIAL_TOKEN" not in env_of(spec["containers"][0])
+
+
+def test_token_is_a_secret_volume_of_the_sidecar_only():
+    pod = render()
+    spec = pod["spec"]
+    secret = build_token_secret(experiment(), 7, "trial-uid", "tok-7")
+    # Nowhere in the Pod: not an env value, not an annotation.
+    assert "tok-7" not in json.dumps(pod)
+    (volume,) = [v for v in spec["volumes"] if v["name"] == TOKEN_VOLUME]
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    (item,) = volume["secret"]["items"]
+    assert secret["stringData"][item["key"]] == "tok-7"
+    # Readable by the collector's uid without the Pod's fsGroup.
+    assert volume["secret"]["defaultMode"] & 0o004
+    side = spec["initContainers"][0]
+    (mount,) = [m for m in side["volumeMounts"] if m["name"] == TOKEN_VOLUME]
+    assert mount["readOnly"] is True
+    token_file = env_of(side)["KUBETUNE_TRIAL_TOKEN_FILE"]
+    assert token_file == f"{mount['mountPath']}/{item['path']}"
+    for container in spec["containers"]:
+        assert TOKEN_VOLUME not in [m["name"] for m in container["volumeMounts"]]
+        assert not any("TOKEN" in name for name in env_of(container))
+
+
+def test_token_secret_is_owned_by_the_trial_and_labelled_like_it():
+    secret = build_token_secret(experiment(), 7, "trial-uid", "tok-7")
+    meta = secret["metadata"]
+    trial = build_trial(experiment(), 7, SGD)
+    assert meta["namespace"] == "ns"
+    assert meta["name"].startswith("exp-7-token-")
+    assert meta["labels"] == trial["metadata"]["labels"]
+    (owner,) = meta["ownerReferences"]
+    assert (owner["kind"], owner["name"], owner["uid"]) == ("Trial", "exp-7", "trial-uid")
+    assert secret["immutable"] is True
+    # Another Trial of the same name (its Experiment re-created) has a Secret of its own.
+    other = build_token_secret(experiment(), 7, "other-uid", "tok-7")
+    assert other["metadata"]["name"] != meta["name"]
+
+
+def test_a_retry_mounts_the_trials_secret():
+    first = render()
+    retry = build_trial_pod(experiment(), "trial-uid", 7, SGD, SETTINGS, "exp-7-retry1")
+    assert retry["metadata"]["name"] == "exp-7-retry1"
+    volumes = [v for v in first["spec"]["volumes"] if v["name"] == TOKEN_VOLUME]
+    assert [v for v in retry["spec"]["volumes"] if v["name"] == TOKEN_VOLUME] == volumes
+
+
+def test_service_account_token_not_mounted_unless_the_template_asks():
+    assert render()["spec"]["automountServiceAccountToken"] is False
+    template = spec_dict()["template"]
+    template["spec"]["automountServiceAccountToken"] = True
+    assert render(template=template)["spec"]["automountServiceAccountToken"] is True
+
+
+def test_sidecar_meets_the_restricted_pod_security_profile():
+    side = render()["spec"]["initContainers"][0]
+    ctx = side["securityContext"]
+    assert ctx["runAsNonRoot"] is True
+    assert ctx["runAsUser"] == COLLECTOR_UID and COLLECTOR_UID != 0
+    assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert ctx["allowPrivilegeEscalation"] is False
+    assert ctx["capabilities"] == {"drop": ["ALL"]}
+    assert ctx["readOnlyRootFilesystem"] is True
+    # Only the volumes the restricted profile allows: emptyDir and secret.
+    pod_volumes = {v["name"]: v for v in render()["spec"]["volumes"]}
+    for mount in side["volumeMounts"]:
+        assert set(pod_volumes[mount["name"]]) - {"name"} <= {"emptyDir", "secret"}
 
 
 def test_trial_identity_in_the_trial_env():
@@ -121,7 +188,7 @@ def test_collector_url_override_for_out_of_cluster_operators():
     settings = OperatorSettings(
         service_url="http://127.0.0.1:1", collector_service_url="http://svc:80"
     )
-    pod = build_trial_pod(experiment(), "u", 0, SGD, "t", settings)
+    pod = build_trial_pod(experiment(), "u", 0, SGD, settings)
     assert env_of(pod["spec"]["initContainers"][0])["KUBETUNE_SERVICE_URL"] == "http://svc:80"
 
 
@@ -136,7 +203,7 @@ def test_user_init_containers_and_volumes_kept_after_sidecar():
     }
     spec = render(template=template)["spec"]
     assert [c["name"] for c in spec["initContainers"]] == [COLLECTOR_NAME, "fetch"]
-    assert [v["name"] for v in spec["volumes"]] == ["data", METRICS_VOLUME]
+    assert [v["name"] for v in spec["volumes"]] == ["data", METRICS_VOLUME, TOKEN_VOLUME]
 
 
 def test_unknown_parameter_names_the_field():
@@ -146,21 +213,22 @@ def test_unknown_parameter_names_the_field():
     assert err.value.field == "template.spec.containers[0].args[0]"
 
 
-def test_reserved_volume_name_refused():
+@pytest.mark.parametrize("name", [METRICS_VOLUME, TOKEN_VOLUME])
+def test_reserved_volume_name_refused(name):
     template = {
         "spec": {
             "containers": [{"name": "t", "image": "i"}],
-            "volumes": [{"name": METRICS_VOLUME, "emptyDir": {}}],
+            "volumes": [{"name": name, "emptyDir": {}}],
         }
     }
-    with pytest.raises(TemplateError):
+    with pytest.raises(TemplateError, match=name):
         render(template=template)
 
 
 def test_template_not_mutated():
     exp = experiment()
     before = json.dumps(exp.spec, sort_keys=True)
-    build_trial_pod(exp, "u", 1, SGD, "t", SETTINGS)
+    build_trial_pod(exp, "u", 1, SGD, SETTINGS)
     assert json.dumps(exp.spec, sort_keys=True) == before
 
 

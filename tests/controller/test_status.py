@@ -11,7 +11,7 @@ import pytest
 from kubetune_controller import reconcile as rc
 from kubetune_controller import status as st
 from kubetune_controller import trial_plan as tp
-from kubetune_controller.model import ExperimentPhase, PodResource, TrialPhase
+from kubetune_controller.model import ExperimentPhase, PodResource, TrialPhase, TrialResource
 from kubetune_suggestion.service.models import TrialView as ServiceTrial
 from tests.controller.factories import NOW, experiment, pod, progress, trial
 
@@ -252,3 +252,39 @@ def test_finished_status_condition_by_phase(
     assert ("stopReason" in status) is (phase is TrialPhase.PRUNED)
     if phase is TrialPhase.PRUNED:
         assert status["stopReason"] == "OOMKilled"  # the service's reason, else the plan's
+
+
+def _refused(number: int, reason: str, message: str) -> TrialResource:
+    body = {
+        "metadata": {"name": f"exp-{number}", "namespace": "ns", "uid": f"t-{number}"},
+        "spec": {"experiment": "exp", "number": number},
+        "status": st.refused_status(trial(number, TrialPhase.PENDING), reason, message, NOW),
+    }
+    return TrialResource.from_body(body)
+
+
+def test_a_refused_trial_fails_with_its_reason_in_a_condition():
+    view = _refused(3, rc.REASON_POD_FORBIDDEN, "violates PodSecurity")
+    assert view.phase is TrialPhase.FAILED
+    assert view.failure_reason == rc.REASON_POD_FORBIDDEN
+    assert view.message == "violates PodSecurity"
+
+
+def test_pod_admission_follows_the_newest_trial_that_tried_a_pod():
+    forbidden = _refused(2, rc.REASON_POD_FORBIDDEN, "violates PodSecurity")
+    ran = trial(1, TrialPhase.SUCCEEDED)
+    assert st.pod_admission([]).status is True
+    assert st.pod_admission([ran]).status is True
+    cond = st.pod_admission([ran, forbidden])
+    assert (cond.type, cond.status, cond.reason) == (
+        rc.COND_PODS_ADMITTED,
+        False,
+        rc.REASON_POD_FORBIDDEN,
+    )
+    assert cond.message == "trial exp-2: violates PodSecurity"
+    # Neither a trial still waiting nor one refused before any Pod changes it...
+    waiting = trial(5, TrialPhase.PENDING)
+    invalid = _refused(6, rc.REASON_INVALID_PARAMS, "lr: 5.0 is above its max 1.0")
+    assert st.pod_admission([ran, forbidden, waiting, invalid]).status is False
+    # ...a later trial whose Pod runs (the namespace's policy changed) does.
+    assert st.pod_admission([ran, forbidden, trial(7, TrialPhase.RUNNING)]).status is True

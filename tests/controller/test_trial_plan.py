@@ -190,3 +190,18 @@ def test_lost_trial_decisions():
     lost = tp.lost_trial(t, "running", None)
     assert lost is not None
     assert (lost.state, lost.reason) == ("failed", "PodLost")
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "forbidden"),
+    [
+        (403, 'violates PodSecurity "restricted:latest": privileged (container "t")', True),
+        (403, 'admission webhook "policy.example.com" denied the request', True),
+        (403, "exceeded quota: compute, requested: nvidia.com/gpu=1", False),
+        (403, "unable to create new content in namespace ns because it is being terminated", False),
+        (422, "spec.containers[0].image: Required value", False),
+        (500, "etcdserver: request timed out", False),
+    ],
+)
+def test_which_pod_create_errors_refuse_the_trial_for_good(status, message, forbidden):
+    assert tp.pod_forbidden(status, message) is forbidden

@@ -7,6 +7,7 @@ import contextlib
 import json
 import socket
 from dataclasses import replace
+from typing import Any
 
 import aiohttp
 import kopf
@@ -336,5 +337,47 @@ def test_the_real_client_says_when_the_api_server_does_not_answer() -> None:
                         pass
         finally:
             await kube.close()
+
+    asyncio.run(go())
+
+
+def test_the_real_client_creates_secrets_and_never_reads_them() -> None:
+    """201: created; 409: already there (not read back: the operator may not get Secrets)."""
+    seen: list[tuple[str, str]] = []
+
+    async def secrets(request: web.Request) -> web.Response:
+        seen.append((request.method, request.path))
+        body = await request.json()
+        name = body["metadata"]["name"]
+        if name == "taken":
+            status = {"kind": "Status", "code": 409, "reason": "AlreadyExists", "message": "x"}
+            return web.json_response(status, status=409)
+        if name == "refused":
+            status = {"kind": "Status", "code": 403, "reason": "Forbidden", "message": "no"}
+            return web.json_response(status, status=403)
+        return web.json_response(body, status=201)
+
+    async def go() -> None:
+        app = web.Application()
+        app.router.add_route("*", "/api/v1/namespaces/ns/secrets{tail:.*}", secrets)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = _free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        kube = _kube(port)
+        try:
+
+            def secret(name: str) -> dict[str, Any]:
+                return {"metadata": {"name": name, "namespace": "ns"}, "stringData": {"k": "v"}}
+
+            assert await kube.create_secret(secret("new")) is True
+            assert await kube.create_secret(secret("taken")) is False
+            with pytest.raises(KubeError) as err:
+                await kube.create_secret(secret("refused"))
+            assert (err.value.status, err.value.message) == (403, "no")
+        finally:
+            await kube.close()
+            await runner.cleanup()
+        assert seen == [("POST", "/api/v1/namespaces/ns/secrets")] * 3
 
     asyncio.run(go())

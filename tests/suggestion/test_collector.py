@@ -224,8 +224,39 @@ def test_reports_delivered_before_the_database_was_lost_are_sent_again(tmp_path:
     second.close()
 
 
+def _config_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
+        "KUBETUNE_SERVICE_URL": "http://x",
+        "KUBETUNE_EXPERIMENT_UID": "u",
+        "KUBETUNE_TRIAL_NUMBER": "1",
+        "KUBETUNE_METRICS_FILE": str(tmp_path / "metrics"),
+        **extra,
+    }
+
+
+def test_sidecar_reads_its_token_from_the_file_named(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("tok-1\n")
+    env = _config_env(tmp_path, KUBETUNE_TRIAL_TOKEN_FILE=str(token_file))
+    assert SidecarConfig.from_env(env).token == "tok-1"
+    # The token as an env value is not a setting (any Pod reader would see it).
+    env_value = _config_env(tmp_path, KUBETUNE_TRIAL_TOKEN="tok-1")
+    with pytest.raises(ValueError, match="KUBETUNE_TRIAL_TOKEN_FILE"):
+        SidecarConfig.from_env(env_value)
+
+
+@pytest.mark.parametrize("content", [None, "", "  \n"])
+def test_an_unreadable_or_empty_token_file_is_named(tmp_path: Path, content: str | None) -> None:
+    token_file = tmp_path / "token"
+    if content is not None:
+        token_file.write_text(content)
+    env = _config_env(tmp_path, KUBETUNE_TRIAL_TOKEN_FILE=str(token_file))
+    with pytest.raises(ValueError, match=f"KUBETUNE_TRIAL_TOKEN_FILE: .*{token_file}"):
+        SidecarConfig.from_env(env)
+
+
 def test_sidecar_config_names_missing_variables() -> None:
-    with pytest.raises(ValueError, match="KUBETUNE_TRIAL_TOKEN, KUBETUNE_METRICS_FILE"):
+    with pytest.raises(ValueError, match="KUBETUNE_TRIAL_TOKEN_FILE, KUBETUNE_METRICS_FILE"):
         SidecarConfig.from_env(
             {
                 "KUBETUNE_SERVICE_URL": "http://x",
@@ -336,13 +367,18 @@ def served(tmp_path: Path) -> Iterator[_ServiceProcess]:
 def _sidecar_env(
     url: str, uid: str, metrics: Path, poll_seconds: str | None = "0.05"
 ) -> dict[str, str]:
-    """The sidecar's settings for trial 0 of ``uid``; ``poll_seconds`` None: its default."""
+    """The sidecar's settings for trial 0 of ``uid``; ``poll_seconds`` None: its default.
+
+    The token goes in a file beside the metrics file, as the operator mounts it.
+    """
+    token_file = metrics.parent / "token"
+    token_file.write_text(trial_token(SECRET, uid, 0) + "\n")
     env = {
         **os.environ,
         "KUBETUNE_SERVICE_URL": url,
         "KUBETUNE_EXPERIMENT_UID": uid,
         "KUBETUNE_TRIAL_NUMBER": "0",
-        "KUBETUNE_TRIAL_TOKEN": trial_token(SECRET, uid, 0),
+        "KUBETUNE_TRIAL_TOKEN_FILE": str(token_file),
         "KUBETUNE_METRICS_FILE": str(metrics),
     }
     if poll_seconds is not None:
@@ -473,5 +509,5 @@ def test_sidecar_help_names_its_settings() -> None:
         timeout=60,
     )
     assert result.returncode == 0
-    for name in ("KUBETUNE_SERVICE_URL", "KUBETUNE_TRIAL_TOKEN", "KUBETUNE_METRICS_FILE"):
+    for name in ("KUBETUNE_SERVICE_URL", "KUBETUNE_TRIAL_TOKEN_FILE", "KUBETUNE_METRICS_FILE"):
         assert name in result.stdout
