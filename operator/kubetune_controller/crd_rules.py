@@ -430,8 +430,13 @@ AUTHORIZATION_RULES: Final = (
     # one the built-in `edit` and `admin` roles grant on every ServiceAccount
     # of their namespace (so their users, who may run Pods as any of them
     # today, are not refused), while a Role granting only `create pods` does
-    # not. "default" is not checked: a Pod that names no ServiceAccount runs
-    # as it, which the check above already allows.
+    # not. It is also what the API server itself asks before it lets anyone
+    # act as system:serviceaccount:<namespace>:<name> (kubectl --as), so an
+    # admin grants it per ServiceAccount with resourceNames. (`create
+    # serviceaccounts/token`, the other candidate, is about minting
+    # credentials for it, a narrower meaning than running as it.)
+    # "default" is not checked: a Pod that names no ServiceAccount runs as
+    # it, which the check above already allows.
     AuthorizationCheck(
         "variables.serviceAccount == 'default'"
         " || authorizer.group('').resource('serviceaccounts').namespace(request.namespace)"
