@@ -23,9 +23,13 @@ from pathlib import Path
 import pytest
 
 from e2e.cluster import Cluster, bin_dir, missing_binaries
-from e2e.helpers import Kube, find_kubectl, wait_for
+from e2e.helpers import Kube, KubectlError, find_kubectl, wait_for
 
 E2E_DIR = Path(__file__).parent
+ROOT = E2E_DIR.parent
+CRDS = ("experiments.kubetune.io", "trials.kubetune.io")
+POLICY = "experiments.kubetune.io"
+POLICY_FILE = ROOT / "crds" / "experiments.kubetune.io-admission-policy.yaml"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -90,3 +94,43 @@ def namespace(kube: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
     )
     yield name
     kube.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found")
+
+
+@pytest.fixture(scope="module")
+def crds(kube: Kube) -> Iterator[Kube]:
+    """The generated CRDs and admission policy, applied server-side.
+
+    Server-side: the CRDs are too big for a last-applied annotation. The
+    admission policy is applied only when no Helm release installed it, and
+    removed again afterwards, so a later `helm install` of the chart in the
+    same cluster can own it.
+    """
+    kube.kubectl(
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "--field-manager=kubetune-e2e",
+        *(arg for name in CRDS for arg in ("-f", str(ROOT / "crds" / f"{name}.yaml"))),
+    )
+    for name in CRDS:
+        kube.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+    ours = kube.try_get("validatingadmissionpolicy", POLICY) is None
+    if ours:
+        kube.kubectl(
+            "apply", "--server-side", "--field-manager=kubetune-e2e", "-f", str(POLICY_FILE)
+        )
+
+    # The admission policy is compiled asynchronously: wait until it refuses.
+    probe = str(ROOT / "e2e" / "bad-manifests" / "when-undeclared-parent.yaml")
+
+    def refused() -> bool:
+        try:
+            kube.kubectl("create", "--dry-run=server", "-n", "default", "-f", probe)
+        except KubectlError as exc:
+            return "ValidatingAdmissionPolicy" in exc.stderr
+        return False
+
+    wait_for(refused, 60, "the kubetune admission policy to be active")
+    yield kube
+    if ours:
+        kube.kubectl("delete", "--ignore-not-found", "-f", str(POLICY_FILE))

@@ -11,7 +11,8 @@ the field and the message it must be refused with, in two comment lines:
     # expect-message: must be less than max
 
 and it must not exist afterwards (the operator never sees it). Every example
-in examples/ must pass `kubectl apply --dry-run=server`.
+in examples/ must pass `kubectl apply --dry-run=server`. The CRDs and the
+policy come from the `crds` fixture (conftest.py).
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BAD = sorted((ROOT / "e2e" / "bad-manifests").glob("*.yaml"))
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 CRDS = ("experiments.kubetune.io", "trials.kubetune.io")
-POLICY = "experiments.kubetune.io"
-POLICY_FILE = ROOT / "crds" / "experiments.kubetune.io-admission-policy.yaml"
 
 
 def _expectation(path: Path) -> tuple[str, str]:
@@ -42,46 +41,6 @@ def _expectation(path: Path) -> tuple[str, str]:
     message = re.search(r"^# expect-message: (.+)$", text, re.M)
     assert field and message, f"{path.name}: needs # expect-field: and # expect-message: lines"
     return field.group(1).strip(), message.group(1).strip()
-
-
-@pytest.fixture(scope="module")
-def crds(kube: Kube) -> Iterator[Kube]:
-    """The generated CRDs and admission policy, applied server-side.
-
-    Server-side: the CRDs are too big for a last-applied annotation. The
-    admission policy is applied only when no Helm release installed it, and
-    removed again afterwards, so a later `helm install` of the chart in the
-    same cluster can own it.
-    """
-    kube.kubectl(
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "--field-manager=kubetune-e2e",
-        *(arg for name in CRDS for arg in ("-f", str(ROOT / "crds" / f"{name}.yaml"))),
-    )
-    for name in CRDS:
-        kube.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
-    ours = kube.try_get("validatingadmissionpolicy", POLICY) is None
-    if ours:
-        kube.kubectl(
-            "apply", "--server-side", "--field-manager=kubetune-e2e", "-f", str(POLICY_FILE)
-        )
-
-    # The admission policy is compiled asynchronously: wait until it refuses.
-    probe = str(ROOT / "e2e" / "bad-manifests" / "when-undeclared-parent.yaml")
-
-    def refused() -> bool:
-        try:
-            kube.kubectl("create", "--dry-run=server", "-n", "default", "-f", probe)
-        except KubectlError as exc:
-            return "ValidatingAdmissionPolicy" in exc.stderr
-        return False
-
-    wait_for(refused, 60, "the kubetune admission policy to be active")
-    yield kube
-    if ours:
-        kube.kubectl("delete", "--ignore-not-found", "-f", str(POLICY_FILE))
 
 
 @pytest.fixture(scope="module")

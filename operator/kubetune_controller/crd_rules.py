@@ -11,7 +11,10 @@ operator. Two kinds, because CEL on a CRD cannot see everything:
   admission policy, which sees the request object dynamically typed, so it
   can read the mixed-type ``values`` and ``when`` that the structural schema
   leaves untyped, and check the Pod template's ``${params.NAME}`` references
-  against the declared parameters.
+  against the declared parameters;
+- :class:`AuthorizationCheck`: validations of the admission policy about
+  the request's author (may they create the Pods the Experiment's trials
+  are, as the ServiceAccount it names?), which only a policy can ask.
 
 Only data and CEL text here; :mod:`kubetune_controller.crdgen` writes them out.
 """
@@ -338,7 +341,8 @@ TEMPLATE_RULES: Final = (
 )
 
 # Admission-policy variables: the parameter list and the containers (empty
-# when absent, so every check can iterate) and the parameter names.
+# when absent, so every check can iterate), the parameter names, and what the
+# author checks below need (see AUTHORIZATION_RULES).
 ADMISSION_VARIABLES: Final = (
     ("params", "has(object.spec.parameters) ? object.spec.parameters : []"),
     ("names", "variables.params.map(p, p.name)"),
@@ -347,6 +351,103 @@ ADMISSION_VARIABLES: Final = (
         "has(object.spec.template) && has(object.spec.template.spec)"
         " && has(object.spec.template.spec.containers)"
         " ? object.spec.template.spec.containers : []",
+    ),
+    # Whether the author's rights are checked: on every create, and on an
+    # update only when it changes the template. An update that leaves the
+    # template alone (maxTrials, suspend, labels) runs more of the Pods an
+    # authorised author already wrote, as scaling a Deployment does; and the
+    # operator itself writes only experiments/status, which the policy does not
+    # match, so none of its writes can be refused here.
+    (
+        "authorChecked",
+        "request.operation != 'UPDATE' || !has(oldObject.spec.template)"
+        " || !has(object.spec.template) || oldObject.spec.template != object.spec.template",
+    ),
+    (
+        "podSpec",
+        "has(object.spec.template) && has(object.spec.template.spec)"
+        " ? object.spec.template.spec : {}",
+    ),
+    # The ServiceAccount the trial Pods run as, as the API server resolves a
+    # Pod's: serviceAccountName, else the deprecated alias serviceAccount,
+    # else "default".
+    (
+        "serviceAccount",
+        "has(variables.podSpec.serviceAccountName) && variables.podSpec.serviceAccountName != ''"
+        " ? variables.podSpec.serviceAccountName"
+        " : has(variables.podSpec.serviceAccount) && variables.podSpec.serviceAccount != ''"
+        " ? variables.podSpec.serviceAccount : 'default'",
+    ),
+    # The field that names it, for the message.
+    (
+        "serviceAccountField",
+        "has(variables.podSpec.serviceAccountName) && variables.podSpec.serviceAccountName != ''"
+        " ? 'serviceAccountName' : 'serviceAccount'",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class AuthorizationCheck:
+    """A check of the request's author, run by the admission policy with CEL's ``authorizer``.
+
+    The operator creates each trial's Pod from the Experiment's template with
+    its own rights, so without these checks an Experiment would be a way to
+    run Pods (as any ServiceAccount of the namespace) for a user who may not
+    create them. ``authorizer`` asks the API server's authorizers (RBAC, ...)
+    about the request's user, as ``kubectl auth can-i --as`` does.
+
+    Attributes:
+        allowed: CEL: true when the author may do what the Experiment's trials do.
+        message: CEL string expression: the field and why it is refused.
+        fallback: Shown when ``message`` itself fails to evaluate.
+    """
+
+    allowed: str
+    message: str
+    fallback: str
+
+    def expression(self) -> str:
+        """The policy's validation expression."""
+        return f"!variables.authorChecked || {self.allowed}"
+
+
+AUTHORIZATION_RULES: Final = (
+    # Every trial is a Pod made from spec.template in the Experiment's
+    # namespace: its author must be allowed to create that Pod himself.
+    AuthorizationCheck(
+        "authorizer.group('').resource('pods').namespace(request.namespace)"
+        ".check('create').allowed()",
+        "'spec.template: user \"' + request.userInfo.username + '\" may not create Pods in"
+        " namespace \"' + request.namespace + '\", so may not create or change an Experiment"
+        " whose trials run as Pods there'",
+        "spec.template: you may not create Pods in this namespace, so you may not create"
+        " or change an Experiment whose trials run as Pods there",
+    ),
+    # A named ServiceAccount: its author must be allowed to act as it.
+    # Kubernetes has no "use" verb for ServiceAccounts; `impersonate` on the
+    # ServiceAccount by name is the right that means "may act as it", and the
+    # one the built-in `edit` and `admin` roles grant on every ServiceAccount
+    # of their namespace (so their users, who may run Pods as any of them
+    # today, are not refused), while a Role granting only `create pods` does
+    # not. It is also what the API server itself asks before it lets anyone
+    # act as system:serviceaccount:<namespace>:<name> (kubectl --as), so an
+    # admin grants it per ServiceAccount with resourceNames. (`create
+    # serviceaccounts/token`, the other candidate, is about minting
+    # credentials for it, a narrower meaning than running as it.)
+    # "default" is not checked: a Pod that names no ServiceAccount runs as
+    # it, which the check above already allows.
+    AuthorizationCheck(
+        "variables.serviceAccount == 'default'"
+        " || authorizer.group('').resource('serviceaccounts').namespace(request.namespace)"
+        ".name(variables.serviceAccount).check('impersonate').allowed()",
+        "'spec.template.spec.' + variables.serviceAccountField + ': user \"'"
+        " + request.userInfo.username + '\" may not act as ServiceAccount \"'"
+        " + variables.serviceAccount + '\" (impersonate serviceaccounts) in namespace \"'"
+        " + request.namespace + '\", so may not create or change an Experiment whose trials"
+        " run as it'",
+        "spec.template.spec.serviceAccountName: you may not act as (impersonate) this"
+        " ServiceAccount, so you may not create or change an Experiment whose trials run as it",
     ),
 )
 

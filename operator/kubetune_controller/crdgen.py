@@ -51,6 +51,7 @@ from pydantic import BaseModel
 from kubetune_controller.crd_rules import (
     ADMISSION_RULES,
     ADMISSION_VARIABLES,
+    AUTHORIZATION_RULES,
     EXPERIMENT_RULES,
     TEMPLATE_RULES,
     Rule,
@@ -72,6 +73,7 @@ from kubetune_suggestion.spec import API_GROUP, API_VERSION, ExperimentSpec
 # use these as ``crdgen.<name>`` wherever they are defined.
 __all__ = [
     "ADMISSION_RULES",
+    "AUTHORIZATION_RULES",
     "SchemaError",
     "admission_policy",
     "build_crds",
@@ -334,7 +336,9 @@ def build_crds() -> dict[str, Schema]:
 def admission_policy() -> list[Schema]:
     """The ValidatingAdmissionPolicy (and its binding) for the checks CRD CEL cannot make.
 
-    Cluster-scoped with fixed names, like the CRDs: one per cluster.
+    Those are the checks of the request's author (:data:`AUTHORIZATION_RULES`)
+    and of the fields CRD CEL cannot read or relate. Cluster-scoped with fixed
+    names, like the CRDs: one per cluster.
     """
     labels = {"app.kubernetes.io/part-of": "kubetune"}
     policy: Schema = {
@@ -356,7 +360,20 @@ def admission_policy() -> list[Schema]:
                 ]
             },
             "variables": [{"name": n, "expression": e} for n, e in ADMISSION_VARIABLES],
+            # The author checks first: the API server reports the first
+            # validation that fails, and "you may not" is the answer to a
+            # user who may not, whatever else is wrong. A user who may
+            # passes them and sees the field errors below.
             "validations": [
+                {
+                    "expression": check.expression(),
+                    "messageExpression": check.message,
+                    "message": check.fallback,
+                    "reason": "Forbidden",
+                }
+                for check in AUTHORIZATION_RULES
+            ]
+            + [
                 {
                     "expression": check.expression(),
                     "messageExpression": check.message_expression(),
