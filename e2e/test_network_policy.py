@@ -12,7 +12,15 @@ DNAT comes first, the filter sees the Pod's address).
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from e2e.helpers import Kube, KubectlError, Obj, python_pod, wait_for
+
+# Pods on one bridge talk past iptables unless br_netfilter hands bridged
+# packets to it: without it no policy between them can be enforced.
+BRIDGE_NF = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
 
 SERVER = "import http.server; http.server.test(port=8000, bind='0.0.0.0')"
 IDLE = "import time; time.sleep(3600)"
@@ -48,6 +56,12 @@ def _policy(name: str, spec: Obj) -> Obj:
 
 
 def test_default_deny_then_allow_by_pod_label(kube: Kube, namespace: str) -> None:
+    if kube.local and not (BRIDGE_NF.exists() and BRIDGE_NF.read_text().strip() == "1"):
+        pytest.fail(
+            f"{BRIDGE_NF} is not 1: load br_netfilter (modprobe br_netfilter) and set it to 1, "
+            "else the local node cannot filter traffic between Pods on its bridge",
+            pytrace=False,
+        )
     server = python_pod("server", SERVER)
     server["metadata"]["labels"] = {"app": "server"}
     friend = python_pod("friend", IDLE)
