@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install everything kubetune's tests and demos need on a fresh Debian machine:
 # the Python package with its test extras, a PostgreSQL server (started), the
-# Debian packages of the real node and the image builds (runc, iptables,
+# Debian packages of the real node and the image builds (runc, iptables, ipset,
 # buildah, mmdebstrap), the upstream Kubernetes binaries of the e2e cluster and
 # kubetune's container images (built once, then cached).
 # Idempotent: a second run takes seconds. Source it to keep the exported variables.
@@ -18,9 +18,9 @@ step "PostgreSQL server"
 source "$repo/.ci/postgres.sh"
 export KUBETUNE_TEST_POSTGRES_URL
 
-step "Debian packages: runc and iptables (the real node), buildah and mmdebstrap (images)"
+step "Debian packages: runc, iptables and ipset (the real node), buildah and mmdebstrap (images)"
 missing=()
-for pkg in runc iptables buildah mmdebstrap; do
+for pkg in runc iptables ipset buildah mmdebstrap; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
 done
 if (( ${#missing[@]} )); then

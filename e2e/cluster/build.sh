@@ -13,6 +13,8 @@
 #     pause.tar                                (the sandbox image, built from
 #                                               the Kubernetes sources)
 #     etcd helm kwok
+#     kube-router                              (NetworkPolicy enforcement only:
+#                                               its firewall controller)
 #
 # Idempotent: a binary whose stamp file records the same version and build
 # flags is skipped, and GOMODCACHE/GOCACHE are kept, so a warm run takes
@@ -26,7 +28,8 @@
 # module's go.mod also carries local replaces.
 #
 # Usage: e2e/cluster/build.sh [--print-bin-dir]
-#   KUBETUNE_K8S_VERSION / _ETCD_ / _HELM_ / _KWOK_VERSION override the pins;
+#   KUBETUNE_K8S_VERSION / _ETCD_ / _HELM_ / _KWOK_ / _KUBE_ROUTER_VERSION
+#   override the pins;
 #   KUBETUNE_BUILD_ONLY="etcd kubernetes" builds a subset;
 #   GOMODCACHE and GOCACHE (go env) are where the real time is saved: keep
 #   them, and the binary cache, between CI runs.
@@ -39,6 +42,9 @@ KWOK_VERSION="${KUBETUNE_KWOK_VERSION:-v0.8.0}"
 CONTAINERD_VERSION="${KUBETUNE_CONTAINERD_VERSION:-v2.4.2}"
 CNI_PLUGINS_VERSION="${KUBETUNE_CNI_PLUGINS_VERSION:-v1.10.0}"
 COREDNS_VERSION="${KUBETUNE_COREDNS_VERSION:-v1.15.0}"
+# v2.1.0 is the newest kube-router release the module proxy serves here
+# (`go list -m -versions github.com/cloudnativelabs/kube-router/v2`).
+KUBE_ROUTER_VERSION="${KUBETUNE_KUBE_ROUTER_VERSION:-v2.1.0}"
 
 CACHE_ROOT="${KUBETUNE_E2E_CACHE:-$HOME/.cache/kubetune-e2e}"
 CACHE="$CACHE_ROOT/$K8S_VERSION"
@@ -196,7 +202,7 @@ EOF
   log "built etcd"
 }
 
-# --- helm and kwok: their go.mod files have no replaces, go install works ----
+# --- helm, kwok...: their go.mod files have no replaces, go install works --
 go_install() {  # NAME PACKAGE@VERSION LDFLAGS [MORE PACKAGES@VERSION...]
   local name=$1 target=$2 ldflags=$3 stamp="$2 $3"
   shift 3
@@ -272,7 +278,7 @@ kwok_stages() {
   log "wrote kwok stages: $out"
 }
 
-only="${KUBETUNE_BUILD_ONLY:-etcd kwok helm containerd cni coredns kubernetes pause gpu-plugin}"
+only="${KUBETUNE_BUILD_ONLY:-etcd kwok helm containerd cni coredns kubernetes pause gpu-plugin kube-router}"
 for what in $only; do
   case $what in
     kubernetes) build_k8s ;;
@@ -294,6 +300,13 @@ for what in $only; do
         "$ppkg/ipam/host-local@$CNI_PLUGINS_VERSION" "$ppkg/main/loopback@$CNI_PLUGINS_VERSION" \
         "$ppkg/meta/portmap@$CNI_PLUGINS_VERSION" ;;
     coredns) go_install coredns "github.com/coredns/coredns@$COREDNS_VERSION" "-s -w" ;;
+    # kube-router's go.mod has no replaces either. Only its firewall
+    # (NetworkPolicy) controller runs: node.py starts it with the router and
+    # the service proxy off, next to kube-proxy and the bridge CNI.
+    kube-router)
+      rpkg=github.com/cloudnativelabs/kube-router/v2
+      go_install kube-router "$rpkg/cmd/kube-router@$KUBE_ROUTER_VERSION" \
+        "-s -w -X $rpkg/pkg/version.Version=$KUBE_ROUTER_VERSION" ;;
     pause) build_pause ;;
     gpu-plugin) build_gpu_plugin ;;
     *) echo "unknown component $what" >&2; exit 2 ;;
@@ -308,6 +321,7 @@ KWOK_VERSION=$KWOK_VERSION
 CONTAINERD_VERSION=$CONTAINERD_VERSION
 CNI_PLUGINS_VERSION=$CNI_PLUGINS_VERSION
 COREDNS_VERSION=$COREDNS_VERSION
+KUBE_ROUTER_VERSION=$KUBE_ROUTER_VERSION
 PAUSE_IMAGE=$PAUSE_IMAGE
 EOF
 log "done: $BIN"

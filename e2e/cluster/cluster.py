@@ -4,8 +4,9 @@
 starts the upstream binaries built by ``build.sh`` with free ports
 (:mod:`e2e.cluster.control_plane`), waits for ``/readyz``, starts the real
 node (containerd, kubelet, kube-proxy, CoreDNS, the fake GPU device plugin:
-see :mod:`e2e.cluster.node`), imports the images, and waits until the node is
-Ready, schedulable and shows its GPUs. ``Cluster.down`` stops all of it and
+see :mod:`e2e.cluster.node`), imports the images, waits until the node is
+Ready, schedulable and shows its GPUs, then starts kube-router's NetworkPolicy
+firewall and waits for its first sync. ``Cluster.down`` stops all of it and
 puts the host back as it was (:mod:`e2e.cluster.host`).
 """
 
@@ -23,7 +24,7 @@ from typing import Any
 
 from e2e.cluster import control_plane, host
 from e2e.cluster.credentials import Credentials, issue_credentials, issue_kubelet_serving
-from e2e.cluster.node import COREDNS_RBAC, RealNode
+from e2e.cluster.node import COREDNS_RBAC, KUBE_ROUTER_RBAC, RealNode
 from e2e.cluster.paths import K8S_VERSION, bin_dir, missing_binaries, state_dir
 from e2e.cluster.pki import Pki
 from e2e.cluster.processes import ProcessTable
@@ -199,10 +200,20 @@ class Cluster:
         admin = self._start_apiserver(ports, node.ip, creds, deadline)
         self._start_controllers(ports, creds)
         self._kubectl_apply(COREDNS_RBAC)
+        self._kubectl_apply(KUBE_ROUTER_RBAC)
         images = node.import_images()
         self.log(f"imported {len(images)} images into containerd: {', '.join(images)}")
         self._start_node(node, pki, creds, ports)
         self._wait_nodes(admin, deadline)
+        # After the node: kube-router reads its Node object once, at start.
+        self.log("starting kube-router (NetworkPolicy firewall only)")
+        node.start_firewall(
+            self.procs,
+            kubeconfigs=creds.kubeconfigs,
+            service_cidr=control_plane.SERVICE_CIDR,
+            ports=ports,
+        )
+        self._wait_firewall(deadline)
         self._wait_default_service_account(admin, deadline)
         admin.close()
 
@@ -322,6 +333,30 @@ class Cluster:
                     return
             if time.monotonic() > deadline:
                 raise ClusterError(f"node {NODE_NAME} {state}; see {self.state / 'logs'}")
+            time.sleep(0.25)
+
+    def _wait_firewall(self, deadline: float) -> None:
+        """Wait for kube-router's first sync: its chain hooked into FORWARD.
+
+        Its health endpoint tracks heartbeats, not whether policies are in
+        place yet; the jump from the built-in chain is written by its first
+        full sync.
+        """
+        while True:
+            self._check_alive("kube-router")
+            rules = subprocess.run(
+                ["iptables", "-w", "-t", "filter", "-S", "FORWARD"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout
+            if "-j KUBE-ROUTER-FORWARD" in rules:
+                self.log("kube-router enforces NetworkPolicy")
+                return
+            if time.monotonic() > deadline:
+                raise ClusterError(
+                    f"kube-router never hooked into FORWARD; see {self.state / 'logs'}"
+                )
             time.sleep(0.25)
 
     def _wait_default_service_account(self, api: Api, deadline: float) -> None:

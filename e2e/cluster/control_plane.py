@@ -51,7 +51,7 @@ def free_port() -> int:
 
 
 def allocate_ports() -> dict[str, int]:
-    """A free port for every listener of the control plane and kube-proxy."""
+    """A free port for every listener of the control plane, kube-proxy and kube-router."""
     names = (
         "etcd",
         "etcd-peer",
@@ -60,6 +60,7 @@ def allocate_ports() -> dict[str, int]:
         "scheduler",
         "kube-proxy-healthz",
         "kube-proxy-metrics",
+        "kube-router-health",
     )
     return {name: free_port() for name in names}
 

@@ -4,7 +4,7 @@
 server's serving certificate and its client identities (kubelet client, front
 proxy), the service-account key pair, and one client certificate with a
 self-contained kubeconfig per identity (admin, controller manager, scheduler,
-kube-proxy, CoreDNS, the node), plus the kubelet's serving certificate.
+kube-proxy, CoreDNS, kube-router, the node), plus the kubelet's serving certificate.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from e2e.cluster.node import COREDNS_USER
+from e2e.cluster.node import COREDNS_USER, KUBE_ROUTER_USER
 from e2e.cluster.pki import CertPair, Pki
 
 # The "kubernetes" Service's cluster IP: the API server's certificate names it.
@@ -118,6 +118,7 @@ def issue_credentials(
         "scheduler": ("system:kube-scheduler", ()),
         "kube-proxy": ("system:kube-proxy", ()),
         "coredns": (COREDNS_USER, ()),
+        "kube-router": (KUBE_ROUTER_USER, ()),
         f"node-{node_name}": (f"system:node:{node_name}", ("system:nodes",)),
     }
     for name, (cn, orgs) in identities.items():

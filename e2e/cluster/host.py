@@ -1,11 +1,12 @@
 """What a real node changes on the host, and how to undo it.
 
-The upstream kubelet, kube-proxy, containerd and the CNI plugins change the
-machine, not only their state directory: iptables chains (``KUBE-*`` from the
-kubelet and kube-proxy, ``CNI-*`` from the bridge and portmap plugins, IPv4
-and IPv6), sysctls, the ``cni0`` bridge, mounts (the kubelet bind-mounts its
-root directory onto itself; pod volumes, overlay root filesystems and network
-namespaces are mounts too), pod cgroups under ``kubepods`` and the sockets in
+The upstream kubelet, kube-proxy, kube-router, containerd and the CNI plugins
+change the machine, not only their state directory: iptables chains
+(``KUBE-*`` from the kubelet, kube-proxy and kube-router, ``CNI-*`` from the
+bridge and portmap plugins, IPv4 and IPv6), kube-router's ipsets, sysctls,
+the ``cni0`` bridge, mounts (the kubelet bind-mounts its root directory onto
+itself; pod volumes, overlay root filesystems and network namespaces are
+mounts too), pod cgroups under ``kubepods`` and the sockets in
 the kubelet's fixed ``/var/lib/kubelet/device-plugins``. So there can be one
 real node per machine, and every ``down``, failed ``up`` or ``up`` after a
 killed run must put the host back. :func:`clean` does that from what is on
@@ -18,6 +19,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import time
@@ -156,7 +158,9 @@ def remove_chains(prefixes: tuple[str, ...] = ("KUBE-", "CNI-")) -> None:
                 continue
             # Jumps from the built-in chains first, then flush, then delete.
             for rule in rules:
-                parts = rule.split()
+                # shlex: comments are quoted and have spaces (kube-router's
+                # jumps carry one), and `-D` needs the rule's exact arguments.
+                parts = shlex.split(rule)
                 if (
                     parts[0] == "-A"
                     and not parts[1].startswith(prefixes)
@@ -167,6 +171,17 @@ def remove_chains(prefixes: tuple[str, ...] = ("KUBE-", "CNI-")) -> None:
                 _run(tool, "-w", "-t", table, "-F", chain)
             for chain in ours:
                 _run(tool, "-w", "-t", table, "-X", chain)
+
+
+def remove_ipsets(prefixes: tuple[str, ...] = ("KUBE-", "inet6:KUBE-")) -> None:
+    """Destroy kube-router's ipsets (the pods each NetworkPolicy selects).
+
+    Only once the chains are gone: an ipset a rule still names cannot be
+    destroyed. Without the ipset tool there is nothing of ours to remove.
+    """
+    for name in _run("ipset", "list", "-n").split():
+        if name.startswith(prefixes):
+            _run("ipset", "destroy", name)
 
 
 def remove_bridge() -> None:
@@ -200,6 +215,7 @@ def clean(state: Path, containerd_address: Path) -> None:
     unmount_all([state, Path("/var/lib/kubelet"), Path("/run/containerd"), Path("/run/netns")])
     remove_pod_cgroups()
     remove_chains()
+    remove_ipsets()
     remove_bridge()
     remove_device_plugin_sockets()
     restore_sysctls(state / "sysctls.json")

@@ -5,8 +5,9 @@ containers from images imported into containerd (``ctr images import`` of the
 archives ``scripts/images.sh`` writes, and the pause image ``build.sh``
 makes), each in its own network namespace on the ``cni0`` bridge
 (``10.244.0.0/24``); kube-proxy (iptables) routes ClusterIPs, CoreDNS on the
-node IP answers cluster DNS, and a fake device plugin advertises
-``nvidia.com/gpu`` devices the kubelet's own device manager hands out.
+node IP answers cluster DNS, kube-router's firewall controller enforces
+NetworkPolicy, and a fake device plugin advertises ``nvidia.com/gpu`` devices
+the kubelet's own device manager hands out.
 
 The settings that this kind of machine needs (cgroup v1, no
 CAP_SYS_RESOURCE, no writable ``nf_conntrack_max``) are commented where they
@@ -49,6 +50,32 @@ kind: ClusterRoleBinding
 metadata: {{name: "system:coredns"}}
 roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "system:coredns"}}
 subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: User, name: "{COREDNS_USER}"}}]
+"""
+# NetworkPolicy enforcement reads the policies and whom they select (pods,
+# namespaces) and its own Node (the node IP); the read-only part of
+# kube-router's ClusterRole, since its router and service proxy do not run.
+# Bound to kube-router's client certificate identity, as kube-proxy's is.
+KUBE_ROUTER_USER = "system:kube-router"
+KUBE_ROUTER_RBAC = f"""
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {{name: "system:kube-router"}}
+rules:
+  - apiGroups: [""]
+    resources: [namespaces, pods, services, nodes, endpoints]
+    verbs: [get, list, watch]
+  - apiGroups: [networking.k8s.io]
+    resources: [networkpolicies]
+    verbs: [get, list, watch]
+  - apiGroups: [discovery.k8s.io]
+    resources: [endpointslices]
+    verbs: [get, list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {{name: "system:kube-router"}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "system:kube-router"}}
+subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: User, name: "{KUBE_ROUTER_USER}"}}]
 """
 
 
@@ -325,6 +352,43 @@ state = "{root / "state"}"
                 "-conf",
                 str(self._corefile(kubeconfigs / "coredns.kubeconfig")),
             ],
+        )
+
+    def kube_router_argv(self, kubeconfig: Path, service_cidr: str, health_port: int) -> list[str]:
+        """kube-router as NetworkPolicy enforcement only, next to kube-proxy and the bridge CNI.
+
+        The firewall controller filters pod traffic in the filter table's
+        INPUT, FORWARD and OUTPUT chains with ipsets of the selected pods;
+        traffic between two pods on ``cni0`` reaches FORWARD because
+        br_netfilter hands bridged packets to iptables, and traffic to a
+        ClusterIP is filtered after kube-proxy's DNAT (the pod's own IP).
+        Pods no policy selects are not filtered at all.
+        """
+        return [
+            str(self.bin / "kube-router"),
+            f"--kubeconfig={kubeconfig}",
+            f"--hostname-override={self.name}",
+            "--run-firewall=true",
+            "--run-router=false",
+            "--run-service-proxy=false",
+            # Its default is 10.96.0.0/12: it must be the API server's range
+            # (traffic to it is routed by kube-proxy, not filtered as a pod's).
+            f"--service-cluster-ip-range={service_cidr}",
+            f"--health-port={health_port}",
+            "--v=1",
+        ]
+
+    def start_firewall(
+        self, procs: ProcessTable, *, kubeconfigs: Path, service_cidr: str, ports: dict[str, int]
+    ) -> None:
+        """Start kube-router's NetworkPolicy firewall; the Node must exist (it reads its IP)."""
+        procs.start(
+            "kube-router",
+            self.kube_router_argv(
+                kubeconfigs / "kube-router.kubeconfig", service_cidr, ports["kube-router-health"]
+            ),
+            # It runs iptables-save/-restore and ipset from PATH.
+            env={**os.environ, "PATH": f"{self.bin}:{os.environ.get('PATH', '')}"},
         )
 
     def clean_host(self) -> None:

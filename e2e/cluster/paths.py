@@ -22,6 +22,7 @@ REQUIRED_BINARIES = (
     "ctr",
     "coredns",
     "gpu-plugin",
+    "kube-router",
     "cni/bridge",
     "cni/host-local",
     "cni/loopback",
@@ -51,7 +52,8 @@ def state_dir() -> Path:
 
 
 def missing_binaries(directory: Path | None = None) -> list[str]:
-    """Names of the required binaries not (yet) built (runc comes from Debian's package)."""
+    """Names of the required binaries not (yet) built (runc and ipset: Debian's packages)."""
     d = directory or bin_dir()
     missing = [b for b in REQUIRED_BINARIES if not os.access(d / b, os.X_OK)]
-    return missing + ([] if shutil.which("runc") else ["runc (apt-get install runc)"])
+    debian = [f"{b} (apt-get install {b})" for b in ("runc", "ipset") if not shutil.which(b)]
+    return missing + debian
