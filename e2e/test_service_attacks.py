@@ -5,7 +5,9 @@ the end; then a Pod in team A's namespace (labelled as a trial Pod, holding
 the token of team A's trial 0, and a ServiceAccount token issued for the
 service's audience) tries to change or read what it may not: other trials,
 the other team's experiment, the stop list. Every attempt must be refused
-with 401 or 403, and neither experiment's data may change.
+with 401 or 403, and neither experiment's data may change. A Pod that is
+neither a trial nor the operator does not get a connection at all: the
+chart's NetworkPolicy, which the local cluster enforces (kube-router).
 """
 
 from __future__ import annotations
@@ -34,8 +36,21 @@ from kubetune_suggestion.service.tokens import trial_token
 # (its Pod's ServiceAccount token for the service's audience). It prints one
 # JSON line per call: [name, status, error code].
 ATTACKER = r"""
-import json, os, urllib.request
+import json, os, socket, time, urllib.parse, urllib.request
 base = os.environ["SERVICE"]
+# Where NetworkPolicy is enforced (kube-router), a new Pod's first packets can
+# be refused until the firewall knows its IP: connect first, for up to 60 s.
+url = urllib.parse.urlsplit(base)
+deadline = time.monotonic() + 60
+while True:
+    try:
+        socket.create_connection((url.hostname, url.port), timeout=2).close()
+        break
+    except OSError as exc:
+        if time.monotonic() > deadline:
+            print("unreachable", exc, flush=True)
+            raise SystemExit(3)
+        time.sleep(1)
 creds = {
     "none": None,
     "own": os.environ["OWN_TOKEN"],
@@ -126,8 +141,29 @@ def _held(stack: ChartStack, uids: list[str]) -> Any:
         ]
 
 
+# A Pod the NetworkPolicy does not let in: it tries for 40 s and prints
+# "refused" if no connection to the service's API port ever opened.
+OUTSIDER = r"""
+import os, socket, time, urllib.parse
+url = urllib.parse.urlsplit(os.environ["SERVICE"])
+deadline = time.monotonic() + 40
+while time.monotonic() < deadline:
+    try:
+        socket.create_connection((url.hostname, url.port), timeout=2).close()
+        print("connected", flush=True)
+        raise SystemExit(0)
+    except OSError:
+        time.sleep(1)
+print("refused", flush=True)
+"""
+
+
+def _service_address(stack: ChartStack) -> str:
+    return f"http://{stack.release}-kubetune-suggestion.{stack.namespace}.svc:8000"
+
+
 def _attacker_pod(stack: ChartStack, a: str, b: str, own_token: str) -> Obj:
-    service = f"http://{stack.release}-kubetune-suggestion.{stack.namespace}.svc:8000"
+    service = _service_address(stack)
     pod = python_pod(
         "attacker",
         ATTACKER,
@@ -214,3 +250,14 @@ def test_the_token_key_outlives_an_upgrade_that_restarts_the_service(
     after = kube.get("secret", "-n", stack.namespace, name)
     assert after["data"] == before["data"]
     assert after["metadata"]["uid"] == before["metadata"]["uid"]
+
+
+def test_a_pod_the_network_policy_leaves_out_cannot_reach_the_service(
+    kube: Kube, namespace: str, stack: ChartStack
+) -> None:
+    """Neither a trial nor the operator: no connection to the API port opens, in 40 s."""
+    service = [{"name": "SERVICE", "value": _service_address(stack)}]
+    kube.apply(python_pod("outsider", OUTSIDER, env=service), namespace=namespace)
+    pod = kube.wait_pod_phase(namespace, "outsider", ("Succeeded", "Failed"), timeout=180)
+    assert pod["status"]["phase"] == "Succeeded"
+    assert kube.logs(namespace, "outsider").split() == ["refused"]
