@@ -312,11 +312,6 @@ def test_service_database_lost_three_times(
     described_events(kube, namespace, "lostdb", "Restored")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="on the real node the retry's new Pod fails within a second of its creation "
-    "(deleted before its containers start, phase Failed, no reason); not found yet",
-)
 def test_a_trial_whose_pod_is_lost_runs_again_under_its_number(
     kube: Kube, namespace: str, stack: HostStack | ChartStack
 ) -> None:

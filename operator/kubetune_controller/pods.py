@@ -373,7 +373,12 @@ def _trial_pod_metadata(
             # The full name: the label holds a hash for names over 63 characters.
             LABEL_EXPERIMENT: experiment.name,
         },
-        "ownerReferences": [owner_reference("Trial", name, trial_uid)],
+        # The Trial's name, not the Pod's: a retry's Pod (<trial>-retryN)
+        # naming itself would point at no Trial, and the garbage collector
+        # deletes a Pod whose owner does not exist within milliseconds.
+        "ownerReferences": [
+            owner_reference("Trial", trial_name(experiment.name, number), trial_uid)
+        ],
     }
 
 

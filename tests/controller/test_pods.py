@@ -266,3 +266,11 @@ def test_an_event_standing_for_several_says_how_many_and_over_what_time():
     )
     single = build_event(obj, "TrialCreated", "m", NOW)
     assert single["firstTimestamp"] == single["lastTimestamp"] and single["count"] == 1
+
+
+def test_a_retrys_pod_is_owned_by_the_trial_not_by_a_trial_named_after_itself():
+    """The garbage collector deletes a Pod whose owner reference names no existing object."""
+    retry = build_trial_pod(experiment(), "trial-uid", 7, SGD, SETTINGS, "exp-7-retry1")
+    (owner,) = retry["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["name"], owner["uid"]) == ("Trial", "exp-7", "trial-uid")
+    assert render()["metadata"]["ownerReferences"] == [owner]
